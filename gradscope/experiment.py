@@ -1,0 +1,122 @@
+"""The Experiment contract: a model, its optimizer, its batches and its loss, and how one step runs."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import ExperimentError
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What ``gradscope diagnose`` trains for a few steps.
+
+    ``batches`` is any iterable of batches (cycled when it runs out) or a zero-argument callable that
+    returns one batch per call. ``loss_fn(model, batch)`` returns a scalar tensor; when it is omitted, a
+    dict batch is passed as ``model(**batch)`` and the output's ``.loss`` is used, and any other batch is
+    passed as ``model(*batch)`` and the output must itself be the scalar loss.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: Union[Iterable, Callable[[], Batch]]
+    loss_fn: Optional[LossFn] = None
+    name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise ExperimentError(
+                f"Experiment.model is a {type(self.model).__name__}, not a torch.nn.Module",
+                "return Experiment(model=<your nn.Module>, ...)",
+            )
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise ExperimentError(
+                f"Experiment.optimizer is a {type(self.optimizer).__name__}, not a torch.optim.Optimizer",
+                "build it over the model's parameters, e.g. torch.optim.AdamW(model.parameters())",
+            )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ExperimentError("Experiment.loss_fn is not callable", "pass loss_fn(model, batch) -> tensor")
+        if not (callable(self.batches) or isinstance(self.batches, Iterable)):
+            raise ExperimentError(
+                f"Experiment.batches is a {type(self.batches).__name__}: neither iterable nor callable",
+                "pass a DataLoader, a list of batches, a generator, or a zero-argument function",
+            )
+
+    @property
+    def display_name(self) -> str:
+        return self.name or type(self.model).__name__
+
+
+def batch_stream(batches: Union[Iterable, Callable[[], Batch]]) -> Iterator[Batch]:
+    """Yield batches for ever: call a factory, or cycle an iterable (caching a one-shot iterator)."""
+    if callable(batches) and not isinstance(batches, Iterable):
+        while True:
+            yield batches()
+    if iter(batches) is not batches:  # re-iterable: a list, a DataLoader
+        while True:
+            empty = True
+            for batch in batches:
+                empty = False
+                yield batch
+            if empty:
+                raise ExperimentError("Experiment.batches is empty", "give it at least one batch")
+    seen = []  # a generator can be walked once: keep what it gave and cycle that
+    for batch in batches:
+        seen.append(batch)
+        yield batch
+    if not seen:
+        raise ExperimentError("Experiment.batches is empty", "give it at least one batch")
+    yield from itertools.cycle(seen)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor inside a batch (tensors, tuples, lists, dicts) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def compute_loss(experiment: Experiment, batch: Batch) -> torch.Tensor:
+    """Run the forward pass and return the scalar loss, by the Experiment contract."""
+    model = experiment.model
+    if experiment.loss_fn is not None:
+        loss = experiment.loss_fn(model, batch)
+        where = "loss_fn(model, batch)"
+    elif isinstance(batch, Mapping):
+        output = model(**batch)
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", output)
+        where = "model(**batch).loss"
+        if loss is None:
+            raise ExperimentError(
+                f"{where} is None: the model computed no loss",
+                "include the targets in the batch (e.g. 'labels') or give the Experiment a loss_fn",
+            )
+    else:
+        output = model(*batch) if isinstance(batch, (list, tuple)) else model(batch)
+        loss = output
+        where = "model(*batch)"
+    if not isinstance(loss, torch.Tensor):
+        raise ExperimentError(
+            f"{where} returned {type(loss).__name__}, not a tensor",
+            "give the Experiment a loss_fn(model, batch) that returns a scalar tensor",
+        )
+    if loss.numel() != 1:
+        raise ExperimentError(
+            f"{where} returned a tensor of shape {tuple(loss.shape)}, not a scalar loss",
+            "reduce it (e.g. .mean()) or give the Experiment a loss_fn that returns a scalar",
+        )
+    return loss.reshape(())
