@@ -1,0 +1,48 @@
+"""The raw record of a profiling run: layer metadata, bounded per-step series and pooled histograms."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Tuple
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """A module that owns parameters directly; its parameters form one group."""
+
+    name: str
+    kind: str
+    param_names: Tuple[str, ...]
+    trainable_numel: int
+    frozen_numel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Everything a Monitor measured. Per-layer arrays index ``active`` layers (those with trainable params).
+
+    ``series`` holds per-step rows for the steps in ``series_steps`` (every step until the store's
+    capacity, then every k-th); totals, maxima and spike scores cover every observed step.
+    """
+
+    layers: Tuple[LayerInfo, ...]
+    active: Tuple[int, ...]
+    steps: int
+    series_steps: np.ndarray
+    series: Mapping[str, np.ndarray]
+    histograms: np.ndarray
+    nonfinite_total: np.ndarray
+    zero_total: np.ndarray
+    elements_total: np.ndarray
+    grad_present_steps: np.ndarray
+    layer_spike_z: np.ndarray
+    global_spike_z: float
+    global_spike_step: int
+    update_ratio_max: np.ndarray
+    nonfinite_steps: Tuple[int, ...]
+    first_nonfinite: Optional[Tuple[int, str]]
+    loss_nonfinite_step: Optional[int]
+    backward_order: Tuple[str, ...]
+    measurement: str
+    device: str
