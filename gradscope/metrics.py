@@ -1,0 +1,86 @@
+"""The rule vocabulary: every metric a rule may test, with its scope and meaning. Names carry statistic and unit."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    scope: str  # "layer" or "model"
+    description: str
+
+
+_LAYER = {
+    "grad_norm_median": "median over steps of the layer's gradient L2 norm",
+    "grad_norm_max": "largest finite gradient L2 norm of the layer over the steps",
+    "grad_norm_last": "gradient L2 norm at the last step",
+    "grad_norm_peak_over_median": "grad_norm_max / grad_norm_median",
+    "grad_norm_growth": "robust (Theil-Sen) growth factor of the layer norm per step; 1 = flat",
+    "grad_norm_growth_low": "lower end of the 90% interval of grad_norm_growth",
+    "grad_norm_spike_z": "largest z-score of a step's log10 norm against the running mean and std of earlier steps",
+    "grad_norm_share": "median over steps of the layer's share of the squared global norm (0..1)",
+    "grad_rms_vs_median_layer": "layer's median gradient RMS (norm/sqrt(params)) over the median layer's",
+    "grad_abs_max": "largest |g| of any element, over all steps",
+    "grad_abs_p50": "median |g| over elements and steps (from the histogram)",
+    "grad_abs_p99": "99th percentile of |g| (from the histogram)",
+    "grad_abs_p999": "99.9th percentile of |g| (from the histogram)",
+    "grad_tail_ratio": "grad_abs_p999 / grad_abs_p50",
+    "grad_kurtosis": "kurtosis E[g^4]/E[g^2]^2 of the elements (3 for a Gaussian), from the histogram",
+    "grad_mean": "median over steps of the mean gradient element",
+    "grad_std": "median over steps of the std of the gradient elements",
+    "zero_fraction": "fraction of gradient elements that were exactly zero",
+    "nonfinite_count": "gradient elements that were inf or NaN, summed over steps",
+    "grad_present_fraction": "fraction of steps in which the layer received a gradient (0 = unused)",
+    "weight_norm": "L2 norm of the layer's trainable weights at the last step",
+    "grad_to_weight_median": "median over steps of grad norm / weight norm",
+    "grad_to_weight_max": "largest grad norm / weight norm over the steps",
+    "update_ratio_median": "median over steps of ||weight change|| / ||weight|| made by optimizer.step()",
+    "update_ratio_max": "largest update-to-weight ratio over the steps",
+    "params": "trainable parameter elements in the layer",
+}
+
+_MODEL = {
+    "steps": "optimizer steps observed",
+    "global_norm_median": "median over steps of the global gradient L2 norm",
+    "global_norm_p95": "95th percentile over steps of the global norm",
+    "global_norm_max": "largest finite global norm",
+    "global_norm_first": "global norm at the first step",
+    "global_norm_last": "global norm at the last step",
+    "global_norm_peak_over_median": "global_norm_max / global_norm_median",
+    "global_norm_growth": "robust (Theil-Sen) growth factor of the global norm per step; 1 = flat",
+    "global_norm_growth_low": "lower end of the 90% interval of global_norm_growth",
+    "global_norm_growth_over_run": "global_norm_growth raised to (steps - 1): the trend's growth across the run",
+    "global_norm_spike_z": "largest z-score of a step's log10 global norm against the running statistics",
+    "global_norm_kurtosis": "kurtosis of the global norms over steps (3 for a Gaussian)",
+    "grad_cosine_median": "median cosine between successive steps' global gradients",
+    "nonfinite_count": "inf or NaN gradient elements over all layers and steps",
+    "nonfinite_steps": "steps with any non-finite gradient element",
+    "loss_nonfinite": "1 if the loss was inf or NaN at some step, else 0",
+    "loss_first": "loss at the first step",
+    "loss_last": "loss at the last finite step",
+    "loss_rise": "median loss of the last quarter of steps over that of the first quarter (positive losses only)",
+    "max_layer_share": "largest grad_norm_share of any layer",
+    "active_layers": "layers with trainable parameters",
+    "unused_layers": "layers with trainable parameters that never received a gradient",
+}
+
+LAYER_METRICS: Dict[str, Metric] = {k: Metric("layer", v) for k, v in _LAYER.items()}
+MODEL_METRICS: Dict[str, Metric] = {k: Metric("model", v) for k, v in _MODEL.items()}
+
+# Text a message template may also name; never usable in a condition.
+LAYER_CONTEXT = ("layer", "kind")
+MODEL_CONTEXT = ("model", "first_nonfinite_layer", "first_nonfinite_step", "spike_step", "loss_nonfinite_step")
+
+
+def condition_names(scope: str) -> tuple:
+    """Metric names a condition in ``scope`` may test. A layer rule reads model metrics as ``model.<name>``."""
+    if scope == "layer":
+        return tuple(LAYER_METRICS) + tuple(f"model.{k}" for k in MODEL_METRICS)
+    return tuple(MODEL_METRICS)
+
+
+def template_names(scope: str) -> tuple:
+    """Names a message template in ``scope`` may use."""
+    context = LAYER_CONTEXT + MODEL_CONTEXT if scope == "layer" else MODEL_CONTEXT
+    return condition_names(scope) + context
