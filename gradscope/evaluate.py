@@ -1,0 +1,117 @@
+"""Apply a RuleSet to Statistics: each rule that holds yields a Finding with its message and observed values."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from fnmatch import fnmatchcase
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from .ruleset import AllOf, Compare, Condition, Not, Rule, RuleSet, SEVERITIES, TEMPLATE_FIELD
+from .stats import LayerStats, Statistics
+
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    rule_id: str
+    severity: str
+    layer: Optional[str]
+    message: str
+    observed: Mapping[str, float]
+    remedy: str = "none"  # "clip" when the rule's condition is one that gradient clipping addresses
+
+
+def evaluate(statistics: Statistics, rules: RuleSet) -> Tuple[Finding, ...]:
+    """All findings, most severe first, then in rule order and layer order."""
+    model_values = _model_values(statistics)
+    findings: List[Finding] = []
+    for rule in rules.rules:
+        if rule.scope == "model":
+            if _holds(rule.when, model_values):
+                findings.append(_finding(rule, None, model_values))
+            continue
+        for layer in statistics.active_layers:
+            if not _matches(rule, layer):
+                continue
+            values = {**layer.metrics, **{f"model.{k}": v for k, v in statistics.model.metrics.items()},
+                      **{k: v for k, v in model_values.items() if not isinstance(v, float)},
+                      "layer": layer.name, "kind": layer.kind}
+            if _holds(rule.when, values):
+                findings.append(_finding(rule, layer.name, values))
+    rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    return tuple(sorted(findings, key=lambda f: rank[f.severity]))  # stable: keeps rule and layer order
+
+
+def worst_severity(findings: Tuple[Finding, ...]) -> Optional[str]:
+    present = {f.severity for f in findings}
+    return next((s for s in reversed(SEVERITIES) if s in present), None)
+
+
+def _model_values(statistics: Statistics) -> Dict[str, object]:
+    m = statistics.model
+    first = m.first_nonfinite
+    return {
+        **m.metrics,
+        "model": "model",
+        "first_nonfinite_layer": first[1] if first else "none",
+        "first_nonfinite_step": first[0] if first else "none",
+        "spike_step": m.global_spike_step,
+        "loss_nonfinite_step": m.loss_nonfinite_step if m.loss_nonfinite_step is not None else "none",
+    }
+
+
+def _matches(rule: Rule, layer: LayerStats) -> bool:
+    if rule.match_kind and layer.kind not in rule.match_kind:
+        return False
+    return not rule.match_name or any(fnmatchcase(layer.name, pattern) for pattern in rule.match_name)
+
+
+def _truth(condition: Condition, values: Mapping[str, object]) -> Optional[bool]:
+    """Three-valued: None when a metric the condition needs is unavailable (NaN), so it never fires."""
+    if isinstance(condition, Compare):
+        value = values.get(condition.metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return None
+        return _OPS[condition.op](value, condition.value)
+    if isinstance(condition, Not):
+        inner = _truth(condition.item, values)
+        return None if inner is None else not inner
+    results = [_truth(c, values) for c in condition.items]
+    if isinstance(condition, AllOf):
+        return False if False in results else (None if None in results else True)
+    return True if True in results else (None if None in results else False)
+
+
+def _holds(condition: Condition, values: Mapping[str, object]) -> bool:
+    return _truth(condition, values) is True
+
+
+def _metrics_of(condition: Condition) -> List[str]:
+    if isinstance(condition, Compare):
+        return [condition.metric]
+    if isinstance(condition, Not):
+        return _metrics_of(condition.item)
+    return [m for c in condition.items for m in _metrics_of(c)]
+
+
+def _finding(rule: Rule, layer: Optional[str], values: Mapping[str, object]) -> Finding:
+    observed = {m: float(values[m]) for m in dict.fromkeys(_metrics_of(rule.when)) if m in values}
+    return Finding(rule.id, rule.severity, layer, render_message(rule.message, values), observed, rule.remedy)
+
+
+def render_message(template: str, values: Mapping[str, object]) -> str:
+    """Fill {name} and {name:spec} fields; the names were checked when the rule file loaded."""
+    def fill(match) -> str:
+        value = values.get(match.group(1), "n/a")
+        spec = match.group(2) or ""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "n/a" if math.isnan(value) else str(value)
+        if isinstance(value, float) and not spec:
+            spec = ".3g"
+        try:
+            return format(value, spec)
+        except (ValueError, TypeError):
+            return str(value)
+    return TEMPLATE_FIELD.sub(fill, template)
