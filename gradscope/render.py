@@ -1,0 +1,220 @@
+"""Turn a Report into rich renderables: header, layer table, global sparkline, findings, advice, verdict.
+
+Pure functions of the Report: nothing here computes a statistic, and no Console is made except in
+``render_text``, which renders to a string for files and tests.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from .evaluate import Finding
+from .report import Report
+from .stats import LayerStats
+
+BARS = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 16
+LAYER_SPARK_WIDTH = 12
+MAX_LAYER_ROWS = 12
+STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+MARK = {"error": "✖", "warning": "▲", "info": "●"}
+METHOD_WORDS = {"norm": "clip by norm", "value": "clip by value", "agc": "adaptive gradient clipping (AGC)"}
+
+
+def render(report: Report) -> RenderableType:
+    parts: List[RenderableType] = [header(report), global_line(report), layer_table(report)]
+    if report.findings:
+        parts.append(findings_block(report.findings))
+    parts += [recommendation_block(report), verdict(report)]
+    return Group(*parts)
+
+
+def render_text(report: Report, width: int = 100) -> str:
+    """The report as plain text at a fixed width, with no colour."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(render(report))
+    return buffer.getvalue()
+
+
+def header(report: Report) -> RenderableType:
+    m = report.statistics.model
+    title = Text.assemble(("gradscope ", "bold"), (report.model, "bold cyan"))
+    steps = f"{m.steps} step{'s' if m.steps != 1 else ''}"
+    if report.steps_requested and report.steps_requested != m.steps:
+        steps += f" of {report.steps_requested}"
+    line = Text(f"{steps} on {m.device}" + (f" · seed {report.seed}" if report.seed is not None else ""), "dim")
+    lines = [title, line, Text(f"measured: {m.measurement}", "dim")]
+    if report.partial:
+        lines.append(Text(f"PARTIAL REPORT: {report.stopped_reason}", "bold yellow"))
+    return Group(*lines, Text(""))
+
+
+def global_line(report: Report) -> RenderableType:
+    m = report.statistics.model
+    mm = m.metrics
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row("global norm", sparkline(m.global_norm),
+                 f"median {fmt(mm['global_norm_median'])} · max {fmt(mm['global_norm_max'])} · "
+                 f"trend x{fmt(mm['global_norm_growth'])}/step")
+    if np.isfinite(m.loss).any() or len(m.loss):
+        grid.add_row("loss", sparkline(m.loss, log=False), f"first {fmt(mm['loss_first'])} · last {fmt(mm['loss_last'])}")
+    return Group(grid, Text(""))
+
+
+def layer_table(report: Report) -> RenderableType:
+    layers = ordered_layers(report)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="layers, worst first", title_justify="left",
+                  title_style="bold")
+    table.add_column("layer (kind)", overflow="ellipsis", no_wrap=True, max_width=26)
+    for name in ("params", "norm p50", "max", "g/w", "upd/w"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("norm over steps", no_wrap=True)
+    worst = layer_severity(report.findings)
+    for layer in layers[:MAX_LAYER_ROWS]:
+        name = Text.assemble((layer.name, STYLE.get(worst.get(layer.name, ""), "")), (f" {layer.kind}", "dim"))
+        if layer.status != "active":
+            table.add_row(name, fmt_count(layer.params or layer.frozen_params), "", "", "", "",
+                          Text(layer.status, "dim"))
+            continue
+        mm = layer.metrics
+        table.add_row(name, fmt_count(layer.params), fmt(mm["grad_norm_median"]), fmt(mm["grad_norm_max"]),
+                      fmt(mm["grad_to_weight_median"]), fmt(mm["update_ratio_median"]),
+                      sparkline(layer.norm_series, width=LAYER_SPARK_WIDTH))
+    parts: List[RenderableType] = [table]
+    if len(layers) > MAX_LAYER_ROWS:
+        parts.append(Text(f"  … and {len(layers) - MAX_LAYER_ROWS} more layers (all in --format json)", "dim"))
+    return Group(*parts)
+
+
+def findings_block(findings: Sequence[Finding]) -> RenderableType:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for f in findings:
+        grid.add_row(Text(f" {MARK[f.severity]} {f.severity}", STYLE[f.severity]),
+                     Text.assemble((f.rule_id, "bold"), f": {f.message}"))
+    return Group(Text("findings", "bold"), grid, Text(""))
+
+
+def recommendation_block(report: Report) -> RenderableType:
+    rec = report.recommendation
+    ev = rec.evidence
+    if rec.method == "none":
+        title = Text.assemble(("recommendation: ", "bold"), ("no clipping needed", "bold green"))
+    else:
+        title = Text.assemble(("recommendation: ", "bold"),
+                              (f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}", "bold magenta"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    if rec.method != "none":
+        figures = f"would have clipped {ev.clip_fraction:.0%} of the profiled steps"
+        if ev.cosine is not None:
+            figures += f"; cosine to the unclipped gradient {ev.cosine:.3f}"
+        if ev.element_fraction is not None:
+            figures += f"; caps {ev.element_fraction:.2%} of elements"
+        grid.add_row("evidence", figures)
+    grid.add_row("basis", Text(ev.basis, "dim"))
+    for name, code in rec.snippets.items():
+        grid.add_row(name, code)
+    return Group(title, Padding(grid, (0, 0, 0, 2)), Text(""))
+
+
+def verdict(report: Report) -> RenderableType:
+    counts = {s: sum(1 for f in report.findings if f.severity == s) for s in ("error", "warning", "info")}
+    tally = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n) or "no findings"
+    rec = report.recommendation
+    advice = "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
+    worst = report.worst_severity
+    if worst == "error":
+        top = next(f for f in report.findings if f.severity == "error")
+        return Text.assemble(("✖ UNHEALTHY ", "bold red"), f"{tally}; worst: {top.rule_id}. Advice: {advice}.")
+    if worst == "warning":
+        return Text.assemble(("▲ AT RISK ", "bold yellow"), f"{tally}. Advice: {advice}.")
+    return Text.assemble(("✔ HEALTHY ", "bold green"), f"{tally}. Advice: {advice}.")
+
+
+# -- small pieces ---------------------------------------------------------------------------------------
+def ordered_layers(report: Report) -> List[LayerStats]:
+    """Layers with findings first (by severity), then by share of the global norm; frozen ones last."""
+    rank = {"error": 0, "warning": 1, "info": 2}
+    worst = layer_severity(report.findings)
+
+    def key(layer: LayerStats):
+        share = layer.metrics.get("grad_norm_share", float("nan")) if layer.metrics else float("nan")
+        return (layer.status == "frozen", rank.get(worst.get(layer.name, ""), 3),
+                -(share if math.isfinite(share) else -1.0))
+    return sorted(report.statistics.layers, key=key)
+
+
+def layer_severity(findings: Sequence[Finding]) -> Dict[str, str]:
+    rank = {"error": 0, "warning": 1, "info": 2}
+    worst: Dict[str, str] = {}
+    for f in findings:
+        if f.layer is not None and rank[f.severity] < rank.get(worst.get(f.layer, ""), 3):
+            worst[f.layer] = f.severity
+    return worst
+
+
+def sparkline(values: np.ndarray, width: int = SPARK_WIDTH, log: bool = True) -> Text:
+    """Bars for a series on a log scale, averaged down to ``width`` buckets; ✕ marks a non-finite bucket."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return Text("")
+    buckets = np.array_split(v, min(width, v.size))
+    out, marks = [], []
+    for b in buckets:
+        if not np.isfinite(b).all():
+            marks.append(True)
+            out.append(np.nan)
+        else:
+            marks.append(False)
+            out.append(float(np.mean(np.log10(np.maximum(b, 1e-30)) if log else b)))
+    arr = np.array(out)
+    ok = np.isfinite(arr)
+    lo, hi = (arr[ok].min(), arr[ok].max()) if ok.any() else (0.0, 0.0)
+    text = Text()
+    for value, bad in zip(arr, marks):
+        if bad:
+            text.append("✕", "bold red")
+        else:
+            level = 0 if hi <= lo else int(round((value - lo) / (hi - lo) * (len(BARS) - 1)))
+            text.append(BARS[level])
+    return text
+
+
+def fmt(value: Optional[float]) -> str:
+    """A number in at most 6 characters: 1234, 12.3, 0.012, 4.4e-5; '–' when unavailable."""
+    if value is None or math.isnan(value):
+        return "–"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    a = abs(value)
+    if a == 0:
+        return "0"
+    if 1000 <= a < 1e4:
+        return f"{value:.0f}"
+    if 1 <= a < 1000:
+        return f"{value:.3g}"
+    if 0.01 <= a < 1:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)

@@ -1,0 +1,98 @@
+"""The Report: statistics, findings and a recommendation, and its stable JSON document."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from .evaluate import Finding, worst_severity
+from .recommend import Recommendation
+from .stats import Statistics
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    model: str
+    statistics: Statistics
+    findings: Tuple[Finding, ...]
+    recommendation: Recommendation
+    rule_sources: Tuple[str, ...] = ()
+    stopped_reason: Optional[str] = None  # set when the run ended before the steps asked for
+    seed: Optional[int] = None
+    steps_requested: Optional[int] = None
+
+    @property
+    def healthy(self) -> bool:
+        """No finding at warning or error severity."""
+        return all(f.severity == "info" for f in self.findings)
+
+    @property
+    def partial(self) -> bool:
+        return self.stopped_reason is not None
+
+    @property
+    def worst_severity(self) -> Optional[str]:
+        return worst_severity(self.findings)
+
+    def to_dict(self) -> Dict[str, Any]:
+        s, m = self.statistics, self.statistics.model
+        rec = self.recommendation
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "healthy": self.healthy,
+            "partial": self.partial,
+            "stopped_reason": self.stopped_reason,
+            "steps": m.steps,
+            "steps_requested": self.steps_requested,
+            "seed": self.seed,
+            "measurement": m.measurement,
+            "device": m.device,
+            "rules": list(self.rule_sources),
+            "global": {
+                "steps": m.series_steps.tolist(),
+                "norm": m.global_norm.tolist(),
+                "cosine": m.cosine.tolist(),
+                "loss": m.loss.tolist(),
+                "summary": dict(m.metrics),
+                "first_nonfinite": None if m.first_nonfinite is None else
+                {"step": m.first_nonfinite[0], "layer": m.first_nonfinite[1]},
+            },
+            "layers": [
+                {"name": l.name, "kind": l.kind, "params": l.params, "frozen_params": l.frozen_params,
+                 "status": l.status, "param_names": list(l.param_names), "grad_norm": l.norm_series.tolist(),
+                 "stats": dict(l.metrics)}
+                for l in s.layers
+            ],
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+            "recommendation": {
+                "method": rec.method,
+                "threshold": rec.threshold,
+                "evidence": dataclasses.asdict(rec.evidence),
+                "snippets": dict(rec.snippets),
+            },
+        }
+        return _clean(doc)
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and inf become null, numpy scalars become Python numbers, tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.6g}")
+    return value
