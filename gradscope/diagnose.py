@@ -61,7 +61,7 @@ def diagnose(
     model, optimizer = experiment.model, experiment.optimizer
     if target is not None:
         model.to(target)
-    monitor = Monitor(model)
+    monitor = Monitor(model, update_every=1, histogram_sample=1)  # a short run: measure everything
     stopped: Optional[str] = None
     meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps)
     try:

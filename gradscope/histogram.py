@@ -13,6 +13,7 @@ SHIFT = 20
 N_BINS = 1 << (31 - SHIFT)  # 2048
 NONFINITE_FIRST = 255 << (23 - SHIFT)  # exponent 255: inf and NaN
 ABS_MASK = 0x7FFFFFFF
+INF_BITS = 0x7F800000  # |g| bits at or above this are inf or NaN
 
 # Lower edge of every finite bin, plus the upper edge of the last one (inf).
 EDGES = (np.arange(NONFINITE_FIRST + 1, dtype=np.uint32) << SHIFT).view(np.float32).astype(np.float64)

@@ -20,56 +20,76 @@ from .errors import ExperimentError
 from .history import SeriesStore, SpikeTracker
 from .profile import LayerInfo, Profile
 
+SAMPLE_MIN = 1 << 16  # segments at least this large have their histogram sampled
+SAMPLE_BLOCK = 1024
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
-_FOREACH_MAX = hasattr(torch, "_foreach_max")
 
 
 class _Bucket:
-    """Trainable parameters sharing a device and dtype, laid out group by group in one flat buffer."""
+    """Trainable parameters sharing a device and dtype, and the sample buffers their gradients feed.
 
-    def __init__(self, params: List[nn.Parameter], groups: List[int], n_groups: int, device: torch.device) -> None:
+    Each step a fixed sample of every gradient is copied into one of two float32 buffers: all of a
+    small parameter, and one block of SAMPLE_BLOCK elements in ``sample`` of a large one, spread evenly
+    over it. The |g| histogram is counted on the sample, and the step-to-step cosine is the dot product
+    of this step's sample with the last one, large parameters' blocks weighted by ``sample``.
+    """
+
+    def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int) -> None:
         self.params = params
         self.groups = groups
         self.dtype = params[0].dtype
-        sizes = [p.numel() for p in params]
-        self.numel = sum(sizes)
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        segments: List[Tuple[int, int, int]] = []  # (start, end, group): consecutive params of one group
-        for i, g in enumerate(groups):
-            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-            if segments and segments[-1][2] == g and segments[-1][1] == start:
-                segments[-1] = (segments[-1][0], end, g)
-            else:
-                segments.append((start, end, g))
-        self.segments = segments
-        self.segment_group = torch.tensor([g for _, _, g in segments], device=device)
         self.param_group = torch.tensor(groups, device=device)
-        self.bin_offsets = [g * hist.N_BINS for _, _, g in segments]
-        self.flat = [torch.empty(self.numel, dtype=torch.float32, device=device) for _ in range(2)]
-        self.bits = torch.empty(self.numel, dtype=torch.int32, device=device)
-        self.bit_views = [self.bits[s:e] for s, e, _ in segments]
-        self.flat_views = [[f[s:e] for s, e, _ in segments] for f in self.flat]
-        self.zeros: Dict[int, torch.Tensor] = {}
+        self.sample = sample
+        self.rows = [p.numel() // SAMPLE_BLOCK if sample > 1 and p.numel() >= SAMPLE_MIN else 0 for p in params]
+        sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else p.numel() for p, r in zip(params, self.rows)]
+        # Sampled parameters first, so their blocks form one region weighted by ``sample`` in the cosine.
+        order = sorted(range(len(params)), key=lambda i: self.rows[i] == 0)
+        starts, at = [0] * len(params), 0
+        for i in order:
+            starts[i], at = at, at + sizes[i]
+        self.weighted = sum(sizes[i] for i in range(len(params)) if self.rows[i])
+        self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
+        self.bits = torch.empty(at, dtype=torch.int32, device=device)
+        shape = lambda i: (sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK) if self.rows[i] else (sizes[i],)  # noqa: E731
+        self.dest = [[buf[starts[i]:starts[i] + sizes[i]].view(shape(i)) for i in range(len(params))]
+                     for buf in self.buffers]
+        self.bit_views = [self.bits[starts[i]:starts[i] + sizes[i]] for i in range(len(params))]
+        self.bin_offsets = [g * hist.N_BINS for g in groups]
+        self.sampled = sizes
         self.current = 0
         self.previous_weights: Optional[List[torch.Tensor]] = None
+        self.weight_sq: Optional[torch.Tensor] = None
+
+    def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """The view of a gradient that the sample reads: whole, or every ``sample``-th block."""
+        flat = grad.reshape(-1)
+        rows = self.rows[i]
+        return flat[: rows * SAMPLE_BLOCK].view(rows, SAMPLE_BLOCK)[:: self.sample] if rows else flat
 
 
 class Monitor:
     """Observe a model's gradients in your own training loop.
 
     Call ``observe()`` once per optimizer step, after ``backward()`` and before clipping and
-    ``optimizer.step()``; call ``report()`` at the end. The update-to-weight ratio of a step is measured
-    at the next ``observe()`` (or at ``report()`` for the last step), as the change in the weights since
-    the previous observation.
+    ``optimizer.step()``; call ``report()`` at the end.
+
+    What is exact and what is sampled: norms, max |g|, sums and non-finite counts use every element at
+    every step. The |g| histogram (quantiles, kurtosis, zero fraction) and the step-to-step cosine read
+    every element of parameters under 65,536 elements and one block of 1024 in ``histogram_sample`` of
+    larger ones (1 reads every element). Weight norms and the update-to-weight ratio are read every
+    ``update_every`` steps, the update as the change in the weights from that observation to the next
+    one (or to ``report()`` for the last step); 1 reads them every step.
 
     What it leaves on your model: it registers one gradient hook per parameter for the first backward
     only (to learn the backward order), and removes them at the first ``observe()`` or at ``close()``.
-    It never changes weights, gradients, modes or ``requires_grad``. It keeps two flat float32 copies of
-    the gradients and one copy of the weights (about 3× the trainable parameters' size) to measure the
-    step-to-step cosine and the update ratios.
+    It never changes weights, gradients, modes or ``requires_grad``. It keeps one copy of the weights
+    and two float32 gradient samples (2/histogram_sample of the gradient's size, or less).
     """
 
-    def __init__(self, model: nn.Module, *, history: int = 1024) -> None:
+    def __init__(self, model: nn.Module, *, update_every: int = 4, histogram_sample: int = 4,
+                 history: int = 1024) -> None:
+        if update_every < 1 or histogram_sample < 1:
+            raise ExperimentError("update_every and histogram_sample must be at least 1", "1 measures every step")
         self.model = model
         self.layers, params, groups = _group_parameters(model)
         if not params:
@@ -86,7 +106,12 @@ class Monitor:
             entry = by_key.setdefault((p.device, p.dtype), ([], []))
             entry[0].append(p)
             entry[1].append(self._group_index[g])
-        self._buckets = [_Bucket(ps, gs, n_groups, key[0]) for key, (ps, gs) in by_key.items()]
+        self._buckets = [_Bucket(ps, gs, key[0], histogram_sample) for key, (ps, gs) in by_key.items()]
+        self._sampled = np.zeros(n_groups)
+        for b in self._buckets:
+            np.add.at(self._sampled, b.groups, b.sampled)
+        self.update_every = update_every
+        self._snapshot_step = -1
         self._n_groups = n_groups
         self._numel = np.array([self.layers[i].trainable_numel for i in self._active], dtype=np.float64)
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
@@ -95,7 +120,6 @@ class Monitor:
         self._global_spikes = SpikeTracker(1)
         self.measurement = MEASUREMENT
         self._step = 0
-        self._update_recorded = -1
         self._update_max = np.full(n_groups, np.nan)
         self._seen_in_backward: set = set()
         self._last_weight_norm: Optional[np.ndarray] = None
@@ -129,72 +153,66 @@ class Monitor:
         dot = torch.zeros(1, dtype=torch.float32, device=dev)
         counts = torch.zeros(G * hist.N_BINS, dtype=torch.int64, device=dev)
         present = np.zeros(G, dtype=bool)
+        measure = self._step > 0 and self._snapshot_step == self._step - 1  # weights were snapshot last time
+        snapshot = self._step % self.update_every == 0
         for b in self._buckets:
-            flat = self._gather(b, present)
-            views = b.flat_views[b.current]
-            seg_group = b.segment_group.to(dev)
-            norm_sq.index_add_(0, seg_group, torch.stack(torch._foreach_norm(views)).to(dev) ** 2)
-            grad_sum.index_add_(0, seg_group, torch.stack([v.sum() for v in views]).to(dev))
-            # |g| as int32 bits: their max is the bit pattern of max|g|, and their top bits are the bin.
-            torch.bitwise_and(flat.view(torch.int32), hist.ABS_MASK, out=b.bits)
-            if _FOREACH_MAX:
-                max_bits = torch.stack(torch._foreach_max(b.bit_views))
-            else:
-                max_bits = torch.stack([v.max() for v in b.bit_views])
-            max_abs.scatter_reduce_(0, seg_group, max_bits.view(torch.float32).to(dev), reduce="amax")
-            b.bits.bitwise_right_shift_(hist.SHIFT)
-            torch._foreach_add_(b.bit_views, b.bin_offsets)
-            counts += torch.bincount(b.bits, minlength=G * hist.N_BINS).to(dev)
+            index, grads = [], []
+            for i, p in enumerate(b.params):
+                if p.grad is None:
+                    b.dest[b.current][i].zero_()  # an unused parameter reads as zeros in the histogram
+                else:
+                    index.append(i)
+                    g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                    grads.append(g if g.dtype == torch.float32 else g.float())
+            if grads:
+                present[[b.groups[i] for i in index]] = True
+                groups = b.param_group if len(index) == len(b.params) else b.param_group[index]
+                groups = groups.to(dev)
+                norm_sq.index_add_(0, groups, torch.stack(torch._foreach_norm(grads)).to(dev) ** 2)
+                grad_sum.index_add_(0, groups, torch.stack([g.sum() for g in grads]).to(dev))
+                extremes = [torch.aminmax(g) for g in grads]
+                max_abs.scatter_reduce_(0, groups, torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(dev),
+                                        reduce="amax")
+                torch._foreach_copy_([b.dest[b.current][i] for i in index],
+                                     [b.source(i, g) for i, g in zip(index, grads)])
+            counts += _histogram(b, G).to(dev)
             if self._step > 0:
-                dot += torch.dot(flat, b.flat[1 - b.current]).to(dev)
+                dot += _sample_dot(b).to(dev)
             b.current = 1 - b.current
-            weights = [p.detach() for p in b.params]
             param_group = b.param_group.to(dev)
-            weight_sq.index_add_(0, param_group, torch.stack(torch._foreach_norm(weights)).to(dev).float() ** 2)
-            update_sq.index_add_(0, param_group, self._weight_change_sq(b, weights).to(dev))
+            if snapshot or b.weight_sq is None:  # weight norms move slowly: read them with the snapshots
+                weights = [p.detach() for p in b.params]
+                b.weight_sq = torch.stack(torch._foreach_norm(weights)).float() ** 2
+            weight_sq.index_add_(0, param_group, b.weight_sq.to(dev))
+            if measure or snapshot:
+                weights = [p.detach() for p in b.params]
+                update_sq.index_add_(0, param_group, _weight_change_sq(b, weights, measure, snapshot).to(dev))
+        if snapshot:
+            self._snapshot_step = self._step
         self._hist += counts
-        grid = counts.view(G, hist.N_BINS)
-        step_counts = torch.stack([grid[:, 0], grid[:, hist.NONFINITE_FIRST:].sum(dim=1)]).float()
+        sampled_zeros = counts.view(G, hist.N_BINS)[:, 0].float()
         loss_value = torch.full((1,), float("nan"), device=dev) if loss is None else loss.detach().float().reshape(1).to(dev)
-        packed = torch.cat([norm_sq, max_abs, grad_sum, weight_sq, update_sq, step_counts.reshape(-1), dot, loss_value])
+        packed = torch.cat([norm_sq, max_abs, grad_sum, weight_sq, update_sq, sampled_zeros, dot, loss_value])
         row = packed.to(torch.float64).cpu().numpy()  # the one host sync of the step
-        return self._record(row, present, loss is not None)
+        nonfinite = self._count_nonfinite() if not np.isfinite(row[G:2 * G]).all() else np.zeros(G)
+        return self._record(row, nonfinite, present, measure, loss is not None)
 
-    def _gather(self, b: _Bucket, present: np.ndarray) -> torch.Tensor:
-        """Copy the bucket's gradients into its current flat float32 buffer (zeros where grad is None)."""
-        grads = []
-        for i, p in enumerate(b.params):
-            g = p.grad
-            if g is None:
-                g = b.zeros.get(i)
-                if g is None:
-                    g = b.zeros[i] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            else:
-                present[b.groups[i]] = True
-                g = g.to_dense() if g.is_sparse else g
-            grads.append(g.reshape(-1))
-        flat = b.flat[b.current]
-        if b.dtype == torch.float32:
-            torch.cat(grads, out=flat)
-        else:
-            flat.copy_(torch.cat(grads))
-        return flat
-
-    def _weight_change_sq(self, b: _Bucket, weights: List[torch.Tensor]) -> torch.Tensor:
-        """Squared norm of each parameter's change since the last snapshot; then snapshot the weights."""
-        if b.previous_weights is None:
-            b.previous_weights = [w.clone() for w in weights]
-            return torch.zeros(len(weights), dtype=torch.float32, device=weights[0].device)
-        torch._foreach_sub_(b.previous_weights, weights)
-        change = torch.stack(torch._foreach_norm(b.previous_weights)).float() ** 2
-        torch._foreach_copy_(b.previous_weights, weights)
-        return change
+    def _count_nonfinite(self) -> np.ndarray:
+        """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
+        counts = np.zeros(self._n_groups)
+        for b in self._buckets:
+            for p, g in zip(b.params, b.groups):
+                if p.grad is not None:
+                    counts[g] += int((~torch.isfinite(p.grad)).sum())
+        return counts
 
     # -- the host side --------------------------------------------------------------------------------
-    def _record(self, row: np.ndarray, present: np.ndarray, loss_given: bool) -> Dict[str, float]:
+    def _record(self, row: np.ndarray, nonfinite: np.ndarray, present: np.ndarray, measured: bool,
+                loss_given: bool) -> Dict[str, float]:
         G, step = self._n_groups, self._step
-        norm_sq, max_abs, grad_sum, weight_sq, update_sq, zeros, nonfinite = (row[i * G:(i + 1) * G] for i in range(7))
-        dot, loss = row[7 * G], row[7 * G + 1]
+        norm_sq, max_abs, grad_sum, weight_sq, update_sq, sampled_zeros = (row[i * G:(i + 1) * G] for i in range(6))
+        dot, loss = row[6 * G], row[6 * G + 1]
+        zeros = sampled_zeros * self._numel / self._sampled
         grad_norm, weight_norm = np.sqrt(norm_sq), np.sqrt(weight_sq)
         global_norm = float(np.sqrt(norm_sq.sum()))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -202,7 +220,7 @@ class Monitor:
             grad_to_weight = np.where(weight_norm > 0, grad_norm / weight_norm, np.nan)
             mean = grad_sum / self._numel
             std = np.sqrt(np.maximum(norm_sq / self._numel - mean**2, 0.0))
-        if step > 0 and self._update_recorded < step - 1:
+        if measured:
             self._record_update(step - 1, update_sq)
         self._totals["nonfinite"] += nonfinite
         self._totals["zeros"] += zeros
@@ -231,22 +249,21 @@ class Monitor:
             ratio = np.where(self._last_weight_norm > 0, np.sqrt(update_sq) / self._last_weight_norm, np.nan)
         self._series.amend(step, "update_ratio", ratio)
         self._update_max = np.fmax(self._update_max, ratio)
-        self._update_recorded = step
 
     @torch.no_grad()
     def _record_last_update(self) -> None:
-        """Measure the last step's update (made after the last observe), if the weights have moved since."""
-        last = self._step - 1
-        if last < 0 or self._update_recorded >= last:
+        """Measure the last step's update (made after the last observe), if that step took a snapshot."""
+        if self._step == 0 or self._snapshot_step != self._step - 1:
             return
         dev = self.device
         update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
         for b in self._buckets:
             weights = [p.detach() for p in b.params]
-            update_sq.index_add_(0, b.param_group.to(dev), self._weight_change_sq(b, weights).to(dev))
+            update_sq.index_add_(0, b.param_group.to(dev), _weight_change_sq(b, weights, True, False, keep=True).to(dev))
         values = update_sq.to(torch.float64).cpu().numpy()
-        if values.any():
-            self._record_update(last, values)
+        if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
+            self._record_update(self._step - 1, values)
+            self._snapshot_step = -1  # the snapshot is spent
 
     # -- backward order, for naming the first non-finite layer ----------------------------------------
     def _order_hook(self, group: int):
@@ -277,7 +294,7 @@ class Monitor:
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), steps=self._step,
             series_steps=np.array(s.steps, dtype=np.int64), series=series,
-            histograms=self._hist.view(self._n_groups, hist.N_BINS).cpu().numpy().copy(),
+            histograms=self._hist.view(self._n_groups, hist.N_BINS).cpu().numpy() * (self._numel / self._sampled)[:, None],
             nonfinite_total=self._totals["nonfinite"].copy(), zero_total=self._totals["zeros"].copy(),
             elements_total=self._totals["elements"].copy(), grad_present_steps=self._grad_present.copy(),
             layer_spike_z=self._layer_spikes.max_z.copy(),
@@ -298,7 +315,7 @@ class Monitor:
         """Remove any hook still on the model and free the gradient copies."""
         self._remove_hooks()
         for b in self._buckets:
-            b.flat = b.flat_views = []
+            b.buffers = b.dest = []
             b.previous_weights = None
 
     def __enter__(self) -> "Monitor":
@@ -306,6 +323,43 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
+
+
+def _histogram(b: _Bucket, n_groups: int) -> torch.Tensor:
+    """Counts of the sampled |g| per (group, bin): mask the sign bit, shift, offset by group, bincount."""
+    torch.bitwise_and(b.buffers[b.current].view(torch.int32), hist.ABS_MASK, out=b.bits)
+    b.bits.bitwise_right_shift_(hist.SHIFT)
+    torch._foreach_add_(b.bit_views, b.bin_offsets)
+    return torch.bincount(b.bits, minlength=n_groups * hist.N_BINS)
+
+
+def _sample_dot(b: _Bucket) -> torch.Tensor:
+    """Estimated dot product of this step's gradient with the last one, from the two samples."""
+    now, before = b.buffers[b.current], b.buffers[1 - b.current]
+    k = b.weighted
+    return b.sample * torch.dot(now[:k], before[:k]) + torch.dot(now[k:], before[k:])
+
+
+def _weight_change_sq(b: _Bucket, weights: List[torch.Tensor], measure: bool, snapshot: bool,
+                      keep: bool = False) -> torch.Tensor:
+    """Squared norm of each parameter's change since the bucket's snapshot; then snapshot again if asked.
+
+    ``keep`` leaves the snapshot intact (at a cost of one allocation); otherwise it is overwritten.
+    """
+    change = torch.zeros(len(weights), dtype=torch.float32, device=weights[0].device)
+    if measure and b.previous_weights is not None:
+        if keep:
+            diff = torch._foreach_sub(b.previous_weights, weights)
+        else:
+            torch._foreach_sub_(b.previous_weights, weights)
+            diff = b.previous_weights
+        change = torch.stack(torch._foreach_norm(diff)).float() ** 2
+    if snapshot:
+        if b.previous_weights is None:
+            b.previous_weights = [w.clone() for w in weights]
+        else:
+            torch._foreach_copy_(b.previous_weights, weights)
+    return change
 
 
 def _group_parameters(model: nn.Module) -> Tuple[List[LayerInfo], List[nn.Parameter], List[int]]:
