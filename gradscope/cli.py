@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -116,9 +117,9 @@ def _emit(report: Report, args: argparse.Namespace, out: Console) -> None:
 
 
 def _print_error(err: Console, exc: GradscopeError) -> None:
-    err.print(f"[bold red]gradscope: error:[/] {exc.problem}", markup=True, highlight=False)
+    err.print(f"[bold red]gradscope: error:[/] {escape(exc.problem)}", highlight=False, soft_wrap=True)
     if exc.hint:
-        err.print(f"  hint: {exc.hint}", markup=False, highlight=False)
+        err.print(f"  hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _rules_table(path: Optional[str]) -> Table:

@@ -75,6 +75,7 @@ def diagnose(
                 stopped = f"the loss was {out['loss']} at step {step}: stopped before optimizer.step()"
                 break
             optimizer.step()
+        profile = monitor.profile()  # before close(): it measures the last step's update
     except KeyboardInterrupt:
         raise Interrupted("interrupted: profiling stopped by Ctrl-C", "the partial report covers the steps done",
                           partial=_partial(monitor, "interrupted by Ctrl-C", meta)) from None
@@ -85,7 +86,7 @@ def diagnose(
         monitor.close()
         if saved is not None:
             _restore(experiment, saved)
-    return build_report(monitor.profile(), stopped_reason=stopped, **meta)
+    return build_report(profile, stopped_reason=stopped, **meta)
 
 
 def _train_step(experiment: Experiment, monitor: Monitor, stream, step: int, device) -> Dict[str, float]:

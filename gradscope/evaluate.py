@@ -32,8 +32,8 @@ def evaluate(statistics: Statistics, rules: RuleSet) -> Tuple[Finding, ...]:
             if _holds(rule.when, model_values):
                 findings.append(_finding(rule, None, model_values))
             continue
-        for layer in statistics.active_layers:
-            if not _matches(rule, layer):
+        for layer in statistics.layers:
+            if not layer.metrics or not _matches(rule, layer):  # frozen layers have no metrics
                 continue
             values = {**layer.metrics, **{f"model.{k}": v for k, v in statistics.model.metrics.items()},
                       **{k: v for k, v in model_values.items() if not isinstance(v, float)},
