@@ -1,0 +1,36 @@
+"""Shared fixtures: the golden-file comparison and single-threaded, seeded torch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--overwrite", action="store_true", help="rewrite the golden files from the current output")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-stable reductions, so golden output does not depend on the core count
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def golden(request):
+    """Compare text with tests/golden/<name>; ``pytest --overwrite`` rewrites the file instead."""
+    def check(name: str, text: str) -> None:
+        path = GOLDEN / name
+        if request.config.getoption("--overwrite") or not path.exists():
+            path.write_text(text, encoding="utf-8")
+            if not request.config.getoption("--overwrite"):
+                pytest.fail(f"golden file {path.name} was missing and has been written; run again")
+            return
+        assert text == path.read_text(encoding="utf-8"), f"output differs from {path}; pytest --overwrite updates it"
+    return check

@@ -1,0 +1,82 @@
+"""Small real models and experiments for the tests: each trains for real on generated data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradscope
+from gradscope.target import load_experiment
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 32, depth: int = 3, d_in: int = 8, d_out: int = 1, act=torch.tanh) -> None:
+        super().__init__()
+        self.act = act
+        sizes = [d_in] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = self.act(layer(x))
+        return self.out(x)
+
+
+def regression_batches(n: int = 16, d_in: int = 8, seed: int = 0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_in, 1, generator=g)
+
+    def batch():
+        x = torch.randn(n, d_in, generator=g)
+        return x, (x @ w) * scale
+    return batch
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def healthy_mlp(lr: float = 1e-2, loss_scale: float = 1.0) -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = MLP()
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=lr), regression_batches(),
+                                loss_fn=lambda m, b: loss_scale * mse(m, b), name="healthy_mlp")
+
+
+class TinyLSTM(nn.Module):
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+        self.mid = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(torch.tanh(self.mid(out[:, -1])))
+
+
+def sequence_batches(seed: int = 0, length: int = 10):
+    g = torch.Generator().manual_seed(seed)
+
+    def batch():
+        x = torch.randn(16, length, 4, generator=g)
+        return x, x[:, :, 0].sum(dim=1, keepdim=True) * 0.1
+    return batch
+
+
+def healthy_lstm() -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = TinyLSTM()
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), sequence_batches(),
+                                loss_fn=mse, name="healthy_lstm")
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def exploding_rnn() -> gradscope.Experiment:
+    """The bundled sample: a tanh RNN with recurrent spectral radius 1.2 that diverges under SGD."""
+    return load_experiment(str(SAMPLES / "exploding_rnn.py"))

@@ -1,0 +1,217 @@
+"""The CLI contract: exit codes, one-line errors without tracebacks, outputs, and the bundled samples."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gradscope.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = """
+import itertools
+import torch
+from torch import nn
+import gradscope
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return lambda: (torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g))
+"""
+
+
+def target(tmp_path: Path, body: str, name: str = "target.py") -> str:
+    path = tmp_path / name
+    path.write_text(HEADER + textwrap.dedent(body))
+    return str(path)
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_error(err: str, *fragments: str) -> None:
+    assert "Traceback" not in err
+    assert err.count("gradscope: error:") == 1
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+GOOD = """
+def experiment():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), 1e-3), data(),
+                                loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+"""
+
+
+def test_user_file_target_runs_and_exits_0(tmp_path, capsys):
+    code, out, err = run(["diagnose", target(tmp_path, GOOD), "--steps", "5"], capsys)
+    assert code == 0, err
+    assert "HEALTHY" in out and "measured:" in out
+
+
+def test_explicit_callable_and_json_output_file(tmp_path, capsys):
+    path = target(tmp_path, GOOD.replace("def experiment", "def build"))
+    out_file = tmp_path / "report.json"
+    code, out, _ = run(["diagnose", f"{path}:build", "--steps", "4", "--format", "json", "--output", str(out_file)],
+                       capsys)
+    assert code == 0 and out == ""
+    assert json.loads(out_file.read_text())["steps"] == 4
+
+
+def test_module_target(tmp_path, capsys, monkeypatch):
+    target(tmp_path, GOOD, name="my_experiment.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = run(["diagnose", "my_experiment:experiment", "--steps", "3", "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["steps"] == 3
+
+
+def test_fail_on_levels(tmp_path, capsys):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - id: always\n    severity: warning\n    scope: model\n"
+                     "    when: {metric: steps, op: '>', value: 0}\n    message: always warns\n")
+    path = target(tmp_path, GOOD)
+    base = ["diagnose", path, "--steps", "3", "--rules", str(rules)]
+    assert run(base, capsys)[0] == 0
+    assert run(base + ["--fail-on", "warning"], capsys)[0] == 1
+    assert run(base + ["--fail-on", "never"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("body, fragments", [
+    (None, ["no such file"]),
+    ("import not_a_module_anywhere\n", ["importing", "ModuleNotFoundError", "not_a_module_anywhere"]),
+    ("raise RuntimeError('broken at import')\n", ["importing", "RuntimeError: broken at import"]),
+    ("def other():\n    pass\n", ["has no callable named 'experiment'", "other"]),
+    ("def experiment():\n    raise ValueError('bad config')\n", ["experiment() raised ValueError: bad config"]),
+    ("def experiment():\n    return 42\n", ["returned int, not a gradscope.Experiment"]),
+    ("def experiment():\n    m = nn.Linear(4, 1).requires_grad_(False)\n"
+     "    return gradscope.Experiment(m, torch.optim.SGD([nn.Parameter(torch.ones(1))], 0.1), data(),\n"
+     "        loss_fn=lambda m, b: m(b[0]).sum())\n", ["no trainable parameters"]),
+    ("def experiment():\n    m = nn.Linear(4, 1)\n"
+     "    return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), data(),\n"
+     "        loss_fn=lambda m, b: m(b[0]).sum().detach())\n", ["does not depend on any trainable parameter"]),
+    ("def experiment():\n    m = nn.Linear(4, 1)\n"
+     "    return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), data(),\n"
+     "        loss_fn=lambda m, b: m(b[0]))\n", ["shape (8, 1), not a scalar loss"]),
+    ("def experiment():\n    m = nn.Linear(4, 1)\n"
+     "    return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), [],\n"
+     "        loss_fn=lambda m, b: m(b[0]).sum())\n", ["batches is empty"]),
+    ("def experiment():\n    m = nn.Linear(4, 1)\n"
+     "    return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), data(),\n"
+     "        loss_fn=lambda m, b: m(b[0][:, :3]).sum())\n", ["forward pass or loss raised at step 0", "RuntimeError"]),
+])
+def test_bad_targets_exit_2_with_one_clear_line(tmp_path, capsys, body, fragments):
+    path = str(tmp_path / "missing.py") if body is None else target(tmp_path, body)
+    code, _, err = run(["diagnose", path, "--steps", "3"], capsys)
+    assert code == 2
+    assert_clean_error(err, *fragments)
+    assert "hint:" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    path = target(tmp_path, "def experiment():\n    raise ValueError('bad config')\n")
+    code, _, err = run(["diagnose", path, "--debug"], capsys)
+    assert code == 2 and "Traceback" in err and "bad config" in err
+
+
+def test_nan_at_step_0_is_a_report_with_the_finding_and_exit_1(tmp_path, capsys):
+    body = """
+    def experiment():
+        m = nn.Linear(4, 1)
+        return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), data(),
+            loss_fn=lambda m, b: m(b[0]).sum() * float('nan'))
+    """
+    code, out, err = run(["diagnose", target(tmp_path, body), "--format", "json"], capsys)
+    doc = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    assert doc["partial"] is True and doc["steps"] == 1
+    assert {"nonfinite-loss", "nonfinite-gradients"} <= {f["rule_id"] for f in doc["findings"]}
+
+
+def test_model_raising_midway_keeps_a_partial_report(tmp_path, capsys):
+    body = """
+    def experiment():
+        m = nn.Linear(4, 1)
+        calls = itertools.count()
+        def loss(m, b):
+            if next(calls) == 3:
+                raise RuntimeError('CUDA out of memory (simulated)')
+            return nn.functional.mse_loss(m(b[0]), b[1])
+        return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), data(), loss_fn=loss)
+    """
+    code, out, err = run(["diagnose", target(tmp_path, body)], capsys)
+    assert code == 2
+    assert "PARTIAL REPORT" in out and "3 steps of 30" in out
+    assert_clean_error(err, "raised at step 3", "out of memory (simulated)")
+
+
+def test_ctrl_c_gives_a_partial_report_and_exit_130(tmp_path, capsys):
+    body = """
+    def experiment():
+        m = nn.Linear(4, 1)
+        make = data()
+        calls = itertools.count()
+        def batches():
+            if next(calls) == 4:
+                raise KeyboardInterrupt
+            return make()
+        return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), batches,
+            loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    """
+    code, out, err = run(["diagnose", target(tmp_path, body), "--format", "json"], capsys)
+    doc = json.loads(out)
+    assert code == 130 and doc["partial"] and doc["steps"] == 4
+    assert_clean_error(err, "interrupted")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run(["diagnose", target(tmp_path, GOOD), "--device", "cuda"], capsys)
+    assert code == 2
+    assert_clean_error(err, "--device cuda", "no CUDA GPU")
+
+
+def test_malformed_rule_file_names_file_and_line(tmp_path, capsys):
+    rules = tmp_path / "bad.yaml"
+    rules.write_text("rules:\n  - id: x\n    severity: error\n    scope: model\n"
+                     "    when: {metric: nope, op: '>', value: 1}\n    message: m\n")
+    code, _, err = run(["diagnose", target(tmp_path, GOOD), "--rules", str(rules)], capsys)
+    assert code == 2
+    assert_clean_error(err, "bad.yaml:2", "rule x", "unknown metric 'nope'")
+
+
+@pytest.mark.parametrize("args", [["diagnose"], ["diagnose", "x.py", "--steps", "51"], ["diagnose", "x.py", "--format", "xml"]])
+def test_usage_errors_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args) if args[-1] != "51" else sys.exit(main(args))
+    assert info.value.code == 2
+
+
+def test_rules_and_metrics_listings(capsys):
+    code, out, _ = run(["rules"], capsys)
+    assert code == 0 and "global-norm-growing" in out
+    code, out, _ = run(["metrics"], capsys)
+    assert code == 0 and "global_norm_growth" in out
+
+
+SAMPLES = [("exploding_rnn", 1, "exploding"), ("lstm_lm", 1, "diverges"), ("healthy_cnn", 0, "HEALTHY"),
+           ("tiny_transformer", 0, "HEALTHY")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, expected, phrase", SAMPLES)
+def test_bundled_samples_through_python_m(name, expected, phrase):
+    result = subprocess.run([sys.executable, "-m", "gradscope", "diagnose", f"samples/{name}.py"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == expected, result.stdout + result.stderr
+    assert phrase in result.stdout

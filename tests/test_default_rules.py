@@ -1,0 +1,177 @@
+"""Every default rule: one real training run that trips it, and one healthy run that does not."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope import load_rules
+
+from models import MLP, TinyLSTM, exploding_rnn, healthy_lstm, healthy_mlp, mse, regression_batches, sequence_batches
+
+STEPS = 30
+
+
+def _run(experiment: gradscope.Experiment, steps: int = STEPS) -> gradscope.Report:
+    return gradscope.diagnose(experiment, steps=steps, seed=0)
+
+
+def nonfinite_gradients() -> gradscope.Experiment:
+    """sqrt at zero: the loss is finite (0) but its gradient is inf."""
+    torch.manual_seed(0)
+    model = MLP()
+
+    def loss_fn(m, batch):
+        out = m(batch[0])
+        return nn.functional.mse_loss(out, batch[1]) + torch.sqrt((out - out.detach()).abs()).sum()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-3), regression_batches(),
+                                loss_fn=loss_fn)
+
+
+def nonfinite_loss() -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = MLP()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-3), regression_batches(),
+                                loss_fn=lambda m, b: mse(m, b) * float("inf"))
+
+
+def rising_norm() -> gradscope.Experiment:
+    """The loss is scaled up 13% a step: the gradient norm trends upward about 40x over 30 steps."""
+    torch.manual_seed(0)
+    model = MLP()
+    counter = itertools.count()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-4), regression_batches(),
+                                loss_fn=lambda m, b: 1.13 ** next(counter) * mse(m, b))
+
+
+def spiky_batches() -> gradscope.Experiment:
+    """Step 20's batch carries targets 300x larger than usual."""
+    torch.manual_seed(0)
+    model = MLP()
+    plain = regression_batches()
+    counter = itertools.count()
+
+    def batch():
+        x, y = plain()
+        return (x, y * 300) if next(counter) == 20 else (x, y)
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, loss_fn=mse)
+
+
+class Scaled(nn.Module):
+    """An MLP whose first layer is scaled by ``scale`` in the forward pass (0 cuts it off)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.net = MLP()
+        self.scale = scale
+
+    def forward(self, x):
+        first = self.net.hidden[0]
+        h = torch.tanh(first(x) * self.scale + first.bias.detach() * (1 - self.scale))
+        for layer in self.net.hidden[1:]:
+            h = torch.tanh(layer(h))
+        return self.net.out(h)
+
+
+def scaled_first_layer(scale: float) -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = Scaled(scale)
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), regression_batches(),
+                                loss_fn=mse)
+
+
+def dominating_layer() -> gradscope.Experiment:
+    """A 2048-wide input into a 32-wide net: the first layer holds most parameters and most of the norm."""
+    torch.manual_seed(0)
+    model = MLP(d_in=2048)
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-4),
+                                regression_batches(d_in=2048), loss_fn=mse)
+
+
+def heavy_tailed() -> gradscope.Experiment:
+    """Cauchy-distributed inputs make the first layer's weight gradient heavy-tailed."""
+    torch.manual_seed(0)
+    model = MLP(width=128)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.tan(3.14159 * (torch.rand(64, 8, generator=g) - 0.5))  # standard Cauchy
+        return x.clamp(-1e4, 1e4), torch.randn(64, 1, generator=g)
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-4), batch, loss_fn=mse)
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+        self.spare = nn.Linear(8, 8)  # never called in forward
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def unused_layer() -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = WithUnused()
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), regression_batches(),
+                                loss_fn=mse)
+
+
+def huge_lr() -> gradscope.Experiment:
+    """SGD at lr 1: every step moves the weights by a large fraction of their norm."""
+    torch.manual_seed(0)
+    model = MLP()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1.0), regression_batches(),
+                                loss_fn=mse)
+
+
+def recurrent_high() -> gradscope.Experiment:
+    """An LSTM on inputs scaled by 100, trained with a tiny step: gradients far above its weights."""
+    torch.manual_seed(0)
+    model = TinyLSTM()
+    plain = sequence_batches()
+
+    def batch():
+        x, y = plain()
+        return x, y * 1e3
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-6), batch, loss_fn=mse)
+
+
+TRIPS = {
+    "nonfinite-gradients": nonfinite_gradients,
+    "nonfinite-loss": nonfinite_loss,
+    "loss-diverging": exploding_rnn,
+    "global-norm-growing": exploding_rnn,
+    "global-norm-rising": rising_norm,
+    "gradient-spike": spiky_batches,
+    "layer-dominates": dominating_layer,
+    "heavy-tailed-gradients": heavy_tailed,
+    "vanishing-layer": lambda: scaled_first_layer(1e-6),
+    "dead-layer": lambda: scaled_first_layer(0.0),
+    "unused-parameters": unused_layer,
+    "large-update-ratio": huge_lr,
+    "recurrent-norm-growing": exploding_rnn,
+    "recurrent-norm-high": recurrent_high,
+}
+HEALTHY = {rule_id: (healthy_lstm if rule_id.startswith("recurrent") else healthy_mlp) for rule_id in TRIPS}
+
+
+def test_every_default_rule_has_fixtures():
+    assert {r.id for r in load_rules().rules} == set(TRIPS)
+
+
+@pytest.mark.parametrize("rule_id", sorted(TRIPS))
+def test_rule_trips(rule_id):
+    report = _run(TRIPS[rule_id]())
+    fired = [f for f in report.findings if f.rule_id == rule_id]
+    assert fired, f"{rule_id} did not fire; findings: {[f.rule_id for f in report.findings]}"
+    assert all(f.message and "{" not in f.message for f in fired)
+
+
+@pytest.mark.parametrize("rule_id", sorted(TRIPS))
+def test_rule_quiet_on_healthy_model(rule_id):
+    report = _run(HEALTHY[rule_id]())
+    assert not [f for f in report.findings if f.rule_id == rule_id]

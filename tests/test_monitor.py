@@ -1,0 +1,167 @@
+"""Monitor figures against naive per-parameter autograd references, and what it leaves on the model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradscope import Monitor
+from gradscope.errors import ExperimentError
+
+from models import MLP, mse, regression_batches
+
+
+def naive_layer_figures(model: nn.Module):
+    """Per owning module: grad norm, max|g|, mean and weight norm, the slow obvious way."""
+    out = {}
+    for name, module in model.named_modules():
+        grads = [p.grad.reshape(-1) for p in module.parameters(recurse=False) if p.grad is not None]
+        if grads:
+            g = torch.cat(grads).double()
+            w = torch.cat([p.detach().reshape(-1) for p in module.parameters(recurse=False)]).double()
+            out[name] = (g.norm().item(), g.abs().max().item(), g.mean().item(), w.norm().item())
+    return out
+
+
+def train(monitor_kwargs, steps=5, model=None, batches=None):
+    torch.manual_seed(0)
+    model = model or MLP(width=300, d_in=300)
+    batches = batches or regression_batches(d_in=300)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, **monitor_kwargs)
+    references, grads, weights = [], [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = mse(model, batches())
+        loss.backward()
+        references.append(naive_layer_figures(model))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        monitor.observe(loss)
+        opt.step()
+    weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return model, monitor.profile(), references, grads, weights
+
+
+@pytest.mark.parametrize("sample", [1, 4])
+def test_layer_figures_match_naive_reference(sample):
+    model, profile, refs, _, _ = train({"histogram_sample": sample, "update_every": 1})
+    names = [profile.layers[i].name for i in profile.active]
+    for step, ref in enumerate(refs):
+        for k, name in enumerate(names):
+            norm, gmax, mean, wnorm = ref[name]
+            assert profile.series["grad_norm"][step][k] == pytest.approx(norm, rel=1e-5)
+            assert profile.series["grad_abs_max"][step][k] == pytest.approx(gmax, rel=1e-6)
+            assert profile.series["grad_mean"][step][k] == pytest.approx(mean, rel=1e-3, abs=1e-9)
+            assert profile.series["weight_norm"][step][k] == pytest.approx(wnorm, rel=1e-5)
+            assert profile.series["grad_to_weight"][step][k] == pytest.approx(norm / wnorm, rel=1e-5)
+
+
+def test_global_norm_and_exact_cosine_match_reference():
+    _, profile, _, grads, _ = train({"histogram_sample": 1})
+    for step, g in enumerate(grads):
+        assert profile.series["global_norm"][step] == pytest.approx(g.norm().item(), rel=1e-5)
+        if step:
+            cos = (g @ grads[step - 1] / (g.norm() * grads[step - 1].norm())).item()
+            assert profile.series["cosine"][step] == pytest.approx(cos, abs=1e-5)
+
+
+def test_sampled_cosine_is_close_to_exact():
+    _, profile, _, grads, _ = train({"histogram_sample": 4})
+    assert any(n >= 65536 for n in (p.numel() for p in MLP(width=300, d_in=300).parameters()))
+    for step in range(1, len(grads)):
+        g, h = grads[step], grads[step - 1]
+        assert profile.series["cosine"][step] == pytest.approx((g @ h / (g.norm() * h.norm())).item(), abs=0.05)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_update_ratio_is_the_weight_change_over_the_weight(every):
+    model, profile, _, _, weights = train({"update_every": every}, steps=6)
+    names = [profile.layers[i].name for i in profile.active]
+    ratios = profile.series["update_ratio"]
+    for step in range(6):
+        if step % every:
+            assert np.isnan(ratios[step]).all()
+            continue
+        for k, name in enumerate(names):
+            keys = [n for n in weights[0] if n.rsplit(".", 1)[0] == name]
+            before = torch.cat([weights[step][n].reshape(-1) for n in keys]).double()
+            after = torch.cat([weights[step + 1][n].reshape(-1) for n in keys]).double()
+            assert ratios[step][k] == pytest.approx(((after - before).norm() / before.norm()).item(), rel=1e-4)
+
+
+def test_histogram_totals_every_element_and_scales_samples():
+    _, profile, _, _, _ = train({"histogram_sample": 4}, steps=3)
+    assert profile.histograms.sum(axis=1) == pytest.approx(profile.elements_total, rel=1e-9)
+
+
+def test_nonfinite_counted_and_first_layer_named_in_backward_order():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    monitor = Monitor(model)
+    x = torch.randn(3, 4)
+    h = model[0](x)
+    h = model[1](h)
+    # sqrt at zero in the middle layer's output: inf flows back into layers 1 and 0, not into layer 2
+    out = model[2](h) + torch.sqrt((h - h.detach()).abs()).sum()
+    out.sum().backward()
+    monitor.observe()
+    profile = monitor.profile()
+    assert profile.first_nonfinite == (0, "1")
+    assert profile.nonfinite_total[1] > 0 and profile.nonfinite_total[2] == 0
+    assert profile.nonfinite_total[1] == (~torch.isfinite(model[1].weight.grad)).sum() + \
+        (~torch.isfinite(model[1].bias.grad)).sum()
+
+
+def test_unused_and_frozen_parameters_are_reported_not_crashed():
+    model = nn.ModuleDict({"used": nn.Linear(4, 1), "unused": nn.Linear(4, 4), "frozen": nn.Linear(4, 4)})
+    model["frozen"].requires_grad_(False)
+    monitor = Monitor(model)
+    for _ in range(2):
+        model.zero_grad()
+        model["used"](model["frozen"](torch.randn(2, 4))).sum().backward()
+        monitor.observe()
+    profile = monitor.profile()
+    by_name = {profile.layers[i].name: k for k, i in enumerate(profile.active)}
+    assert profile.grad_present_steps[by_name["unused"]] == 0
+    assert profile.grad_present_steps[by_name["used"]] == 2
+    assert "frozen" not in by_name
+    assert next(l for l in profile.layers if l.name == "frozen").frozen_numel == 20
+
+
+def test_model_is_left_as_found():
+    torch.manual_seed(0)
+    model = MLP()
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    monitor = Monitor(model)
+    hooked = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    mse(model, regression_batches()()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    monitor.observe()
+    monitor.close()
+    assert hooked == len(list(model.parameters()))
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert not model.training
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]) and torch.equal(p.grad, grads[n])
+        assert p.requires_grad == flags[n]
+
+
+def test_memory_is_bounded_in_steps():
+    model = nn.Linear(4, 1)
+    monitor = Monitor(model, history=8)
+    for _ in range(100):
+        model.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        monitor.observe()
+    profile = monitor.profile()
+    assert profile.steps == 100
+    assert len(profile.series_steps) <= 9 and profile.histograms.shape == (1, 2048)
+
+
+def test_model_without_trainable_parameters_is_a_clear_error():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ExperimentError, match="no trainable parameters"):
+        Monitor(model)
