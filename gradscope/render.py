@@ -76,10 +76,10 @@ def layer_table(report: Report) -> RenderableType:
     layers = ordered_layers(report)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="layers, worst first", title_justify="left",
                   title_style="bold")
-    table.add_column("layer (kind)", overflow="ellipsis", no_wrap=True, max_width=26)
-    for name in ("params", "norm p50", "max", "g/w", "upd/w"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("norm over steps", no_wrap=True)
+    table.add_column("layer (kind)", overflow="ellipsis", no_wrap=True, max_width=28, ratio=1)
+    for name in ("params", "norm p50", "max", "g/w", "upd/w"):  # numbers never lose characters
+        table.add_column(name, justify="right", no_wrap=True, min_width=6)
+    table.add_column("norm/step", no_wrap=True, min_width=LAYER_SPARK_WIDTH)
     worst = layer_severity(report.findings)
     for layer in layers[:MAX_LAYER_ROWS]:
         name = Text.assemble((layer.name, STYLE.get(worst.get(layer.name, ""), "")), (f" {layer.kind}", "dim"))

@@ -68,6 +68,8 @@ def test_report_fits_80_columns_and_keeps_its_parts(exploding):
                  "UNHEALTHY"):
         assert part in text
     assert re.search(r"global norm\s+[▁▂▃▄▅▆▇█]+", text)
+    table = text[text.index("layers, worst first"):text.index("findings")]
+    assert "…" not in table.split("─")[-1], "a number in the layer table was cut"
 
 
 def test_no_colour_codes_without_a_terminal_or_with_no_color(exploding, monkeypatch):
