@@ -128,7 +128,7 @@ def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = N
     statistics = stats.compute(profile)
     findings = evaluate(statistics, rule_set)
     return Report(model=model_name, statistics=statistics, findings=findings,
-                  recommendation=recommend(statistics, findings), rule_sources=rule_set.sources,
+                  recommendation=recommend(statistics, findings), rules=rule_set,
                   stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested)
 
 

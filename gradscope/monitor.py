@@ -8,6 +8,7 @@ statistics are computed from.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -302,7 +303,7 @@ class Monitor:
             update_ratio_max=self._update_max.copy(), nonfinite_steps=tuple(self._nonfinite_steps),
             first_nonfinite=self._first_nonfinite, loss_nonfinite_step=self._loss_nonfinite_step,
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
-            measurement=self.measurement, device=str(self.device),
+            measurement=self.measurement, device=str(self.device), model_source=class_source(type(self.model)),
         )
 
     def report(self, rules=None, *, name: Optional[str] = None):
@@ -362,6 +363,14 @@ def _weight_change_sq(b: _Bucket, weights: List[torch.Tensor], measure: bool, sn
     return change
 
 
+def class_source(cls: type) -> Optional[Tuple[str, int]]:
+    """Where a class is defined (file, 1-based line), or None when Python cannot tell."""
+    try:
+        return inspect.getsourcefile(cls) or inspect.getfile(cls), inspect.getsourcelines(cls)[1]
+    except (TypeError, OSError):
+        return None
+
+
 def _group_parameters(model: nn.Module) -> Tuple[List[LayerInfo], List[nn.Parameter], List[int]]:
     """One group per module that owns parameters directly; a shared parameter goes to its first owner."""
     layers: List[LayerInfo] = []
@@ -380,6 +389,7 @@ def _group_parameters(model: nn.Module) -> Tuple[List[LayerInfo], List[nn.Parame
             param_names=tuple(prefix + n for n, _ in own),
             trainable_numel=sum(p.numel() for _, p in trainable),
             frozen_numel=sum(p.numel() for _, p in own if not p.requires_grad),
+            source=class_source(type(module)),
         ))
         params.extend(p for _, p in trainable)
         groups.extend([len(layers) - 1] * len(trainable))

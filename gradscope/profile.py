@@ -16,6 +16,7 @@ class LayerInfo:
     param_names: Tuple[str, ...]
     trainable_numel: int
     frozen_numel: int
+    source: Optional[Tuple[str, int]] = None  # file and line where the module's class is defined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,3 +47,4 @@ class Profile:
     backward_order: Tuple[str, ...]
     measurement: str
     device: str
+    model_source: Optional[Tuple[str, int]] = None

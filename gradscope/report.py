@@ -10,6 +10,7 @@ import numpy as np
 
 from .evaluate import Finding, worst_severity
 from .recommend import Recommendation
+from .ruleset import RuleSet
 from .stats import Statistics
 
 SCHEMA_VERSION = 1
@@ -21,7 +22,7 @@ class Report:
     statistics: Statistics
     findings: Tuple[Finding, ...]
     recommendation: Recommendation
-    rule_sources: Tuple[str, ...] = ()
+    rules: Optional[RuleSet] = None
     stopped_reason: Optional[str] = None  # set when the run ended before the steps asked for
     seed: Optional[int] = None
     steps_requested: Optional[int] = None
@@ -53,7 +54,7 @@ class Report:
             "seed": self.seed,
             "measurement": m.measurement,
             "device": m.device,
-            "rules": list(self.rule_sources),
+            "rules": list(self.rules.sources) if self.rules else [],
             "global": {
                 "steps": m.series_steps.tolist(),
                 "norm": m.global_norm.tolist(),

@@ -29,6 +29,7 @@ class LayerStats:
     grad_to_weight_series: np.ndarray
     histogram: Optional[np.ndarray]
     metrics: Mapping[str, float]
+    source: Optional[Tuple[str, int]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ModelStats:
     measurement: str
     device: str
     metrics: Mapping[str, float]
+    source: Optional[Tuple[str, int]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +82,12 @@ def compute(profile: Profile) -> Statistics:
         k = active_index.get(layer_i)
         if k is None:
             layers.append(LayerStats(info.name, info.kind, info.param_names, 0, info.frozen_numel, "frozen",
-                                     np.empty(0), np.empty(0), np.empty(0), None, {}))
+                                     np.empty(0), np.empty(0), np.empty(0), None, {}, info.source))
             continue
         status = "active" if profile.grad_present_steps[k] > 0 else "unused"
         layers.append(LayerStats(info.name, info.kind, info.param_names, info.trainable_numel, info.frozen_numel,
                                  status, norms[:, k], abs_max[:, k], g2w[:, k], profile.histograms[k],
-                                 layer_metrics[k]))
+                                 layer_metrics[k], info.source))
     model = _model_stats(profile, global_norm, layer_metrics, layers)
     return Statistics(model=model, layers=tuple(layers))
 
@@ -171,6 +173,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm, cosine=cosine, loss=loss,
         histogram=pooled, first_nonfinite=profile.first_nonfinite, loss_nonfinite_step=profile.loss_nonfinite_step,
         global_spike_step=profile.global_spike_step, measurement=profile.measurement, device=profile.device, metrics=m,
+        source=profile.model_source,
     )
 
 
