@@ -16,7 +16,9 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from .baseline import Comparison
 from .evaluate import Finding
+from .gate import Verdict
 from .report import Report
 from .stats import LayerStats
 
@@ -29,19 +31,39 @@ MARK = {"error": "✖", "warning": "▲", "info": "●"}
 METHOD_WORDS = {"norm": "clip by norm", "value": "clip by value", "agc": "adaptive gradient clipping (AGC)"}
 
 
-def render(report: Report) -> RenderableType:
+def render(report: Report, gate: Optional[Verdict] = None) -> RenderableType:
     parts: List[RenderableType] = [header(report), global_line(report), layer_table(report)]
     if report.findings:
         parts.append(findings_block(report.findings))
-    parts += [recommendation_block(report), verdict(report)]
+    parts.append(recommendation_block(report))
+    if gate is not None and gate.comparison is not None:
+        parts.append(baseline_block(gate.comparison))
+    parts.append(verdict(report))
     return Group(*parts)
 
 
-def render_text(report: Report, width: int = 100) -> str:
+def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None) -> str:
     """The report as plain text at a fixed width, with no colour."""
     buffer = io.StringIO()
-    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(render(report))
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(render(report, gate))
     return buffer.getvalue()
+
+
+def baseline_block(c: Comparison) -> RenderableType:
+    tally = (f"{len(c.new)} new or worse, {len(c.known)} known, {len(c.fixed)} fixed, {len(c.stale)} stale, "
+             f"{len(c.regressions)} regression{'s' if len(c.regressions) != 1 else ''}")
+    lines: List[RenderableType] = [Text.assemble(("baseline ", "bold"), (c.source, "cyan"), f": {tally}")]
+    for f in c.new:
+        lines.append(Text(f"  new: {f.rule_id}" + (f" ({f.layer})" if f.layer else ""), STYLE[f.severity]))
+    for rule_id, layer in c.fixed:
+        lines.append(Text(f"  fixed: {rule_id}" + (f" ({layer})" if layer else ""), "green"))
+    for rule_id, layer in c.stale:
+        lines.append(Text(f"  stale: {rule_id} ({layer}): the layer or rule no longer exists; rewrite the baseline",
+                          "dim"))
+    for r in c.regressions:
+        lines.append(Text(f"  regression: {r.metric} is {fmt(r.current)}, over {r.tolerance:g}x the baseline's "
+                          f"{fmt(r.baseline)}", "bold red"))
+    return Group(*lines, Text(""))
 
 
 def header(report: Report) -> RenderableType:

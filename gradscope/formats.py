@@ -1,0 +1,234 @@
+"""Output formats for machines and CI systems: one small pure function per format, chosen in FORMATS.
+
+Each takes the Report and the gate's Verdict and returns text. ``rich`` is the terminal report as
+plain text (the CLI prints it with colour when writing to a terminal).
+"""
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import __version__
+from .evaluate import Finding
+from .gate import Verdict
+from .render import METHOD_WORDS, fmt, render_text
+from .report import Report
+
+TOOL_URI = "https://pypi.org/project/gradscope/"
+SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+GITHUB_LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
+
+
+def to_json(report: Report, verdict: Verdict) -> str:
+    doc = report.to_dict()
+    doc["gate"] = gate_dict(verdict)
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def gate_dict(verdict: Verdict) -> Dict[str, object]:
+    gate: Dict[str, object] = {
+        "fail_on": verdict.fail_on,
+        "exit_code": verdict.exit_code,
+        "failing": [{"rule_id": f.rule_id, "layer": f.layer} for f in verdict.failing],
+    }
+    c = verdict.comparison
+    if c is not None:
+        gate["baseline"] = {
+            "file": c.source,
+            "new": [{"rule_id": f.rule_id, "layer": f.layer, "severity": f.severity} for f in c.new],
+            "fixed": [{"rule_id": r, "layer": l} for r, l in c.fixed],
+            "stale": [{"rule_id": r, "layer": l} for r, l in c.stale],
+            "regressions": [{"metric": r.metric, "baseline": r.baseline, "current": r.current,
+                             "tolerance": r.tolerance} for r in c.regressions],
+        }
+    return gate
+
+
+def to_junit(report: Report, verdict: Verdict) -> str:
+    """xunit2: one test case per rule; a finding at or above --fail-on is a failure, others are notes."""
+    by_rule: Dict[str, List[Finding]] = {}
+    for f in report.findings:
+        by_rule.setdefault(f.rule_id, []).append(f)
+    rule_ids = [r.id for r in report.rules.rules] if report.rules else list(by_rule)
+    cases = []
+    for rule_id in rule_ids + [r for r in by_rule if r not in rule_ids]:
+        case = ET.Element("testcase", classname=f"gradscope.{_slug(report.model)}", name=rule_id, time="0")
+        found = by_rule.get(rule_id, [])
+        failing = [f for f in found if f in verdict.failing]
+        if failing:
+            failure = ET.SubElement(case, "failure", type=failing[0].severity, message=_line(failing[0]))
+            failure.text = "\n".join(_line(f) for f in failing)
+        notes = [f for f in found if f not in failing]
+        if notes:
+            ET.SubElement(case, "system-out").text = "\n".join(_line(f) for f in notes)
+        cases.append(case)
+    if verdict.comparison is not None:
+        case = ET.Element("testcase", classname=f"gradscope.{_slug(report.model)}", name="baseline-regressions",
+                          time="0")
+        for r in verdict.comparison.regressions:
+            ET.SubElement(case, "failure", type="regression",
+                          message=f"{r.metric} {fmt(r.current)} > {r.tolerance:g}x baseline {fmt(r.baseline)}")
+        cases.append(case)
+    failures = sum(1 for c in cases if c.find("failure") is not None)
+    suites = ET.Element("testsuites", name="gradscope", tests=str(len(cases)), failures=str(failures),
+                        errors="0", skipped="0")
+    suite = ET.SubElement(suites, "testsuite", name=f"gradscope: {report.model}", tests=str(len(cases)),
+                          failures=str(failures), errors="0", skipped="0", time="0")
+    suite.extend(cases)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def to_sarif(report: Report, verdict: Verdict) -> str:
+    """SARIF 2.1.0 for GitHub code scanning; ruleId is the rule id, the location the module's class."""
+    rules = list(report.rules.rules) if report.rules else []
+    index = {r.id: i for i, r in enumerate(rules)}
+    results = []
+    for f in report.findings:
+        result = {
+            "ruleId": f.rule_id,
+            "level": SARIF_LEVEL[f.severity],
+            "message": {"text": f.message},
+            "partialFingerprints": {"gradscopeFinding/v1": f"{f.rule_id}:{f.layer or '<model>'}"},
+            "locations": [_sarif_location(report, f)],
+        }
+        if f.rule_id in index:
+            result["ruleIndex"] = index[f.rule_id]
+        results.append(result)
+    doc = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "gradscope", "version": __version__, "informationUri": TOOL_URI,
+                "rules": [{
+                    "id": r.id,
+                    "shortDescription": {"text": r.description.split(". ")[0] or r.id},
+                    "fullDescription": {"text": r.description or r.id},
+                    "defaultConfiguration": {"level": SARIF_LEVEL[r.severity]},
+                } for r in rules],
+            }},
+            "originalUriBaseIds": {"SRCROOT": {"uri": Path.cwd().as_uri() + "/"}},
+            "results": results,
+        }],
+    }
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def to_github(report: Report, verdict: Verdict) -> str:
+    """GitHub Actions workflow commands: one annotation per finding, escaped as GitHub specifies."""
+    lines = []
+    for f in report.findings:
+        where = _source(report, f)
+        props = [f"file={_gh_property(where[0])}", f"line={where[1]}"] if where else []
+        props.append(f"title={_gh_property(f'gradscope {f.rule_id}' + (f' ({f.layer})' if f.layer else ''))}")
+        lines.append(f"::{GITHUB_LEVEL[f.severity]} {','.join(props)}::{_gh_data(f.message)}")
+    if verdict.comparison is not None:
+        for r in verdict.comparison.regressions:
+            lines.append(f"::error title=gradscope baseline regression::{_gh_data(_regression_text(r))}")
+    rec = report.recommendation
+    lines.append(f"::notice title=gradscope recommendation::{_gh_data(_advice(report) + ': ' + rec.evidence.basis)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(report: Report, verdict: Verdict) -> str:
+    m = report.statistics.model
+    state = "✔ healthy" if report.healthy else ("✖ unhealthy" if report.worst_severity == "error" else "▲ at risk")
+    out = [f"## gradscope: {report.model} ({state})", "",
+           f"{m.steps} steps on {m.device}; measured: {m.measurement}."
+           + (f" **Partial report:** {report.stopped_reason}." if report.partial else ""),
+           f"Gate: fail on {verdict.fail_on}; exit code {verdict.exit_code}.", ""]
+    if report.findings:
+        out += ["| severity | rule | layer | message |", "|---|---|---|---|"]
+        out += [f"| {f.severity} | `{f.rule_id}` | {f.layer or '(model)'} | {_md_cell(f.message)} |"
+                for f in report.findings]
+        out.append("")
+    else:
+        out += ["No findings.", ""]
+    c = verdict.comparison
+    if c is not None:
+        out.append(f"Baseline `{c.source}`: {len(c.new)} new or worse, {len(c.known)} known, {len(c.fixed)} fixed, "
+                   f"{len(c.stale)} stale, {len(c.regressions)} regression(s).")
+        out += [f"- regression: {_regression_text(r)}" for r in c.regressions]
+        out.append("")
+    rec = report.recommendation
+    out.append(f"**Recommendation:** {_advice(report)}. {rec.evidence.basis}.")
+    if rec.method != "none":
+        out.append(f"It would have clipped {rec.evidence.clip_fraction:.0%} of the profiled steps.")
+    if rec.snippets:
+        out += ["", "```python"] + [f"{code}  # {name}" if name != "timm" else f"# timm: {code}"
+                                    for name, code in rec.snippets.items()] + ["```"]
+    return "\n".join(out) + "\n"
+
+
+def to_rich_text(report: Report, verdict: Verdict) -> str:
+    return render_text(report, width=100)
+
+
+FORMATS: Dict[str, Callable[[Report, Verdict], str]] = {
+    "rich": to_rich_text,
+    "json": to_json,
+    "junit": to_junit,
+    "sarif": to_sarif,
+    "github": to_github,
+    "markdown": to_markdown,
+}
+
+
+# -- small pieces ---------------------------------------------------------------------------------------
+def _advice(report: Report) -> str:
+    rec = report.recommendation
+    return "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
+
+
+def _line(f: Finding) -> str:
+    return f"[{f.severity}] {f.rule_id}" + (f" ({f.layer})" if f.layer else "") + f": {f.message}"
+
+
+def _regression_text(r) -> str:
+    return f"{r.metric} is {fmt(r.current)}, more than {r.tolerance:g}x the baseline's {fmt(r.baseline)}"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text.split(" ")[0]) or "model"
+
+
+def _source(report: Report, f: Finding) -> Optional[Tuple[str, int]]:
+    """The finding's module class definition, preferring a file under the working directory."""
+    layer = next((l for l in report.statistics.layers if l.name == f.layer), None)
+    candidates = [s for s in (layer.source if layer else None, report.statistics.model.source) if s]
+    if not candidates:
+        return None
+    cwd = Path.cwd().resolve()
+    for path, line in candidates:
+        try:
+            return Path(path).resolve().relative_to(cwd).as_posix(), line
+        except ValueError:
+            continue
+    return candidates[0]
+
+
+def _sarif_location(report: Report, f: Finding) -> Dict[str, object]:
+    location: Dict[str, object] = {"logicalLocations": [{"fullyQualifiedName": f.layer or report.model,
+                                                          "kind": "module"}]}
+    where = _source(report, f)
+    if where:
+        path, line = where
+        artifact = {"uri": Path(path).as_uri()} if os.path.isabs(path) else {"uri": path, "uriBaseId": "SRCROOT"}
+        location["physicalLocation"] = {"artifactLocation": artifact, "region": {"startLine": line}}
+    return location
+
+
+def _gh_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_property(text: str) -> str:
+    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
