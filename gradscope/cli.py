@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -12,19 +13,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
+from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
-from .errors import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, GradscopeError
+from .errors import EXIT_OK, EXIT_USAGE, GradscopeError
+from .formats import FORMATS, to_markdown
+from .gate import FAIL_ON, Verdict, decide
 from .metrics import LAYER_METRICS, MODEL_METRICS
-from .render import render, render_text
+from .render import render
 from .report import Report
-from .ruleset import SEVERITIES, load_rules
+from .ruleset import load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
 
-FORMATS: Dict[str, Callable[[Report], str]] = {
-    "json": lambda report: report.to_json(),
-    "rich": lambda report: render_text(report, width=100),
-}
-
+FORMAT_ENV = "GRADSCOPE_FORMAT"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other usage error
@@ -43,15 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "130 interrupted.")
     d.add_argument("target", help=f"path/to/file.py[:callable] or package.module:callable "
                                   f"(a bare file uses the callable '{DEFAULT_CALLABLE}')")
-    d.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"optimizer steps to profile, 1-{MAX_STEPS} (default {DEFAULT_STEPS})")
+    d.add_argument("--steps", type=int, help=f"optimizer steps to profile, 1-{MAX_STEPS} (default {DEFAULT_STEPS})")
     d.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random before the target is built (default 0)")
     d.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where to run (default auto)")
     d.add_argument("--rules", metavar="FILE", help="a rule file that extends or overrides the default rules")
-    d.add_argument("--fail-on", choices=("error", "warning", "never"), default="error",
-                   help="lowest severity that makes the exit code 1 (default error)")
-    d.add_argument("--format", choices=tuple(FORMATS), default="rich", help="output format (default rich)")
+    d.add_argument("--fail-on", choices=FAIL_ON, help="lowest severity that makes the exit code 1 (default error)")
+    d.add_argument("--format", choices=tuple(FORMATS),
+                   help=f"output format (default ${FORMAT_ENV}, else rich)")
     d.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
+    d.add_argument("--baseline", metavar="FILE", help="fail only on findings that are new or worse than in FILE")
+    d.add_argument("--baseline-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="X",
+                   help=f"a global-norm p95 or max above X times the baseline's is a regression (default {DEFAULT_TOLERANCE:g})")
+    d.add_argument("--write-baseline", metavar="FILE", help="record this run as the baseline in FILE (exit 0)")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
@@ -75,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
     except GradscopeError as exc:
         if exc.partial is not None and args.command == "diagnose":
-            _emit(exc.partial, args, out)
+            _emit(exc.partial, decide(exc.partial, args.fail_on or "error"), args, out)
         if args.debug:
             err.print_exception()
         _print_error(err, exc)
@@ -83,10 +87,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _diagnose(args: argparse.Namespace, out: Console, err: Console) -> int:
+    _apply_defaults(args)
     if not 1 <= args.steps <= MAX_STEPS:
         raise GradscopeError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}",
                              "a few dozen steps show the trend; use gradscope.Monitor for whole training runs")
-    rules = load_rules(args.rules)  # a bad rule file fails before any training step
+    rules = load_rules(args.rules)  # a bad rule file or baseline fails before any training step
+    baseline = load_baseline(args.baseline) if args.baseline else None
     seed_everything(args.seed)
     experiment = load_experiment(args.target)
     with Progress(TextColumn("profiling {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -96,24 +102,46 @@ def _diagnose(args: argparse.Namespace, out: Console, err: Console) -> int:
         report = diagnose(experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device,
                           restore=False,
                           progress=lambda done, total, o: progress.update(task, completed=done, norm=f"{o['global_norm']:.3g}"))
-    _emit(report, args, out)
-    return exit_code(report, args.fail_on)
-
-
-def exit_code(report: Report, fail_on: str) -> int:
-    """1 when a finding is at or above ``fail_on``; ``never`` always gives 0."""
-    if fail_on == "never" or report.worst_severity is None:
+    comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
+    verdict = decide(report, args.fail_on, comparison)
+    _emit(report, verdict, args, out)
+    if args.write_baseline:
+        write_baseline(report, args.write_baseline)
+        err.print(f"gradscope: wrote baseline {args.write_baseline} ({len(report.findings)} findings)",
+                  highlight=False, soft_wrap=True)
         return EXIT_OK
-    return EXIT_FINDINGS if SEVERITIES.index(report.worst_severity) >= SEVERITIES.index(fail_on) else EXIT_OK
+    return verdict.exit_code
 
 
-def _emit(report: Report, args: argparse.Namespace, out: Console) -> None:
+def _apply_defaults(args: argparse.Namespace) -> None:
+    """Flags win; then [tool.gradscope] in pyproject.toml (and $GRADSCOPE_FORMAT); then built-in defaults."""
+    config = load_config()
+    args.steps = args.steps if args.steps is not None else config.get("steps", DEFAULT_STEPS)
+    args.rules = args.rules or config.get("rules")
+    args.fail_on = args.fail_on or config.get("fail-on", "error")
+    args.baseline = args.baseline or (None if args.write_baseline else config.get("baseline"))
+    if args.fail_on not in FAIL_ON:
+        raise GradscopeError(f"[tool.gradscope] fail-on is {args.fail_on!r}", f"use one of {', '.join(FAIL_ON)}")
+    if args.format is None:
+        args.format = os.environ.get(FORMAT_ENV) or "rich"
+        if args.format not in FORMATS:
+            raise GradscopeError(f"${FORMAT_ENV} is {args.format!r}, not a known format",
+                                 f"use one of {', '.join(FORMATS)}, or unset it")
+
+
+def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Console) -> None:
+    fmt_name = args.format or "rich"
     if args.output:
-        Path(args.output).write_text(FORMATS[args.format](report), encoding="utf-8")
-    elif args.format == "rich":
-        out.print(render(report))
+        Path(args.output).write_text(FORMATS[fmt_name](report, verdict), encoding="utf-8")
+    elif fmt_name == "rich":
+        out.print(render(report, verdict))
     else:
-        sys.stdout.write(FORMATS[args.format](report))
+        sys.stdout.write(FORMATS[fmt_name](report, verdict))
+        sys.stdout.flush()
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if fmt_name == "github" and summary:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(to_markdown(report, verdict))
 
 
 def _print_error(err: Console, exc: GradscopeError) -> None:

@@ -1,0 +1,49 @@
+"""Project defaults from the ``[tool.gradscope]`` table of the nearest pyproject.toml; flags win over them."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .errors import GradscopeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+KEYS = {"steps": int, "rules": str, "fail-on": str, "baseline": str}
+
+
+def find_pyproject(start: Path) -> Optional[Path]:
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(start: Optional[Path] = None) -> Dict[str, Any]:
+    """The ``[tool.gradscope]`` settings, with relative paths made relative to the pyproject's folder."""
+    path = find_pyproject((start or Path.cwd()).resolve())
+    if path is None:
+        return {}
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("gradscope", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise GradscopeError(f"{path}: cannot read it as TOML: {exc}", "fix the file, or run from another folder")
+    if not isinstance(table, dict):
+        raise GradscopeError(f"{path}: [tool.gradscope] must be a table", "see README: configuration")
+    unknown = set(table) - set(KEYS)
+    if unknown:
+        raise GradscopeError(f"{path}: unknown key(s) in [tool.gradscope]: {', '.join(sorted(unknown))}",
+                             f"allowed: {', '.join(KEYS)}")
+    for key, kind in KEYS.items():
+        if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
+            raise GradscopeError(f"{path}: [tool.gradscope] {key} must be a{'n integer' if kind is int else ' string'}",
+                                 "see README: configuration")
+    config = dict(table)
+    for key in ("rules", "baseline"):
+        if key in config:
+            config[key] = str((path.parent / config[key]))
+    return config
