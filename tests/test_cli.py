@@ -215,3 +215,26 @@ def test_bundled_samples_through_python_m(name, expected, phrase):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == expected, result.stdout + result.stderr
     assert phrase in result.stdout
+
+
+LAUGHS = "\n".join(["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] +
+                   [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)] + ["rules: [*a8]"])
+RULE_HEAD = "rules:\n  - id: my-rule\n    scope: model\n    message: m\n"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (RULE_HEAD + "    severity: error\n    when: {metric: no_such_metric, op: '>', value: 1}\n",
+     ["rules.yaml:2", "rule my-rule", "unknown metric 'no_such_metric'"]),
+    (RULE_HEAD + "    severity: error\n    when: {metric: steps, op: '~', value: 1}\n",
+     ["rule my-rule", "unknown operator '~'"]),
+    (RULE_HEAD + "    severity: critical\n    when: {metric: steps, op: '>', value: 1}\n",
+     ["rule my-rule", "unknown severity 'critical'"]),
+    ("rules:\n  - !!python/object/apply:os.system ['echo pwned']\n", ["rules.yaml:2", "not valid rule YAML"]),
+    (LAUGHS, ["too large or too deeply nested"]),
+])
+def test_bad_rule_files_through_the_cli(tmp_path, capsys, text, fragments):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(text)
+    code, _, err = run(["diagnose", target(tmp_path, GOOD), "--rules", str(rules)], capsys)
+    assert code == 2
+    assert_clean_error(err, *fragments)

