@@ -32,7 +32,7 @@ class SeriesStore:
 
     def amend(self, step: int, name: str, value: np.ndarray) -> None:
         """Overwrite one field of the row for ``step``, if that row is the latest one kept."""
-        if self.steps and self.steps[-1] == step:
+        if self.steps and self.steps[-1] == step and name in self.fields:
             self.fields[name][-1] = np.asarray(value, dtype=np.float64)
 
     def array(self, name: str) -> np.ndarray:

@@ -57,6 +57,8 @@ _MODEL = {
     "nonfinite_count": "inf or NaN gradient elements over all layers and steps",
     "nonfinite_steps": "steps with any non-finite gradient element",
     "loss_nonfinite": "1 if the loss was inf or NaN at some step, else 0",
+    "amp_skipped_steps": "steps the GradScaler skipped for inf/NaN gradients (kept out of every other metric)",
+    "amp_skipped_fraction": "amp_skipped_steps over the steps observed",
     "loss_first": "loss at the first step",
     "loss_last": "loss at the last finite step",
     "loss_rise": "median loss of the last quarter of steps over that of the first quarter (positive losses only)",

@@ -24,6 +24,7 @@ from .profile import LayerInfo, Profile
 SAMPLE_MIN = 1 << 16  # segments at least this large have their histogram sampled
 SAMPLE_BLOCK = 1024
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
+MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients unscaled from the GradScaler's scale")
 
 
 class _Bucket:
@@ -87,12 +88,13 @@ class Monitor:
     and two float32 gradient samples (2/histogram_sample of the gradient's size, or less).
     """
 
-    def __init__(self, model: nn.Module, *, update_every: int = 4, histogram_sample: int = 4,
+    def __init__(self, model: nn.Module, *, parameters=None, update_every: int = 4, histogram_sample: int = 4,
                  history: int = 1024) -> None:
         if update_every < 1 or histogram_sample < 1:
             raise ExperimentError("update_every and histogram_sample must be at least 1", "1 measures every step")
         self.model = model
-        self.layers, params, groups = _group_parameters(model)
+        tracked = None if parameters is None else {id(p) for p in parameters}
+        self.layers, params, groups = _group_parameters(model, tracked)
         if not params:
             raise ExperimentError(
                 f"{type(model).__name__} has no trainable parameters",
@@ -129,12 +131,38 @@ class Monitor:
         self._grad_present = np.zeros(n_groups, dtype=np.int64)
         self._first_nonfinite: Optional[Tuple[int, str]] = None
         self._nonfinite_steps: List[int] = []
+        self._amp_skipped: List[int] = []
+        self._pending_loss: Optional[torch.Tensor] = None
+        self._pending_count = 0
         self._loss_nonfinite_step: Optional[int] = None
         self._backward_order: List[int] = []
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._order_hook(self._group_index[g]))
             for p, g in zip(params, groups)
         ] if hasattr(torch.Tensor, "register_post_accumulate_grad_hook") else []
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Attribute a loss computed after the last observe() to that step (for loops that see it later).
+
+        Losses noted between two observations are averaged; they reach the host with the next sync.
+        """
+        value = loss.detach().float().reshape(()).to(self.device)
+        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
+        self._pending_count += 1
+
+    def _take_pending_loss(self) -> torch.Tensor:
+        if self._pending_loss is None:
+            return torch.full((1,), float("nan"), device=self.device)
+        mean = (self._pending_loss / self._pending_count).reshape(1)
+        self._pending_loss, self._pending_count = None, 0
+        return mean
+
+    def _amend_loss(self, step: int, value: float) -> None:
+        if step < 0 or np.isnan(value):
+            return
+        self._series.amend(step, "loss", np.array(value))
+        if not np.isfinite(value) and self._loss_nonfinite_step is None:
+            self._loss_nonfinite_step = step
 
     @property
     def steps(self) -> int:
@@ -143,13 +171,19 @@ class Monitor:
 
     # -- the hot path ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, loss: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    def observe(self, loss: Optional[torch.Tensor] = None, *, scaler=None) -> Dict[str, float]:
         """Measure the current gradients as one optimizer step; pass ``loss`` to have it checked too.
 
-        Returns the step's global figures: ``step``, ``global_norm``, ``loss`` and ``nonfinite``.
+        Under mixed precision, pass the ``torch.amp.GradScaler``: gradients the scaler has not unscaled
+        yet are divided by its scale (a power of two, so exactly), and a step with inf or NaN gradients
+        is counted as skipped by the scaler, as the scaler will skip it, not as an explosion.
+        Returns the step's global figures: ``step``, ``global_norm``, ``loss``, ``nonfinite`` and ``skipped``.
         """
         self._remove_hooks()
         G, dev = self._n_groups, self.device
+        inverse_scale = _inverse_scale(scaler, dev)
+        if scaler is not None and scaler.is_enabled():
+            self.measurement = MEASUREMENT_AMP
         norm_sq, max_abs, grad_sum, weight_sq, update_sq = torch.zeros(5, G, dtype=torch.float32, device=dev)
         dot = torch.zeros(1, dtype=torch.float32, device=dev)
         counts = torch.zeros(G * hist.N_BINS, dtype=torch.int64, device=dev)
@@ -176,6 +210,8 @@ class Monitor:
                                         reduce="amax")
                 torch._foreach_copy_([b.dest[b.current][i] for i in index],
                                      [b.source(i, g) for i, g in zip(index, grads)])
+            if inverse_scale is not None:
+                b.buffers[b.current].mul_(inverse_scale.to(b.buffers[b.current].device))
             counts += _histogram(b, G).to(dev)
             if self._step > 0:
                 dot += _sample_dot(b).to(dev)
@@ -190,13 +226,34 @@ class Monitor:
                 update_sq.index_add_(0, param_group, _weight_change_sq(b, weights, measure, snapshot).to(dev))
         if snapshot:
             self._snapshot_step = self._step
-        self._hist += counts
+        if inverse_scale is not None:
+            norm_sq.mul_(inverse_scale**2)
+            max_abs.mul_(inverse_scale)
+            grad_sum.mul_(inverse_scale)
         sampled_zeros = counts.view(G, hist.N_BINS)[:, 0].float()
         loss_value = torch.full((1,), float("nan"), device=dev) if loss is None else loss.detach().float().reshape(1).to(dev)
-        packed = torch.cat([norm_sq, max_abs, grad_sum, weight_sq, update_sq, sampled_zeros, dot, loss_value])
+        noted = self._take_pending_loss()
+        packed = torch.cat([norm_sq, max_abs, grad_sum, weight_sq, update_sq, sampled_zeros, dot, loss_value, noted])
         row = packed.to(torch.float64).cpu().numpy()  # the one host sync of the step
-        nonfinite = self._count_nonfinite() if not np.isfinite(row[G:2 * G]).all() else np.zeros(G)
+        self._amend_loss(self._step - 1, row[-1])
+        finite = np.isfinite(row[G:2 * G]).all()
+        if not finite and scaler is not None and scaler.is_enabled():
+            return self._record_skip(row, measure)
+        self._hist += counts
+        nonfinite = np.zeros(G) if finite else self._count_nonfinite()
         return self._record(row, nonfinite, present, measure, loss is not None)
+
+    def _record_skip(self, row: np.ndarray, measured: bool) -> Dict[str, float]:
+        """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
+        G, step = self._n_groups, self._step
+        if measured:
+            self._record_update(step - 1, row[4 * G:5 * G])
+        for b in self._buckets:
+            b.current = 1 - b.current  # the next step compares with the last step that counted
+        self._amp_skipped.append(step)
+        self._step += 1
+        return {"step": step, "global_norm": float("nan"), "loss": float(row[6 * G + 1]), "nonfinite": 0.0,
+                "skipped": 1.0}
 
     def _count_nonfinite(self) -> np.ndarray:
         """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
@@ -243,7 +300,8 @@ class Monitor:
         self._global_spikes.update(step, np.array([global_norm]))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
         self._step += 1
-        return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum())}
+        return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
+                "skipped": 0.0}
 
     def _record_update(self, step: int, update_sq: np.ndarray) -> None:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -290,6 +348,8 @@ class Monitor:
     def profile(self) -> Profile:
         """Everything measured so far, as plain data."""
         self._record_last_update()
+        if self._pending_loss is not None:
+            self._amend_loss(self._step - 1, float(self._take_pending_loss()[0]))
         s = self._series
         series = {name: s.array(name) for name in s.fields}
         return Profile(
@@ -304,6 +364,7 @@ class Monitor:
             first_nonfinite=self._first_nonfinite, loss_nonfinite_step=self._loss_nonfinite_step,
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device), model_source=class_source(type(self.model)),
+            amp_skipped_steps=tuple(self._amp_skipped),
         )
 
     def report(self, rules=None, *, name: Optional[str] = None):
@@ -324,6 +385,22 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
+
+
+def _inverse_scale(scaler, device: torch.device) -> Optional[torch.Tensor]:
+    """1/scale as a device tensor when ``scaler`` is enabled and has not unscaled the gradients yet.
+
+    Reads the scaler's own scale tensor and per-optimizer stage, so it adds no host sync.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return None
+    states = getattr(scaler, "_per_optimizer_states", {})
+    if any(getattr(state.get("stage"), "name", "") == "UNSCALED" for state in states.values()):
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # the scaler has not scaled any loss yet
+        return None
+    return (1.0 / scale.float()).reshape(()).to(device)
 
 
 def _histogram(b: _Bucket, n_groups: int) -> torch.Tensor:
@@ -371,14 +448,19 @@ def class_source(cls: type) -> Optional[Tuple[str, int]]:
         return None
 
 
-def _group_parameters(model: nn.Module) -> Tuple[List[LayerInfo], List[nn.Parameter], List[int]]:
-    """One group per module that owns parameters directly; a shared parameter goes to its first owner."""
+def _group_parameters(model: nn.Module, tracked: Optional[set] = None
+                      ) -> Tuple[List[LayerInfo], List[nn.Parameter], List[int]]:
+    """One group per module that owns parameters directly; a shared parameter goes to its first owner.
+
+    With ``tracked`` (parameter ids, e.g. one optimizer's), modules owning none of them are left out.
+    """
     layers: List[LayerInfo] = []
     params: List[nn.Parameter] = []
     groups: List[int] = []
     seen = set()
     for module_name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)
+               if id(p) not in seen and (tracked is None or id(p) in tracked)]
         if not own:
             continue
         seen.update(id(p) for _, p in own)

@@ -48,3 +48,4 @@ class Profile:
     measurement: str
     device: str
     model_source: Optional[Tuple[str, int]] = None
+    amp_skipped_steps: Tuple[int, ...] = ()  # steps whose inf/NaN gradients made the GradScaler skip them

@@ -238,3 +238,9 @@ def test_bad_rule_files_through_the_cli(tmp_path, capsys, text, fragments):
     code, _, err = run(["diagnose", target(tmp_path, GOOD), "--rules", str(rules)], capsys)
     assert code == 2
     assert_clean_error(err, *fragments)
+
+
+def test_import_gradscope_stays_light():
+    code = ("import sys, gradscope, gradscope.integrations; "
+            "heavy = {'lightning', 'transformers', 'tensorboard'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks. Each imports its framework only when it is itself imported."""

@@ -1,0 +1,108 @@
+"""GradscopeCallback against a real lightning.Trainer on CPU: pre-clip numbers, accumulation, optimizers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from gradscope.integrations.lightning import GradientHealthError, GradscopeCallback  # noqa: E402
+
+from models import MLP  # noqa: E402
+
+
+def loader(n: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+class Regressor(pl.LightningModule):
+    """Records the pre-clip global norm by hand in its own hook, which Lightning calls before clipping."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = MLP()
+        self.lr = lr
+        self.reference = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.reference.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).double().norm().item())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def trainer(callback, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[callback], **kwargs)
+
+
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_callback_reports_pre_clip_norms(clip, tmp_path):
+    torch.manual_seed(0)
+    module = Regressor()
+    callback = GradscopeCallback(output=tmp_path / "report.json", update_every=1, histogram_sample=1)
+    trainer(callback, max_steps=6, gradient_clip_val=clip).fit(module, loader())
+    report = callback.reports[0]
+    norms = report.statistics.model.global_norm
+    assert len(norms) == 6
+    assert norms == pytest.approx(module.reference, rel=1e-5)
+    if clip:
+        assert min(norms) > 10 * clip  # what was measured is far above what the clip let through
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 6
+    assert report.statistics.model.loss[0] > 0  # losses reach the report from on_train_batch_end
+
+
+def test_accumulation_is_observed_once_per_optimizer_step():
+    torch.manual_seed(0)
+    module = Regressor()
+    callback = GradscopeCallback()
+    trainer(callback, max_steps=4, accumulate_grad_batches=3).fit(module, loader())
+    assert callback.reports[0].statistics.model.steps == 4 == len(module.reference)
+
+
+class TwoOptimizers(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = nn.Linear(8, 16), nn.Linear(16, 1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(torch.tanh(self.encoder(x))), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.encoder.parameters(), 0.01), torch.optim.Adam(self.head.parameters(), 1e-3)
+
+
+def test_every_optimizer_gets_its_own_report(capsys):
+    torch.manual_seed(0)
+    callback = GradscopeCallback()
+    trainer(callback, max_steps=8).fit(TwoOptimizers(), loader())
+    layers = [[l.name for l in r.statistics.layers] for r in callback.reports]
+    assert layers == [["encoder"], ["head"]]
+    assert all(r.statistics.model.steps >= 4 for r in callback.reports)
+    assert "TwoOptimizers (optimizer 1)" in capsys.readouterr().out
+
+
+def test_fail_on_error_fails_the_fit():
+    torch.manual_seed(0)
+    module = Regressor(lr=5.0)  # SGD at lr 5 on this net diverges
+    with pytest.raises(GradientHealthError, match="gradient health check failed"):
+        trainer(GradscopeCallback(fail_on="error"), max_steps=20).fit(module, loader(n=320))
