@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--baseline-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="X",
                    help=f"a global-norm p95 or max above X times the baseline's is a regression (default {DEFAULT_TOLERANCE:g})")
     d.add_argument("--write-baseline", metavar="FILE", help="record this run as the baseline in FILE (exit 0)")
+    d.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR "
+                                                        "(needs gradscope[tensorboard])")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
@@ -105,6 +107,9 @@ def _diagnose(args: argparse.Namespace, out: Console, err: Console) -> int:
     comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
     verdict = decide(report, args.fail_on, comparison)
     _emit(report, verdict, args, out)
+    if args.tensorboard:
+        from .integrations.tensorboard import write_tensorboard
+        write_tensorboard(report, args.tensorboard)
     if args.write_baseline:
         write_baseline(report, args.write_baseline)
         err.print(f"gradscope: wrote baseline {args.write_baseline} ({len(report.findings)} findings)",

@@ -88,13 +88,17 @@ class Monitor:
     and two float32 gradient samples (2/histogram_sample of the gradient's size, or less).
     """
 
-    def __init__(self, model: nn.Module, *, parameters=None, update_every: int = 4, histogram_sample: int = 4,
-                 history: int = 1024) -> None:
-        if update_every < 1 or histogram_sample < 1:
-            raise ExperimentError("update_every and histogram_sample must be at least 1", "1 measures every step")
+    def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
+                 histogram_sample: int = 4, history: int = 1024) -> None:
+        if min(update_every, histogram_sample, accumulation_steps) < 1:
+            raise ExperimentError("accumulation_steps, update_every and histogram_sample must be at least 1",
+                                  "1 measures every call or step")
         self.model = model
+        self.accumulation_steps = accumulation_steps
+        self._calls = 0
         tracked = None if parameters is None else {id(p) for p in parameters}
-        self.layers, params, groups = _group_parameters(model, tracked)
+        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: name layers as the user did
+        self.layers, params, groups = _group_parameters(inner, tracked)
         if not params:
             raise ExperimentError(
                 f"{type(model).__name__} has no trainable parameters",
@@ -174,11 +178,21 @@ class Monitor:
     def observe(self, loss: Optional[torch.Tensor] = None, *, scaler=None) -> Dict[str, float]:
         """Measure the current gradients as one optimizer step; pass ``loss`` to have it checked too.
 
+        With ``accumulation_steps=k`` you may call it after every backward: only every k-th call, when
+        the gradients hold the whole accumulated step, is measured (the losses of the others are averaged
+        in); the calls between return ``{"measured": 0.0}``.
         Under mixed precision, pass the ``torch.amp.GradScaler``: gradients the scaler has not unscaled
         yet are divided by its scale (a power of two, so exactly), and a step with inf or NaN gradients
         is counted as skipped by the scaler, as the scaler will skip it, not as an explosion.
         Returns the step's global figures: ``step``, ``global_norm``, ``loss``, ``nonfinite`` and ``skipped``.
         """
+        self._calls += 1
+        if self.accumulation_steps > 1:
+            if loss is not None:
+                self.note_loss(loss)
+            if self._calls % self.accumulation_steps:
+                return {"step": self._step, "measured": 0.0}
+            loss = self._take_pending_loss()[0] if self._pending_loss is not None else None
         self._remove_hooks()
         G, dev = self._n_groups, self.device
         inverse_scale = _inverse_scale(scaler, dev)
@@ -253,7 +267,7 @@ class Monitor:
         self._amp_skipped.append(step)
         self._step += 1
         return {"step": step, "global_norm": float("nan"), "loss": float(row[6 * G + 1]), "nonfinite": 0.0,
-                "skipped": 1.0}
+                "skipped": 1.0, "measured": 1.0}
 
     def _count_nonfinite(self) -> np.ndarray:
         """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
@@ -301,7 +315,7 @@ class Monitor:
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
         self._step += 1
         return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
-                "skipped": 0.0}
+                "skipped": 0.0, "measured": 1.0}
 
     def _record_update(self, step: int, update_sq: np.ndarray) -> None:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -363,7 +377,8 @@ class Monitor:
             update_ratio_max=self._update_max.copy(), nonfinite_steps=tuple(self._nonfinite_steps),
             first_nonfinite=self._first_nonfinite, loss_nonfinite_step=self._loss_nonfinite_step,
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
-            measurement=self.measurement, device=str(self.device), model_source=class_source(type(self.model)),
+            measurement=self.measurement, device=str(self.device),
+            model_source=class_source(type(getattr(self.model, "_orig_mod", self.model))),
             amp_skipped_steps=tuple(self._amp_skipped),
         )
 

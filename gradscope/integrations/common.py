@@ -1,0 +1,58 @@
+"""What the framework callbacks share: options, writing the reports, and failing on findings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Union
+
+from rich.console import Console
+
+from ..errors import GradscopeError
+from ..formats import FORMATS
+from ..gate import decide
+from ..render import render
+from ..report import Report
+from ..ruleset import RuleSet, load_rules
+from ..testing import findings_table
+
+SUFFIX_FORMATS = {".json": "json", ".xml": "junit", ".sarif": "sarif", ".md": "markdown"}
+
+
+class GradientHealthError(GradscopeError):
+    """Raised at the end of training when ``fail_on`` is set and findings reach it."""
+
+
+class ReportSink:
+    """Rules, the output destination and the fail_on policy of a callback; it emits and gates reports.
+
+    ``output``: None prints the rich report; a path ending in ``.json`` writes JSON, ``.xml`` JUnit,
+    ``.sarif`` SARIF, ``.md`` Markdown, anything else the plain-text report. ``fail_on`` ("error" or
+    "warning") raises :class:`GradientHealthError` when findings reach it.
+    """
+
+    def __init__(self, rules: Union[None, str, Path, RuleSet], output: Union[None, str, Path],
+                 fail_on: Optional[str]) -> None:
+        if fail_on not in (None, "error", "warning"):
+            raise GradscopeError(f"fail_on={fail_on!r}", "use None, 'error' or 'warning'")
+        self.rules = rules if isinstance(rules, RuleSet) else load_rules(rules)  # a bad file fails at once
+        self.output = output
+        self.fail_on = fail_on
+
+    def emit(self, reports: List[Report]) -> None:
+        if self.output is None:
+            console = Console(highlight=False)
+            for report in reports:
+                console.print(render(report))
+            return
+        kind = SUFFIX_FORMATS.get(Path(self.output).suffix.lower(), "rich")
+        texts = [FORMATS[kind](r, decide(r, self.fail_on or "never")) for r in reports]
+        if kind == "json" and len(texts) > 1:  # one document: a list of reports
+            texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
+        Path(self.output).write_text("".join(texts), encoding="utf-8")
+
+    def check(self, reports: List[Report]) -> None:
+        failing = [r for r in reports if self.fail_on and not decide(r, self.fail_on).passed]
+        if failing:
+            raise GradientHealthError("gradient health check failed at the end of training:\n"
+                                      + "\n".join(findings_table(r, decide(r, self.fail_on)) for r in failing),
+                                      "see the gradscope report above, or pass fail_on=None")

@@ -1,0 +1,94 @@
+"""Hugging Face Trainer: ``GradscopeTrainerCallback`` measures the gradient before the Trainer clips it.
+
+The Trainer clips (``accelerator.clip_grad_norm_``) before any callback event of the step, so no
+callback event sees pre-clip gradients. This callback instead watches backward itself: a gradient
+hook on the parameters queues a function that autograd runs when the backward pass completes. On the
+micro-batch that ends an accumulation cycle (the Trainer's own rule: every
+``gradient_accumulation_steps`` micro-batches, and at the end of an epoch) the gradients are complete
+and not yet clipped, and the Monitor observes them, dividing out the GradScaler's scale under fp16.
+Losses come from a forward hook on the model (``output.loss``), averaged over the cycle.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import torch
+from transformers import TrainerCallback
+
+from ..monitor import Monitor
+from ..report import Report
+from ..ruleset import RuleSet
+from .common import GradientHealthError, ReportSink
+
+__all__ = ["GradscopeTrainerCallback", "GradientHealthError"]
+
+
+class GradscopeTrainerCallback(TrainerCallback):
+    """Observe every optimizer step of ``Trainer.train()`` pre-clip and report on the gradients at the end.
+
+    ``output`` and ``fail_on`` are as in :class:`~gradscope.integrations.common.ReportSink`.
+    ``update_every`` and ``histogram_sample`` go to the :class:`~gradscope.Monitor`.
+    """
+
+    def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
+                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4) -> None:
+        self.sink = ReportSink(rules, output, fail_on)
+        self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample}
+        self.monitor: Optional[Monitor] = None
+        self.report: Optional[Report] = None
+        self._handles: List[Any] = []
+        self._queued = False
+        self._micro_batch = 0
+        self._losses: List[torch.Tensor] = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self.monitor = Monitor(model, **self.monitor_options)
+        self._model = model
+        self._accumulation = max(int(args.gradient_accumulation_steps), 1)
+        self._steps_in_epoch = _length(train_dataloader)
+        self._scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer carries it
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient)
+                         for p in model.parameters() if p.requires_grad]
+        self._handles.append(model.register_forward_hook(self._on_forward))
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._micro_batch = 0
+
+    def _on_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if module.training and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach())
+
+    def _on_gradient(self, _param: torch.Tensor) -> None:
+        if not self._queued:  # once per backward: run after every gradient of this pass has arrived
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        self._queued = False
+        self._micro_batch += 1
+        if self._micro_batch % self._accumulation and self._micro_batch != self._steps_in_epoch:
+            return  # gradients are still accumulating
+        loss = torch.stack(self._losses).float().mean() if self._losses else None
+        self._losses = []
+        self.monitor.observe(loss, scaler=self._scaler)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.monitor is None or not self.monitor.steps:
+            return
+        self.report = self.monitor.report(self.sink.rules, name=type(self._model).__name__)
+        self.monitor.close()
+        if state.is_world_process_zero:
+            self.sink.emit([self.report])
+        self.sink.check([self.report])
+
+
+def _length(loader: Any) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable dataset: epochs end only by max_steps
+        return None

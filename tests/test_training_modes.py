@@ -1,0 +1,59 @@
+"""Gradient accumulation in Monitor, and diagnosing a torch.compile'd model without graph breaks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradscope
+
+from models import MLP, mse, regression_batches
+
+
+def test_accumulated_gradient_is_observed_once_per_optimizer_step():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = gradscope.Monitor(model, accumulation_steps=4, update_every=1, histogram_sample=1)
+    batches = regression_batches()
+    expected, losses = [], []
+    for step in range(3):
+        opt.zero_grad()
+        for micro in range(4):
+            loss = mse(model, batches()) / 4
+            loss.backward()
+            losses.append(loss.item())
+            out = monitor.observe(loss)
+            assert out["measured"] == (1.0 if micro == 3 else 0.0)
+        expected.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item())
+        opt.step()
+    profile = monitor.profile()
+    assert profile.steps == 3
+    assert profile.series["global_norm"] == pytest.approx(expected, rel=1e-5)
+    assert profile.series["loss"][1] == pytest.approx(sum(losses[4:8]) / 4, rel=1e-5)
+
+
+def test_every_micro_batch_when_asked():
+    torch.manual_seed(0)
+    model = MLP()
+    monitor = gradscope.Monitor(model)  # accumulation_steps=1: every call is measured
+    batches = regression_batches()
+    for _ in range(4):
+        mse(model, batches()).backward()
+        monitor.observe()
+    assert monitor.steps == 4
+
+
+def test_compiled_model_diagnoses_without_graph_breaks():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = MLP()
+    compiled = torch.compile(model, backend="aot_eager")
+    experiment = gradscope.Experiment(compiled, torch.optim.Adam(model.parameters(), 1e-3), regression_batches(),
+                                      loss_fn=mse)
+    report = gradscope.diagnose(experiment, steps=4)
+    assert report.statistics.model.steps == 4
+    assert [l.name for l in report.statistics.layers] == ["hidden.0", "hidden.1", "hidden.2", "out"]
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward really ran compiled
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -1,0 +1,70 @@
+"""GradscopeTrainerCallback with a real Trainer and a tiny GPT-2 built from its config (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import gradscope  # noqa: E402
+from gradscope.integrations.transformers import GradscopeTrainerCallback  # noqa: E402
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32)
+    return transformers.GPT2LMHeadModel(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 128, (n, 16), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5):
+    callback = GradscopeTrainerCallback(output=tmp_path / "report.txt", update_every=1, histogram_sample=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        max_grad_norm=max_grad_norm, gradient_accumulation_steps=accumulation, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "grad_norm" in entry]
+    return callback.report, [float(e["grad_norm"]) for e in history], [float(e["loss"]) for e in history]
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.01])
+def test_trainer_callback_measures_pre_clip(tmp_path, max_grad_norm):
+    report, logged, losses = train(tmp_path, max_grad_norm)
+    norms = report.statistics.model.global_norm
+    # the Trainer logs the norm clip_grad_norm_ returns: the pre-clip norm
+    assert len(norms) == len(logged) == 5
+    assert norms == pytest.approx(logged, rel=1e-5)
+    if max_grad_norm:
+        assert min(norms) > 10 * max_grad_norm  # measured far above what clipping let through
+    assert report.statistics.model.loss == pytest.approx(losses, abs=2e-3)  # from the model's output.loss
+    assert (tmp_path / "report.txt").read_text().startswith("gradscope GPT2LMHeadModel")
+
+
+def test_trainer_accumulation_observed_once_per_optimizer_step(tmp_path):
+    report, logged, _ = train(tmp_path, 1.0, accumulation=4, steps=3)
+    assert report.statistics.model.steps == 3
+    assert report.statistics.model.global_norm == pytest.approx(logged, rel=1e-5)
+
+
+def test_diagnose_accepts_a_hugging_face_model_with_dict_batches():
+    model = tiny_gpt2()
+    data = Tokens(8)
+    batches = [{"input_ids": data.ids[i:i + 4], "labels": data.ids[i:i + 4]} for i in range(0, 8, 4)]
+    experiment = gradscope.Experiment(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches)
+    report = gradscope.diagnose(experiment, steps=4)
+    assert report.statistics.model.steps == 4
+    names = {layer.name for layer in report.statistics.layers}
+    assert "transformer.h.0.attn.c_attn" in names and "transformer.wte" in names
