@@ -197,15 +197,19 @@ def _slug(text: str) -> str:
 
 
 def _source(report: Report, f: Finding) -> Optional[Tuple[str, int]]:
-    """The finding's module class definition, preferring a file under the working directory."""
+    """The finding's module class definition, preferring the user's own code: a file under the working
+    directory that is not an installed package (a virtualenv may live there too)."""
     layer = next((l for l in report.statistics.layers if l.name == f.layer), None)
     candidates = [s for s in (layer.source if layer else None, report.statistics.model.source) if s]
     if not candidates:
         return None
     cwd = Path.cwd().resolve()
     for path, line in candidates:
+        resolved = Path(path).resolve()
+        if {"site-packages", "dist-packages"} & set(resolved.parts):
+            continue
         try:
-            return Path(path).resolve().relative_to(cwd).as_posix(), line
+            return resolved.relative_to(cwd).as_posix(), line
         except ValueError:
             continue
     return candidates[0]
