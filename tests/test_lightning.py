@@ -62,6 +62,14 @@ def test_callback_reports_pre_clip_norms(clip, tmp_path):
     assert report.statistics.model.loss[0] > 0  # losses reach the report from on_train_batch_end
 
 
+def test_bf16_mixed_precision_measures_the_gradients_lightning_steps_with():
+    torch.manual_seed(0)
+    module = Regressor()
+    callback = GradscopeCallback(update_every=1, histogram_sample=1)
+    trainer(callback, max_steps=4, precision="bf16-mixed").fit(module, loader())
+    assert callback.reports[0].statistics.model.global_norm == pytest.approx(module.reference, rel=1e-5)
+
+
 def test_accumulation_is_observed_once_per_optimizer_step():
     torch.manual_seed(0)
     module = Regressor()

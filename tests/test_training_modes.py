@@ -43,13 +43,15 @@ def test_every_micro_batch_when_asked():
     assert monitor.steps == 4
 
 
-def test_compiled_model_diagnoses_without_graph_breaks():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_model_diagnoses_without_graph_breaks(backend):
+    """aot_eager traces forward and backward as inductor does, without a C++ build; inductor is slow."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = MLP()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend=backend)
     experiment = gradscope.Experiment(compiled, torch.optim.Adam(model.parameters(), 1e-3), regression_batches(),
                                       loss_fn=mse)
     report = gradscope.diagnose(experiment, steps=4)
