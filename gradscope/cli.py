@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
+from . import __version__, distributed
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
@@ -95,27 +95,52 @@ def _diagnose(args: argparse.Namespace, out: Console, err: Console) -> int:
                              "a few dozen steps show the trend; use gradscope.Monitor for whole training runs")
     rules = load_rules(args.rules)  # a bad rule file or baseline fails before any training step
     baseline = load_baseline(args.baseline) if args.baseline else None
+    created = distributed.init_from_env(args.device)  # under torchrun: join the process group
+    finished = False
+    try:
+        code = _diagnose_ranked(args, rules, baseline, out, err)
+        finished = True
+        return code
+    except GradscopeError as exc:
+        exc.problem = distributed.rank_prefix() + exc.problem
+        raise
+    finally:
+        if created:
+            distributed.leave(wait_for_others=finished)
+
+
+def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, err: Console) -> int:
+    """The run itself; under a process group every rank trains and measures, and rank 0 reports."""
     seed_everything(args.seed)
-    experiment = load_experiment(args.target)
+    failure, experiment = None, None
+    try:
+        experiment = load_experiment(args.target)
+    except GradscopeError as exc:
+        failure = exc
+    distributed.agree(failure)  # if any rank could not build its experiment, every rank stops here
+    ctx = distributed.context()
+    main_rank = ctx is None or ctx.rank == 0
     with Progress(TextColumn("profiling {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("global norm {task.fields[norm]}"), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:
+                  console=err, transient=True, disable=not (err.is_terminal and main_rank)) as progress:
         task = progress.add_task(experiment.display_name, total=args.steps, norm="–")
         report = diagnose(experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device,
                           restore=False,
                           progress=lambda done, total, o: progress.update(task, completed=done, norm=f"{o['global_norm']:.3g}"))
     comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
     verdict = decide(report, args.fail_on, comparison)
-    _emit(report, verdict, args, out)
-    if args.tensorboard:
-        from .integrations.tensorboard import write_tensorboard
-        write_tensorboard(report, args.tensorboard)
-    if args.write_baseline:
-        write_baseline(report, args.write_baseline)
-        err.print(f"gradscope: wrote baseline {args.write_baseline} ({len(report.findings)} findings)",
-                  highlight=False, soft_wrap=True)
-        return EXIT_OK
-    return verdict.exit_code
+    code = verdict.exit_code
+    if main_rank:
+        _emit(report, verdict, args, out)
+        if args.tensorboard:
+            from .integrations.tensorboard import write_tensorboard
+            write_tensorboard(report, args.tensorboard)
+        if args.write_baseline:
+            write_baseline(report, args.write_baseline)
+            err.print(f"gradscope: wrote baseline {args.write_baseline} ({len(report.findings)} findings)",
+                      highlight=False, soft_wrap=True)
+            code = EXIT_OK
+    return distributed.broadcast_int(code)  # every rank exits as rank 0 does
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
-from . import stats
+from . import distributed, stats
 from .errors import ExperimentError, GradscopeError, describe_exception
 from .evaluate import evaluate
 from .experiment import Experiment, batch_stream, compute_loss, to_device
@@ -139,7 +139,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _partial(monitor: Monitor, reason: str, meta: Dict[str, Any]) -> Optional[Report]:
-    if monitor.steps == 0:
+    if monitor.steps == 0 or distributed.context() is not None:  # other ranks may not reach a collective
         return None
     return build_report(monitor.profile(), stopped_reason=reason, **meta)
 

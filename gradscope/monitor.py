@@ -8,6 +8,7 @@ statistics are computed from.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from . import histogram as hist
 from .errors import ExperimentError
 from .history import SeriesStore, SpikeTracker
@@ -36,14 +38,22 @@ class _Bucket:
     of this step's sample with the last one, large parameters' blocks weighted by ``sample``.
     """
 
-    def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int) -> None:
+    def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int,
+                 ctx: Optional[distributed.Context]) -> None:
         self.params = params
         self.groups = groups
         self.dtype = params[0].dtype
         self.param_group = torch.tensor(groups, device=device)
         self.sample = sample
-        self.rows = [p.numel() // SAMPLE_BLOCK if sample > 1 and p.numel() >= SAMPLE_MIN else 0 for p in params]
-        sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else p.numel() for p, r in zip(params, self.rows)]
+        # Under a process group: a sharded (DTensor) bucket's figures are summed over ranks as they are;
+        # a replicated one's are the same on every rank, so each rank adds 1/world of them, and only
+        # rank 0 counts its histogram.
+        self.sharded = distributed.is_sharded(params[0])
+        self.share = 1.0 if ctx is None or self.sharded else 1.0 / ctx.world
+        self.counts_histogram = ctx is None or self.sharded or ctx.rank == 0
+        numels = [distributed.local(p).numel() for p in params]
+        self.rows = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
+        sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.rows)]
         # Sampled parameters first, so their blocks form one region weighted by ``sample`` in the cosine.
         order = sorted(range(len(params)), key=lambda i: self.rows[i] == 0)
         starts, at = [0] * len(params), 0
@@ -57,7 +67,7 @@ class _Bucket:
                      for buf in self.buffers]
         self.bit_views = [self.bits[starts[i]:starts[i] + sizes[i]] for i in range(len(params))]
         self.bin_offsets = [g * hist.N_BINS for g in groups]
-        self.sampled = sizes
+        self.sampled = sizes if self.counts_histogram else [0] * len(sizes)
         self.current = 0
         self.previous_weights: Optional[List[torch.Tensor]] = None
         self.weight_sq: Optional[torch.Tensor] = None
@@ -97,7 +107,8 @@ class Monitor:
         self.accumulation_steps = accumulation_steps
         self._calls = 0
         tracked = None if parameters is None else {id(p) for p in parameters}
-        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: name layers as the user did
+        inner = _unwrap(model)  # name layers as the user did, not as a DDP or torch.compile wrapper does
+        self._dist = distributed.context()
         self.layers, params, groups = _group_parameters(inner, tracked)
         if not params:
             raise ExperimentError(
@@ -108,15 +119,16 @@ class Monitor:
         n_groups = len(self._active)
         self._group_index = {layer_i: k for k, layer_i in enumerate(self._active)}
         self.device = params[0].device
-        by_key: "OrderedDict[Tuple[torch.device, torch.dtype], Tuple[list, list]]" = OrderedDict()
+        by_key: "OrderedDict[tuple, Tuple[list, list]]" = OrderedDict()
         for p, g in zip(params, groups):
-            entry = by_key.setdefault((p.device, p.dtype), ([], []))
+            entry = by_key.setdefault((p.device, p.dtype, distributed.is_sharded(p)), ([], []))
             entry[0].append(p)
             entry[1].append(self._group_index[g])
-        self._buckets = [_Bucket(ps, gs, key[0], histogram_sample) for key, (ps, gs) in by_key.items()]
+        self._buckets = [_Bucket(ps, gs, key[0], histogram_sample, self._dist) for key, (ps, gs) in by_key.items()]
         self._sampled = np.zeros(n_groups)
         for b in self._buckets:
             np.add.at(self._sampled, b.groups, b.sampled)
+        self.measurement = _measurement(MEASUREMENT, self._dist, any(b.sharded for b in self._buckets))
         self.update_every = update_every
         self._snapshot_step = -1
         self._n_groups = n_groups
@@ -125,7 +137,6 @@ class Monitor:
         self._series = SeriesStore(history)
         self._layer_spikes = SpikeTracker(n_groups)
         self._global_spikes = SpikeTracker(1)
-        self.measurement = MEASUREMENT
         self._step = 0
         self._update_max = np.full(n_groups, np.nan)
         self._seen_in_backward: set = set()
@@ -137,12 +148,13 @@ class Monitor:
         self._nonfinite_steps: List[int] = []
         self._amp_skipped: List[int] = []
         self._pending_loss: Optional[torch.Tensor] = None
+        self._sampled_all: Optional[np.ndarray] = None
         self._pending_count = 0
         self._loss_nonfinite_step: Optional[int] = None
         self._backward_order: List[int] = []
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._order_hook(self._group_index[g]))
-            for p, g in zip(params, groups)
+            for p, g in zip(params, groups) if not distributed.is_sharded(p)  # FSDP2 sets sharded grads itself
         ] if hasattr(torch.Tensor, "register_post_accumulate_grad_hook") else []
 
     def note_loss(self, loss: torch.Tensor) -> None:
@@ -197,94 +209,108 @@ class Monitor:
         G, dev = self._n_groups, self.device
         inverse_scale = _inverse_scale(scaler, dev)
         if scaler is not None and scaler.is_enabled():
-            self.measurement = MEASUREMENT_AMP
-        norm_sq, max_abs, grad_sum, weight_sq, update_sq = torch.zeros(5, G, dtype=torch.float32, device=dev)
-        dot = torch.zeros(1, dtype=torch.float32, device=dev)
-        counts = torch.zeros(G * hist.N_BINS, dtype=torch.int64, device=dev)
+            self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
+        acc = _StepSums.zeros(G, dev)
         present = np.zeros(G, dtype=bool)
         measure = self._step > 0 and self._snapshot_step == self._step - 1  # weights were snapshot last time
         snapshot = self._step % self.update_every == 0
         for b in self._buckets:
-            index, grads = [], []
-            for i, p in enumerate(b.params):
-                if p.grad is None:
-                    b.dest[b.current][i].zero_()  # an unused parameter reads as zeros in the histogram
-                else:
-                    index.append(i)
-                    g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                    grads.append(g if g.dtype == torch.float32 else g.float())
-            if grads:
-                present[[b.groups[i] for i in index]] = True
-                groups = b.param_group if len(index) == len(b.params) else b.param_group[index]
-                groups = groups.to(dev)
-                norm_sq.index_add_(0, groups, torch.stack(torch._foreach_norm(grads)).to(dev) ** 2)
-                grad_sum.index_add_(0, groups, torch.stack([g.sum() for g in grads]).to(dev))
-                extremes = [torch.aminmax(g) for g in grads]
-                max_abs.scatter_reduce_(0, groups, torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(dev),
-                                        reduce="amax")
-                torch._foreach_copy_([b.dest[b.current][i] for i in index],
-                                     [b.source(i, g) for i, g in zip(index, grads)])
-            if inverse_scale is not None:
-                b.buffers[b.current].mul_(inverse_scale.to(b.buffers[b.current].device))
-            counts += _histogram(b, G).to(dev)
-            if self._step > 0:
-                dot += _sample_dot(b).to(dev)
-            b.current = 1 - b.current
-            param_group = b.param_group.to(dev)
-            if snapshot or b.weight_sq is None:  # weight norms move slowly: read them with the snapshots
-                weights = [p.detach() for p in b.params]
-                b.weight_sq = torch.stack(torch._foreach_norm(weights)).float() ** 2
-            weight_sq.index_add_(0, param_group, b.weight_sq.to(dev))
-            if measure or snapshot:
-                weights = [p.detach() for p in b.params]
-                update_sq.index_add_(0, param_group, _weight_change_sq(b, weights, measure, snapshot).to(dev))
+            self._measure_bucket(b, acc, present, inverse_scale, measure, snapshot)
         if snapshot:
             self._snapshot_step = self._step
         if inverse_scale is not None:
-            norm_sq.mul_(inverse_scale**2)
-            max_abs.mul_(inverse_scale)
-            grad_sum.mul_(inverse_scale)
-        sampled_zeros = counts.view(G, hist.N_BINS)[:, 0].float()
+            acc.norm_sq.mul_(inverse_scale**2)
+            acc.max_abs.mul_(inverse_scale)
+            acc.grad_sum.mul_(inverse_scale)
         loss_value = torch.full((1,), float("nan"), device=dev) if loss is None else loss.detach().float().reshape(1).to(dev)
-        noted = self._take_pending_loss()
-        packed = torch.cat([norm_sq, max_abs, grad_sum, weight_sq, update_sq, sampled_zeros, dot, loss_value, noted])
-        row = packed.to(torch.float64).cpu().numpy()  # the one host sync of the step
-        self._amend_loss(self._step - 1, row[-1])
-        finite = np.isfinite(row[G:2 * G]).all()
+        sums = torch.cat([acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq,
+                          acc.counts.view(G, hist.N_BINS)[:, 0].float(), acc.dot, loss_value, self._take_pending_loss()])
+        maxes = acc.max_abs
+        if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
+            sums[-2:] /= self._dist.world  # the losses are averaged over ranks
+            sums = torch.cat([sums, torch.from_numpy(present.astype(np.float32)).to(dev)])  # received anywhere
+            sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
+        row = _Row(torch.cat([sums.float(), maxes.float()]).to(torch.float64).cpu().numpy(), G)  # the host sync
+        if row.present is not None:
+            present = row.present > 0
+        self._amend_loss(self._step - 1, row.noted)
+        finite = np.isfinite(row.max_abs).all()
         if not finite and scaler is not None and scaler.is_enabled():
             return self._record_skip(row, measure)
-        self._hist += counts
+        self._hist += acc.counts
         nonfinite = np.zeros(G) if finite else self._count_nonfinite()
         return self._record(row, nonfinite, present, measure, loss is not None)
 
-    def _record_skip(self, row: np.ndarray, measured: bool) -> Dict[str, float]:
+    def _measure_bucket(self, b: _Bucket, acc: "_StepSums", present: np.ndarray,
+                        inverse_scale: Optional[torch.Tensor], measure: bool, snapshot: bool) -> None:
+        """Add one bucket's figures to the step's sums: gradients, their sample, weights and updates."""
+        dev = acc.norm_sq.device
+        index, grads = [], []
+        for i, p in enumerate(b.params):
+            if p.grad is None:
+                b.dest[b.current][i].zero_()  # an unused parameter reads as zeros in the histogram
+                continue
+            g = distributed.local(p.grad)
+            g = g.to_dense() if g.is_sparse else g
+            present[b.groups[i]] = True
+            if g.numel():  # a rank may hold an empty shard
+                index.append(i)
+                grads.append(g if g.dtype == torch.float32 else g.float())
+        if grads:
+            groups = (b.param_group if len(index) == len(b.params) else b.param_group[index]).to(dev)
+            acc.norm_sq.index_add_(0, groups, b.share * torch.stack(torch._foreach_norm(grads)).to(dev) ** 2)
+            acc.grad_sum.index_add_(0, groups, b.share * torch.stack([g.sum() for g in grads]).to(dev))
+            extremes = [torch.aminmax(g) for g in grads]
+            acc.max_abs.scatter_reduce_(0, groups, torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(dev),
+                                        reduce="amax")
+            torch._foreach_copy_([b.dest[b.current][i] for i in index], [b.source(i, g) for i, g in zip(index, grads)])
+        if inverse_scale is not None:
+            b.buffers[b.current].mul_(inverse_scale.to(b.buffers[b.current].device))
+        if b.counts_histogram:
+            acc.counts += _histogram(b, self._n_groups).to(dev)
+        if self._step > 0:
+            acc.dot += b.share * _sample_dot(b).to(dev)
+        b.current = 1 - b.current
+        param_group = b.param_group.to(dev)
+        weights = [distributed.local(p.detach()) for p in b.params]
+        if snapshot or b.weight_sq is None:  # weight norms move slowly: read them with the snapshots
+            b.weight_sq = torch.stack(torch._foreach_norm(weights)).float() ** 2
+        acc.weight_sq.index_add_(0, param_group, b.share * b.weight_sq.to(dev))
+        if measure or snapshot:
+            acc.update_sq.index_add_(0, param_group, b.share * _weight_change_sq(b, weights, measure, snapshot).to(dev))
+
+    def _count_nonfinite(self) -> np.ndarray:
+        """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
+        counts = torch.zeros(self._n_groups, dtype=torch.float64)
+        for b in self._buckets:
+            if not b.counts_histogram:  # a replicated bucket is counted on rank 0 alone
+                continue
+            for p, g in zip(b.params, b.groups):
+                if p.grad is not None:
+                    counts[g] += int((~torch.isfinite(distributed.local(p.grad))).sum())
+        if self._dist is not None:
+            counts = distributed.all_reduce_sum(counts.to(self.device)).cpu()
+        return counts.numpy()
+
+    def _record_skip(self, row: "_Row", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
-        G, step = self._n_groups, self._step
+        step = self._step
         if measured:
-            self._record_update(step - 1, row[4 * G:5 * G])
+            self._record_update(step - 1, row.update_sq)
         for b in self._buckets:
             b.current = 1 - b.current  # the next step compares with the last step that counted
         self._amp_skipped.append(step)
         self._step += 1
-        return {"step": step, "global_norm": float("nan"), "loss": float(row[6 * G + 1]), "nonfinite": 0.0,
+        return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
                 "skipped": 1.0, "measured": 1.0}
 
-    def _count_nonfinite(self) -> np.ndarray:
-        """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
-        counts = np.zeros(self._n_groups)
-        for b in self._buckets:
-            for p, g in zip(b.params, b.groups):
-                if p.grad is not None:
-                    counts[g] += int((~torch.isfinite(p.grad)).sum())
-        return counts
-
     # -- the host side --------------------------------------------------------------------------------
-    def _record(self, row: np.ndarray, nonfinite: np.ndarray, present: np.ndarray, measured: bool,
+    def _record(self, row: "_Row", nonfinite: np.ndarray, present: np.ndarray, measured: bool,
                 loss_given: bool) -> Dict[str, float]:
         G, step = self._n_groups, self._step
-        norm_sq, max_abs, grad_sum, weight_sq, update_sq, sampled_zeros = (row[i * G:(i + 1) * G] for i in range(6))
-        dot, loss = row[6 * G], row[6 * G + 1]
-        zeros = sampled_zeros * self._numel / self._sampled
+        norm_sq, max_abs, grad_sum, weight_sq, update_sq = row.norm_sq, row.max_abs, row.grad_sum, row.weight_sq, row.update_sq
+        dot, loss = row.dot, row.loss
+        zeros = row.sampled_zeros * self._numel / self._sampled_total()
         grad_norm, weight_norm = np.sqrt(norm_sq), np.sqrt(weight_sq)
         global_norm = float(np.sqrt(norm_sq.sum()))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -331,8 +357,11 @@ class Monitor:
         dev = self.device
         update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
         for b in self._buckets:
-            weights = [p.detach() for p in b.params]
-            update_sq.index_add_(0, b.param_group.to(dev), _weight_change_sq(b, weights, True, False, keep=True).to(dev))
+            weights = [distributed.local(p.detach()) for p in b.params]
+            change = _weight_change_sq(b, weights, True, False, keep=True)
+            update_sq.index_add_(0, b.param_group.to(dev), b.share * change.to(dev))
+        if self._dist is not None:
+            update_sq = distributed.all_reduce_sum(update_sq)
         values = update_sq.to(torch.float64).cpu().numpy()
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
             self._record_update(self._step - 1, values)
@@ -369,7 +398,7 @@ class Monitor:
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), steps=self._step,
             series_steps=np.array(s.steps, dtype=np.int64), series=series,
-            histograms=self._hist.view(self._n_groups, hist.N_BINS).cpu().numpy() * (self._numel / self._sampled)[:, None],
+            histograms=self._histograms(),
             nonfinite_total=self._totals["nonfinite"].copy(), zero_total=self._totals["zeros"].copy(),
             elements_total=self._totals["elements"].copy(), grad_present_steps=self._grad_present.copy(),
             layer_spike_z=self._layer_spikes.max_z.copy(),
@@ -378,15 +407,33 @@ class Monitor:
             first_nonfinite=self._first_nonfinite, loss_nonfinite_step=self._loss_nonfinite_step,
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device),
-            model_source=class_source(type(getattr(self.model, "_orig_mod", self.model))),
+            model_source=class_source(_module_class(_unwrap(self.model))),
             amp_skipped_steps=tuple(self._amp_skipped),
+            ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets),
         )
+
+    def _histograms(self) -> np.ndarray:
+        """Pooled |g| counts per layer, summed over ranks and scaled up from the sample to every element."""
+        counts = self._hist.clone()
+        if self._dist is not None:
+            counts = distributed.all_reduce_sum(counts)
+        grid = counts.view(self._n_groups, hist.N_BINS).cpu().numpy()
+        return grid * (self._numel / self._sampled_total())[:, None]
+
+    def _sampled_total(self) -> np.ndarray:
+        """Sampled elements per layer and step, over all ranks (a collective, computed once)."""
+        if self._sampled_all is None:
+            sampled = self._sampled
+            if self._dist is not None:
+                sampled = distributed.all_reduce_sum(torch.tensor(sampled, device=self.device)).cpu().numpy()
+            self._sampled_all = np.asarray(sampled, dtype=np.float64)
+        return self._sampled_all
 
     def report(self, rules=None, *, name: Optional[str] = None):
         """Statistics, findings and a recommendation for everything observed: a :class:`Report`."""
         from .diagnose import build_report
 
-        return build_report(self.profile(), rules=rules, model_name=name or type(self.model).__name__)
+        return build_report(self.profile(), rules=rules, model_name=name or type(_unwrap(self.model)).__name__)
 
     def close(self) -> None:
         """Remove any hook still on the model and free the gradient copies."""
@@ -400,6 +447,65 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
+
+
+@dataclasses.dataclass
+class _StepSums:
+    """The device-side figures of one step, per group, before they are reduced and moved to the host."""
+
+    norm_sq: torch.Tensor
+    max_abs: torch.Tensor
+    grad_sum: torch.Tensor
+    weight_sq: torch.Tensor
+    update_sq: torch.Tensor
+    dot: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def zeros(cls, groups: int, device: torch.device) -> "_StepSums":
+        vectors = torch.zeros(5, groups, dtype=torch.float32, device=device)
+        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device),
+                   torch.zeros(groups * hist.N_BINS, dtype=torch.int64, device=device))
+
+
+class _Row:
+    """The host copy of a step: the summed figures, then the maxima (layout of Monitor.observe)."""
+
+    def __init__(self, row: np.ndarray, G: int) -> None:
+        fields = [row[i * G:(i + 1) * G] for i in range(5)]
+        self.norm_sq, self.grad_sum, self.weight_sq, self.update_sq, self.sampled_zeros = fields
+        self.dot, self.loss, self.noted = row[5 * G:5 * G + 3]
+        rest = row[5 * G + 3:]
+        self.present = rest[:G] if len(rest) == 2 * G else None
+        self.max_abs = rest[-G:]
+
+
+def _module_class(module: nn.Module) -> type:
+    """The user's class: FSDP2's fully_shard swaps in a subclass such as FSDPLinear(FSDPModule, Linear)."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1:
+        return cls.__bases__[-1]
+    return cls
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel or torch.compile's wrapper."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def _measurement(base: str, ctx: Optional[distributed.Context], sharded: bool) -> str:
+    if ctx is None:
+        return base
+    if sharded:
+        return (f"{base}; sharded (DTensor) gradients measured per shard and reduced over {ctx.world} ranks "
+                "(SUM of squares, sums and counts, MAX of extremes): the figures are global")
+    return f"{base}; gradients averaged over {ctx.world} ranks by backward (DDP): the figures are global"
 
 
 def _inverse_scale(scaler, device: torch.device) -> Optional[torch.Tensor]:
@@ -482,11 +588,11 @@ def _group_parameters(model: nn.Module, tracked: Optional[set] = None
         trainable = [(n, p) for n, p in own if p.requires_grad]
         prefix = f"{module_name}." if module_name else ""
         layers.append(LayerInfo(
-            name=module_name or "(root)", kind=type(module).__name__,
+            name=module_name or "(root)", kind=_module_class(module).__name__,
             param_names=tuple(prefix + n for n, _ in own),
             trainable_numel=sum(p.numel() for _, p in trainable),
             frozen_numel=sum(p.numel() for _, p in own if not p.requires_grad),
-            source=class_source(type(module)),
+            source=class_source(_module_class(module)),
         ))
         params.extend(p for _, p in trainable)
         groups.extend([len(layers) - 1] * len(trainable))

@@ -49,3 +49,5 @@ class Profile:
     device: str
     model_source: Optional[Tuple[str, int]] = None
     amp_skipped_steps: Tuple[int, ...] = ()  # steps whose inf/NaN gradients made the GradScaler skip them
+    ranks: int = 1  # processes in the group the figures were reduced over
+    sharded: bool = False  # some parameters were DTensor shards (FSDP2)

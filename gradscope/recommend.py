@@ -43,6 +43,13 @@ class Recommendation:
 
 
 def recommend(statistics: Statistics, findings: Tuple[Finding, ...]) -> Recommendation:
+    rec = _recommend(statistics, findings)
+    if statistics.model.sharded and rec.method == "norm":
+        rec = dataclasses.replace(rec, snippets=snippets(rec.method, rec.threshold, sharded=True))
+    return rec
+
+
+def _recommend(statistics: Statistics, findings: Tuple[Finding, ...]) -> Recommendation:
     norms = statistics.model.global_norm
     finite = norms[np.isfinite(norms) & (norms > 0)]
     reasons = tuple(dict.fromkeys(f.rule_id for f in findings if f.remedy == "clip" and f.severity != "info"))

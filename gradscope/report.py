@@ -54,6 +54,8 @@ class Report:
             "seed": self.seed,
             "measurement": m.measurement,
             "device": m.device,
+            "ranks": m.ranks,
+            "sharded": m.sharded,
             "rules": list(self.rules.sources) if self.rules else [],
             "global": {
                 "steps": m.series_steps.tolist(),

@@ -47,6 +47,8 @@ class ModelStats:
     device: str
     metrics: Mapping[str, float]
     source: Optional[Tuple[str, int]] = None
+    ranks: int = 1
+    sharded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +177,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm, cosine=cosine, loss=loss,
         histogram=pooled, first_nonfinite=profile.first_nonfinite, loss_nonfinite_step=profile.loss_nonfinite_step,
         global_spike_step=profile.global_spike_step, measurement=profile.measurement, device=profile.device, metrics=m,
-        source=profile.model_source,
+        source=profile.model_source, ranks=profile.ranks, sharded=profile.sharded,
     )
 
 

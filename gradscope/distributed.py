@@ -1,0 +1,132 @@
+"""torch.distributed plumbing: who we are, one batched reduction per step, agreement and the verdict.
+
+Everything here is a no-op in a single process. Under an initialised process group of several ranks,
+DTensor (FSDP2) parameters are sharded: each rank measures its local shard and the figures are
+reduced across ranks. Plain parameters (DDP) are replicated: their gradients are already averaged by
+backward, so each rank's figures are global and are weighted 1/world before the shared reduction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from datetime import timedelta
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .errors import GradscopeError
+
+TIMEOUT_ENV = "GRADSCOPE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+
+
+def context() -> Optional[Context]:
+    """The process group this process belongs to, or None when it runs alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return Context(dist.get_rank(), dist.get_world_size())
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor with a Shard placement: each rank holds part of it."""
+    placements = getattr(tensor, "placements", None)
+    return placements is not None and any(type(p).__name__ in ("Shard", "_StridedShard") for p in placements)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def reduce_step(sums: torch.Tensor, maxes: torch.Tensor, ctx: Context) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One all_gather of both vectors; then SUM the first over ranks and take the MAX of the second."""
+    packed = torch.cat([sums, maxes]).float()
+    gathered = [torch.empty_like(packed) for _ in range(ctx.world)]
+    dist.all_gather(gathered, packed)
+    stacked = torch.stack(gathered)
+    n = sums.numel()
+    return stacked[:, :n].sum(dim=0), stacked[:, n:].amax(dim=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def init_from_env(device: str) -> bool:
+    """Join the process group torchrun describes in the environment; True if this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not dist.is_available() or dist.is_initialized():
+        return False
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s())
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return True
+
+
+def agree(error: Optional[BaseException]) -> None:
+    """Every rank says whether it failed; if any did, every rank raises naming the first that failed.
+
+    This goes through the process group's key-value store, not a collective: a rank that failed may
+    have left the others inside a collective of their own (DDP's first broadcast, say), which then
+    times out into an error of its own; the store still gathers every rank's word, and the earliest
+    failure is the one named.
+    """
+    ctx = context()
+    if ctx is None:
+        if error is not None:
+            raise error
+        return
+    store = dist.distributed_c10d._get_default_store()
+    mine = None if error is None else str(getattr(error, "problem", error)).splitlines()[0]
+    keys = [f"gradscope/agree/{rank}" for rank in range(ctx.world)]
+    store.set(keys[ctx.rank], json.dumps({"time": time.time(), "error": mine}))
+    try:  # a rank stuck in a collective reports once that collective times out: wait longer than that
+        store.wait(keys, timedelta(seconds=2 * timeout_s() + 10))
+    except RuntimeError:  # DistStoreError: some rank never answered
+        raise GradscopeError(f"ranks did not all report within {2 * timeout_s() + 10:g}s"
+                             + (f" (this rank failed: {mine})" if mine else ""),
+                             f"a rank may have died; raise ${TIMEOUT_ENV} if startup is slow") from error
+    words = [json.loads(store.get(key)) for key in keys]
+    failed = sorted((word["time"], rank, word["error"]) for rank, word in enumerate(words) if word["error"])
+    if failed:
+        _, rank, message = failed[0]
+        hint = getattr(error, "hint", "") if error is not None and rank == ctx.rank else "see rank's error"
+        raise GradscopeError(f"rank {rank} failed: {message}", hint or "fix the error on that rank") from error
+
+
+def timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank (the exit code, so every rank exits alike)."""
+    ctx = context()
+    if ctx is None:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return int(holder[0])
+
+
+def leave(wait_for_others: bool) -> None:
+    """Destroy the process group; after a clean run, first wait until every rank is done with it
+    (tearing gloo down while a peer still talks to it can abort the process)."""
+    if wait_for_others:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def rank_prefix() -> str:
+    ctx = context()
+    return f"rank {ctx.rank}: " if ctx else ""

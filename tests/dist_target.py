@@ -1,0 +1,68 @@
+"""Experiments for the distributed tests: the same model and global batch, alone, under DDP and FSDP2."""
+import itertools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradscope
+
+GLOBAL_BATCH, STEPS_BEFORE_FAILURE = 16, 2
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+
+
+def _batches(rank: int, world: int):
+    """Every rank draws the same global batch and keeps its slice of it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 1, generator=g)
+    per = GLOBAL_BATCH // world
+
+    def batch():
+        x = torch.randn(GLOBAL_BATCH, 8, generator=g)
+        return x[rank * per:(rank + 1) * per], (x @ w)[rank * per:(rank + 1) * per]
+    return batch
+
+
+def _experiment(model: nn.Module, rank: int, world: int, loss_fn=None) -> gradscope.Experiment:
+    loss_fn = loss_fn or (lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(rank, world),
+                                loss_fn=loss_fn, name="mlp")
+
+
+def single() -> gradscope.Experiment:
+    return _experiment(_model(), 0, 1)
+
+
+def ddp() -> gradscope.Experiment:
+    model = nn.parallel.DistributedDataParallel(_model())
+    return _experiment(model, dist.get_rank(), dist.get_world_size())
+
+
+def fsdp() -> gradscope.Experiment:
+    from torch.distributed.fsdp import fully_shard
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return _experiment(model, dist.get_rank(), dist.get_world_size())
+
+
+def fails_on_rank_1() -> gradscope.Experiment:
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank one cannot build its model")
+    return ddp()
+
+
+def raises_midway_on_rank_1() -> gradscope.Experiment:
+    calls = itertools.count()
+
+    def loss_fn(m, b):
+        if dist.get_rank() == 1 and next(calls) == STEPS_BEFORE_FAILURE:
+            raise RuntimeError("rank one ran out of memory (simulated)")
+        return nn.functional.mse_loss(m(b[0]), b[1])
+    return _experiment(nn.parallel.DistributedDataParallel(_model()), dist.get_rank(), dist.get_world_size(), loss_fn)

@@ -1,0 +1,95 @@
+"""Two CPU processes on gloo, spawned by the test: DDP and FSDP2 give the single-process numbers."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+HERE = Path(__file__).resolve().parent
+TARGET = HERE / "dist_target.py"
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(callable_name: str, tmp_path: Path, *extra: str, world: int = 2, timeout_s: int = 20):
+    """Start ``world`` processes of ``python -m gradscope diagnose`` as torchrun would; wait for all."""
+    port = free_port()
+    output = tmp_path / f"{callable_name}.json"
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "GRADSCOPE_DIST_TIMEOUT": str(timeout_s), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "gradscope", "diagnose", f"{TARGET}:{callable_name}", "--steps", "6",
+               "--device", "cpu", "--format", "json", "--output", str(output), *extra]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = [p.communicate(timeout=timeout_s * 4) for p in procs]
+    return [p.returncode for p in procs], results, output
+
+
+def single_process(tmp_path: Path) -> dict:
+    out = tmp_path / "single.json"
+    subprocess.run([sys.executable, "-m", "gradscope", "diagnose", f"{TARGET}:single", "--steps", "6", "--device",
+                    "cpu", "--format", "json", "--output", str(out)], cwd=tmp_path, check=False, timeout=120)
+    return json.loads(out.read_text())
+
+
+def assert_same_numbers(doc: dict, reference: dict) -> None:
+    assert doc["global"]["norm"] == pytest.approx(reference["global"]["norm"], rel=1e-5)
+    assert doc["global"]["loss"] == pytest.approx(reference["global"]["loss"], rel=1e-5)
+    for layer, ref in zip(doc["layers"], reference["layers"]):
+        assert layer["name"] == ref["name"]
+        assert layer["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+        for key in ("grad_abs_max", "weight_norm", "update_ratio_median", "grad_mean", "grad_abs_p99"):
+            assert layer["stats"][key] == pytest.approx(ref["stats"][key], rel=1e-4, abs=1e-9), key
+    assert [(f["rule_id"], f["layer"]) for f in doc["findings"]] == \
+        [(f["rule_id"], f["layer"]) for f in reference["findings"]]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distributed_run_equals_single_process(tmp_path, strategy):
+    codes, results, output = run_ranks(strategy, tmp_path)
+    assert codes == [0, 0], results
+    assert results[1][0] == "", "only rank 0 writes"
+    doc = json.loads(output.read_text())
+    assert "2 ranks" in doc["measurement"] and "global" in doc["measurement"]
+    assert_same_numbers(doc, single_process(tmp_path))
+
+
+def test_findings_give_every_rank_the_same_exit_code(tmp_path):
+    rules = tmp_path / "always.yaml"
+    rules.write_text("rules:\n  - id: always\n    severity: error\n    scope: model\n"
+                     "    when: {metric: steps, op: '>', value: 0}\n    message: always\n")
+    codes, _, output = run_ranks("ddp", tmp_path, "--rules", str(rules))
+    assert codes == [1, 1]
+    assert json.loads(output.read_text())["gate"]["exit_code"] == 1
+
+
+def test_a_rank_that_fails_to_build_stops_every_rank_naming_it(tmp_path):
+    codes, results, output = run_ranks("fails_on_rank_1", tmp_path, timeout_s=8)
+    assert codes == [2, 2]
+    for _, err in results:
+        assert "rank 1 failed" in err and "rank one cannot build its model" in err and "Traceback" not in err
+    assert not output.exists()
+
+
+def test_a_rank_that_raises_midway_does_not_hang(tmp_path):
+    start = time.monotonic()
+    codes, results, _ = run_ranks("raises_midway_on_rank_1", tmp_path, timeout_s=8)
+    assert codes == [2, 2]
+    assert "rank 1: the forward pass or loss raised at step 2" in results[1][1]
+    assert results[0][1].startswith("gradscope: error: rank 0:") or "rank 0:" in results[0][1]
+    assert time.monotonic() - start < 60
