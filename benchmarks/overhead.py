@@ -2,7 +2,9 @@
 
 For each model size, two identical copies train side by side in one process: plain steps and
 observed steps alternate one by one, so both see the same machine state. Prints the median step
-time of each and their ratio (observed / plain). Run: python benchmarks/overhead.py [--quick]
+time of each and their ratio (observed / plain). A 2-process DDP case (gloo, CPU) does the same under
+DistributedDataParallel and times gradscope's per-step collective on its own.
+Run: python benchmarks/overhead.py [--quick]
 """
 from __future__ import annotations
 
@@ -82,11 +84,68 @@ def measure(name: str, pairs: int) -> Dict[str, float]:
             "pair_ratio": statistics.median(b / a for a, b in zip(plain, observed))}
 
 
+def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
+    """One rank of the DDP case: plain DDP steps alternate with observed ones; the collective is timed alone."""
+    import os
+
+    import torch.distributed as dist
+    from gradscope import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, batch, loss_fn = mlp()
+    plain_model = nn.parallel.DistributedDataParallel(model)
+    observed_model = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
+    observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
+    monitor = Monitor(observed_model)
+    ctx = distributed.context()
+    width = 6 * len(monitor._active) + 3  # the summed part of the per-step collective
+
+    def collective() -> float:
+        start = time.perf_counter()
+        distributed.reduce_step(torch.zeros(width), torch.zeros(len(monitor._active)), ctx)
+        return time.perf_counter() - start
+    for _ in range(3):
+        timed_step(plain_model, plain_opt, batch, loss_fn)
+        timed_step(observed_model, observed_opt, batch, loss_fn, monitor)
+    plain, observed, reduce = [], [], []
+    for _ in range(pairs):
+        plain.append(timed_step(plain_model, plain_opt, batch, loss_fn))
+        observed.append(timed_step(observed_model, observed_opt, batch, loss_fn, monitor))
+        reduce.append(collective())
+    if rank == 0:
+        queue.put({"params": sum(p.numel() for p in model.parameters()), "plain_ms": statistics.median(plain) * 1e3,
+                   "observed_ms": statistics.median(observed) * 1e3,
+                   "collective_ms": statistics.median(reduce) * 1e3})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_ddp(pairs: int, world: int = 2) -> Dict[str, float]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ddp_worker, args=(world, port, pairs, queue), nprocs=world, join=True)
+    r = queue.get()
+    r["ratio"] = r["observed_ms"] / r["plain_ms"]
+    r["collective_ratio"] = (r["plain_ms"] + r["collective_ms"]) / r["plain_ms"]
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run, noisier)")
     parser.add_argument("--pairs", type=int, default=40, help="plain/observed step pairs per model (default 40)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
     args = parser.parse_args()
     pairs = 4 if args.quick else args.pairs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {pairs} alternating pairs of "
@@ -97,6 +156,11 @@ def main() -> None:
         print(f"{name:<12}{r['params']:>10,}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}{r['ratio']:>8.3f}"
               f"{r['pair_ratio']:>12.3f}")
     print("ratio: median observed step / median plain step; pair ratio: median of per-pair ratios")
+    if not args.no_ddp:
+        r = measure_ddp(pairs)
+        print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank): plain "
+              f"{r['plain_ms']:.1f} ms, observed {r['observed_ms']:.1f} ms, ratio {r['ratio']:.3f}; "
+              f"the per-step collective alone {r['collective_ms']:.2f} ms, ratio {r['collective_ratio']:.4f}")
 
 
 if __name__ == "__main__":
