@@ -143,7 +143,7 @@ def measure_ddp(pairs: int, world: int = 2) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run, noisier)")
-    parser.add_argument("--pairs", type=int, default=40, help="plain/observed step pairs per model (default 40)")
+    parser.add_argument("--pairs", type=int, default=60, help="plain/observed step pairs per model (default 60)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
     args = parser.parse_args()

@@ -258,8 +258,8 @@ class Monitor:
                 grads.append(g if g.dtype == torch.float32 else g.float())
         if grads:
             groups = (b.param_group if len(index) == len(b.params) else b.param_group[index]).to(dev)
-            acc.norm_sq.index_add_(0, groups, b.share * torch.stack(torch._foreach_norm(grads)).to(dev) ** 2)
-            acc.grad_sum.index_add_(0, groups, b.share * torch.stack([g.sum() for g in grads]).to(dev))
+            acc.norm_sq.index_add_(0, groups, torch.stack(torch._foreach_norm(grads)).to(dev) ** 2, alpha=b.share)
+            acc.grad_sum.index_add_(0, groups, torch.stack([g.sum() for g in grads]).to(dev), alpha=b.share)
             extremes = [torch.aminmax(g) for g in grads]
             acc.max_abs.scatter_reduce_(0, groups, torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(dev),
                                         reduce="amax")
@@ -269,15 +269,17 @@ class Monitor:
         if b.counts_histogram:
             acc.counts += _histogram(b, self._n_groups).to(dev)
         if self._step > 0:
-            acc.dot += b.share * _sample_dot(b).to(dev)
+            acc.dot.add_(_sample_dot(b).to(dev), alpha=b.share)
         b.current = 1 - b.current
         param_group = b.param_group.to(dev)
-        weights = [distributed.local(p.detach()) for p in b.params]
+        weights = [distributed.local(p.detach()) for p in b.params] if snapshot or measure or b.weight_sq is None \
+            else []
         if snapshot or b.weight_sq is None:  # weight norms move slowly: read them with the snapshots
             b.weight_sq = torch.stack(torch._foreach_norm(weights)).float() ** 2
-        acc.weight_sq.index_add_(0, param_group, b.share * b.weight_sq.to(dev))
+        acc.weight_sq.index_add_(0, param_group, b.weight_sq.to(dev), alpha=b.share)
         if measure or snapshot:
-            acc.update_sq.index_add_(0, param_group, b.share * _weight_change_sq(b, weights, measure, snapshot).to(dev))
+            acc.update_sq.index_add_(0, param_group, _weight_change_sq(b, weights, measure, snapshot).to(dev),
+                                     alpha=b.share)
 
     def _count_nonfinite(self) -> np.ndarray:
         """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
@@ -359,7 +361,7 @@ class Monitor:
         for b in self._buckets:
             weights = [distributed.local(p.detach()) for p in b.params]
             change = _weight_change_sq(b, weights, True, False, keep=True)
-            update_sq.index_add_(0, b.param_group.to(dev), b.share * change.to(dev))
+            update_sq.index_add_(0, b.param_group.to(dev), change.to(dev), alpha=b.share)
         if self._dist is not None:
             update_sq = distributed.all_reduce_sum(update_sq)
         values = update_sq.to(torch.float64).cpu().numpy()
