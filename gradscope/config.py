@@ -31,7 +31,7 @@ def load_config(start: Optional[Path] = None) -> Dict[str, Any]:
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("gradscope", {})
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise GradscopeError(f"{path}: cannot read it as TOML: {exc}", "fix the file, or run from another folder")
+        raise GradscopeError(f"{path}: cannot read it as TOML: {exc}", "fix the file, or run from another folder") from None
     if not isinstance(table, dict):
         raise GradscopeError(f"{path}: [tool.gradscope] must be a table", "see README: configuration")
     unknown = set(table) - set(KEYS)

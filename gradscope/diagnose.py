@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import distributed, stats
-from .errors import ExperimentError, GradscopeError, describe_exception
+from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError, describe_exception
 from .evaluate import evaluate
 from .experiment import Experiment, batch_stream, compute_loss, to_device
 from .monitor import Monitor
@@ -28,7 +28,7 @@ Progress = Callable[[int, int, Dict[str, float]], None]
 class Interrupted(GradscopeError):
     """Ctrl-C during profiling; ``partial`` holds the report of the steps done."""
 
-    exit_code = 130
+    exit_code = EXIT_INTERRUPTED
 
 
 def diagnose(

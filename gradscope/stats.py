@@ -9,7 +9,6 @@ import numpy as np
 from scipy import stats as sps
 
 from . import histogram as hist
-from .metrics import LAYER_METRICS, MODEL_METRICS
 from .profile import Profile
 
 TREND_POINTS = 200  # Theil-Sen is O(n²): a longer history is thinned to this many points

@@ -1,7 +1,6 @@
 """CI formats, each parsed by a real parser: XML for junit, the SARIF 2.1.0 JSON schema, GitHub's syntax."""
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import sys

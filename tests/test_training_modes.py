@@ -16,7 +16,7 @@ def test_accumulated_gradient_is_observed_once_per_optimizer_step():
     monitor = gradscope.Monitor(model, accumulation_steps=4, update_every=1, histogram_sample=1)
     batches = regression_batches()
     expected, losses = [], []
-    for step in range(3):
+    for _ in range(3):
         opt.zero_grad()
         for micro in range(4):
             loss = mse(model, batches()) / 4
