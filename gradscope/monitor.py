@@ -8,8 +8,6 @@ statistics are computed from.
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -19,64 +17,14 @@ from torch import nn
 
 from . import distributed
 from . import histogram as hist
+from .buckets import Bucket, HostRow, StepSums, histogram_counts, sample_dot, weight_change_sq
 from .errors import ExperimentError
 from .history import SeriesStore, SpikeTracker
-from .profile import LayerInfo, Profile
+from .layers import class_source, group_parameters, module_class, unwrap
+from .profile import Profile
 
-SAMPLE_MIN = 1 << 16  # segments at least this large have their histogram sampled
-SAMPLE_BLOCK = 1024
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
 MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients unscaled from the GradScaler's scale")
-
-
-class _Bucket:
-    """Trainable parameters sharing a device and dtype, and the sample buffers their gradients feed.
-
-    Each step a fixed sample of every gradient is copied into one of two float32 buffers: all of a
-    small parameter, and one block of SAMPLE_BLOCK elements in ``sample`` of a large one, spread evenly
-    over it. The |g| histogram is counted on the sample, and the step-to-step cosine is the dot product
-    of this step's sample with the last one, large parameters' blocks weighted by ``sample``.
-    """
-
-    def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int,
-                 ctx: Optional[distributed.Context]) -> None:
-        self.params = params
-        self.groups = groups
-        self.dtype = params[0].dtype
-        self.param_group = torch.tensor(groups, device=device)
-        self.sample = sample
-        # Under a process group: a sharded (DTensor) bucket's figures are summed over ranks as they are;
-        # a replicated one's are the same on every rank, so each rank adds 1/world of them, and only
-        # rank 0 counts its histogram.
-        self.sharded = distributed.is_sharded(params[0])
-        self.share = 1.0 if ctx is None or self.sharded else 1.0 / ctx.world
-        self.counts_histogram = ctx is None or self.sharded or ctx.rank == 0
-        numels = [distributed.local(p).numel() for p in params]
-        self.rows = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
-        sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.rows)]
-        # Sampled parameters first, so their blocks form one region weighted by ``sample`` in the cosine.
-        order = sorted(range(len(params)), key=lambda i: self.rows[i] == 0)
-        starts, at = [0] * len(params), 0
-        for i in order:
-            starts[i], at = at, at + sizes[i]
-        self.weighted = sum(sizes[i] for i in range(len(params)) if self.rows[i])
-        self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
-        self.bits = torch.empty(at, dtype=torch.int32, device=device)
-        shape = lambda i: (sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK) if self.rows[i] else (sizes[i],)  # noqa: E731
-        self.dest = [[buf[starts[i]:starts[i] + sizes[i]].view(shape(i)) for i in range(len(params))]
-                     for buf in self.buffers]
-        self.bit_views = [self.bits[starts[i]:starts[i] + sizes[i]] for i in range(len(params))]
-        self.bin_offsets = [g * hist.N_BINS for g in groups]
-        self.sampled = sizes if self.counts_histogram else [0] * len(sizes)
-        self.current = 0
-        self.previous_weights: Optional[List[torch.Tensor]] = None
-        self.weight_sq: Optional[torch.Tensor] = None
-
-    def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
-        """The view of a gradient that the sample reads: whole, or every ``sample``-th block."""
-        flat = grad.reshape(-1)
-        rows = self.rows[i]
-        return flat[: rows * SAMPLE_BLOCK].view(rows, SAMPLE_BLOCK)[:: self.sample] if rows else flat
 
 
 class Monitor:
@@ -107,9 +55,9 @@ class Monitor:
         self.accumulation_steps = accumulation_steps
         self._calls = 0
         tracked = None if parameters is None else {id(p) for p in parameters}
-        inner = _unwrap(model)  # name layers as the user did, not as a DDP or torch.compile wrapper does
+        inner = unwrap(model)  # name layers as the user did, not as a DDP or torch.compile wrapper does
         self._dist = distributed.context()
-        self.layers, params, groups = _group_parameters(inner, tracked)
+        self.layers, params, groups = group_parameters(inner, tracked)
         if not params:
             raise ExperimentError(
                 f"{type(model).__name__} has no trainable parameters",
@@ -124,7 +72,7 @@ class Monitor:
             entry = by_key.setdefault((p.device, p.dtype, distributed.is_sharded(p)), ([], []))
             entry[0].append(p)
             entry[1].append(self._group_index[g])
-        self._buckets = [_Bucket(ps, gs, key[0], histogram_sample, self._dist) for key, (ps, gs) in by_key.items()]
+        self._buckets = [Bucket(ps, gs, key[0], histogram_sample, self._dist) for key, (ps, gs) in by_key.items()]
         self._sampled = np.zeros(n_groups)
         for b in self._buckets:
             np.add.at(self._sampled, b.groups, b.sampled)
@@ -210,7 +158,7 @@ class Monitor:
         inverse_scale = _inverse_scale(scaler, dev)
         if scaler is not None and scaler.is_enabled():
             self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
-        acc = _StepSums.zeros(G, dev)
+        acc = StepSums.zeros(G, dev)
         present = np.zeros(G, dtype=bool)
         measure = self._step > 0 and self._snapshot_step == self._step - 1  # weights were snapshot last time
         snapshot = self._step % self.update_every == 0
@@ -230,7 +178,7 @@ class Monitor:
             sums[-2:] /= self._dist.world  # the losses are averaged over ranks
             sums = torch.cat([sums, torch.from_numpy(present.astype(np.float32)).to(dev)])  # received anywhere
             sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
-        row = _Row(torch.cat([sums.float(), maxes.float()]).to(torch.float64).cpu().numpy(), G)  # the host sync
+        row = HostRow(torch.cat([sums.float(), maxes.float()]).to(torch.float64).cpu().numpy(), G)  # the host sync
         if row.present is not None:
             present = row.present > 0
         self._amend_loss(self._step - 1, row.noted)
@@ -241,7 +189,7 @@ class Monitor:
         nonfinite = np.zeros(G) if finite else self._count_nonfinite()
         return self._record(row, nonfinite, present, measure, loss is not None)
 
-    def _measure_bucket(self, b: _Bucket, acc: "_StepSums", present: np.ndarray,
+    def _measure_bucket(self, b: Bucket, acc: "StepSums", present: np.ndarray,
                         inverse_scale: Optional[torch.Tensor], measure: bool, snapshot: bool) -> None:
         """Add one bucket's figures to the step's sums: gradients, their sample, weights and updates."""
         dev = acc.norm_sq.device
@@ -267,9 +215,9 @@ class Monitor:
         if inverse_scale is not None:
             b.buffers[b.current].mul_(inverse_scale.to(b.buffers[b.current].device))
         if b.counts_histogram:
-            acc.counts += _histogram(b, self._n_groups).to(dev)
+            acc.counts += histogram_counts(b, self._n_groups).to(dev)
         if self._step > 0:
-            acc.dot.add_(_sample_dot(b).to(dev), alpha=b.share)
+            acc.dot.add_(sample_dot(b).to(dev), alpha=b.share)
         b.current = 1 - b.current
         param_group = b.param_group.to(dev)
         weights = [distributed.local(p.detach()) for p in b.params] if snapshot or measure or b.weight_sq is None \
@@ -278,7 +226,7 @@ class Monitor:
             b.weight_sq = torch.stack(torch._foreach_norm(weights)).float() ** 2
         acc.weight_sq.index_add_(0, param_group, b.weight_sq.to(dev), alpha=b.share)
         if measure or snapshot:
-            acc.update_sq.index_add_(0, param_group, _weight_change_sq(b, weights, measure, snapshot).to(dev),
+            acc.update_sq.index_add_(0, param_group, weight_change_sq(b, weights, measure, snapshot).to(dev),
                                      alpha=b.share)
 
     def _count_nonfinite(self) -> np.ndarray:
@@ -294,7 +242,7 @@ class Monitor:
             counts = distributed.all_reduce_sum(counts.to(self.device)).cpu()
         return counts.numpy()
 
-    def _record_skip(self, row: "_Row", measured: bool) -> Dict[str, float]:
+    def _record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
         step = self._step
         if measured:
@@ -307,7 +255,7 @@ class Monitor:
                 "skipped": 1.0, "measured": 1.0}
 
     # -- the host side --------------------------------------------------------------------------------
-    def _record(self, row: "_Row", nonfinite: np.ndarray, present: np.ndarray, measured: bool,
+    def _record(self, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray, measured: bool,
                 loss_given: bool) -> Dict[str, float]:
         G, step = self._n_groups, self._step
         norm_sq, max_abs, grad_sum, weight_sq, update_sq = row.norm_sq, row.max_abs, row.grad_sum, row.weight_sq, row.update_sq
@@ -360,7 +308,7 @@ class Monitor:
         update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
         for b in self._buckets:
             weights = [distributed.local(p.detach()) for p in b.params]
-            change = _weight_change_sq(b, weights, True, False, keep=True)
+            change = weight_change_sq(b, weights, True, False, keep=True)
             update_sq.index_add_(0, b.param_group.to(dev), change.to(dev), alpha=b.share)
         if self._dist is not None:
             update_sq = distributed.all_reduce_sum(update_sq)
@@ -409,7 +357,7 @@ class Monitor:
             first_nonfinite=self._first_nonfinite, loss_nonfinite_step=self._loss_nonfinite_step,
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device),
-            model_source=class_source(_module_class(_unwrap(self.model))),
+            model_source=class_source(module_class(unwrap(self.model))),
             amp_skipped_steps=tuple(self._amp_skipped),
             ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets),
         )
@@ -435,7 +383,7 @@ class Monitor:
         """Statistics, findings and a recommendation for everything observed: a :class:`Report`."""
         from .diagnose import build_report
 
-        return build_report(self.profile(), rules=rules, model_name=name or type(_unwrap(self.model)).__name__)
+        return build_report(self.profile(), rules=rules, model_name=name or type(unwrap(self.model)).__name__)
 
     def close(self) -> None:
         """Remove any hook still on the model and free the gradient copies."""
@@ -449,56 +397,6 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
-
-
-@dataclasses.dataclass
-class _StepSums:
-    """The device-side figures of one step, per group, before they are reduced and moved to the host."""
-
-    norm_sq: torch.Tensor
-    max_abs: torch.Tensor
-    grad_sum: torch.Tensor
-    weight_sq: torch.Tensor
-    update_sq: torch.Tensor
-    dot: torch.Tensor
-    counts: torch.Tensor
-
-    @classmethod
-    def zeros(cls, groups: int, device: torch.device) -> "_StepSums":
-        vectors = torch.zeros(5, groups, dtype=torch.float32, device=device)
-        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device),
-                   torch.zeros(groups * hist.N_BINS, dtype=torch.int64, device=device))
-
-
-class _Row:
-    """The host copy of a step: the summed figures, then the maxima (layout of Monitor.observe)."""
-
-    def __init__(self, row: np.ndarray, G: int) -> None:
-        fields = [row[i * G:(i + 1) * G] for i in range(5)]
-        self.norm_sq, self.grad_sum, self.weight_sq, self.update_sq, self.sampled_zeros = fields
-        self.dot, self.loss, self.noted = row[5 * G:5 * G + 3]
-        rest = row[5 * G + 3:]
-        self.present = rest[:G] if len(rest) == 2 * G else None
-        self.max_abs = rest[-G:]
-
-
-def _module_class(module: nn.Module) -> type:
-    """The user's class: FSDP2's fully_shard swaps in a subclass such as FSDPLinear(FSDPModule, Linear)."""
-    cls = type(module)
-    if cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1:
-        return cls.__bases__[-1]
-    return cls
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel or torch.compile's wrapper."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and type(model).__name__ == "DistributedDataParallel":
-            inner = model.module
-        if inner is None:
-            return model
-        model = inner
 
 
 def _measurement(base: str, ctx: Optional[distributed.Context], sharded: bool) -> str:
@@ -526,76 +424,3 @@ def _inverse_scale(scaler, device: torch.device) -> Optional[torch.Tensor]:
     return (1.0 / scale.float()).reshape(()).to(device)
 
 
-def _histogram(b: _Bucket, n_groups: int) -> torch.Tensor:
-    """Counts of the sampled |g| per (group, bin): mask the sign bit, shift, offset by group, bincount."""
-    torch.bitwise_and(b.buffers[b.current].view(torch.int32), hist.ABS_MASK, out=b.bits)
-    b.bits.bitwise_right_shift_(hist.SHIFT)
-    torch._foreach_add_(b.bit_views, b.bin_offsets)
-    return torch.bincount(b.bits, minlength=n_groups * hist.N_BINS)
-
-
-def _sample_dot(b: _Bucket) -> torch.Tensor:
-    """Estimated dot product of this step's gradient with the last one, from the two samples."""
-    now, before = b.buffers[b.current], b.buffers[1 - b.current]
-    k = b.weighted
-    return b.sample * torch.dot(now[:k], before[:k]) + torch.dot(now[k:], before[k:])
-
-
-def _weight_change_sq(b: _Bucket, weights: List[torch.Tensor], measure: bool, snapshot: bool,
-                      keep: bool = False) -> torch.Tensor:
-    """Squared norm of each parameter's change since the bucket's snapshot; then snapshot again if asked.
-
-    ``keep`` leaves the snapshot intact (at a cost of one allocation); otherwise it is overwritten.
-    """
-    change = torch.zeros(len(weights), dtype=torch.float32, device=weights[0].device)
-    if measure and b.previous_weights is not None:
-        if keep:
-            diff = torch._foreach_sub(b.previous_weights, weights)
-        else:
-            torch._foreach_sub_(b.previous_weights, weights)
-            diff = b.previous_weights
-        change = torch.stack(torch._foreach_norm(diff)).float() ** 2
-    if snapshot:
-        if b.previous_weights is None:
-            b.previous_weights = [w.clone() for w in weights]
-        else:
-            torch._foreach_copy_(b.previous_weights, weights)
-    return change
-
-
-def class_source(cls: type) -> Optional[Tuple[str, int]]:
-    """Where a class is defined (file, 1-based line), or None when Python cannot tell."""
-    try:
-        return inspect.getsourcefile(cls) or inspect.getfile(cls), inspect.getsourcelines(cls)[1]
-    except (TypeError, OSError):
-        return None
-
-
-def _group_parameters(model: nn.Module, tracked: Optional[set] = None
-                      ) -> Tuple[List[LayerInfo], List[nn.Parameter], List[int]]:
-    """One group per module that owns parameters directly; a shared parameter goes to its first owner.
-
-    With ``tracked`` (parameter ids, e.g. one optimizer's), modules owning none of them are left out.
-    """
-    layers: List[LayerInfo] = []
-    params: List[nn.Parameter] = []
-    groups: List[int] = []
-    seen = set()
-    for module_name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False)
-               if id(p) not in seen and (tracked is None or id(p) in tracked)]
-        if not own:
-            continue
-        seen.update(id(p) for _, p in own)
-        trainable = [(n, p) for n, p in own if p.requires_grad]
-        prefix = f"{module_name}." if module_name else ""
-        layers.append(LayerInfo(
-            name=module_name or "(root)", kind=_module_class(module).__name__,
-            param_names=tuple(prefix + n for n, _ in own),
-            trainable_numel=sum(p.numel() for _, p in trainable),
-            frozen_numel=sum(p.numel() for _, p in own if not p.requires_grad),
-            source=class_source(_module_class(module)),
-        ))
-        params.extend(p for _, p in trainable)
-        groups.extend([len(layers) - 1] * len(trainable))
-    return layers, params, groups

@@ -1,0 +1,66 @@
+"""Layers: a model's parameters grouped by the module that owns them, and where each class is defined."""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+from .profile import LayerInfo
+
+
+def class_source(cls: type) -> Optional[Tuple[str, int]]:
+    """Where a class is defined (file, 1-based line), or None when Python cannot tell."""
+    try:
+        return inspect.getsourcefile(cls) or inspect.getfile(cls), inspect.getsourcelines(cls)[1]
+    except (TypeError, OSError):
+        return None
+
+
+def module_class(module: nn.Module) -> type:
+    """The user's class: FSDP2's fully_shard swaps in a subclass such as FSDPLinear(FSDPModule, Linear)."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1:
+        return cls.__bases__[-1]
+    return cls
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel or torch.compile's wrapper."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def group_parameters(model: nn.Module, tracked: Optional[set] = None
+                      ) -> Tuple[List[LayerInfo], List[nn.Parameter], List[int]]:
+    """One group per module that owns parameters directly; a shared parameter goes to its first owner.
+
+    With ``tracked`` (parameter ids, e.g. one optimizer's), modules owning none of them are left out.
+    """
+    layers: List[LayerInfo] = []
+    params: List[nn.Parameter] = []
+    groups: List[int] = []
+    seen = set()
+    for module_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)
+               if id(p) not in seen and (tracked is None or id(p) in tracked)]
+        if not own:
+            continue
+        seen.update(id(p) for _, p in own)
+        trainable = [(n, p) for n, p in own if p.requires_grad]
+        prefix = f"{module_name}." if module_name else ""
+        layers.append(LayerInfo(
+            name=module_name or "(root)", kind=module_class(module).__name__,
+            param_names=tuple(prefix + n for n, _ in own),
+            trainable_numel=sum(p.numel() for _, p in trainable),
+            frozen_numel=sum(p.numel() for _, p in own if not p.requires_grad),
+            source=class_source(module_class(module)),
+        ))
+        params.extend(p for _, p in trainable)
+        groups.extend([len(layers) - 1] * len(trainable))
+    return layers, params, groups
