@@ -1,0 +1,76 @@
+"""Apply the advice: clip a model's gradients exactly as a Recommendation says (norm, value or AGC)."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Set
+
+import torch
+from torch import nn
+
+from .errors import GradscopeError
+from .report import Report
+
+METHODS = ("norm", "value", "agc", "none")
+
+
+class Clipper:
+    """Clip gradients in place, between ``backward()`` and ``optimizer.step()``: ``clipper(model)``.
+
+    ``norm`` and ``value`` call ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``. ``agc`` is
+    adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image Recognition
+    Without Normalization"): each unit's gradient (a row of a weight, over all but its first dimension)
+    is rescaled to at most ``threshold`` x max(‖unit weight‖, ``eps``). As in that paper, the final
+    linear layer is left out unless ``exclude`` names other modules (``exclude=()`` clips every layer).
+    """
+
+    def __init__(self, method: str, threshold: Optional[float], *, eps: float = 1e-3,
+                 exclude: Optional[Iterable[str]] = None) -> None:
+        if method not in METHODS:
+            raise GradscopeError(f"unknown clipping method {method!r}", f"use one of {', '.join(METHODS)}")
+        if method != "none" and not (threshold is not None and threshold > 0):
+            raise GradscopeError(f"clipping by {method} needs a positive threshold, got {threshold!r}",
+                                 "pass the threshold of the recommendation")
+        self.method, self.threshold, self.eps = method, threshold, eps
+        self.exclude = None if exclude is None else set(exclude)
+
+    @classmethod
+    def from_report(cls, report: Report, **options) -> "Clipper":
+        return cls(report.recommendation.method, report.recommendation.threshold, **options)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> None:
+        if self.method == "norm":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.threshold)
+        elif self.method == "value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), self.threshold)
+        elif self.method == "agc":
+            for p in _agc_parameters(model, self._excluded(model)):
+                _clip_unitwise(p, self.threshold, self.eps)
+
+    def _excluded(self, model: nn.Module) -> Set[str]:
+        if self.exclude is not None:
+            return self.exclude
+        last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return set(last[-1:])
+
+
+def _agc_parameters(model: nn.Module, excluded: Set[str]) -> List[nn.Parameter]:
+    params = []
+    for name, module in model.named_modules():
+        if name in excluded:
+            continue
+        params.extend(p for p in module.parameters(recurse=False) if p.grad is not None)
+    return params
+
+
+def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """The norm of each output unit: the whole tensor for biases and gains, each row otherwise."""
+    if x.ndim <= 1:
+        return x.norm()
+    return x.norm(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _clip_unitwise(p: nn.Parameter, clip_factor: float, eps: float) -> None:
+    max_norm = _unitwise_norm(p.detach()).clamp(min=eps) * clip_factor
+    grad_norm = _unitwise_norm(p.grad)
+    scale = (max_norm / grad_norm.clamp(min=1e-6)).clamp(max=1.0)
+    p.grad.mul_(scale)

@@ -1,0 +1,94 @@
+"""Clipper against torch's own clipping functions and a naive unit-wise AGC."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradscope
+from gradscope.clipper import Clipper
+from gradscope.errors import GradscopeError
+
+from models import MLP, exploding_rnn, mse, regression_batches
+
+
+def model_with_grads(scale: float = 100.0):
+    torch.manual_seed(0)
+    model = MLP()
+    (scale * mse(model, regression_batches()())).backward()
+    return model
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method, reference", [
+    ("norm", lambda m, t: torch.nn.utils.clip_grad_norm_(m.parameters(), t)),
+    ("value", lambda m, t: torch.nn.utils.clip_grad_value_(m.parameters(), t)),
+])
+def test_norm_and_value_match_torch(method, reference):
+    ours, theirs = model_with_grads(), model_with_grads()
+    Clipper(method, 0.5)(ours)
+    reference(theirs, 0.5)
+    for a, b in zip(grads(ours), grads(theirs)):
+        assert torch.equal(a, b)
+    assert not torch.equal(grads(ours)[0], grads(model_with_grads())[0])  # it did clip
+
+
+def naive_agc(model, factor, eps, excluded):
+    for name, module in model.named_modules():
+        if name in excluded:
+            continue
+        for p in module.parameters(recurse=False):
+            w, g = p.detach(), p.grad
+            rows = [(w, g)] if w.ndim <= 1 else [(w[i], g[i]) for i in range(w.shape[0])]
+            for w_row, g_row in rows:
+                limit = max(w_row.norm().item(), eps) * factor
+                norm = g_row.norm().item()
+                if norm > limit:
+                    g_row.mul_(limit / max(norm, 1e-6))
+
+
+def test_agc_is_unitwise_and_leaves_the_final_linear_layer():
+    ours, theirs = model_with_grads(), model_with_grads()
+    untouched = ours.out.weight.grad.clone()
+    Clipper("agc", 0.01)(ours)
+    naive_agc(theirs, 0.01, 1e-3, {"out"})
+    for a, b in zip(grads(ours), grads(theirs)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert torch.equal(ours.out.weight.grad, untouched)
+    everything = model_with_grads()
+    Clipper("agc", 0.01, exclude=())(everything)
+    assert not torch.equal(everything.out.weight.grad, untouched)
+
+
+def final_loss(clipper=None, steps: int = 30) -> float:
+    experiment = exploding_rnn()
+    batch = experiment.batches
+    for _ in range(steps):
+        experiment.optimizer.zero_grad()
+        loss = experiment.model(*batch())
+        loss.backward()
+        if clipper is not None:
+            clipper(experiment.model)
+        experiment.optimizer.step()
+    return loss.item()
+
+
+def test_from_report_applies_the_recommendation():
+    report = gradscope.diagnose(exploding_rnn(), steps=30, seed=0)
+    clipper = Clipper.from_report(report)
+    assert (clipper.method, clipper.threshold) == (report.recommendation.method, report.recommendation.threshold)
+    torch.manual_seed(0)
+    clipped = final_loss(clipper)
+    torch.manual_seed(0)
+    unclipped = final_loss()
+    assert clipped < 1e-6 * unclipped  # the unclipped run's loss has blown up by many orders of magnitude
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(GradscopeError, match="unknown clipping method"):
+        Clipper("l1", 1.0)
+    with pytest.raises(GradscopeError, match="needs a positive threshold"):
+        Clipper("norm", None)
+    Clipper("none", None)(model_with_grads())  # a no-op
