@@ -244,3 +244,38 @@ def test_import_gradscope_stays_light():
     code = ("import sys, gradscope, gradscope.integrations; "
             "heavy = {'lightning', 'transformers', 'tensorboard'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_real_sigint_mid_profiling_gives_a_partial_report_and_130(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the running process, after a few steps."""
+    import signal
+    import time
+
+    marker = tmp_path / "step3"
+    body = f"""
+    import time
+    def experiment():
+        m = nn.Linear(4, 1)
+        make = data()
+        calls = itertools.count()
+        def batches():
+            n = next(calls)
+            if n == 3:
+                open({str(marker)!r}, "w").close()
+            if n >= 3:
+                time.sleep(0.5)
+            return make()
+        return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), batches,
+            loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "diagnose", target(tmp_path, body), "--format",
+                             "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    doc = json.loads(out)
+    assert proc.returncode == 130, err
+    assert doc["partial"] is True and 3 <= doc["steps"] < 30 and "Ctrl-C" in doc["stopped_reason"]
+    assert "Traceback" not in err and "interrupted" in err
