@@ -29,7 +29,7 @@ _LAYER = {
     "grad_kurtosis": "kurtosis E[g^4]/E[g^2]^2 of the elements (3 for a Gaussian), from the histogram",
     "grad_mean": "median over steps of the mean gradient element",
     "grad_std": "median over steps of the std of the gradient elements",
-    "zero_fraction": "fraction of gradient elements that were exactly zero",
+    "zero_fraction": "fraction of gradient elements that were zero (|g| < 1.5e-39), from the histogram sample",
     "nonfinite_count": "gradient elements that were inf or NaN, summed over steps",
     "grad_present_fraction": "fraction of steps in which the layer received a gradient (0 = unused)",
     "weight_norm": "L2 norm of the layer's trainable weights at the last step",
