@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,14 @@ from . import __version__, distributed
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
-from .errors import EXIT_OK, EXIT_USAGE, GradscopeError
+from .errors import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, to_markdown
 from .gate import FAIL_ON, Verdict, decide
 from .metrics import LAYER_METRICS, MODEL_METRICS
-from .render import render
+from .render import render, sweep_table
 from .report import Report
 from .ruleset import load_rules
+from .sweep import candidates, fold, run_sweep, sweep_dict
 from .target import DEFAULT_CALLABLE, load_experiment
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
@@ -58,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--write-baseline", metavar="FILE", help="record this run as the baseline in FILE (exit 0)")
     d.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR "
                                                         "(needs gradscope[tensorboard])")
+    d.add_argument("--sweep", action="store_true",
+                   help="also try 4-6 thresholds for real and recommend the best (costs about 7x the profiling)")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    w = sub.add_parser("sweep", help="try a few clipping thresholds from the same start and rank them",
+                       description="Profiles the target, derives 4-6 global-norm thresholds, trains each (and an "
+                                   "unclipped reference) for --steps steps from the same seed, and ranks them.")
+    w.add_argument("target", help="as for diagnose")
+    w.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per trial, 1-{MAX_STEPS} "
+                                                                   f"(default {DEFAULT_STEPS})")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    w.add_argument("--rules", metavar="FILE")
+    w.add_argument("--format", choices=("rich", "json"), default="rich")
+    w.add_argument("--debug", action="store_true")
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
     r.add_argument("--debug", action="store_true")
@@ -74,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "diagnose":
             return _diagnose(args, out, err)
+        if args.command == "sweep":
+            return _sweep(args, out, err)
         if args.command == "rules":
             out.print(_rules_table(args.rules))
             return EXIT_OK
@@ -127,6 +144,11 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
         report = diagnose(experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device,
                           restore=False,
                           progress=lambda done, total, o: progress.update(task, completed=done, norm=f"{o['global_norm']:.3g}"))
+    if args.sweep:
+        result = _run_sweep(args, report, err)
+        report = fold(report, result)
+        if main_rank and args.format == "rich" and not args.output:
+            out.print(sweep_table(result))
     comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
     verdict = decide(report, args.fail_on, comparison)
     code = verdict.exit_code
@@ -141,6 +163,37 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
                       highlight=False, soft_wrap=True)
             code = EXIT_OK
     return distributed.broadcast_int(code)  # every rank exits as rank 0 does
+
+
+def _sweep(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise GradscopeError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}", "use fewer steps")
+    rules = load_rules(args.rules)
+    seed_everything(args.seed)
+    report = diagnose(load_experiment(args.target), steps=args.steps, rules=rules, seed=args.seed,
+                      device=args.device, restore=False)
+    result = _run_sweep(args, report, err)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(sweep_dict(result), indent=2) + "\n")
+    else:
+        out.print(sweep_table(result))
+        winner = result.winner
+        out.print("no threshold kept training from diverging" if winner is None else
+                  f"best: clip the global norm at {winner.threshold:.3g} "
+                  f"(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={winner.threshold:.3g}))",
+                  highlight=False)
+    return EXIT_OK if result.winner is not None else EXIT_FINDINGS
+
+
+def _run_sweep(args: argparse.Namespace, report: Report, err: Console):
+    """Trials rebuild the experiment from the target each time, seeded alike: the same start for all."""
+    thresholds = candidates(report)
+    with Progress(TextColumn("sweep {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("", total=len(thresholds) + 1)
+        return run_sweep(lambda: load_experiment(args.target), thresholds, args.steps, seed=args.seed,
+                         device=args.device,
+                         progress=lambda done, total, label: progress.update(task, completed=done, description=label))
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:

@@ -54,7 +54,7 @@ def diagnose(
         raise ExperimentError(f"steps must be between 1 and {MAX_STEPS}, got {steps}",
                               "a few dozen steps show the trend; use Monitor for whole training runs")
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
-    target = _resolve_device(device)
+    target = resolve_device(device)
     saved = _snapshot(experiment) if restore else None
     if seed is not None:
         seed_everything(seed)
@@ -144,7 +144,7 @@ def _partial(monitor: Monitor, reason: str, meta: Dict[str, Any]) -> Optional[Re
     return build_report(monitor.profile(), stopped_reason=reason, **meta)
 
 
-def _resolve_device(device: Optional[str]) -> Optional[torch.device]:
+def resolve_device(device: Optional[str]) -> Optional[torch.device]:
     if device is None:
         return None
     if device == "auto":

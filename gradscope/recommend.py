@@ -57,7 +57,7 @@ def _recommend(statistics: Statistics, findings: Tuple[Finding, ...]) -> Recomme
         return _make("none", None, Evidence(0.0, "no finite gradient norm was observed: fix the non-finite "
                                             "gradients first; no threshold can be derived", reasons=reasons))
     if not reasons:
-        net = _nice(SAFETY_NET_HEADROOM * float(finite.max()))
+        net = nice(SAFETY_NET_HEADROOM * float(finite.max()))
         return _make("none", None, Evidence(
             0.0, f"no finding calls for clipping; as a safety net, norm clipping at {net:.3g} "
                  f"({SAFETY_NET_HEADROOM:g}x the largest global norm seen, {finite.max():.3g}) would clip no step",
@@ -80,12 +80,12 @@ def _norm(statistics: Statistics, finite: np.ndarray, reasons: Tuple[str, ...]) 
         window = norms[:max(3, min(cut, len(norms) // 4 or 1))]
         window = window[np.isfinite(window) & (window > 0)]
         level = float(np.median(window)) if len(window) else float(np.median(finite))
-        threshold = _nice(level)
+        threshold = nice(level)
         basis = (f"the median global norm of the first {len(window)} steps ({level:.3g}), before the norm "
                  f"ran away (growth x{m['global_norm_growth_over_run']:.3g} over the run, peak {m['global_norm_max']:.3g})")
     else:
         typical = _typical(finite)
-        threshold = _nice(NORM_HEADROOM * typical)
+        threshold = nice(NORM_HEADROOM * typical)
         basis = (f"{NORM_HEADROOM:g}x the typical global norm ({typical:.3g}, the median of steps without spikes); "
                  f"the largest was {m['global_norm_max']:.3g}")
     clipped = float(np.mean(~(norms <= threshold))) if len(norms) else 0.0  # NaN steps count as clipped
@@ -100,7 +100,7 @@ def _value(statistics: Statistics, reasons: Tuple[str, ...]) -> Optional[Recomme
     if not heavy:
         return None
     pooled = statistics.model.histogram
-    threshold = _nice(hist.quantile(pooled, 0.999))
+    threshold = nice(hist.quantile(pooled, 0.999))
     if not threshold > 0:
         return None
     cosine = hist.value_clip_cosine(pooled, threshold)
@@ -121,7 +121,7 @@ def _agc(statistics: Statistics, dominant: str, reasons: Tuple[str, ...]) -> Rec
     ratios = np.array([l.metrics["grad_to_weight_median"] for l in others], dtype=np.float64)
     ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
     level = float(np.max(ratios)) if len(ratios) else 0.01
-    clip_factor = _nice(min(max(level, 1e-3), 1.0))
+    clip_factor = nice(min(max(level, 1e-3), 1.0))
     stacked = np.stack([l.grad_to_weight_series for l in statistics.active_layers])
     clipped = float(np.mean(np.nanmax(np.where(np.isfinite(stacked), stacked, np.inf), axis=0) > clip_factor))
     share = next(l.metrics["grad_norm_share"] for l in statistics.active_layers if l.name == dominant)
@@ -162,7 +162,7 @@ def _typical(finite: np.ndarray) -> float:
     return float(10 ** np.median(logs[logs <= med + 3 * mad]))
 
 
-def _nice(value: float) -> float:
+def nice(value: float) -> float:
     """Round to two significant digits, so the threshold reads like one a person would write."""
     if not value > 0 or not math.isfinite(value):
         return value

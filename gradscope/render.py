@@ -21,6 +21,7 @@ from .evaluate import Finding
 from .gate import Verdict
 from .report import Report
 from .stats import LayerStats
+from .sweep import SweepResult
 
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
@@ -47,6 +48,22 @@ def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None
     buffer = io.StringIO()
     Console(file=buffer, width=width, color_system=None, force_terminal=False).print(render(report, gate))
     return buffer.getvalue()
+
+
+def sweep_table(result: SweepResult) -> RenderableType:
+    """The ranked trials of a sweep, the winner marked."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"sweep: {len(result.trials)} trials of {result.steps} "
+                  "steps from the same start, best first", title_justify="left", title_style="bold")
+    for name, justify in (("clip at", "right"), ("clipped", "right"), ("first loss", "right"),
+                          ("final loss", "right"), ("loss over steps", "left"), ("", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    winner = result.winner
+    for t in result.trials:
+        status = ("✔ winner", "bold green") if t is winner else (("✖ diverged", "red") if t.diverged else ("", ""))
+        table.add_row("none" if t.threshold is None else fmt(t.threshold), f"{t.clip_fraction:.0%}",
+                      fmt(t.first_loss), "–" if t.diverged else fmt(t.final_loss),
+                      sparkline(np.array(t.losses), width=LAYER_SPARK_WIDTH, log=False), Text(*status))
+    return Group(table, Text(""))
 
 
 def baseline_block(c: Comparison) -> RenderableType:
