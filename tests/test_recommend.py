@@ -1,6 +1,8 @@
 """Clipping advice from real runs: method by pathology, scale-aware thresholds, evidence that adds up."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -52,9 +54,24 @@ def test_spike_gets_norm_clipping_above_the_typical_norm():
     assert 0 < rec.evidence.clip_fraction < 0.2  # the spike, not ordinary steps
 
 
-def test_dominating_layer_gets_agc():
+def test_a_dominating_layer_alone_is_no_reason_to_clip():
     report = run(dominating_layer())
+    assert "layer-dominates" in {f.rule_id for f in report.findings}
+    assert report.healthy and report.recommendation.method == "none"
+
+
+def test_spikes_with_a_dominating_layer_get_agc():
+    """When clipping is called for and one layer dominates, norm clipping would starve the others."""
+    experiment = dominating_layer()
+    plain = experiment.batches
+    counter = itertools.count()
+
+    def batch():
+        x, y = plain()
+        return (x, y * 300) if next(counter) == 20 else (x, y)
+    report = run(gradscope.Experiment(experiment.model, experiment.optimizer, batch, loss_fn=experiment.loss_fn))
     rec = report.recommendation
+    assert "gradient-spike" in rec.evidence.reasons
     assert rec.method == "agc" and 0 < rec.threshold <= 1
     assert "hidden.0" in rec.evidence.basis
     assert "--clip-mode agc" in rec.snippets["timm"]
