@@ -18,6 +18,7 @@ from .snippets import snippets
 from .stats import Statistics
 
 NORM_HEADROOM = 2.0  # spikes: clip at twice the typical norm, so ordinary steps pass untouched
+RUNAWAY_FRACTION = 0.1  # run-away: clip at a tenth of the early norm, so clipping binds on nearly every step
 SAFETY_NET_HEADROOM = 10.0  # healthy: a net an order of magnitude above anything seen
 VALUE_MIN_COSINE = 0.99  # value clipping only where it barely turns the gradient
 DOMINANT_SHARE = 0.8
@@ -80,9 +81,10 @@ def _norm(statistics: Statistics, finite: np.ndarray, reasons: Tuple[str, ...]) 
         window = norms[:max(3, min(cut, len(norms) // 4 or 1))]
         window = window[np.isfinite(window) & (window > 0)]
         level = float(np.median(window)) if len(window) else float(np.median(finite))
-        threshold = nice(level)
-        basis = (f"the median global norm of the first {len(window)} steps ({level:.3g}), before the norm "
-                 f"ran away (growth x{m['global_norm_growth_over_run']:.3g} over the run, peak {m['global_norm_max']:.3g})")
+        threshold = nice(RUNAWAY_FRACTION * level)
+        basis = (f"{RUNAWAY_FRACTION:g}x the median global norm of the first {len(window)} steps ({level:.3g}), "
+                 f"before training ran away (peak norm {m['global_norm_max']:.3g}, loss x{m['loss_rise']:.3g}): "
+                 "clipping has to bind on nearly every step to hold the updates to the early scale")
     else:
         typical = _typical(finite)
         threshold = nice(NORM_HEADROOM * typical)
@@ -145,7 +147,7 @@ def _dominant_layer(statistics: Statistics) -> Optional[str]:
 
 def _is_runaway(statistics: Statistics) -> bool:
     m = statistics.model.metrics
-    return bool(m["nonfinite_count"] > 0 or m["loss_nonfinite"] > 0
+    return bool(m["nonfinite_count"] > 0 or m["loss_nonfinite"] > 0 or _or(m["loss_rise"], 1.0) > 2.0
                 or (_or(m["global_norm_growth_low"], 1.0) > 1.0 and _or(m["global_norm_growth_over_run"], 1.0) > 10))
 
 

@@ -37,8 +37,9 @@ def test_explosion_gets_norm_clipping_at_the_early_level():
     report = run(exploding_rnn())
     rec = report.recommendation
     norms = report.statistics.model.global_norm
+    early = float(np.median(norms[:max(3, len(norms) // 4)]))
     assert rec.method == "norm"
-    assert np.min(norms) <= rec.threshold <= np.median(norms)
+    assert rec.threshold == pytest.approx(0.1 * early, rel=0.05)  # two significant digits
     assert rec.evidence.clip_fraction == pytest.approx(np.mean(norms > rec.threshold))
     assert "global-norm-growing" in rec.evidence.reasons
     assert "max_norm=" in rec.snippets["torch"] and 'gradient_clip_algorithm="norm"' in rec.snippets["lightning"]
