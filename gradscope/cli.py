@@ -17,7 +17,7 @@ from . import __version__, distributed
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
-from .errors import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, GradscopeError
+from .errors import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, to_markdown
 from .gate import FAIL_ON, Verdict, decide
 from .metrics import LAYER_METRICS, MODEL_METRICS
@@ -103,6 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             err.print_exception()
         _print_error(err, exc)
         return exc.exit_code
+    except KeyboardInterrupt:  # outside profiling (importing the target, a sweep trial): nothing to report
+        err.print("gradscope: interrupted", highlight=False)
+        return EXIT_INTERRUPTED
 
 
 def _diagnose(args: argparse.Namespace, out: Console, err: Console) -> int:
