@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,15 +16,15 @@ from . import __version__, distributed
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
-from .errors import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, to_markdown
 from .gate import FAIL_ON, Verdict, decide
 from .metrics import LAYER_METRICS, MODEL_METRICS
-from .render import render, sweep_table
+from .render import render
 from .report import Report
 from .ruleset import load_rules
-from .sweep import candidates, fold, run_sweep, sweep_dict
 from .target import DEFAULT_CALLABLE, load_experiment
+from .trials import BUDGET, MOST_TRIALS, TRIAL_STEPS
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
 
@@ -60,20 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--write-baseline", metavar="FILE", help="record this run as the baseline in FILE (exit 0)")
     d.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR "
                                                         "(needs gradscope[tensorboard])")
-    d.add_argument("--sweep", action="store_true",
-                   help="also try 4-6 thresholds for real and recommend the best (costs about 7x the profiling)")
+    d.add_argument("--trials", type=_trials_arg, default=MOST_TRIALS, metavar="N|off",
+                   help=f"when a finding calls for norm clipping, run up to N trials of a threshold, {TRIAL_STEPS} "
+                        f"steps each from the same start, and recommend the winner (default {MOST_TRIALS}; "
+                        "off: an estimate from the profile alone)")
+    d.add_argument("--trial-budget", type=_budget_arg, default=BUDGET, metavar="X",
+                   help=f"trials may train at most X full trials' worth of steps (default {BUDGET:g}; at the "
+                        f"default --steps, diagnose then costs at most about {BUDGET + 1:g}x its profile)")
+    d.add_argument("--trial-seconds", type=_budget_arg, metavar="S",
+                   help="also start no trial that would end past S seconds of trials (makes the advice depend "
+                        "on the machine's speed)")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    w = sub.add_parser("sweep", help="try a few clipping thresholds from the same start and rank them",
-                       description="Profiles the target, derives 4-6 global-norm thresholds, trains each (and an "
-                                   "unclipped reference) for --steps steps from the same seed, and ranks them.")
-    w.add_argument("target", help="as for diagnose")
-    w.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per trial, 1-{MAX_STEPS} "
-                                                                   f"(default {DEFAULT_STEPS})")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    w.add_argument("--rules", metavar="FILE")
-    w.add_argument("--format", choices=("rich", "json"), default="rich")
-    w.add_argument("--debug", action="store_true")
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
     r.add_argument("--debug", action="store_true")
@@ -89,8 +85,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "diagnose":
             return _diagnose(args, out, err)
-        if args.command == "sweep":
-            return _sweep(args, out, err)
         if args.command == "rules":
             out.print(_rules_table(args.rules))
             return EXIT_OK
@@ -103,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             err.print_exception()
         _print_error(err, exc)
         return exc.exit_code
-    except KeyboardInterrupt:  # outside profiling (importing the target, a sweep trial): nothing to report
+    except KeyboardInterrupt:  # outside profiling (importing the target): nothing to report
         err.print("gradscope: interrupted", highlight=False)
         return EXIT_INTERRUPTED
 
@@ -140,18 +134,22 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
     distributed.agree(failure)  # if any rank could not build its experiment, every rank stops here
     ctx = distributed.context()
     main_rank = ctx is None or ctx.rank == 0
-    with Progress(TextColumn("profiling {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("global norm {task.fields[norm]}"), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                   console=err, transient=True, disable=not (err.is_terminal and main_rank)) as progress:
-        task = progress.add_task(experiment.display_name, total=args.steps, norm="–")
-        report = diagnose(experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device,
-                          restore=False,
-                          progress=lambda done, total, o: progress.update(task, completed=done, norm=f"{o['global_norm']:.3g}"))
-    if args.sweep:
-        result = _run_sweep(args, report, err)
-        report = fold(report, result)
-        if main_rank and args.format == "rich" and not args.output:
-            out.print(sweep_table(result))
+        task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
+        report = diagnose(
+            experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device, restore=False,
+            trials=args.trials, trial_budget=args.trial_budget, trial_seconds=args.trial_seconds,
+            progress=lambda done, total, o: progress.update(task, completed=done,
+                                                             note=f"global norm {o['global_norm']:.3g}"),
+            trial_progress=lambda done, total, label: progress.update(
+                task, description="trials", completed=done, total=total, note=label))
+    trials = report.recommendation.evidence.trials
+    if trials is not None and main_rank:  # the cost in time, on stderr: the report itself stays deterministic
+        err.print(f"gradscope: {len(trials.trials)} trials took {trials.seconds:.1f} s, "
+                  f"{trials.seconds / max(trials.profile_seconds, 1e-9):.1f}x the {trials.profile_seconds:.1f} s "
+                  "of profiling", style="dim", highlight=False, soft_wrap=True)
     comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
     verdict = decide(report, args.fail_on, comparison)
     code = verdict.exit_code
@@ -168,35 +166,26 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
     return distributed.broadcast_int(code)  # every rank exits as rank 0 does
 
 
-def _sweep(args: argparse.Namespace, out: Console, err: Console) -> int:
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise GradscopeError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}", "use fewer steps")
-    rules = load_rules(args.rules)
-    seed_everything(args.seed)
-    report = diagnose(load_experiment(args.target), steps=args.steps, rules=rules, seed=args.seed,
-                      device=args.device, restore=False)
-    result = _run_sweep(args, report, err)
-    if args.format == "json":
-        sys.stdout.write(json.dumps(sweep_dict(result), indent=2) + "\n")
-    else:
-        out.print(sweep_table(result))
-        winner = result.winner
-        out.print("no threshold kept training from diverging" if winner is None else
-                  f"best: clip the global norm at {winner.threshold:.3g} "
-                  f"(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={winner.threshold:.3g}))",
-                  highlight=False)
-    return EXIT_OK if result.winner is not None else EXIT_FINDINGS
+def _trials_arg(text: str) -> int:
+    if text == "off":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of trials or off, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected 0 to 100 trials (0 or off: none), got {value}")
+    return value
 
 
-def _run_sweep(args: argparse.Namespace, report: Report, err: Console):
-    """Trials rebuild the experiment from the target each time, seeded alike: the same start for all."""
-    thresholds = candidates(report)
-    with Progress(TextColumn("sweep {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("", total=len(thresholds) + 1)
-        return run_sweep(lambda: load_experiment(args.target), thresholds, args.steps, seed=args.seed,
-                         device=args.device,
-                         progress=lambda done, total, label: progress.update(task, completed=done, description=label))
+def _budget_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text}")
+    return value
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:

@@ -1,32 +1,37 @@
-"""The diagnose pipeline: run real training steps under a Monitor, then statistics → findings → recommendation."""
+"""The diagnose pipeline: real training steps under a Monitor, then statistics → findings → trials → recommendation."""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import random
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
 from . import distributed, stats
-from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError, describe_exception
+from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .evaluate import evaluate
-from .experiment import Experiment, batch_stream, compute_loss, to_device
+from .experiment import Experiment, batch_stream, forward_backward, held_out_loss, next_batch, optimizer_step
+from .judge import Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
 from .profile import Profile
-from .recommend import recommend
+from .recommend import method_for, recommend
 from .report import Report
 from .ruleset import RuleSet, load_rules
+from .state import capture, restore as restore_state
+from .trials import BUDGET, HELD_OUT_BATCHES, MOST_TRIALS, TRIAL_STEPS, run_reference, run_trials
 
 DEFAULT_STEPS = 30
 MAX_STEPS = 50
 Progress = Callable[[int, int, Dict[str, float]], None]
+TrialProgress = Callable[[int, int, str], None]
 
 
 class Interrupted(GradscopeError):
-    """Ctrl-C during profiling; ``partial`` holds the report of the steps done."""
+    """Ctrl-C during profiling or trials; ``partial`` holds the report of what was done."""
 
     exit_code = EXIT_INTERRUPTED
 
@@ -40,9 +45,16 @@ def diagnose(
     device: Optional[str] = None,
     restore: bool = True,
     progress: Optional[Progress] = None,
+    trials: int = MOST_TRIALS,
+    trial_budget: float = BUDGET,
+    trial_seconds: Optional[float] = None,
+    trial_progress: Optional[TrialProgress] = None,
 ) -> Report:
     """Train ``experiment`` for ``steps`` optimizer steps, observing every step, and return a Report.
 
+    When a finding calls for norm clipping, up to ``trials`` thresholds are then tried for real from
+    the same start (0 turns trials off), training at most ``trial_budget`` trials' worth of steps and,
+    if ``trial_seconds`` is given, starting no trial that would end past that many seconds.
     With ``restore=True`` (the default) the model's weights and train/eval mode, the optimizer's state
     and the global RNG states (torch, numpy, random) are put back afterwards, so profiling leaves no trace.
     ``device`` ("cpu", "cuda" or "auto") moves the model and batches there; None leaves them where they are.
@@ -55,69 +67,96 @@ def diagnose(
                               "a few dozen steps show the trend; use Monitor for whole training runs")
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
     target = resolve_device(device)
-    saved = _snapshot(experiment) if restore else None
+    trying = trials > 0 and distributed.context() is None  # trials restart training: single process only
+    saved = capture(experiment) if restore else None
     if seed is not None:
         seed_everything(seed)
-    model, optimizer = experiment.model, experiment.optimizer
+    model = experiment.model
     if target is not None:
         model.to(target)
+    start = capture(experiment) if trying else None  # after seeding and the move: where every trial begins
+    scale = _update_scale(experiment) if trying else None
     monitor = Monitor(model, update_every=1, histogram_sample=1)  # a short run: measure everything
-    stopped: Optional[str] = None
     meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps)
+    report: Optional[Report] = None
     try:
-        model.train()
         stream = batch_stream(experiment.batches)
-        for step in range(steps):
-            out = _train_step(experiment, monitor, stream, step, target or monitor.device)
-            if progress is not None:
-                progress(step + 1, steps, out)
-            if not math.isfinite(out["loss"]):
-                stopped = f"the loss was {out['loss']} at step {step}: stopped before optimizer.step()"
-                break
-            optimizer.step()
+        seen: List[Any] = []
+        began = time.perf_counter()
+        stopped = _profile_steps(experiment, monitor, stream, seen, steps, target or monitor.device, progress)
         profile = monitor.profile()  # before close(): it measures the last step's update
+        profile_seconds = time.perf_counter() - began
+        report = build_report(profile, stopped_reason=stopped, **meta)
+        if start is not None and method_for(report.findings) == "norm":
+            trial_set = _trials(experiment, stream, seen, report, start, scale, target or monitor.device,
+                                profile_seconds, dict(most=trials, budget=trial_budget, seconds=trial_seconds,
+                                                      progress=trial_progress))
+            advice = recommend(report.statistics, report.findings, trial_set)
+            report = dataclasses.replace(report, recommendation=advice)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted: profiling stopped by Ctrl-C", "the partial report covers the steps done",
-                          partial=_partial(monitor, "interrupted by Ctrl-C", meta)) from None
+        partial = report if report is not None else _partial(monitor, "interrupted by Ctrl-C", meta)
+        raise Interrupted("interrupted: stopped by Ctrl-C", "the partial report covers the steps done",
+                          partial=partial) from None
     except GradscopeError as exc:
-        exc.partial = _partial(monitor, exc.problem, meta)
+        exc.partial = report if report is not None else _partial(monitor, exc.problem, meta)
         raise
     finally:
         monitor.close()
         if saved is not None:
-            _restore(experiment, saved)
-    return build_report(profile, stopped_reason=stopped, **meta)
+            restore_state(experiment, saved)
+    return report
 
 
-def _train_step(experiment: Experiment, monitor: Monitor, stream, step: int, device) -> Dict[str, float]:
-    try:
-        batch = next(stream)
-    except GradscopeError:
-        raise
-    except Exception as exc:
-        raise ExperimentError(f"getting batch {step} raised {describe_exception(exc)}",
-                              "check Experiment.batches (re-run with --debug for the traceback)") from exc
-    batch = to_device(batch, device)
-    experiment.optimizer.zero_grad(set_to_none=True)
-    try:
-        loss = compute_loss(experiment, batch)
-    except GradscopeError:
-        raise
-    except Exception as exc:
-        raise ExperimentError(f"the forward pass or loss raised at step {step}: {describe_exception(exc)}",
-                              "run one step of your model by hand to debug, or re-run with --debug") from exc
-    if not loss.requires_grad:
-        raise ExperimentError("the loss does not depend on any trainable parameter, so every gradient is None",
-                              "compute the loss from the model's output without .detach(), .item() or no_grad()")
-    try:
-        loss.backward()
-    except Exception as exc:
-        raise ExperimentError(f"backward() raised at step {step}: {describe_exception(exc)}",
-                              "run one step of your model by hand to debug, or re-run with --debug") from exc
-    if step == 0 and all(p.grad is None for p in experiment.model.parameters() if p.requires_grad):
-        raise ExperimentError("backward() produced no gradient for any parameter of the model",
-                              "make the loss depend on Experiment.model's parameters")
-    return monitor.observe(loss)
+def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], steps: int,
+                   device: torch.device, progress: Optional[Progress]) -> Optional[str]:
+    """Train and observe ``steps`` steps, keeping each batch in ``seen``; why the run stopped early, if it did."""
+    experiment.model.train()
+    for step in range(steps):
+        seen.append(next_batch(stream, step))
+        loss = forward_backward(experiment, seen[-1], step, device)
+        out = monitor.observe(loss)
+        if progress is not None:
+            progress(step + 1, steps, out)
+        if not math.isfinite(out["loss"]):
+            return f"the loss was {out['loss']} at step {step}: stopped before optimizer.step()"
+        optimizer_step(experiment, step)
+    return None
+
+
+def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, start: Dict[str, Any],
+            scale: Optional[float], device: torch.device, profile_seconds: float, limits: Dict[str, Any]) -> TrialSet:
+    """Run the trials on the first TRIAL_STEPS batches of the stream, judged on the HELD_OUT_BATCHES after them.
+
+    The same batches whatever ``--steps`` the profile ran, so the advice does not depend on it. When the
+    profile itself ran exactly those batches, it is the unclipped reference; otherwise one is run.
+    """
+    batches = list(seen[:TRIAL_STEPS + HELD_OUT_BATCHES])
+    while len(batches) < TRIAL_STEPS + HELD_OUT_BATCHES:
+        batches.append(next_batch(stream, len(batches)))
+    train, held = batches[:TRIAL_STEPS], batches[TRIAL_STEPS:]
+    m = report.statistics.model
+    if len(seen) == TRIAL_STEPS:  # the profile was the unclipped run on exactly these batches
+        reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()),
+                          held_out_loss(experiment, held, device))
+    else:
+        reference = run_reference(experiment, start, train, held, device)
+    notes = []
+    if any(h is b for h in held for b in train):
+        notes.append("Experiment.batches repeats within the trials, so the held-out batches were also trained on")
+    return run_trials(experiment, start, train, held, reference, candidates(m.global_norm, scale), device=device,
+                      profile_seconds=profile_seconds, notes=notes, **limits)
+
+
+def _update_scale(experiment: Experiment) -> Optional[float]:
+    """For an SGD-style optimizer, the threshold that bounds a step to UPDATE_RATIO of the weights' norm."""
+    group = experiment.optimizer.param_groups[0]
+    if "betas" in group or "lr" not in group or not isinstance(group["lr"], (int, float)):
+        return None  # adaptive (Adam-style) steps do not scale with the gradient's norm
+    lr_eff = group["lr"] / max(1.0 - float(group.get("momentum", 0.0) or 0.0), 1e-3)
+    with torch.no_grad():
+        squares = [p.detach().float().pow(2).sum() for p in experiment.model.parameters() if p.requires_grad]
+        weight_norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    return update_estimate(lr_eff, weight_norm)
 
 
 def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = None, model_name: str = "model",
@@ -155,37 +194,3 @@ def resolve_device(device: Optional[str]) -> Optional[torch.device]:
         raise ExperimentError("--device cuda was asked for, but torch sees no CUDA GPU here",
                               "use --device cpu (or auto), or install a CUDA build of torch on a GPU machine")
     return torch.device(device)
-
-
-def _snapshot(experiment: Experiment) -> Dict[str, Any]:
-    model = experiment.model
-    return {
-        "model": copy.deepcopy(model.state_dict()),
-        "optimizer": copy.deepcopy(experiment.optimizer.state_dict()),
-        "modes": {name: m.training for name, m in model.named_modules()},
-        "devices": {name: p.device for name, p in model.named_parameters()},
-        "grads": {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()},
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy_rng": np.random.get_state(),
-        "random_rng": random.getstate(),
-    }
-
-
-def _restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
-    model = experiment.model
-    first = next(iter(saved["devices"].values()), None)
-    if first is not None:
-        model.to(first)
-    model.load_state_dict(saved["model"])
-    experiment.optimizer.load_state_dict(saved["optimizer"])
-    for name, m in model.named_modules():
-        if name in saved["modes"]:
-            m.train(saved["modes"][name])
-    torch.set_rng_state(saved["torch_rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    np.random.set_state(saved["numpy_rng"])
-    random.setstate(saved["random_rng"])
-    for name, p in model.named_parameters():
-        p.grad = saved["grads"].get(name)

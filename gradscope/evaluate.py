@@ -20,7 +20,7 @@ class Finding:
     layer: Optional[str]
     message: str
     observed: Mapping[str, float]
-    remedy: str = "none"  # "clip" when the rule's condition is one that gradient clipping addresses
+    remedy: str = "none"  # the clipping mode that addresses the condition ("norm", "value", "agc"), or "none"
 
 
 def evaluate(statistics: Statistics, rules: RuleSet) -> Tuple[Finding, ...]:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+import math
+import statistics
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .errors import ExperimentError
+from .errors import ExperimentError, GradscopeError, describe_exception
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -120,3 +122,77 @@ def compute_loss(experiment: Experiment, batch: Batch) -> torch.Tensor:
             "reduce it (e.g. .mean()) or give the Experiment a loss_fn that returns a scalar",
         )
     return loss.reshape(())
+
+
+def next_batch(stream: Iterator[Batch], step: int) -> Batch:
+    """The next batch of the stream, with a user error named as such."""
+    try:
+        return next(stream)
+    except GradscopeError:
+        raise
+    except Exception as exc:
+        raise ExperimentError(f"getting batch {step} raised {describe_exception(exc)}",
+                              "check Experiment.batches (re-run with --debug for the traceback)") from exc
+
+
+def forward_backward(experiment: Experiment, batch: Batch, step: int, device: torch.device) -> torch.Tensor:
+    """One step's gradients: zero them, run the forward pass and the loss, and backward. Returns the loss.
+
+    Every training step gradscope runs goes through here (profiling and trials alike), so each gets
+    the same checks and the same one-line errors.
+    """
+    batch = to_device(batch, device)
+    experiment.optimizer.zero_grad(set_to_none=True)
+    try:
+        loss = compute_loss(experiment, batch)
+    except GradscopeError:
+        raise
+    except Exception as exc:
+        raise ExperimentError(f"the forward pass or loss raised at step {step}: {describe_exception(exc)}",
+                              "run one step of your model by hand to debug, or re-run with --debug") from exc
+    if not loss.requires_grad:
+        raise ExperimentError("the loss does not depend on any trainable parameter, so every gradient is None",
+                              "compute the loss from the model's output without .detach(), .item() or no_grad()")
+    try:
+        loss.backward()
+    except Exception as exc:
+        raise ExperimentError(f"backward() raised at step {step}: {describe_exception(exc)}",
+                              "run one step of your model by hand to debug, or re-run with --debug") from exc
+    if step == 0 and all(p.grad is None for p in experiment.model.parameters() if p.requires_grad):
+        raise ExperimentError("backward() produced no gradient for any parameter of the model",
+                              "make the loss depend on Experiment.model's parameters")
+    return loss
+
+
+def optimizer_step(experiment: Experiment, step: int) -> None:
+    """``optimizer.step()``, with an error from it named as the user's."""
+    try:
+        experiment.optimizer.step()
+    except GradscopeError:
+        raise
+    except Exception as exc:
+        raise ExperimentError(f"optimizer.step() raised at step {step}: {describe_exception(exc)}",
+                              "check the optimizer (one that needs a closure, such as LBFGS, is not "
+                              "supported)") from exc
+
+
+def held_out_loss(experiment: Experiment, batches: Sequence[Batch], device: torch.device) -> float:
+    """Median loss over batches the run does not train on, in eval mode without gradients (inf if any is).
+
+    The median, so that one outlier batch among them does not decide a comparison.
+    """
+    model = experiment.model
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = [float(compute_loss(experiment, to_device(b, device)).float()) for b in batches]
+    except GradscopeError:
+        raise
+    except Exception as exc:
+        raise ExperimentError(f"the loss on a held-out batch raised {describe_exception(exc)}",
+                              "the model must run in eval mode under torch.no_grad() too") from exc
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return float(statistics.median(losses)) if losses and all(map(math.isfinite, losses)) else math.inf

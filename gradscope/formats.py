@@ -157,7 +157,9 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
     rec = report.recommendation
     out.append(f"**Recommendation:** {_advice(report)}. {rec.evidence.basis}.")
     if rec.method != "none":
-        out.append(f"It would have clipped {rec.evidence.clip_fraction:.0%} of the profiled steps.")
+        where = "the winning trial's steps" if rec.evidence.trials is not None and rec.evidence.trials.winner \
+            else "the profiled steps"
+        out.append(f"It would have clipped {rec.evidence.clip_fraction:.0%} of {where}.")
     if rec.snippets:
         out += ["", "```python"] + [f"{code}  # {name}" if name != "timm" else f"# timm: {code}"
                                     for name, code in rec.snippets.items()] + ["```"]

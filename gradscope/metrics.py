@@ -62,6 +62,11 @@ _MODEL = {
     "loss_first": "loss at the first step",
     "loss_last": "loss at the last finite step",
     "loss_rise": "median loss of the last quarter of steps over that of the first quarter (positive losses only)",
+    "loss_peak_over_start": "sustained peak of the loss (largest median of 3 consecutive steps) over the start "
+                            "level (the median of the first 3 steps)",
+    "loss_last_over_start": "median loss of the last quarter of steps over the start level (first 3 steps)",
+    "global_norm_peak_over_start": "sustained peak of the global norm (largest median of 3 consecutive steps) over "
+                                   "the start level (median of the first 3 steps)",
     "max_layer_share": "largest grad_norm_share of any layer",
     "active_layers": "layers with trainable parameters",
     "unused_layers": "layers with trainable parameters that never received a gradient",

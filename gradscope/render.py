@@ -21,7 +21,7 @@ from .evaluate import Finding
 from .gate import Verdict
 from .report import Report
 from .stats import LayerStats
-from .sweep import SweepResult
+from .judge import TrialSet
 
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
@@ -36,6 +36,9 @@ def render(report: Report, gate: Optional[Verdict] = None) -> RenderableType:
     parts: List[RenderableType] = [header(report), global_line(report), layer_table(report)]
     if report.findings:
         parts.append(findings_block(report.findings))
+    trials = report.recommendation.evidence.trials
+    if trials is not None:
+        parts.append(trials_table(trials))
     parts.append(recommendation_block(report))
     if gate is not None and gate.comparison is not None:
         parts.append(baseline_block(gate.comparison))
@@ -50,20 +53,26 @@ def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None
     return buffer.getvalue()
 
 
-def sweep_table(result: SweepResult) -> RenderableType:
-    """The ranked trials of a sweep, the winner marked."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"sweep: {len(result.trials)} trials of {result.steps} "
-                  "steps from the same start, best first", title_justify="left", title_style="bold")
-    for name, justify in (("clip at", "right"), ("clipped", "right"), ("first loss", "right"),
-                          ("final loss", "right"), ("loss over steps", "left"), ("", "left")):
-        table.add_column(name, justify=justify, no_wrap=True)
-    winner = result.winner
-    for t in result.trials:
-        status = ("✔ winner", "bold green") if t is winner else (("✖ diverged", "red") if t.diverged else ("", ""))
-        table.add_row("none" if t.threshold is None else fmt(t.threshold), f"{t.clip_fraction:.0%}",
-                      fmt(t.first_loss), "–" if t.diverged else fmt(t.final_loss),
-                      sparkline(np.array(t.losses), width=LAYER_SPARK_WIDTH, log=False), Text(*status))
-    return Group(table, Text(""))
+def trials_table(trials: TrialSet) -> RenderableType:
+    """Every trial, loosest first, with its held-out loss and whether it stayed stable; the winner marked."""
+    spent = sum(len(t.losses) for t in trials.trials)
+    title = (f"trials: {trials.steps} steps each from the same start ({spent} steps in all), judged on "
+             f"held-out batches (start {fmt(trials.start_held_out)})")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=title, title_justify="left", title_style="bold")
+    for name, justify in (("clip at", "right"), ("clipped", "right"), ("held-out", "right"),
+                          ("loss over steps", "left"), ("verdict", "left")):
+        table.add_column(name, justify=justify, no_wrap=name != "verdict", overflow="fold")
+    for t in (trials.reference, *trials.trials):
+        if t.threshold == trials.winner:
+            verdict = Text("✔ winner", "bold green")
+        else:
+            verdict = Text("stable", "green") if t.stable else Text(f"✖ {t.unstable}", "red")
+        table.add_row("none" if math.isinf(t.threshold) else fmt(t.threshold), f"{t.clip_fraction:.0%}",
+                      fmt(t.held_out), sparkline(np.array(t.losses), width=LAYER_SPARK_WIDTH, log=False), verdict)
+    notes = [Text(f"not tried: {', '.join(fmt(c) for c in trials.untried)}; {trials.stopped}", "dim")] \
+        if trials.untried else []
+    notes += [Text(n, "dim") for n in trials.notes]
+    return Group(table, *notes, Text(""))
 
 
 def baseline_block(c: Comparison) -> RenderableType:
@@ -158,7 +167,8 @@ def recommendation_block(report: Report) -> RenderableType:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
     if rec.method != "none":
-        figures = f"would have clipped {ev.clip_fraction:.0%} of the profiled steps"
+        where = "steps of the winning trial" if ev.trials is not None and ev.trials.winner else "profiled steps"
+        figures = f"would have clipped {ev.clip_fraction:.0%} of the {where}"
         if ev.cosine is not None:
             figures += f"; cosine to the unclipped gradient {ev.cosine:.3f}"
         if ev.element_fraction is not None:

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .evaluate import Finding, worst_severity
+from .judge import Trial, TrialSet
 from .recommend import Recommendation
 from .ruleset import RuleSet
 from .stats import Statistics
@@ -76,14 +77,28 @@ class Report:
             "recommendation": {
                 "method": rec.method,
                 "threshold": rec.threshold,
-                "evidence": dataclasses.asdict(rec.evidence),
+                "evidence": {k: v for k, v in dataclasses.asdict(rec.evidence).items() if k != "trials"},
                 "snippets": dict(rec.snippets),
+                "trials": None if rec.evidence.trials is None else trials_dict(rec.evidence.trials),
             },
         }
         return _clean(doc)
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
+
+
+def trials_dict(trials: TrialSet) -> Dict[str, Any]:
+    """The trials as JSON-ready data: the unclipped reference first (threshold null), then loosest first."""
+    def one(t: Trial) -> Dict[str, Any]:
+        return {"threshold": None if math.isinf(t.threshold) else t.threshold, "held_out_loss": t.held_out,
+                "stable": t.stable, "unstable_because": t.unstable or None, "clip_fraction": t.clip_fraction,
+                "steps_run": len(t.losses), "losses": list(t.losses)}
+    # Wall-clock times stay out, so that the same target and seed give the same document; the cost is in steps.
+    return {"steps": trials.steps, "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
+            "reason": trials.reason, "trial_steps": sum(len(t.losses) for t in trials.trials),
+            "untried": list(trials.untried), "stopped": trials.stopped or None, "notes": list(trials.notes),
+            "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
 
 
 def _clean(value: Any) -> Any:

@@ -21,7 +21,8 @@ SEVERITIES = ("info", "warning", "error")
 SCOPES = ("layer", "model")
 OPERATORS = (">", ">=", "<", "<=", "==", "!=")
 RULE_KEYS = {"id", "severity", "scope", "when", "message", "params", "match", "enabled", "description", "remedy"}
-REMEDIES = ("none", "clip")
+REMEDIES = ("none", "norm", "value", "agc")  # clipping modes as timm and Lightning name them
+REMEDY_ALIASES = {"clip": "norm"}  # older rule files: "clip" meant norm clipping
 REQUIRED_KEYS = ("id", "severity", "scope", "when", "message")
 MAX_FILE_BYTES = 1 << 20
 MAX_NODES = 20_000  # expanded YAML nodes, aliases counted each time they are used: bounds billion-laughs files
@@ -197,8 +198,9 @@ def _check_types(raw: Mapping[str, Any], rule_id: str, where: str) -> None:
     for key in ("message", "description"):
         if key in raw and not isinstance(raw[key], str):
             fail(f"'{key}' must be text", "quote it")
-    if "remedy" in raw and raw["remedy"] not in REMEDIES:
-        fail(f"unknown remedy {raw['remedy']!r}", "use clip (clipping addresses it) or none")
+    if "remedy" in raw and raw["remedy"] not in REMEDIES and raw["remedy"] not in REMEDY_ALIASES:
+        fail(f"unknown remedy {raw['remedy']!r}",
+             "use norm, value or agc (the clipping mode that addresses it), or none")
     if "enabled" in raw and not isinstance(raw["enabled"], bool):
         fail("'enabled' must be true or false", "write enabled: false to turn a rule off")
     params = raw.get("params", {})
@@ -260,9 +262,14 @@ def _compile(entry: Mapping[str, Any]) -> Rule:
         id=rule_id, severity=raw["severity"], scope=scope, when=when, message=raw["message"].strip(),
         match_kind=as_tuple(match["kind"]) if "kind" in match else (),
         match_name=as_tuple(match["name"]) if "name" in match else (),
-        params=params, description=str(raw.get("description", "")).strip(), remedy=raw.get("remedy", "none"),
+        params=params, description=str(raw.get("description", "")).strip(), remedy=_remedy(raw),
         source=where,
     )
+
+
+def _remedy(raw: Mapping[str, Any]) -> str:
+    remedy = raw.get("remedy", "none")
+    return REMEDY_ALIASES.get(remedy, remedy)
 
 
 def _condition(node: Any, scope: str, params: Mapping[str, float], rule_id: str, where: str, depth: int) -> Condition:

@@ -11,6 +11,7 @@ from scipy import stats as sps
 from . import histogram as hist
 from .profile import Profile
 
+START_STEPS = 3  # the first steps give the level a run starts at, before it can have blown up
 TREND_POINTS = 200  # Theil-Sen is O(n²): a longer history is thinned to this many points
 NAN = float("nan")
 
@@ -98,7 +99,7 @@ def _layer_metrics(profile: Profile, k: int, norm: np.ndarray, share: np.ndarray
     counts = profile.histograms[k]
     median = _finite_median(norm)
     peak = _finite_max(norm)
-    growth, growth_low = _trend(steps, norm)
+    growth, growth_low = trend(steps, norm)
     p50, p999 = hist.quantile(counts, 0.5), hist.quantile(counts, 0.999)
     g2w = _rows(s, "grad_to_weight", len(profile.active))[:, k]
     updates = _rows(s, "update_ratio", len(profile.active))[:, k]
@@ -139,7 +140,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
     cosine = s.get("cosine", np.empty(0)).reshape(-1)
     finite_norm = global_norm[np.isfinite(global_norm)]
     median, peak = _finite_median(global_norm), _finite_max(global_norm)
-    growth, growth_low = _trend(profile.series_steps, global_norm)
+    growth, growth_low = trend(profile.series_steps, global_norm)
     finite_loss = loss[np.isfinite(loss)]
     pooled = profile.histograms.sum(axis=0) if len(profile.histograms) else np.zeros(hist.N_BINS, dtype=np.int64)
     with warnings.catch_warnings():
@@ -167,6 +168,9 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         "loss_first": float(loss[0]) if len(loss) else NAN,
         "loss_last": float(finite_loss[-1]) if len(finite_loss) else NAN,
         "loss_rise": _rise(finite_loss),
+        "loss_peak_over_start": _over_start(finite_loss, _sustained_peak(finite_loss)),
+        "loss_last_over_start": _over_start(finite_loss, _last_quarter(finite_loss)),
+        "global_norm_peak_over_start": _over_start(finite_norm, _sustained_peak(finite_norm)),
         "max_layer_share": max((lm["grad_norm_share"] for lm in layer_metrics if np.isfinite(lm["grad_norm_share"])),
                                default=NAN),
         "active_layers": float(sum(1 for layer in layers if layer.status == "active")),
@@ -185,7 +189,7 @@ def _rows(series: Mapping[str, np.ndarray], name: str, width: int) -> np.ndarray
     return rows.reshape(-1, width) if rows is not None and rows.size else np.empty((0, width))
 
 
-def _trend(steps: np.ndarray, values: np.ndarray) -> Tuple[float, float]:
+def trend(steps: np.ndarray, values: np.ndarray) -> Tuple[float, float]:
     """Theil-Sen growth factor per step of the values (and its 90% lower bound), on a log10 scale."""
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log10(values)
@@ -198,6 +202,29 @@ def _trend(steps: np.ndarray, values: np.ndarray) -> Tuple[float, float]:
         x, y = x[pick], y[pick]
     slope, _, low, _ = sps.theilslopes(y, x, alpha=0.90)
     return float(10**slope), float(10**low)
+
+
+def _start(values: np.ndarray) -> float:
+    """The level a run starts at: the median of its first START_STEPS finite values."""
+    return float(np.median(values[:START_STEPS])) if len(values) else NAN
+
+
+def _over_start(values: np.ndarray, value: float) -> float:
+    """``value`` over the start level; NaN unless both are positive (a loss can be negative)."""
+    start = _start(values)
+    return value / start if start > 0 and value > 0 else NAN
+
+
+def _sustained_peak(values: np.ndarray) -> float:
+    """The largest median of START_STEPS consecutive values: a peak held for several steps, not one outlier batch."""
+    if len(values) < START_STEPS:
+        return NAN
+    windows = np.lib.stride_tricks.sliding_window_view(values, START_STEPS)
+    return float(np.median(windows, axis=1).max())
+
+
+def _last_quarter(values: np.ndarray) -> float:
+    return float(np.median(values[-max(len(values) // 4, 1):])) if len(values) else NAN
 
 
 def _rise(values: np.ndarray) -> float:

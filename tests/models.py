@@ -80,3 +80,32 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 def exploding_rnn() -> gradscope.Experiment:
     """The bundled sample: a tanh RNN with recurrent spectral radius 1.2 that diverges under SGD."""
     return load_experiment(str(SAMPLES / "exploding_rnn.py"))
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self, hidden: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def sign_pattern_batches(seed: int = 0, length: int = 20):
+    """Sequences whose class is the sign pattern of two input sums: 4 classes, learnable by a GRU."""
+    g = torch.Generator().manual_seed(seed)
+
+    def batch():
+        x = torch.randn(32, length, 4, generator=g)
+        sums = x[:, :, :2].sum(dim=1)
+        return x, (sums[:, 0] > 0).long() * 2 + (sums[:, 1] > 0).long()
+    return batch
+
+
+def hot_gru(lr: float = 50.0) -> gradscope.Experiment:
+    """A GRU classifier at SGD lr 50: the loss blows up within the first few steps, then partly settles."""
+    torch.manual_seed(0)
+    model = GRUClassifier()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=lr), sign_pattern_batches(),
+                                loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), name="hot_gru")

@@ -20,7 +20,7 @@ def _run(experiment, steps: int = STEPS) -> gradscope.Report:
     """diagnose() an Experiment; a fixture that trains its own loop (AMP) hands back its Report."""
     if isinstance(experiment, gradscope.Report):
         return experiment
-    return gradscope.diagnose(experiment, steps=steps, seed=0)
+    return gradscope.diagnose(experiment, steps=steps, seed=0, trials=0)  # detection only: no trials
 
 
 def nonfinite_gradients() -> gradscope.Experiment:
@@ -149,6 +149,7 @@ TRIPS = {
     "nonfinite-loss": nonfinite_loss,
     "loss-diverging": exploding_rnn,
     "global-norm-growing": exploding_rnn,
+    "global-norm-blowup": exploding_rnn,
     "global-norm-rising": rising_norm,
     "gradient-spike": spiky_batches,
     "layer-dominates": dominating_layer,

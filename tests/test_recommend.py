@@ -1,8 +1,6 @@
 """Clipping advice from real runs: method by pathology, scale-aware thresholds, evidence that adds up."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -12,8 +10,8 @@ from models import exploding_rnn, healthy_mlp
 from test_default_rules import dominating_layer, spiky_batches
 
 
-def run(experiment, steps=30):
-    return gradscope.diagnose(experiment, steps=steps, seed=0)
+def run(experiment, steps=30, **options):
+    return gradscope.diagnose(experiment, steps=steps, seed=0, **options)
 
 
 def test_healthy_model_gets_none_with_a_generous_safety_net():
@@ -33,21 +31,32 @@ def test_advice_scales_with_the_model_norm():
                                                                      rel=0.1)
 
 
-def test_explosion_gets_norm_clipping_at_the_early_level():
-    report = run(exploding_rnn())
+def test_without_trials_an_explosion_gets_a_tenth_of_the_start_norm():
+    report = run(exploding_rnn(), trials=0)
     rec = report.recommendation
     norms = report.statistics.model.global_norm
-    early = float(np.median(norms[:max(3, len(norms) // 4)]))
-    assert rec.method == "norm"
-    assert rec.threshold == pytest.approx(0.1 * early, rel=0.05)  # two significant digits
+    assert rec.method == "norm" and rec.evidence.trials is None
+    assert rec.threshold == pytest.approx(0.1 * float(np.median(norms[:3])), rel=0.05)  # two significant digits
     assert rec.evidence.clip_fraction == pytest.approx(np.mean(norms > rec.threshold))
+    assert "no trial ran" in rec.evidence.basis
     assert "global-norm-growing" in rec.evidence.reasons
     assert "max_norm=" in rec.snippets["torch"] and 'gradient_clip_algorithm="norm"' in rec.snippets["lightning"]
     assert "max_grad_norm=" in rec.snippets["huggingface"] and "--clip-mode norm" in rec.snippets["timm"]
 
 
-def test_spike_gets_norm_clipping_above_the_typical_norm():
-    report = run(spiky_batches())
+def test_with_trials_an_explosion_gets_the_judged_winner():
+    report = run(exploding_rnn())
+    rec, trials = report.recommendation, report.recommendation.evidence.trials
+    assert rec.method == "norm" and trials is not None and rec.threshold == trials.winner
+    winner = next(t for t in trials.trials if t.threshold == trials.winner)
+    assert winner.stable and winner.held_out < trials.start_held_out
+    assert not trials.reference.stable  # the unclipped profile itself diverged
+    assert rec.evidence.clip_fraction == pytest.approx(winner.clip_fraction)
+    assert "held-out" in rec.evidence.basis
+
+
+def test_spike_gets_norm_clipping_above_the_typical_norm_without_trials():
+    report = run(spiky_batches(), trials=0)
     rec = report.recommendation
     norms = report.statistics.model.global_norm
     assert rec.method == "norm"
@@ -61,18 +70,23 @@ def test_a_dominating_layer_alone_is_no_reason_to_clip():
     assert report.healthy and report.recommendation.method == "none"
 
 
-def test_spikes_with_a_dominating_layer_get_agc():
-    """When clipping is called for and one layer dominates, norm clipping would starve the others."""
-    experiment = dominating_layer()
-    plain = experiment.batches
-    counter = itertools.count()
-
-    def batch():
-        x, y = plain()
-        return (x, y * 300) if next(counter) == 20 else (x, y)
-    report = run(gradscope.Experiment(experiment.model, experiment.optimizer, batch, loss_fn=experiment.loss_fn))
+def test_a_rule_that_names_agc_at_warning_makes_the_advice_agc(tmp_path):
+    """The method follows the rules: promote layer-dominates (remedy agc) to a warning and the advice is AGC."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nrules:\n  - id: layer-dominates\n    severity: warning\n")
+    report = run(dominating_layer(), rules=str(rules))
     rec = report.recommendation
-    assert "gradient-spike" in rec.evidence.reasons
+    assert "layer-dominates" in rec.evidence.reasons
     assert rec.method == "agc" and 0 < rec.threshold <= 1
     assert "hidden.0" in rec.evidence.basis
     assert "--clip-mode agc" in rec.snippets["timm"]
+
+
+def test_rule_params_change_the_advice_not_only_the_findings(tmp_path):
+    """Raising the spike rule's bar past what the run shows removes the call for clipping, and so the advice."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nrules:\n  - id: gradient-spike\n    params: {z: 1000.0}\n")
+    default, relaxed = run(spiky_batches(), trials=0), run(spiky_batches(), trials=0, rules=str(rules))
+    assert default.recommendation.method == "norm" and "gradient-spike" in default.recommendation.evidence.reasons
+    assert "gradient-spike" not in {f.rule_id for f in relaxed.findings}
+    assert relaxed.recommendation.method == "none"

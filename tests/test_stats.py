@@ -8,7 +8,7 @@ from scipy import stats as sps
 import gradscope
 from gradscope.history import SPIKE_STD_FLOOR, SPIKE_WARMUP, SeriesStore, SpikeTracker
 from gradscope.metrics import LAYER_METRICS, MODEL_METRICS
-from gradscope.stats import _trend
+from gradscope.stats import trend
 
 from models import healthy_mlp
 
@@ -36,11 +36,11 @@ def test_shares_and_global_norm_agree(report):
 def test_trend_is_theil_sen_on_log10():
     steps = np.arange(20)
     values = 3.0 * 1.3 ** steps
-    growth, low = _trend(steps, values)
+    growth, low = trend(steps, values)
     assert growth == pytest.approx(1.3) and low == pytest.approx(1.3)
     noisy = values * np.exp(np.random.default_rng(0).normal(0, 0.2, 20))
     slope, _, lo, _ = sps.theilslopes(np.log10(noisy), steps, alpha=0.9)
-    assert _trend(steps, noisy) == pytest.approx((10 ** slope, 10 ** lo))
+    assert trend(steps, noisy) == pytest.approx((10 ** slope, 10 ** lo))
 
 
 def test_spike_z_matches_a_naive_running_computation():

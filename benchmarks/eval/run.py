@@ -9,13 +9,20 @@ run scores 1) and l* is the best of the threshold grid. Methods:
   fixed-1.0    norm clipping at 1.0 (the Hugging Face default)
   autoclip     AutoClip: the 10th percentile of the norm history so far (Seetharaman et al. 2020)
   zclip        ZClip: EMA mean/std of the norm (alpha 0.97), clip at mean + 2.5 std after 25 warm-up steps
-  gradscope    diagnose (30 steps, from the same start), then train from step 0 with gradscope.Clipper
-Run: python benchmarks/eval/run.py [--quick] [--scenarios NAME ...]
+  gradscope    diagnose (30 steps, then its trials, from the same start), then train from step 0 with
+               gradscope.Clipper
+Besides R, it reports gradscope's cost in training steps and in time over its profiling time, and the
+short-horizon bias: the Spearman correlation between the ranking of the thresholds by the trials
+(30 steps) and by the full runs (300 steps, 10x the horizon).
+Run: python benchmarks/eval/run.py [--quick] [--jobs 2] [--scenarios NAME ...] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -28,11 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenarios import SCENARIOS, Scenario, Setup  # noqa: E402
 
+from scipy import stats as sps  # noqa: E402
+
 import gradscope  # noqa: E402
+from gradscope.judge import lattice  # noqa: E402
 
 PROFILE_STEPS = 30
-GRID = [10 ** (k / 2) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades
-MEDIAN_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades, as gradscope writes them
+EXHAUSTIVE = "GRADSCOPE_EVAL_EXHAUSTIVE"  # --exhaustive: every candidate is tried, for studying the choice rule
+BLOWUP = 1e4  # a training loss this far above its first value has diverged: the run stops, scored as such
 Policy = Callable[[int, float, List[float]], Optional[float]]  # step, norm, history -> threshold
 
 
@@ -73,10 +84,13 @@ def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[grads
     """Train to the end with one clipping method; returns the held-out loss (inf if it diverged)."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     history: List[float] = []
+    first = None
     for step in range(setup.steps):
         setup.optimizer.zero_grad(set_to_none=True)
         loss = setup.loss_fn(setup.model, setup.train_batch(step))
-        if not math.isfinite(float(loss.detach())):
+        value = float(loss.detach())
+        first = value if first is None else first
+        if not math.isfinite(value) or (first > 0 and value > BLOWUP * first):
             return math.inf
         loss.backward()
         if clipper is not None:
@@ -96,33 +110,75 @@ def profile(scenario: Scenario, seed: int) -> gradscope.Report:
     steps = iter(range(10 ** 9))
     experiment = gradscope.Experiment(setup.model, setup.optimizer, lambda: setup.train_batch(next(steps)),
                                       loss_fn=setup.loss_fn, name=scenario.name)
-    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False)
+    budget = {"trial_budget": 100.0} if os.environ.get(EXHAUSTIVE) else {}
+    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, **budget)
+
+
+def _exhaustive() -> None:
+    if os.environ.get(EXHAUSTIVE):
+        from gradscope import judge, trials
+        judge.should_stop = trials.judge.should_stop = lambda *args: False
 
 
 def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
     l0 = eval_loss(scenario.build(seed))
+    began = time.perf_counter()
     report = profile(scenario, seed)
-    median = float(np.nanmedian(report.statistics.model.global_norm))
-    thresholds = sorted(set(GRID + [f * median for f in MEDIAN_FACTORS if math.isfinite(median) and median > 0]))
-    grid = {t: train(scenario.build(seed), fixed(t)) for t in thresholds}
+    diagnose_seconds = time.perf_counter() - began
+    norms = report.statistics.model.global_norm
+    median = float(np.nanmedian(norms)) if np.isfinite(norms).any() else math.nan
+    trials = report.recommendation.evidence.trials
+    tried = {t.threshold: t.held_out for t in trials.trials} if trials else {}
+    thresholds = set(GRID) | set(tried) | set(trials.untried if trials else ())
+    if math.isfinite(median) and median > 0:
+        centre = round(2 * math.log10(median))
+        thresholds |= {lattice(k) for k in range(centre - 2, centre + 3)}  # 0.1x .. 10x the median norm
+    grid = {t: train(scenario.build(seed), fixed(t)) for t in sorted(thresholds)}
     results = {
         "none": train(scenario.build(seed)),
-        "fixed-1.0": grid[1.0] if 1.0 in grid else train(scenario.build(seed), fixed(1.0)),
+        "fixed-1.0": grid[1.0],
         "autoclip": train(scenario.build(seed), autoclip()),
         "zclip": train(scenario.build(seed), zclip()),
         "gradscope": train(scenario.build(seed), clipper=gradscope.Clipper.from_report(report)),
     }
-    star = results["oracle"] = min(grid.values())  # l*: the best of the grid
+    best_threshold = min(grid, key=grid.get)
+    star = results["oracle"] = grid[best_threshold]  # l*: the best of the grid
 
     def regret(loss: float) -> float:
         """Normalised regret; below 0 when a method beats every grid threshold."""
         if not l0 > star:
             return 0.0
         return (min(loss, l0) - star) / (l0 - star)
+    setup = scenario.build(seed)
+    weight_norm = float(torch.sqrt(sum((p.detach() ** 2).sum() for p in setup.model.parameters())))
+    group = setup.optimizer.param_groups[0]
+    lr_eff = group["lr"] / (1 - group.get("momentum", 0.0)) if "momentum" in group else math.nan
+    start_norm = float(np.median(norms[np.isfinite(norms)][:3])) if np.isfinite(norms).any() else math.nan
+    rank = math.nan
+    if len(tried) >= 3:
+        common = sorted(tried)
+        rank = float(sps.spearmanr([tried[t] for t in common], [grid[t] for t in common]).statistic)
     return {"scenario": scenario.name, "label": scenario.label, "seed": seed, "l0": l0,
             "flagged": not report.healthy, "method": report.recommendation.method,
-            "threshold": report.recommendation.threshold, "median_norm": median,
+            "threshold": report.recommendation.threshold, "median_norm": median, "start_norm": start_norm,
+            "best_threshold": best_threshold, "weight_norm": weight_norm, "lr_eff": lr_eff,
+            "optimizer": type(setup.optimizer).__name__,
+            "trial_steps": sum(len(t.losses) for t in trials.trials) if trials else 0,
+            "trials_tried": len(tried), "diagnose_seconds": diagnose_seconds,
+            "profile_seconds": trials.profile_seconds if trials else diagnose_seconds,
+            "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
+            "trials": None if trials is None else {
+                "start_held_out": trials.start_held_out, "winner": trials.winner,
+                "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
+                          "held_out": t.held_out, "unstable": t.unstable} for t in (trials.reference, *trials.trials)]},
             "regret": {k: regret(v) for k, v in results.items()}, "loss": results}
+
+
+def _run_pair(job) -> Dict[str, object]:
+    name, seed = job
+    torch.set_num_threads(1)
+    _exhaustive()
+    return run_one(SCENARIOS[name], seed)
 
 
 def summarise(rows: List[Dict[str, object]]) -> str:
@@ -146,7 +202,24 @@ def summarise(rows: List[Dict[str, object]]) -> str:
                  f"profiling cost {PROFILE_STEPS} steps per scenario and seed")
     if explode:
         regrets = [r["regret"]["gradscope"] for r in explode]
-        lines.append(f"explode: gradscope median R {statistics.median(regrets):.3f}, max R {max(regrets):.3f}")
+        lines.append(f"explode: gradscope mean R {statistics.mean(regrets):.3f}, median R "
+                     f"{statistics.median(regrets):.3f}, max R {max(regrets):.3f} over {len(regrets)} pairs")
+        for m in ("none", "fixed-1.0", "autoclip", "zclip"):
+            lines.append(f"         {m}: mean R {statistics.mean(r['regret'][m] for r in explode):.3f}")
+        ranks = [r["rank_correlation"] for r in explode if math.isfinite(r["rank_correlation"])]
+        if ranks:
+            lines.append(f"short-horizon bias: Spearman correlation of the trials' ranking (30 steps) with the "
+                         f"300-step ranking, median {statistics.median(ranks):.2f} (min {min(ranks):.2f}, "
+                         f"{len(ranks)} pairs)")
+    tried = [r for r in rows if r["trial_steps"]]
+    if tried:
+        cost = [(PROFILE_STEPS + r["trial_steps"]) / PROFILE_STEPS for r in tried]
+        ratio = [r["diagnose_seconds"] / r["profile_seconds"] for r in tried]
+        lines.append(f"cost where trials ran ({len(tried)} pairs): {PROFILE_STEPS} profiled + "
+                     f"{statistics.median(r['trial_steps'] for r in tried):.0f} trial steps (median), "
+                     f"{statistics.median(cost):.1f}x the profile in steps (max {max(cost):.1f}x); "
+                     f"diagnose time over profiling time median {statistics.median(ratio):.1f}x, "
+                     f"max {max(ratio):.1f}x")
     if healthy:
         ratios = [r["loss"]["gradscope"] / r["loss"]["none"] for r in healthy if r["loss"]["none"] > 0]
         lines.append(f"healthy: gradscope's held-out loss over unclipped: worst {max(ratios):.3f}")
@@ -157,21 +230,62 @@ def summarise(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def placement(rows: List[Dict[str, object]]) -> str:
+    """Where the oracle's threshold c* sits against what a profile shows, for every explode pair."""
+    lines = ["| scenario | seed | optimizer | c* | start norm | c*/start norm | median norm | lr_eff c*/‖w‖ | "
+             "advice | advice/c* | R |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["label"] != "explode":
+            continue
+        c = r["best_threshold"]
+        update = r["lr_eff"] * c / r["weight_norm"] if math.isfinite(r["lr_eff"]) else math.nan
+        ratio = r["threshold"] / c if r["threshold"] else math.nan
+        lines.append(f"| {r['scenario']} | {r['seed']} | {r['optimizer']} | {c:.2g} | {r['start_norm']:.3g} | "
+                     f"{c / r['start_norm']:.2g} | {r['median_norm']:.3g} | {update:.2g} | {r['method']} "
+                     f"{r['threshold'] if r['threshold'] is not None else ''} | {ratio:.2g} | "
+                     f"{r['regret']['gradscope']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed instead of three")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--jobs", type=int, default=1, help="scenario-seed pairs run at once, one thread each "
+                                                           "(the time ratios are then only indicative)")
+    parser.add_argument("--json", metavar="FILE", help="also write every row as JSON")
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="try every candidate (no budget, no early stop): data for studying the choice rule")
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.exhaustive:
+        os.environ[EXHAUSTIVE] = "1"  # inherited by the worker processes
     seeds = range(1 if args.quick else args.seeds)
+    jobs = [(name, seed) for name in args.scenarios for seed in seeds]
     rows = []
     start = time.perf_counter()
-    for name in args.scenarios:
-        for seed in seeds:
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for row in pool.imap(_run_pair, jobs):
+                rows.append(row)
+                _progress(row, start)
+    else:
+        _exhaustive()
+        for name, seed in jobs:
             rows.append(run_one(SCENARIOS[name], seed))
-            print(f"  {name} seed {seed}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+            _progress(rows[-1], start)
     print(summarise(rows))
+    print()
+    print(placement(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float) + "\n")
+
+
+def _progress(row: Dict[str, object], start: float) -> None:
+    print(f"  {row['scenario']} seed {row['seed']}: advice {row['method']} {row['threshold']}, best grid "
+          f"{row['best_threshold']}, R {row['regret']['gradscope']:.3f} ({time.perf_counter() - start:.0f}s)",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

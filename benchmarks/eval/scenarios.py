@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 Batch = tuple
+STEPS = 300  # every scenario trains this long: 10x a 30-step profile or trial
 
 
 @dataclasses.dataclass
@@ -76,8 +77,8 @@ def adding_problem(g: torch.Generator, length: int = 40, batch: int = 32) -> Bat
 def exploding_rnn(seed: int) -> Setup:
     torch.manual_seed(seed)
     model = TanhRNN(radius=1.2)
-    train, held_out = _stream(adding_problem, seed, 120)
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05), train, held_out, mse, 120)
+    train, held_out = _stream(adding_problem, seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05), train, held_out, mse, STEPS)
 
 
 class LSTMLM(nn.Module):
@@ -111,20 +112,21 @@ def markov_tokens(vocab: int = 200, length: int = 20, batch: int = 16):
 
 def lstm_lm_hot(seed: int) -> Setup:
     torch.manual_seed(seed)
-    model = LSTMLM(size=256)
-    train, held_out = _stream(markov_tokens(), seed, 120)
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=20.0), train, held_out, cross_entropy, 120)
+    model = LSTMLM(size=128)
+    train, held_out = _stream(markov_tokens(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=20.0), train, held_out, cross_entropy, STEPS)
 
 
 def healthy_lstm(seed: int) -> Setup:
     torch.manual_seed(seed)
     model = LSTMLM()
-    train, held_out = _stream(markov_tokens(), seed, 120)
-    return Setup(model, torch.optim.Adam(model.parameters(), lr=3e-3), train, held_out, cross_entropy, 120)
+    train, held_out = _stream(markov_tokens(), seed, STEPS)
+    return Setup(model, torch.optim.Adam(model.parameters(), lr=3e-3), train, held_out, cross_entropy, STEPS)
 
 
 # -- feed-forward -----------------------------------------------------------------------------------------
-def regression(d_in: int = 16, scale: float = 1.0, batch: int = 64, outlier_every: int = 0):
+def regression(d_in: int = 16, scale: float = 1.0, batch: int = 64, outlier_every: int = 0,
+               outlier_scale: float = 30.0):
     w = torch.randn(d_in, 1, generator=torch.Generator().manual_seed(3))
     count = [0]
 
@@ -132,7 +134,7 @@ def regression(d_in: int = 16, scale: float = 1.0, batch: int = 64, outlier_ever
         x = torch.randn(batch, d_in, generator=g)
         count[0] += 1
         if outlier_every and count[0] % outlier_every == 0:
-            x = x * 30.0  # a batch of outlier inputs
+            x = x * outlier_scale  # a batch of outlier inputs
         return x, torch.sin(x @ w) * scale + 0.1 * torch.randn(batch, 1, generator=g)
     return make
 
@@ -148,24 +150,24 @@ def deep_relu(depth: int = 12, width: int = 64, d_in: int = 16) -> nn.Module:
 def deep_mlp_large_targets(seed: int) -> Setup:
     torch.manual_seed(seed)
     model = deep_relu()
-    train, held_out = _stream(regression(scale=100.0), seed, 150)
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), train, held_out, mse, 150)
+    train, held_out = _stream(regression(scale=100.0), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), train, held_out, mse, STEPS)
 
 
 def outlier_batches(seed: int) -> Setup:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    train, held_out = _stream(regression(outlier_every=17), seed, 150)
+    train, held_out = _stream(regression(outlier_every=17), seed, STEPS)
     clean_eval = _stream(regression(), seed + 50, 1)[1]
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), train, clean_eval, mse, 150)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), train, clean_eval, mse, STEPS)
 
 
 def overclip_trap(seed: int) -> Setup:
     """Healthy, but its gradient norms sit near 1e3: a fixed threshold of 1.0 cripples it."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
-    train, held_out = _stream(regression(scale=300.0), seed, 150)
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=2e-5, momentum=0.9), train, held_out, mse, 150)
+    train, held_out = _stream(regression(scale=300.0), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=2e-5, momentum=0.9), train, held_out, mse, STEPS)
 
 
 def healthy_cnn(seed: int) -> Setup:
@@ -182,9 +184,9 @@ def healthy_cnn(seed: int) -> Setup:
         angle = labels.float() * math.pi / 4
         waves = torch.sin(0.8 * (xs * torch.cos(angle)[:, None, None] + ys * torch.sin(angle)[:, None, None]))
         return (waves + 0.5 * torch.randn(32, 16, 16, generator=g)).unsqueeze(1), labels
-    train, held_out = _stream(make, seed, 100)
+    train, held_out = _stream(make, seed, STEPS)
     return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), train, held_out,
-                 cross_entropy, 100)
+                 cross_entropy, STEPS)
 
 
 # -- transformers -----------------------------------------------------------------------------------------
@@ -206,16 +208,16 @@ class TinyGPT(nn.Module):
 def hot_transformer(seed: int) -> Setup:
     torch.manual_seed(seed)
     model = TinyGPT()
-    train, held_out = _stream(markov_tokens(), seed, 100)
+    train, held_out = _stream(markov_tokens(), seed, STEPS)
     return Setup(model, torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9), train, held_out,
-                 cross_entropy, 100)
+                 cross_entropy, STEPS)
 
 
 def healthy_transformer(seed: int) -> Setup:
     torch.manual_seed(seed)
     model = TinyGPT()
-    train, held_out = _stream(markov_tokens(), seed, 100)
-    return Setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3), train, held_out, cross_entropy, 100)
+    train, held_out = _stream(markov_tokens(), seed, STEPS)
+    return Setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3), train, held_out, cross_entropy, STEPS)
 
 
 # -- clipping is not the cure -----------------------------------------------------------------------------
@@ -225,19 +227,147 @@ def dead_relu(seed: int) -> Setup:
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
     with torch.no_grad():
         model[0].bias.fill_(-100.0)
-    train, held_out = _stream(regression(), seed, 100)
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.01), train, held_out, mse, 100)
+    train, held_out = _stream(regression(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.01), train, held_out, mse, STEPS)
+
+
+# -- more recurrent and convolutional models ---------------------------------------------------------------
+class GRUClassifier(nn.Module):
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.gru = nn.GRU(2, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def gru_hot(seed: int) -> Setup:
+    """A GRU on the adding problem at SGD lr 5: gradients blow up within the first steps."""
+    torch.manual_seed(seed)
+    model = GRUClassifier()
+    train, held_out = _stream(adding_problem, seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=5.0), train, held_out, mse, STEPS)
+
+
+def wave_images(channels: int = 1, size: int = 16, classes: int = 4, batch: int = 32):
+    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+
+    def make(g):
+        labels = torch.randint(0, classes, (batch,), generator=g)
+        angle = labels.float() * math.pi / classes
+        waves = torch.sin(0.8 * (xs * torch.cos(angle)[:, None, None] + ys * torch.sin(angle)[:, None, None]))
+        images = (waves + 0.5 * torch.randn(batch, size, size, generator=g)).unsqueeze(1)
+        return images.expand(-1, channels, -1, -1), labels
+    return make
+
+
+def deep_cnn_no_norm(seed: int) -> Setup:
+    """An 8-conv plain CNN (no normalisation, no residuals) at SGD lr 0.1, momentum 0.9."""
+    torch.manual_seed(seed)
+    layers, c = [], 1
+    for k in range(8):
+        layers += [nn.Conv2d(c, 16, 3, padding=1), nn.ReLU()]
+        c = 16
+        if k in (3, 7):
+            layers.append(nn.MaxPool2d(2))
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
+    train, held_out = _stream(wave_images(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), train, held_out,
+                 cross_entropy, STEPS)
+
+
+def adam_outliers(seed: int) -> Setup:
+    """An MLP under AdamW where 1 batch in 23 has inputs x100: clipping matters only for the spikes."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 1))
+    train, held_out = _stream(regression(outlier_every=23, outlier_scale=100.0), seed, STEPS)
+    clean_eval = _stream(regression(), seed + 50, 1)[1]
+    return Setup(model, torch.optim.AdamW(model.parameters(), lr=3e-3), train, clean_eval, mse, STEPS)
+
+
+# -- Hugging Face models built from their configs (no download) -------------------------------------------
+def _hf_lm_loss(model, batch):
+    return model(input_ids=batch[0], labels=batch[0]).loss
+
+
+def _hf_mlm_loss(model, batch):
+    return model(input_ids=batch[0], labels=batch[1]).loss
+
+
+def markov_rows(batch: int = 16, length: int = 20):
+    chain = markov_tokens(batch=batch, length=length)
+
+    def make(g):
+        x, _ = chain(g)
+        return (x.t().contiguous(),)  # batch-major rows of tokens
+    return make
+
+
+def masked_rows(mask_id: int = 199, rate: float = 0.15):
+    rows = markov_rows()
+
+    def make(g):
+        (x,) = rows(g)
+        masked = torch.rand(x.shape, generator=g) < rate
+        labels = torch.where(masked, x, torch.full_like(x, -100))
+        return torch.where(masked, torch.full_like(x, mask_id), x), labels
+    return make
+
+
+def gpt2_hot(seed: int) -> Setup:
+    """Hugging Face GPT-2 (2 layers, 64 wide) at SGD lr 3, momentum 0.9."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=200, n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    train, held_out = _stream(markov_rows(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9), train, held_out,
+                 _hf_lm_loss, STEPS)
+
+
+def bert_hot(seed: int) -> Setup:
+    """Hugging Face BERT masked LM (2 layers, 64 wide) at SGD lr 0.5, momentum 0.9."""
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=0)
+    model = BertForMaskedLM(config)
+    train, held_out = _stream(masked_rows(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), train, held_out,
+                 _hf_mlm_loss, STEPS)
+
+
+def llama_healthy(seed: int) -> Setup:
+    """Hugging Face Llama (2 layers, 64 wide) at AdamW lr 1e-3: healthy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config)
+    train, held_out = _stream(markov_rows(), seed, STEPS)
+    return Setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3), train, held_out, _hf_lm_loss, STEPS)
 
 
 SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("rnn_spectral_radius", "explode", exploding_rnn, "tanh RNN, recurrent spectral radius 1.2 (Pascanu 2013)"),
-    Scenario("lstm_lm_lr20", "explode", lstm_lm_hot, "2-layer LSTM LM at SGD lr 20"),
-    Scenario("deep_relu_large_targets", "explode", deep_mlp_large_targets, "12-layer ReLU MLP, no norm, targets x100"),
+    Scenario("lstm_lm_lr20", "explode", lstm_lm_hot, "2-layer LSTM LM (128 wide) at SGD lr 20"),
+    Scenario("deep_relu_large_targets", "other", deep_mlp_large_targets,
+             "12-layer ReLU MLP, no norm, targets x100: no threshold gets below the initial loss"),
     Scenario("outlier_batches", "explode", outlier_batches, "1 batch in 17 has inputs x30"),
     Scenario("hot_transformer", "explode", hot_transformer, "2-layer transformer at SGD lr 3"),
     Scenario("overclip_trap", "healthy", overclip_trap, "healthy, gradient norms near 1e3"),
     Scenario("healthy_cnn", "healthy", healthy_cnn, "CNN with BatchNorm"),
     Scenario("healthy_lstm", "healthy", healthy_lstm, "LSTM LM at Adam 3e-3"),
+    Scenario("gru_lr5", "explode", gru_hot, "GRU on the adding problem at SGD lr 5"),
+    Scenario("deep_cnn_no_norm", "explode", deep_cnn_no_norm, "8-conv CNN without normalisation, SGD lr 0.1"),
+    Scenario("adam_outliers", "explode", adam_outliers, "MLP under AdamW, 1 batch in 23 has inputs x100"),
+    Scenario("hf_gpt2_hot", "explode", gpt2_hot, "Hugging Face GPT-2 from its config, SGD lr 3"),
+    Scenario("hf_bert_hot", "explode", bert_hot, "Hugging Face BERT MLM from its config, SGD lr 0.5"),
+    Scenario("hf_llama_healthy", "healthy", llama_healthy, "Hugging Face Llama from its config, AdamW 1e-3"),
     Scenario("healthy_transformer", "healthy", healthy_transformer, "transformer at AdamW 1e-3"),
     Scenario("dead_relu", "other", dead_relu, "every ReLU dead at init: clipping cannot help"),
 ]}

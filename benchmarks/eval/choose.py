@@ -1,0 +1,136 @@
+"""Compare rules for choosing a threshold from trials, on the rows of an exhaustive evaluation run.
+
+`python benchmarks/eval/run.py --exhaustive --json rows.json` tries every candidate threshold for 30
+steps and also trains every candidate for the full 300 steps (the grid). This script replays the
+trials through gradscope's own judge (gradscope.judge) under variants of the choice rule (margin or
+not, tie tolerance, budget and early stop) and scores each variant by the normalised regret R of the
+threshold it would have picked, over every explode scenario and seed. It trains nothing.
+
+Run: python benchmarks/eval/choose.py rows.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from typing import Callable, Dict, List, Optional, Tuple
+
+from gradscope import judge
+from gradscope.judge import Trial
+from gradscope.trials import BUDGET
+
+Rule = Callable[[List[Trial], Trial, float], Optional[float]]
+
+
+def trials_of(row: dict) -> Tuple[List[Trial], Trial, float]:
+    start = row["trials"]["start_held_out"]
+    runs = []
+    for run in row["trials"]["runs"]:
+        threshold = math.inf if run["threshold"] is None or run["threshold"] == math.inf else run["threshold"]
+        held = math.inf if run["held_out"] is None else run["held_out"]
+        verdict = judge.assess(run["losses"], run["norms"], held, start, threshold)
+        runs.append(Trial(threshold, tuple(run["losses"]), tuple(run["norms"]), held, verdict))
+    return runs[1:], runs[0], start
+
+
+def budgeted(trials: List[Trial], budget: float, steps: int = 30) -> List[Trial]:
+    """Every candidate in turn, loosest first, until the budget would run out."""
+    done: List[Trial] = []
+    for t in trials:
+        if sum(len(x.losses) for x in done) + steps > budget * steps:
+            break
+        done.append(t)
+    return done
+
+
+def coarse_to_fine(trials: List[Trial], start: float, budget: float, steps: int = 30) -> List[Trial]:
+    """Decades first (every other lattice step, loosest first), then the half-decade step beside the best
+    decade, on the side of its better neighbour: what gradscope.trials does by default."""
+    by_threshold = {t.threshold: t for t in trials}
+    order = [t.threshold for t in trials]
+    done: List[Trial] = []
+    while sum(len(x.losses) for x in done) + steps <= budget * steps:
+        threshold = judge.next_candidate(order, done)
+        if threshold is None:
+            break
+        done.append(by_threshold[threshold])
+    return sorted(done, key=lambda t: -t.threshold)
+
+
+def rule(margin: bool = False, tie: float = 0.0, budget: float = 1e9, prefer: str = "loosest",
+         search: str = "descending") -> Rule:
+    """A variant of the choice: the least (or most) clipping within ``tie`` of the best held-out improvement,
+    optionally kept one lattice step below a looser threshold that went unstable (a range-test margin)."""
+    def choose(trials: List[Trial], reference: Trial, start: float) -> Optional[float]:
+        if search == "coarse-to-fine":
+            trials = coarse_to_fine(trials, start, budget)
+        else:
+            trials = budgeted(trials, budget)
+        stable = [t for t in trials if t.stable]
+        if not stable:
+            return None
+        best = min(t.held_out for t in stable)
+        near = [t for t in stable if t.held_out <= best + tie * max(start - best, 0.0)]
+        pick = (max if prefer == "loosest" else min)(near, key=lambda t: t.threshold)
+        if not margin:
+            return pick.threshold
+        ladder = [reference, *trials]
+        if ladder[ladder.index(pick) - 1].stable:
+            return pick.threshold
+        below = [t for t in trials[trials.index(pick) + 1:] if t.stable]
+        return below[0].threshold if below else pick.threshold
+    return choose
+
+
+def regret(row: dict, threshold: Optional[float]) -> float:
+    grid = {float(k): (math.inf if v is None else v) for k, v in row["grid"].items()}
+    star, l0 = min(grid.values()), row["l0"]
+    if threshold is None or not l0 > star:
+        return 1.0 if threshold is None and l0 > star else 0.0
+    loss = grid.get(threshold)
+    if loss is None:
+        loss = grid[min(grid, key=lambda k: abs(math.log(k / threshold)))]
+    return (min(loss, l0) - star) / (l0 - star)
+
+
+def default(trials: List[Trial], reference: Trial, start: float) -> Optional[float]:
+    """gradscope's own choice: its search within its budget, then judge.choose."""
+    return judge.choose(coarse_to_fine(trials, start, BUDGET), start)[0]
+
+
+VARIANTS: Dict[str, Rule] = {
+    f"gradscope: decades then half-decades, budget {BUDGET:g}, best held-out": default,
+    "same search, budget 5": rule(search="coarse-to-fine", budget=5.0),
+    "same search, no budget": rule(search="coarse-to-fine"),
+    "same search, budget 4, tie 5%, margin": rule(search="coarse-to-fine", budget=BUDGET, tie=0.05, margin=True),
+    "loosest first, budget 4": rule(budget=BUDGET),
+    "every candidate, best held-out": rule(),
+    "every candidate, tie 5%, margin": rule(tie=0.05, margin=True),
+    "every candidate, tie 20%, margin": rule(tie=0.2, margin=True),
+    "every candidate, tightest within 5%": rule(prefer="tightest", tie=0.05),
+    "every candidate, tightest within 20%": rule(prefer="tightest", tie=0.2),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", help="the JSON rows of `run.py --exhaustive --json FILE`")
+    args = parser.parse_args()
+    rows = [r for r in json.load(open(args.rows)) if r["label"] == "explode" and r.get("trials")]
+    print(f"{len(rows)} explode pairs with trials\n")
+    print("| choice rule | mean R | median R | max R | pairs with R > 0.2 |")
+    print("|---|---|---|---|---|")
+    for name, choose in VARIANTS.items():
+        regrets = [regret(r, choose(*trials_of(r))) for r in rows]
+        print(f"| {name} | {statistics.mean(regrets):.3f} | {statistics.median(regrets):.3f} | {max(regrets):.3f} | "
+              f"{sum(x > 0.2 for x in regrets)} |")
+    print("\nper pair (default rule): scenario seed, picked, best of grid, R")
+    choose = VARIANTS[next(iter(VARIANTS))]
+    for r in rows:
+        picked = choose(*trials_of(r))
+        print(f"  {r['scenario']} {r['seed']}: {picked} vs {r['best_threshold']}: R {regret(r, picked):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Judge threshold trials: which thresholds to try, whether a trial stayed stable, and which one wins.
+
+Pure functions over plain data; :mod:`gradscope.trials` runs the trials. The principle (see
+docs/advice.md): try global-norm thresholds on a half-decade lattice, decades first and then the
+half-decade steps beside the best; a trial that diverges, or whose loss (training or held-out) or
+gradient norm climbs, is unstable; the stable trial with the lowest loss on held-out batches wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .stats import START_STEPS, trend
+
+LATTICE_STEP = 0.5  # decades between candidates: 1, 0.32, 0.1, 0.032, ...
+SPAN_ABOVE = 0.5  # decades above the first step's norm the candidates start from
+SPAN_BELOW = 2.5  # decades below it they reach at least: three decades in all
+UPDATE_RATIO = 1e-3  # a per-step ||dw||/||w|| commonly held safe
+MAX_POINTS = 13  # lattice points at most: six decades
+LOSS_RISE = 2.0  # a trial whose last-quarter loss is this many times its first quarter's is climbing
+LOSS_BLOWUP = 10.0  # a training loss this many times its start has diverged: the trial stops there
+NORM_GROWTH = 10.0  # a pre-clip norm trend compounding to this over the trial is unstable
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One run from the common start, clipping the global norm at ``threshold`` (inf: unclipped)."""
+
+    threshold: float
+    losses: Tuple[float, ...]  # training loss per step
+    norms: Tuple[float, ...]  # pre-clip global norm per step
+    held_out: float  # median loss on the held-out batches at the end (inf once diverged)
+    unstable: str = ""  # why the trial counts as unstable; empty when it stayed stable
+    seconds: float = 0.0
+
+    @property
+    def stable(self) -> bool:
+        return not self.unstable
+
+    @property
+    def clip_fraction(self) -> float:
+        """Fraction of the trial's steps whose pre-clip norm exceeded the threshold."""
+        if not self.norms:
+            return 0.0
+        return float(np.mean([not n <= self.threshold for n in self.norms]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSet:
+    """Every trial of one diagnose run, the unclipped reference, and the verdict."""
+
+    steps: int  # training steps per trial
+    start_held_out: float  # held-out loss at the common start
+    reference: Trial  # the unclipped run (the profile itself when it ran the trial batches)
+    trials: Tuple[Trial, ...]  # clipped trials, loosest first
+    untried: Tuple[float, ...]  # candidates the search did not reach
+    stopped: str  # why the search ended
+    winner: Optional[float]
+    reason: str
+    seconds: float  # wall time of the trials
+    profile_seconds: float  # wall time of the profile, to state the trials' cost against
+    notes: Tuple[str, ...] = ()
+
+
+def candidates(norms: np.ndarray, update_estimate: Optional[float] = None) -> List[float]:
+    """Half-decade thresholds, loosest first: from above the first step's norm down at least three decades.
+
+    The first step's norm is the one measured before any update, so a run that blows up at once cannot
+    inflate it. Under SGD the step is at most lr_eff x threshold, so ``update_estimate`` (the threshold
+    that keeps the step near UPDATE_RATIO of the weights' norm) extends the range down to it.
+    """
+    finite = norms[np.isfinite(norms) & (norms > 0)]
+    if not len(finite):
+        return []
+    high = math.floor(math.log10(float(finite[0])) / LATTICE_STEP + SPAN_ABOVE / LATTICE_STEP + 1e-9)
+    low = high - round((SPAN_ABOVE + SPAN_BELOW) / LATTICE_STEP)
+    if update_estimate is not None and update_estimate > 0:
+        low = min(low, math.floor(math.log10(update_estimate) / LATTICE_STEP) - 1)  # one step below it
+    return [lattice(k) for k in range(high, max(low, high - MAX_POINTS + 1) - 1, -1)]
+
+
+def update_estimate(lr_eff: Optional[float], weight_norm: float) -> Optional[float]:
+    """The threshold that bounds an SGD step to UPDATE_RATIO of the weights' norm; None for adaptive optimizers."""
+    if lr_eff is None or not lr_eff > 0 or not weight_norm > 0:
+        return None
+    return UPDATE_RATIO * weight_norm / lr_eff
+
+
+def lattice(k: int) -> float:
+    """The k-th lattice threshold, rounded to two significant digits as a person would write it."""
+    value = 10 ** (k * LATTICE_STEP)
+    return float(f"{value:.2g}")
+
+
+def assess(losses: Sequence[float], norms: Sequence[float], held_out: float, start_held_out: float,
+           threshold: float = math.inf) -> str:
+    """Why a trial is unstable, or "" when it stayed stable.
+
+    Unstable means diverging: non-finite values, a loss that blew up or climbs, a held-out loss that
+    rose well above the start, or a pre-clip norm that compounds. A trial that merely learned little
+    is stable; its held-out loss ranks it.
+    """
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        return f"the loss went non-finite at step {bad}"
+    blown = blew_up(losses)
+    if blown is not None:
+        return f"the loss blew up to x{blown:.3g} its start"
+    if not math.isfinite(held_out):
+        return "the held-out loss was non-finite"
+    if held_out > LOSS_RISE * start_held_out:
+        return f"the held-out loss rose from {start_held_out:.4g} to {held_out:.4g}"
+    quarter = max(len(losses) // 4, 1)
+    first, last = float(np.median(losses[:quarter])), float(np.median(losses[-quarter:]))
+    if len(losses) >= 4 and last > LOSS_RISE * first:
+        return f"the training loss rose from {first:.4g} to {last:.4g}"
+    growth, growth_low = trend(np.arange(len(norms)), np.asarray(norms, dtype=np.float64))
+    over_run = growth ** max(len(norms) - 1, 0) if math.isfinite(growth) else math.nan
+    if growth_low > 1.0 and over_run > NORM_GROWTH:
+        return f"the pre-clip gradient norm grew x{over_run:.3g} over the trial"
+    return ""
+
+
+def blew_up(losses: Sequence[float]) -> Optional[float]:
+    """The loss over its start level once its last few steps sit above LOSS_BLOWUP times it, else None.
+
+    The median of the last START_STEPS losses, not the last one: a single outlier batch is data, not
+    divergence.
+    """
+    if len(losses) < 2 * START_STEPS:
+        return None
+    start = float(np.median(losses[:START_STEPS]))
+    ratio = float(np.median(losses[-START_STEPS:])) / start if start > 0 else math.nan
+    return ratio if ratio > LOSS_BLOWUP else None
+
+
+def next_candidate(candidates: Sequence[float], done: Sequence[Trial]) -> Optional[float]:
+    """The next threshold to try, or None: decades first, then the half-decade steps beside the best.
+
+    The decades (every other lattice step, loosest first) find the basin at half the cost of trying every
+    step; the half-decade steps on either side of the best decade then settle it, the side of its better
+    neighbouring decade first.
+    """
+    tried = {t.threshold: t for t in done}
+    coarse = [c for i, c in enumerate(candidates) if i % 2 == 0]
+    for c in coarse:
+        if c not in tried:
+            return c
+    stable = [t for t in done if t.stable]
+    if not stable:
+        return None
+    best = min(stable, key=lambda t: t.held_out)
+    i = list(candidates).index(best.threshold)
+
+    def score(j: int) -> float:
+        t = tried.get(candidates[j]) if 0 <= j < len(candidates) else None
+        return t.held_out if t is not None and t.stable else math.inf
+    sides = sorted((i - 1, i + 1), key=lambda j: score(j + (j - i)))  # the better neighbouring decade first
+    return next((candidates[j] for j in sides if 0 <= j < len(candidates) and candidates[j] not in tried), None)
+
+
+def choose(trials: Sequence[Trial], start_held_out: float) -> Tuple[Optional[float], str]:
+    """The winning threshold and why: the stable trial with the lowest held-out loss."""
+    stable = [t for t in trials if t.stable]
+    if not stable:
+        return None, ("no threshold tried kept training stable; clipping alone does not rescue this run: "
+                      "lower the learning rate as well")
+    best = min(stable, key=lambda t: t.held_out)
+    unstable = [t for t in trials if not t.stable]
+    reason = (f"the lowest held-out loss of the stable trials, {best.held_out:.4g} "
+              f"(start {start_held_out:.4g})")
+    if unstable:
+        reason += f"; {len(unstable)} of {len(trials)} went unstable, the loosest at {unstable[0].threshold:g}"
+    return best.threshold, reason

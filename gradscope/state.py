@@ -1,0 +1,47 @@
+"""Capture and restore what a run changes: weights, buffers, optimizer state, modes, gradients and RNG states."""
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from .experiment import Experiment
+
+
+def capture(experiment: Experiment) -> Dict[str, Any]:
+    """A deep copy of everything a training step can change, to start trials from or to put back."""
+    model = experiment.model
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(experiment.optimizer.state_dict()),
+        "modes": {name: m.training for name, m in model.named_modules()},
+        "devices": {name: p.device for name, p in model.named_parameters()},
+        "grads": {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy_rng": np.random.get_state(),
+        "random_rng": random.getstate(),
+    }
+
+
+def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
+    """Put back what :func:`capture` took."""
+    model = experiment.model
+    first = next(iter(saved["devices"].values()), None)
+    if first is not None:
+        model.to(first)
+    model.load_state_dict(saved["model"])
+    experiment.optimizer.load_state_dict(saved["optimizer"])
+    for name, m in model.named_modules():
+        if name in saved["modes"]:
+            m.train(saved["modes"][name])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    random.setstate(saved["random_rng"])
+    for name, p in model.named_parameters():
+        p.grad = saved["grads"].get(name)

@@ -1,0 +1,173 @@
+"""Trials: candidates on a lattice, instability judged, the margin rule, and trials run for real from one start."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import gradscope
+from gradscope import judge
+from gradscope.cli import main
+from gradscope.judge import Trial
+
+from models import exploding_rnn, healthy_mlp, hot_gru
+
+
+# -- the judge, on plain data ---------------------------------------------------------------------------
+def test_candidates_descend_on_the_half_decade_lattice_over_three_decades():
+    norms = np.array([2.0, 5.0, 1e3, 1e6, np.inf])  # a run that blows up: the first step anchors the range
+    values = judge.candidates(norms)
+    assert values == sorted(values, reverse=True)
+    assert 2.0 < values[0] <= 2.0 * 10 ** 0.5  # the largest lattice point within half a decade above step 0
+    assert math.log10(values[0] / values[-1]) >= 3 - 0.05
+    ratios = np.array(values[:-1]) / np.array(values[1:])
+    assert np.allclose(ratios, 10 ** 0.5, rtol=0.08)  # two significant digits: 3.2, 1, 0.32, ...
+
+
+def test_an_sgd_update_estimate_below_the_range_extends_it():
+    norms = np.array([1.0, 1.0, 1.0])
+    plain = judge.candidates(norms)
+    extended = judge.candidates(norms, update_estimate=1e-5)
+    assert extended[:len(plain)] == plain and extended[-1] <= 1e-5 < plain[-1]
+    assert judge.update_estimate(lr_eff=10.0, weight_norm=50.0) == pytest.approx(judge.UPDATE_RATIO * 5.0)
+    assert judge.update_estimate(None, 50.0) is None
+
+
+@pytest.mark.parametrize("losses, norms, held_out, why", [
+    ([1.0, 0.9, math.nan], [1, 1, 1], math.inf, "non-finite"),
+    ([1.0, 1.0, 1.0, 20, 30, 40], [1] * 6, 0.5, "blew up"),
+    ([1.0, 0.9, 0.8, 0.7], [1] * 4, 2.5, "held-out loss rose"),
+    ([1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0], [1] * 8, 0.5, "training loss rose"),
+    ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], [2.0 ** k for k in range(8)], 0.5, "norm grew"),
+])
+def test_each_kind_of_instability_is_named(losses, norms, held_out, why):
+    assert why in judge.assess(losses, norms, held_out, start_held_out=1.0)
+
+
+def test_a_learning_trial_is_stable_and_one_outlier_batch_is_not_a_blow_up():
+    losses = [1.0, 0.9, 0.8, 60.0, 0.7, 0.6, 0.5, 0.5]
+    assert judge.assess(losses, [1.0] * 8, 0.6, start_held_out=1.0) == ""
+
+
+def test_a_trial_that_learned_little_is_stable_and_ranked_by_its_held_out_loss():
+    assert judge.assess([1.0] * 8, [1.0] * 8, 1.01, start_held_out=1.0) == ""
+
+
+def _trial(threshold, held_out, unstable=""):
+    return Trial(threshold, (1.0, 0.5), (1.0, 1.0), held_out, unstable)
+
+
+def test_choose_takes_the_stable_trial_with_the_lowest_held_out_loss():
+    trials = [_trial(10.0, 0.05, "the loss blew up"), _trial(3.2, 0.20), _trial(1.0, 0.30), _trial(0.32, 0.45)]
+    winner, reason = judge.choose(trials, start_held_out=1.0)
+    assert winner == 3.2  # 10 scored lower, but it went unstable
+    assert "1 of 4 went unstable" in reason
+
+
+def test_choose_gives_no_winner_when_nothing_was_stable():
+    winner, reason = judge.choose([_trial(1.0, math.inf, "diverged")], start_held_out=1.0)
+    assert winner is None and "learning rate" in reason
+
+
+def test_the_search_tries_decades_first_then_the_half_decades_beside_the_best():
+    lattice = [10.0, 3.2, 1.0, 0.32, 0.1, 0.032, 0.01]
+    held = {10.0: math.inf, 1.0: 0.5, 0.1: 0.3, 0.01: 0.4, 0.32: 0.35, 0.032: 0.25, 3.2: 0.9}
+    done, order = [], []
+    while (c := judge.next_candidate(lattice, done)) is not None:
+        order.append(c)
+        done.append(_trial(c, held[c], "" if math.isfinite(held[c]) else "diverged"))
+    # decades, then 0.032 (towards 0.01, the better neighbouring decade of 0.1); 0.032 is then the best
+    # and both its neighbours are known, so the search is settled
+    assert order == [10.0, 1.0, 0.1, 0.01, 0.032]
+    assert judge.choose(done, start_held_out=1.0)[0] == 0.032
+
+
+# -- trials run for real ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exploding():
+    return gradscope.diagnose(exploding_rnn(), steps=30, seed=0)
+
+
+def test_every_trial_starts_from_the_same_state_and_batches(exploding):
+    trials = exploding.recommendation.evidence.trials
+    firsts = {t.losses[0] for t in (trials.reference, *trials.trials)}
+    assert len(firsts) == 1  # same weights, data and RNG for every trial, the profile included
+    assert not trials.notes  # the held-out batches were never trained on
+
+
+def test_trials_stay_within_their_step_budget(exploding):
+    trials = exploding.recommendation.evidence.trials
+    spent = sum(len(t.losses) for t in trials.trials)
+    assert 0 < spent <= 4 * trials.steps
+    limited = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_budget=1.0)
+    assert sum(len(t.losses) for t in limited.recommendation.evidence.trials.trials) <= trials.steps
+    timed = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_seconds=1e-9).recommendation.evidence.trials
+    assert len(timed.trials) == 1 and "--trial-seconds" in timed.stopped  # the first trial always runs
+
+
+def test_the_winner_trains_where_unclipped_training_diverges(exploding):
+    trials = exploding.recommendation.evidence.trials
+    assert not trials.reference.stable
+    winner = next(t for t in trials.trials if t.threshold == trials.winner)
+    assert winner.stable and winner.held_out < 0.5 * trials.start_held_out
+
+
+def test_a_healthy_model_runs_no_trial_and_is_not_told_to_clip():
+    report = gradscope.diagnose(healthy_mlp(), steps=30, seed=0)
+    assert report.recommendation.method == "none" and report.recommendation.evidence.trials is None
+
+
+def test_diagnose_with_trials_restores_the_model():
+    experiment = exploding_rnn()
+    before = {k: v.clone() for k, v in experiment.model.state_dict().items()}
+    report = gradscope.diagnose(experiment, steps=20, seed=0)
+    assert report.recommendation.evidence.trials is not None
+    after = experiment.model.state_dict()
+    assert all(torch_equal(before[k], after[k]) for k in before)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+# -- detection and stability of the advice on an early blow-up -------------------------------------------------
+def test_an_early_blow_up_is_flagged_though_the_quarters_hide_it():
+    """A GRU at SGD lr 50: the loss blows up by step 3, so the first quarter already holds the blow-up."""
+    report = gradscope.diagnose(hot_gru(50.0), steps=30, seed=0, trials=0)
+    m = report.statistics.model.metrics
+    assert m["loss_rise"] < 2.0  # last quarter over first quarter misses it
+    assert m["loss_peak_over_start"] > 10 and m["loss_last_over_start"] > 2
+    assert "loss-diverging" in {f.rule_id for f in report.findings} and not report.healthy
+
+
+def test_the_advice_holds_across_profile_lengths():
+    thresholds = [gradscope.diagnose(hot_gru(5.0), steps=n, seed=0).recommendation.threshold
+                  for n in (10, 20, 30, 40, 50)]
+    assert all(t is not None for t in thresholds)
+    assert max(thresholds) / min(thresholds) <= 3.0, thresholds
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+SAMPLE = "samples/exploding_rnn.py"
+
+
+def test_cli_trials_in_json_and_off(capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    assert main(["diagnose", SAMPLE, "--trials", "3", "--format", "json"]) == 1
+    rec = json.loads(capsys.readouterr().out)["recommendation"]
+    trials = rec["trials"]
+    assert rec["threshold"] == trials["winner"] and trials["runs"][0]["threshold"] is None
+    assert 1 <= len(trials["runs"]) - 1 <= 3 and all("held_out_loss" in r and "stable" in r for r in trials["runs"])
+    assert main(["diagnose", SAMPLE, "--trials", "off", "--format", "json"]) == 1
+    rec = json.loads(capsys.readouterr().out)["recommendation"]
+    assert rec["trials"] is None and "no trial ran" in rec["evidence"]["basis"]
+
+
+@pytest.mark.parametrize("flag", [["--trials", "many"], ["--trials", "-1"], ["--trial-budget", "0"],
+                                  ["--trial-budget", "nan"], ["--trial-seconds", "inf"]])
+def test_cli_rejects_bad_trial_options(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["diagnose", SAMPLE, *flag])
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
