@@ -11,6 +11,11 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+# What user code (a target, a model, a loss, a data source, an optimizer) may raise that gradscope reports
+# as the user's error: SystemExit too, so that a sys.exit(0) in a loss function cannot pass a CI gate.
+USER_ERRORS = (Exception, SystemExit)
+
+
 class GradscopeError(Exception):
     """A problem the user can fix. The CLI prints it in one or two lines and exits with ``exit_code``.
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from .errors import ExperimentError, GradscopeError, describe_exception
+from .errors import USER_ERRORS, ExperimentError, GradscopeError, describe_exception
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -130,7 +130,7 @@ def next_batch(stream: Iterator[Batch], step: int) -> Batch:
         return next(stream)
     except GradscopeError:
         raise
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise ExperimentError(f"getting batch {step} raised {describe_exception(exc)}",
                               "check Experiment.batches (re-run with --debug for the traceback)") from exc
 
@@ -147,7 +147,7 @@ def forward_backward(experiment: Experiment, batch: Batch, step: int, device: to
         loss = compute_loss(experiment, batch)
     except GradscopeError:
         raise
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise ExperimentError(f"the forward pass or loss raised at step {step}: {describe_exception(exc)}",
                               "run one step of your model by hand to debug, or re-run with --debug") from exc
     if not loss.requires_grad:
@@ -155,7 +155,7 @@ def forward_backward(experiment: Experiment, batch: Batch, step: int, device: to
                               "compute the loss from the model's output without .detach(), .item() or no_grad()")
     try:
         loss.backward()
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise ExperimentError(f"backward() raised at step {step}: {describe_exception(exc)}",
                               "run one step of your model by hand to debug, or re-run with --debug") from exc
     if step == 0 and all(p.grad is None for p in experiment.model.parameters() if p.requires_grad):
@@ -170,7 +170,7 @@ def optimizer_step(experiment: Experiment, step: int) -> None:
         experiment.optimizer.step()
     except GradscopeError:
         raise
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise ExperimentError(f"optimizer.step() raised at step {step}: {describe_exception(exc)}",
                               "check the optimizer (one that needs a closure, such as LBFGS, is not "
                               "supported)") from exc
@@ -189,7 +189,7 @@ def held_out_loss(experiment: Experiment, batches: Sequence[Batch], device: torc
             losses = [float(compute_loss(experiment, to_device(b, device)).float()) for b in batches]
     except GradscopeError:
         raise
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise ExperimentError(f"the loss on a held-out batch raised {describe_exception(exc)}",
                               "the model must run in eval mode under torch.no_grad() too") from exc
     finally:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .errors import GradscopeError, TargetError, describe_exception
+from .errors import USER_ERRORS, GradscopeError, TargetError, describe_exception
 from .experiment import Experiment
 
 DEFAULT_CALLABLE = "experiment"
@@ -41,7 +41,7 @@ def load_experiment(target: str) -> Experiment:
         experiment = factory()
     except GradscopeError:
         raise
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise TargetError(
             f"{where}:{name}() raised {describe_exception(exc)}",
             "run it by hand to debug, or re-run with --debug for the traceback",
@@ -68,7 +68,7 @@ def _import_file(path_text: str) -> ModuleType:
     sys.path.insert(0, str(path.parent))  # let the file import its siblings
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except USER_ERRORS as exc:
         sys.modules.pop(module_name, None)
         raise TargetError(f"importing {path_text} failed: {describe_exception(exc)}", _import_hint(exc)) from exc
     finally:
@@ -86,7 +86,7 @@ def _import_module(name: str) -> ModuleType:
                 "install the package, run from its folder, or give a file path: path/to/file.py:callable",
             ) from exc
         raise TargetError(f"importing {name} failed: {describe_exception(exc)}", _import_hint(exc)) from exc
-    except Exception as exc:
+    except USER_ERRORS as exc:
         raise TargetError(f"importing {name} failed: {describe_exception(exc)}", _import_hint(exc)) from exc
 
 

@@ -279,3 +279,45 @@ def test_real_sigint_mid_profiling_gives_a_partial_report_and_130(tmp_path):
     assert proc.returncode == 130, err
     assert doc["partial"] is True and 3 <= doc["steps"] < 30 and "Ctrl-C" in doc["stopped_reason"]
     assert "Traceback" not in err and "interrupted" in err
+
+
+USER_EXITS = {
+    "a loss function that calls sys.exit(0)": ("""
+import sys
+
+def experiment():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    calls = itertools.count()
+    def loss_fn(m, b):
+        if next(calls) == 3:
+            sys.exit(0)
+        return nn.functional.mse_loss(m(b[0]), b[1])
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), 0.01), data(), loss_fn=loss_fn)
+""", "SystemExit", True),
+    "a target module that calls sys.exit(3) on import": ("""
+import sys
+sys.exit(3)
+""", "SystemExit: 3", False),
+    "an optimizer.step() that raises (LBFGS without a closure)": ("""
+def experiment():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    return gradscope.Experiment(model, torch.optim.LBFGS(model.parameters()), data(),
+                                loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+""", "optimizer.step() raised at step 0", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_EXITS))
+def test_user_code_that_exits_or_raises_never_passes_the_gate(case, tmp_path, capsys):
+    """sys.exit() in user code, or an error from optimizer.step(), is the user's error: exit 2, one line,
+    and the partial report (JSON, agreeing that the run did not finish) whenever steps ran."""
+    body, fragment, steps_ran = USER_EXITS[case]
+    code, out, err = run(["diagnose", target(tmp_path, body), "--steps", "6", "--format", "json"], capsys)
+    assert code == 2
+    assert_clean_error(err, fragment)
+    if steps_ran:
+        assert json.loads(out)["partial"] is True
+    else:
+        assert out == ""
