@@ -210,9 +210,10 @@ SAMPLES = [("exploding_rnn", 1, "exploding"), ("lstm_lm", 1, "diverges"), ("heal
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, expected, phrase", SAMPLES)
-def test_bundled_samples_through_python_m(name, expected, phrase):
-    result = subprocess.run([sys.executable, "-m", "gradscope", "diagnose", f"samples/{name}.py"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+def test_bundled_samples_through_python_m(name, expected, phrase, tmp_path):
+    # from outside the checkout, so that -m runs the installed gradscope, not the source folder
+    result = subprocess.run([sys.executable, "-m", "gradscope", "diagnose", str(ROOT / "samples" / f"{name}.py")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == expected, result.stdout + result.stderr
     assert phrase in result.stdout
 
