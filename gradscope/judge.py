@@ -95,8 +95,7 @@ def lattice(k: int) -> float:
     return float(f"{value:.2g}")
 
 
-def assess(losses: Sequence[float], norms: Sequence[float], held_out: float, start_held_out: float,
-           threshold: float = math.inf) -> str:
+def assess(losses: Sequence[float], norms: Sequence[float], held_out: float, start_held_out: float) -> str:
     """Why a trial is unstable, or "" when it stayed stable.
 
     Unstable means diverging: non-finite values, a loss that blew up or climbs, a held-out loss that

@@ -19,7 +19,7 @@ from .ruleset import SEVERITIES
 from .snippets import snippets
 from .stats import START_STEPS, Statistics
 
-# Estimates used only when no trial ran (--trials off, or no finite norm to centre trials on):
+# Estimates, used only when no trial ran (--trials off, under torchrun) or none stayed stable:
 NORM_HEADROOM = 2.0  # spikes (warnings): clip at twice the typical norm, so ordinary steps pass untouched
 RUNAWAY_FRACTION = 0.1  # a run-away (errors): a tenth of the start norm, so clipping binds on nearly every step
 SAFETY_NET_HEADROOM = 10.0  # healthy: a net an order of magnitude above anything seen

@@ -60,7 +60,7 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[
             stopped = f"another trial would pass the {seconds:g} s limit (--trial-seconds)"
             break
         restore(experiment, start)
-        trials.append(_trial(experiment, batches, held_out, threshold, device, start_held_out))
+        trials.append(_judged(_trial(experiment, batches, held_out, threshold, device), start_held_out))
         if progress is not None:
             progress(len(trials), min(most, len(thresholds)), f"clip {threshold:g}")
     tried = {t.threshold for t in trials}
@@ -77,11 +77,12 @@ def run_reference(experiment: Experiment, start: Dict[str, Any], batches: Sequen
                   device: torch.device) -> Trial:
     """The unclipped run from the common start (unjudged: run_trials judges it against the start)."""
     restore(experiment, start)
-    return _trial(experiment, batches, held_out, math.inf, device, math.inf)
+    return _trial(experiment, batches, held_out, math.inf, device)
 
 
 def _trial(experiment: Experiment, batches: Sequence[Batch], held_out: Sequence[Batch], threshold: float,
-           device: torch.device, start_held_out: float) -> Trial:
+           device: torch.device) -> Trial:
+    """Train on ``batches`` clipping at ``threshold``, stopping once it diverges; scored on ``held_out``."""
     began = time.perf_counter()
     params = [p for p in experiment.model.parameters() if p.requires_grad]
     losses: List[float] = []
@@ -97,10 +98,9 @@ def _trial(experiment: Experiment, batches: Sequence[Batch], held_out: Sequence[
         optimizer_step(experiment, step)
     finished = len(losses) == len(batches) and math.isfinite(losses[-1])
     held = held_out_loss(experiment, held_out, device) if finished else math.inf
-    trial = Trial(threshold, tuple(losses), tuple(norms), held, seconds=time.perf_counter() - began)
-    return _judged(trial, start_held_out)
+    return Trial(threshold, tuple(losses), tuple(norms), held, seconds=time.perf_counter() - began)
 
 
 def _judged(trial: Trial, start_held_out: float) -> Trial:
-    verdict = judge.assess(trial.losses, trial.norms, trial.held_out, start_held_out, trial.threshold)
+    verdict = judge.assess(trial.losses, trial.norms, trial.held_out, start_held_out)
     return Trial(trial.threshold, trial.losses, trial.norms, trial.held_out, verdict, trial.seconds)

@@ -29,7 +29,7 @@ def trials_of(row: dict) -> Tuple[List[Trial], Trial, float]:
     for run in row["trials"]["runs"]:
         threshold = math.inf if run["threshold"] is None or run["threshold"] == math.inf else run["threshold"]
         held = math.inf if run["held_out"] is None else run["held_out"]
-        verdict = judge.assess(run["losses"], run["norms"], held, start, threshold)
+        verdict = judge.assess(run["losses"], run["norms"], held, start)
         runs.append(Trial(threshold, tuple(run["losses"]), tuple(run["norms"]), held, verdict))
     return runs[1:], runs[0], start
 
