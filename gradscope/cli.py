@@ -18,7 +18,7 @@ from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, to_markdown
-from .gate import FAIL_ON, Verdict, decide
+from .gate import FAIL_ON, Verdict, decide, unfinished
 from .metrics import LAYER_METRICS, MODEL_METRICS
 from .render import render
 from .report import Report
@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
     except GradscopeError as exc:
         if exc.partial is not None and args.command == "diagnose":
-            _emit(exc.partial, decide(exc.partial, args.fail_on or "error"), args, out)
+            _emit(exc.partial, unfinished(exc.partial, args.fail_on or "error", exc.problem, exc.exit_code), args, out)
         if args.debug:
             err.print_exception()
         _print_error(err, exc)

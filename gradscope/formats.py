@@ -32,6 +32,8 @@ def gate_dict(verdict: Verdict) -> Dict[str, object]:
     gate: Dict[str, object] = {
         "fail_on": verdict.fail_on,
         "exit_code": verdict.exit_code,
+        "passed": verdict.passed,
+        "unfinished": verdict.unfinished,
         "failing": [{"rule_id": f.rule_id, "layer": f.layer} for f in verdict.failing],
     }
     c = verdict.comparison
@@ -72,11 +74,17 @@ def to_junit(report: Report, verdict: Verdict) -> str:
             ET.SubElement(case, "failure", type="regression",
                           message=f"{r.metric} {fmt(r.current)} > {r.tolerance:g}x baseline {fmt(r.baseline)}")
         cases.append(case)
+    if verdict.unfinished is not None:  # the run itself failed: an error, not a passing suite
+        case = ET.Element("testcase", classname=f"gradscope.{_slug(report.model)}", name="run", time="0")
+        ET.SubElement(case, "error", type="unfinished", message=verdict.unfinished).text = (
+            f"the run did not finish (exit code {verdict.exit_code}): {verdict.unfinished}")
+        cases.append(case)
     failures = sum(1 for c in cases if c.find("failure") is not None)
+    errors = sum(1 for c in cases if c.find("error") is not None)
     suites = ET.Element("testsuites", name="gradscope", tests=str(len(cases)), failures=str(failures),
-                        errors="0", skipped="0")
+                        errors=str(errors), skipped="0")
     suite = ET.SubElement(suites, "testsuite", name=f"gradscope: {report.model}", tests=str(len(cases)),
-                          failures=str(failures), errors="0", skipped="0", time="0")
+                          failures=str(failures), errors=str(errors), skipped="0", time="0")
     suite.extend(cases)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
@@ -112,6 +120,11 @@ def to_sarif(report: Report, verdict: Verdict) -> str:
                 } for r in rules],
             }},
             "originalUriBaseIds": {"SRCROOT": {"uri": Path.cwd().as_uri() + "/"}},
+            "invocations": [{
+                "executionSuccessful": verdict.unfinished is None, "exitCode": verdict.exit_code,
+                **({"toolExecutionNotifications": [{"level": "error", "message": {"text": verdict.unfinished}}]}
+                   if verdict.unfinished is not None else {}),
+            }],
             "results": results,
         }],
     }
@@ -129,6 +142,8 @@ def to_github(report: Report, verdict: Verdict) -> str:
     if verdict.comparison is not None:
         for r in verdict.comparison.regressions:
             lines.append(f"::error title=gradscope baseline regression::{_gh_data(_regression_text(r))}")
+    if verdict.unfinished is not None:
+        lines.append(f"::error title=gradscope run did not finish::{_gh_data(verdict.unfinished)}")
     rec = report.recommendation
     lines.append(f"::notice title=gradscope recommendation::{_gh_data(_advice(report) + ': ' + rec.evidence.basis)}")
     return "\n".join(lines) + "\n"
@@ -140,7 +155,8 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
     out = [f"## gradscope: {report.model} ({state})", "",
            f"{m.steps} steps on {m.device}; measured: {m.measurement}."
            + (f" **Partial report:** {report.stopped_reason}." if report.partial else ""),
-           f"Gate: fail on {verdict.fail_on}; exit code {verdict.exit_code}.", ""]
+           f"Gate: fail on {verdict.fail_on}; exit code {verdict.exit_code}."
+           + (f" **The run did not finish:** {_md_cell(verdict.unfinished)}." if verdict.unfinished else ""), ""]
     if report.findings:
         out += ["| severity | rule | layer | message |", "|---|---|---|---|"]
         out += [f"| {f.severity} | `{f.rule_id}` | {f.layer or '(model)'} | {_md_cell(f.message)} |"

@@ -19,6 +19,8 @@ class Verdict:
     failing: Tuple[Finding, ...]  # findings at or above fail_on (only new or worse ones, with a baseline)
     comparison: Optional[Comparison]
     exit_code: int
+    unfinished: Optional[str] = None  # why the run did not finish (a user error, Ctrl-C): it never passes
+
 
     @property
     def passed(self) -> bool:
@@ -32,3 +34,9 @@ def decide(report: Report, fail_on: str = "error", comparison: Optional[Comparis
         f for f in candidates if SEVERITIES.index(f.severity) >= SEVERITIES.index(fail_on))
     regressed = comparison is not None and fail_on != "never" and bool(comparison.regressions)
     return Verdict(fail_on, failing, comparison, EXIT_FINDINGS if failing or regressed else EXIT_OK)
+
+
+def unfinished(report: Report, fail_on: str, problem: str, exit_code: int) -> Verdict:
+    """The verdict on a partial report of a run that stopped on an error: the error's exit code, whatever
+    the findings so far, so that every format agrees with the process."""
+    return dataclasses.replace(decide(report, fail_on), exit_code=exit_code, unfinished=problem)

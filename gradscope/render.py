@@ -42,7 +42,10 @@ def render(report: Report, gate: Optional[Verdict] = None) -> RenderableType:
     parts.append(recommendation_block(report))
     if gate is not None and gate.comparison is not None:
         parts.append(baseline_block(gate.comparison))
-    parts.append(verdict(report))
+    if gate is not None and gate.unfinished is not None:
+        parts.append(Text.assemble((f"✖ DID NOT FINISH (exit code {gate.exit_code}) ", "bold red"), gate.unfinished))
+    else:
+        parts.append(verdict(report))
     return Group(*parts)
 
 

@@ -119,3 +119,48 @@ def test_format_from_the_environment(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GRADSCOPE_FORMAT", "yaml")
     assert main(["diagnose", target(tmp_path, GOOD), "--steps", "2"]) == 2
     assert "GRADSCOPE_FORMAT is 'yaml'" in capsys.readouterr().err
+
+
+RAISES_AT_STEP_3 = """
+import itertools
+import torch
+from torch import nn
+import gradscope
+
+def experiment():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    calls = itertools.count()
+    g = torch.Generator().manual_seed(0)
+    def loss_fn(m, b):
+        if next(calls) == 3:
+            raise RuntimeError("the data loader broke")
+        return nn.functional.mse_loss(m(b[0]), b[1])
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), 1e-3),
+                                lambda: (torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)),
+                                loss_fn=loss_fn)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "junit", "sarif", "github", "markdown", "rich"])
+def test_every_format_agrees_that_an_unfinished_run_failed(fmt, tmp_path, capsys):
+    """A healthy-looking partial report of a run that raised must not read as a pass in any format."""
+    path = tmp_path / "broken.py"
+    path.write_text(RAISES_AT_STEP_3)
+    assert main(["diagnose", str(path), "--steps", "6", "--format", fmt]) == 2
+    out = capsys.readouterr().out
+    if fmt == "json":
+        gate = json.loads(out)["gate"]
+        assert gate["exit_code"] == 2 and gate["passed"] is False and "data loader broke" in gate["unfinished"]
+    elif fmt == "junit":
+        root = ET.fromstring(out)
+        assert root.get("errors") == "1" and root.find(".//testcase[@name='run']/error") is not None
+    elif fmt == "sarif":
+        invocation = json.loads(out)["runs"][0]["invocations"][0]
+        assert invocation["executionSuccessful"] is False and invocation["exitCode"] == 2
+    elif fmt == "github":
+        assert "::error title=gradscope run did not finish::" in out
+    elif fmt == "markdown":
+        assert "exit code 2" in out and "The run did not finish:** the forward pass or loss raised" in out
+    else:
+        assert "DID NOT FINISH (exit code 2)" in out and "✔ HEALTHY" not in out
