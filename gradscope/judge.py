@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .stats import START_STEPS, trend
+from .stats import START_STEPS, rise, start_level, trend
 
 LATTICE_STEP = 0.5  # decades between candidates: 1, 0.32, 0.1, 0.032, ...
 SPAN_ABOVE = 0.5  # decades above the first step's norm the candidates start from
@@ -112,10 +112,9 @@ def assess(losses: Sequence[float], norms: Sequence[float], held_out: float, sta
         return "the held-out loss was non-finite"
     if held_out > LOSS_RISE * start_held_out:
         return f"the held-out loss rose from {start_held_out:.4g} to {held_out:.4g}"
-    quarter = max(len(losses) // 4, 1)
-    first, last = float(np.median(losses[:quarter])), float(np.median(losses[-quarter:]))
-    if len(losses) >= 4 and last > LOSS_RISE * first:
-        return f"the training loss rose from {first:.4g} to {last:.4g}"
+    climb = rise(np.asarray(losses, dtype=np.float64))
+    if climb > LOSS_RISE:
+        return f"the training loss rose x{climb:.3g} from its first quarter to its last"
     growth, growth_low = trend(np.arange(len(norms)), np.asarray(norms, dtype=np.float64))
     over_run = growth ** max(len(norms) - 1, 0) if math.isfinite(growth) else math.nan
     if growth_low > 1.0 and over_run > NORM_GROWTH:
@@ -131,7 +130,7 @@ def blew_up(losses: Sequence[float]) -> Optional[float]:
     """
     if len(losses) < 2 * START_STEPS:
         return None
-    start = float(np.median(losses[:START_STEPS]))
+    start = start_level(np.asarray(losses, dtype=np.float64))
     ratio = float(np.median(losses[-START_STEPS:])) / start if start > 0 else math.nan
     return ratio if ratio > LOSS_BLOWUP else None
 

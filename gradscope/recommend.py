@@ -17,7 +17,7 @@ from .evaluate import Finding
 from .judge import TrialSet
 from .ruleset import SEVERITIES
 from .snippets import snippets
-from .stats import START_STEPS, Statistics
+from .stats import Statistics, start_level
 
 # Estimates, used only when no trial ran (--trials off, under torchrun) or none stayed stable:
 NORM_HEADROOM = 2.0  # spikes (warnings): clip at twice the typical norm, so ordinary steps pass untouched
@@ -109,7 +109,7 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
     norms = statistics.model.global_norm
     runaway = any(f.severity == "error" for f in calls(findings))
     if runaway:
-        level = float(np.median(finite[:START_STEPS]))
+        level = start_level(finite)
         threshold = nice(RUNAWAY_FRACTION * level)
         basis = (f"an estimate: {RUNAWAY_FRACTION:g}x the global norm of the first steps ({level:.3g}), before "
                  f"training ran away (peak {m['global_norm_max']:.3g}): clipping has to bind on nearly every step")

@@ -167,7 +167,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         "amp_skipped_fraction": len(profile.amp_skipped_steps) / profile.steps if profile.steps else NAN,
         "loss_first": float(loss[0]) if len(loss) else NAN,
         "loss_last": float(finite_loss[-1]) if len(finite_loss) else NAN,
-        "loss_rise": _rise(finite_loss),
+        "loss_rise": rise(finite_loss),
         "loss_peak_over_start": _over_start(finite_loss, _sustained_peak(finite_loss)),
         "loss_last_over_start": _over_start(finite_loss, _last_quarter(finite_loss)),
         "global_norm_peak_over_start": _over_start(finite_norm, _sustained_peak(finite_norm)),
@@ -204,14 +204,14 @@ def trend(steps: np.ndarray, values: np.ndarray) -> Tuple[float, float]:
     return float(10**slope), float(10**low)
 
 
-def _start(values: np.ndarray) -> float:
+def start_level(values: np.ndarray) -> float:
     """The level a run starts at: the median of its first START_STEPS finite values."""
     return float(np.median(values[:START_STEPS])) if len(values) else NAN
 
 
 def _over_start(values: np.ndarray, value: float) -> float:
     """``value`` over the start level; NaN unless both are positive (a loss can be negative)."""
-    start = _start(values)
+    start = start_level(values)
     return value / start if start > 0 and value > 0 else NAN
 
 
@@ -227,7 +227,7 @@ def _last_quarter(values: np.ndarray) -> float:
     return float(np.median(values[-max(len(values) // 4, 1):])) if len(values) else NAN
 
 
-def _rise(values: np.ndarray) -> float:
+def rise(values: np.ndarray) -> float:
     """Median of the last quarter over the median of the first quarter; NaN unless both are positive."""
     if len(values) < 4:
         return NAN
