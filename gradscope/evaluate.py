@@ -98,7 +98,8 @@ def _metrics_of(condition: Condition) -> List[str]:
 
 def _finding(rule: Rule, layer: Optional[str], values: Mapping[str, object]) -> Finding:
     observed = {m: float(values[m]) for m in dict.fromkeys(_metrics_of(rule.when)) if m in values}
-    return Finding(rule.id, rule.severity, layer, render_message(rule.message, values), observed, rule.remedy)
+    message = render_message(rule.message, {**rule.params, **values})  # metrics win over a same-named param
+    return Finding(rule.id, rule.severity, layer, message, observed, rule.remedy)
 
 
 def render_message(template: str, values: Mapping[str, object]) -> str:

@@ -7,6 +7,7 @@ condition's values may refer to, and a message template. Nothing in a rule file 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,7 @@ REQUIRED_KEYS = ("id", "severity", "scope", "when", "message")
 MAX_FILE_BYTES = 1 << 20
 MAX_NODES = 20_000  # expanded YAML nodes, aliases counted each time they are used: bounds billion-laughs files
 MAX_DEPTH = 40
+MAX_FORMAT_WIDTH = 40  # widths and precisions in message formats: a finding's line, not a page
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)(?::([^{}]*))?\}")
@@ -117,6 +119,9 @@ def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, A
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         _check_size(node, filename)
         data = yaml.safe_load(text)
+    except RecursionError:  # the composer recurses once per level of [[[...]]]
+        raise RuleError(f"{filename}: rule file is nested too deeply (over {MAX_DEPTH} levels)",
+                        "a rule file is a list of flat rules; see README: rule files") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -131,7 +136,7 @@ def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, A
     if unknown:
         raise RuleError(f"{filename}: unknown top-level key(s) {sorted(map(str, unknown))}", "allowed: version, rules")
     if data.get("version", 1) != 1:
-        raise RuleError(f"{filename}: unsupported version {data.get('version')!r}", "this gradscope reads version: 1")
+        raise RuleError(f"{filename}: unsupported version {_shorten(repr(data.get('version')))}", "this gradscope reads version: 1")
     rules = data.get("rules") or []
     if not isinstance(rules, list):
         raise RuleError(f"{filename}: 'rules' must be a list", "write rules: followed by '- id: ...' items")
@@ -143,7 +148,7 @@ def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, A
             raise RuleError(f"{where}: each rule must be a mapping", "start each rule with '- id: ...'")
         rule_id = raw.get("id")
         if not isinstance(rule_id, str) or not ID_PATTERN.match(rule_id):
-            raise RuleError(f"{where}: rule id {rule_id!r} is missing or malformed",
+            raise RuleError(f"{where}: rule id {_shorten(repr(rule_id))} is missing or malformed",
                             "ids are lower-case words joined by '-', e.g. global-norm-growing")
         if rule_id in out:
             raise RuleError(f"{where}: rule {rule_id}: defined twice in this file", "keep one definition per id")
@@ -192,14 +197,14 @@ def _check_types(raw: Mapping[str, Any], rule_id: str, where: str) -> None:
         raise RuleError(f"{where}: rule {rule_id}: {problem}", hint)
 
     if "severity" in raw and raw["severity"] not in SEVERITIES:
-        fail(f"unknown severity {raw['severity']!r}", f"use one of {', '.join(SEVERITIES)}")
+        fail(f"unknown severity {_shorten(repr(raw['severity']))}", f"use one of {', '.join(SEVERITIES)}")
     if "scope" in raw and raw["scope"] not in SCOPES:
-        fail(f"unknown scope {raw['scope']!r}", "use layer or model")
+        fail(f"unknown scope {_shorten(repr(raw['scope']))}", "use layer or model")
     for key in ("message", "description"):
         if key in raw and not isinstance(raw[key], str):
             fail(f"'{key}' must be text", "quote it")
     if "remedy" in raw and raw["remedy"] not in REMEDIES and raw["remedy"] not in REMEDY_ALIASES:
-        fail(f"unknown remedy {raw['remedy']!r}",
+        fail(f"unknown remedy {_shorten(repr(raw['remedy']))}",
              "use norm, value or agc (the clipping mode that addresses it), or none")
     if "enabled" in raw and not isinstance(raw["enabled"], bool):
         fail("'enabled' must be true or false", "write enabled: false to turn a rule off")
@@ -218,11 +223,15 @@ def _check_types(raw: Mapping[str, Any], rule_id: str, where: str) -> None:
 
 def _as_number(value: Any) -> Optional[float]:
     """A number, or None. Text such as '1.0e3' counts: YAML 1.1 reads an exponent without a sign as text."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and NUMBER.match(value.strip()):
-        return float(value)
-    return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, str) and not NUMBER.match(value.strip()):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        return None
+    return number if math.isfinite(number) else None  # 1e999 reads as inf: no threshold means that
 
 
 # -- merging and compiling ----------------------------------------------------------------------------
@@ -253,7 +262,7 @@ def _compile(entry: Mapping[str, Any]) -> Rule:
     scope = raw["scope"]
     params = {k: _as_number(v) for k, v in raw.get("params", {}).items()}
     when = _condition(raw["when"], scope, params, rule_id, where, depth=0)
-    _check_template(raw["message"], scope, rule_id, where)
+    _check_template(raw["message"], scope, rule_id, where, params)
     match = raw.get("match", {})
     if match and scope != "layer":
         raise RuleError(f"{where}: rule {rule_id}: 'match' applies to layer rules only", "remove it or use scope: layer")
@@ -293,23 +302,35 @@ def _condition(node: Any, scope: str, params: Mapping[str, float], rule_id: str,
     metric, op, value = node["metric"], node["op"], node["value"]
     allowed = condition_names(scope)
     if metric not in allowed:
-        fail(f"unknown metric {metric!r} for a {scope} rule", "`gradscope metrics` lists the metrics")
+        fail(f"unknown metric {_shorten(repr(metric))} for a {scope} rule", "`gradscope metrics` lists the metrics")
     if op not in OPERATORS:
-        fail(f"unknown operator {op!r}", f"use one of {' '.join(OPERATORS)}")
+        fail(f"unknown operator {_shorten(repr(op))}", f"use one of {' '.join(OPERATORS)}")
     number = params.get(value) if isinstance(value, str) and value in params else _as_number(value)
     if number is None:
+        shown = _shorten(repr(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or (
+                isinstance(value, str) and NUMBER.match(value.strip())):
+            fail(f"value {shown} is not a finite number a float can hold", "write a threshold such as 1.0e3")
         if isinstance(value, str):
-            fail(f"value {value!r} is neither a number nor an entry of params", "add it to params, or write a number")
-        fail(f"value {value!r} is not a number", "write a number, or the name of one of the rule's params")
+            fail(f"value {shown} is neither a number nor an entry of params", "add it to params, or write a number")
+        fail(f"value {shown} is not a number", "write a number, or the name of one of the rule's params")
     return Compare(metric=metric, op=op, value=number)
 
 
-def _check_template(message: str, scope: str, rule_id: str, where: str) -> None:
-    allowed = set(template_names(scope))
+def _shorten(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
+def _check_template(message: str, scope: str, rule_id: str, where: str, params: Mapping[str, Any]) -> None:
+    allowed = set(template_names(scope)) | set(params)
     for name, spec in TEMPLATE_FIELD.findall(message):
         if name not in allowed:
             raise RuleError(f"{where}: rule {rule_id}: message names unknown field {{{name}}}",
-                            "messages may name the scope's metrics and context fields")
+                            "messages may name the scope's metrics, its context fields and the rule's params")
+        widths = [int(n) for n in re.findall(r"\d+", spec)]
+        if any(n > MAX_FORMAT_WIDTH for n in widths):  # {x:>999999999} would expand one field to a gigabyte
+            raise RuleError(f"{where}: rule {rule_id}: format {spec!r} in {{{name}:{spec}}} asks for over "
+                            f"{MAX_FORMAT_WIDTH} characters", "use a number format such as .3g or .1%")
         try:
             format(1.0, spec)
         except ValueError:

@@ -84,10 +84,31 @@ rules:
     ("rules:\n  - id: x\n    severity: error\n  bad indent: [\n", r"rules\.yaml:\d+: not valid rule YAML"),
     ("rules: 3\n", r"'rules' must be a list"),
     ("version: 2\nrules: []\n", r"unsupported version 2"),
+    ("rules:\n  - id: x\n    severity: error\n    scope: model\n    when: {metric: steps, op: '>', value: 1"
+     + "0" * 400 + "}\n    message: m\n", r"rule x: value 10000.*… is not a finite number a float can hold"),
+    ("rules:\n  - id: x\n    severity: error\n    scope: model\n    when: {metric: steps, op: '>', value: 1e999}\n"
+     "    message: m\n", r"rule x: value '1e999' is not a finite number"),
+    ("rules:\n  - id: x\n    severity: error\n    scope: model\n    when: {metric: steps, op: '>', value: 1}\n"
+     "    message: '{steps:>999999999}'\n", r"rule x: format '>999999999' in \{steps:>999999999\} asks for over 40"),
+    ("rules:\n  - id: x\n    severity: error\n    scope: model\n    when: {metric: steps, op: '>', value: 1}\n"
+     "    message: '{steps:.99999999f}'\n", r"rule x: format '\.99999999f'"),
+    ("rules: " + "[" * 5000 + "]" * 5000 + "\n", r"rules\.yaml: rule file is nested too deeply"),
 ])
 def test_malformed_rule_files_name_file_line_and_rule(tmp_path, text, expected):
     with pytest.raises(RuleError, match=expected):
         load_rules(write(tmp_path, text))
+
+
+def test_the_readme_rule_example_loads_and_its_message_names_a_param(tmp_path):
+    import re
+
+    import gradscope
+    from models import exploding_rnn
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"A rule file looks like:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    report = gradscope.diagnose(exploding_rnn(), steps=12, seed=0, rules=str(write(tmp_path, example)), trials=0)
+    finding = next(f for f in report.findings if f.rule_id == "big-global-norm")
+    assert re.fullmatch(r"global norm reached \S+ \(limit 100\)", finding.message), finding.message
 
 
 def test_python_tags_are_refused(tmp_path):
