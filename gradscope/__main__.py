@@ -1,6 +1,6 @@
 """``python -m gradscope`` runs the same CLI as the ``gradscope`` console script."""
 import sys
 
-from .cli import main
+from .console import main
 
 sys.exit(main())

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from . import outputs
 from .errors import GradscopeError
 from .evaluate import Finding
 from .report import Report
@@ -22,6 +23,7 @@ BASELINE_VERSION = 1
 DEFAULT_TOLERANCE = 3.0
 # Model metrics compared with the baseline: a value above tolerance x the baseline's is a regression.
 WATCHED = ("global_norm_p95", "global_norm_max")
+SAME_MODEL_SHARE = 0.5  # a baseline shares at least this share of the layers of the model it gates
 
 Key = Tuple[str, Optional[str]]
 
@@ -66,7 +68,7 @@ def baseline_document(report: Report) -> Dict[str, Any]:
 
 
 def write_baseline(report: Report, path: Union[str, Path]) -> None:
-    Path(path).write_text(json.dumps(baseline_document(report), indent=2) + "\n", encoding="utf-8")
+    outputs.write(path, json.dumps(baseline_document(report), indent=2) + "\n", "baseline")
 
 
 def load_baseline(path: Union[str, Path]) -> Baseline:
@@ -82,17 +84,57 @@ def load_baseline(path: Union[str, Path]) -> Baseline:
         raise GradscopeError(f"{path}: not a gradscope baseline (no kind: {BASELINE_KIND})", hint)
     if doc.get("schema_version") != BASELINE_VERSION:
         raise GradscopeError(f"{path}: baseline schema_version {doc.get('schema_version')!r} is not supported", hint)
-    try:
-        findings = {(f["rule_id"], f["layer"]): f["severity"] for f in doc["findings"]}
-        metrics = {k: float(v) for k, v in doc["metrics"].items() if v is not None}
-        layers = tuple(doc["layers"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise GradscopeError(f"{path}: malformed baseline ({type(exc).__name__}: {exc})", hint) from None
-    return Baseline(model=str(doc.get("model", "")), findings=findings, metrics=metrics, layers=layers,
-                    source=str(path))
+    def bad(what: str) -> GradscopeError:
+        return GradscopeError(f"{path}: malformed baseline: {what}", hint)
+
+    entries, metrics_doc, layers_doc, model = (doc.get(k) for k in ("findings", "metrics", "layers", "model"))
+    if not isinstance(entries, list):
+        raise bad("'findings' must be a list")
+    findings: Dict[Key, str] = {}
+    for i, f in enumerate(entries):
+        if not (isinstance(f, dict) and isinstance(f.get("rule_id"), str)
+                and (f.get("layer") is None or isinstance(f.get("layer"), str))):
+            raise bad(f"findings[{i}] needs a string rule_id and a string or null layer")
+        if f.get("severity") not in SEVERITIES:
+            raise bad(f"findings[{i}] has severity {_short(f.get('severity'))}, not one of {', '.join(SEVERITIES)}")
+        findings[(f["rule_id"], f.get("layer"))] = f["severity"]
+    if not isinstance(metrics_doc, dict):
+        raise bad("'metrics' must be a mapping of metric names to numbers")
+    metrics: Dict[str, float] = {}
+    for name, value in metrics_doc.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise bad(f"metrics.{_short(name)} is {_short(value)}, not a finite number or null")
+        metrics[name] = float(value)
+    if not (isinstance(layers_doc, list) and all(isinstance(x, str) for x in layers_doc)):
+        raise bad("'layers' must be a list of layer names")
+    if not isinstance(model, str):
+        raise bad("'model' must be the model's name")
+    return Baseline(model=model, findings=findings, metrics=metrics, layers=tuple(layers_doc), source=str(path))
+
+
+def _short(value: Any, most: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
+def check_same_model(report: Report, baseline: Baseline) -> None:
+    """Refuse a baseline recorded from another model: its findings would all read as fixed or new, and
+    its norm tolerances would compare unrelated scales. Layers are the model's fingerprint here."""
+    current = [layer.name for layer in report.statistics.layers]
+    if not baseline.layers or not current:
+        return
+    shared = len(set(current) & set(baseline.layers))
+    if shared / max(len(current), len(baseline.layers)) < SAME_MODEL_SHARE:
+        raise GradscopeError(
+            f"{baseline.source} was recorded from another model ({baseline.model or 'unnamed'}: "
+            f"{len(baseline.layers)} layers, {shared} of them in {report.model}'s {len(current)})",
+            f"re-record it for this model: gradscope diagnose TARGET --write-baseline {baseline.source}")
 
 
 def compare(report: Report, baseline: Baseline, tolerance: float = DEFAULT_TOLERANCE) -> Comparison:
+    check_same_model(report, baseline)
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     new: List[Finding] = []
     known: List[Finding] = []

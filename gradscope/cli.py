@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 from rich.console import Console
@@ -12,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__, distributed
+from . import __version__, distributed, interrupts, outputs
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
@@ -46,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("target", help=f"path/to/file.py[:callable] or package.module:callable "
                                   f"(a bare file uses the callable '{DEFAULT_CALLABLE}')")
     d.add_argument("--steps", type=int, help=f"optimizer steps to profile, 1-{MAX_STEPS} (default {DEFAULT_STEPS})")
-    d.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random before the target is built (default 0)")
+    d.add_argument("--seed", type=_seed_arg, default=0, help="seed for torch, numpy and random before the target is built (default 0)")
     d.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where to run (default auto)")
     d.add_argument("--rules", metavar="FILE", help="a rule file that extends or overrides the default rules")
     d.add_argument("--fail-on", choices=FAIL_ON, help="lowest severity that makes the exit code 1 (default error)")
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"output format (default ${FORMAT_ENV}, else rich)")
     d.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
     d.add_argument("--baseline", metavar="FILE", help="fail only on findings that are new or worse than in FILE")
-    d.add_argument("--baseline-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="X",
+    d.add_argument("--baseline-tolerance", type=_tolerance_arg, default=DEFAULT_TOLERANCE, metavar="X",
                    help=f"a global-norm p95 or max above X times the baseline's is a regression (default {DEFAULT_TOLERANCE:g})")
     d.add_argument("--write-baseline", metavar="FILE", help="record this run as the baseline in FILE (exit 0)")
     d.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR "
@@ -92,7 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
     except GradscopeError as exc:
         if exc.partial is not None and args.command == "diagnose":
-            _emit(exc.partial, unfinished(exc.partial, args.fail_on or "error", exc.problem, exc.exit_code), args, out)
+            with interrupts.shielded():  # the run is over; what it measured is saved whatever is pressed now
+                _emit(exc.partial, unfinished(exc.partial, args.fail_on or "error", exc.problem, exc.exit_code),
+                      args, out)
         if args.debug:
             err.print_exception()
         _print_error(err, exc)
@@ -105,10 +106,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _diagnose(args: argparse.Namespace, out: Console, err: Console) -> int:
     _apply_defaults(args)
     if not 1 <= args.steps <= MAX_STEPS:
-        raise GradscopeError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}",
-                             "a few dozen steps show the trend; use gradscope.Monitor for whole training runs")
-    rules = load_rules(args.rules)  # a bad rule file or baseline fails before any training step
+        raise GradscopeError(f"{args.steps_source} must be between 1 and {MAX_STEPS}, got {args.steps}",
+                             f"{DEFAULT_STEPS} steps show the trend (the default); for whole training runs use "
+                             "gradscope.Monitor")
+    rules = load_rules(args.rules)  # a bad rule file, baseline or destination fails before any training step
     baseline = load_baseline(args.baseline) if args.baseline else None
+    _check_destinations(args)
     created = distributed.init_from_env(args.device)  # under torchrun: join the process group
     finished = False
     try:
@@ -127,8 +130,10 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
     """The run itself; under a process group every rank trains and measures, and rank 0 reports."""
     seed_everything(args.seed)
     failure, experiment = None, None
+    quiet = outputs.user_stdout_to_stderr(_document_on_stdout(args))  # prints must not corrupt a JSON document
     try:
-        experiment = load_experiment(args.target)
+        with quiet:
+            experiment = load_experiment(args.target)
     except GradscopeError as exc:
         failure = exc
     distributed.agree(failure)  # if any rank could not build its experiment, every rank stops here
@@ -136,7 +141,8 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
     main_rank = ctx is None or ctx.rank == 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not (err.is_terminal and main_rank)) as progress:
+                  console=err, transient=True, disable=not (err.is_terminal and main_rank)) as progress, \
+            outputs.user_stdout_to_stderr(_document_on_stdout(args)):
         task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
         report = diagnose(
             experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device, restore=False,
@@ -150,7 +156,11 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
         err.print(f"gradscope: {len(trials.trials)} trials took {trials.seconds:.1f} s, "
                   f"{trials.seconds / max(trials.profile_seconds, 1e-9):.1f}x the {trials.profile_seconds:.1f} s "
                   "of profiling", style="dim", highlight=False, soft_wrap=True)
-    comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
+    try:
+        comparison = compare(report, baseline, args.baseline_tolerance) if baseline else None
+    except GradscopeError as exc:  # a baseline of another model: the gate cannot be decided, the report stays
+        exc.partial = exc.partial or report
+        raise
     verdict = decide(report, args.fail_on, comparison)
     code = verdict.exit_code
     if main_rank:
@@ -159,7 +169,7 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
             from .integrations.tensorboard import write_tensorboard
             write_tensorboard(report, args.tensorboard)
         if args.write_baseline:
-            write_baseline(report, args.write_baseline)
+            write_baseline(report, args.write_baseline)  # checked before training, written atomically
             err.print(f"gradscope: wrote baseline {args.write_baseline} ({len(report.findings)} findings)",
                       highlight=False, soft_wrap=True)
             code = EXIT_OK
@@ -178,6 +188,26 @@ def _trials_arg(text: str) -> int:
     return value
 
 
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2 ** 64:  # what torch.manual_seed accepts
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {text}")
+    return value
+
+
+def _tolerance_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 1 <= value < float("inf"):  # below 1, a run as good as its baseline would count as a regression
+        raise argparse.ArgumentTypeError(f"expected a finite factor of at least 1, got {text}")
+    return value
+
+
 def _budget_arg(text: str) -> float:
     try:
         value = float(text)
@@ -191,7 +221,10 @@ def _budget_arg(text: str) -> float:
 def _apply_defaults(args: argparse.Namespace) -> None:
     """Flags win; then [tool.gradscope] in pyproject.toml (and $GRADSCOPE_FORMAT); then built-in defaults."""
     config = load_config()
-    args.steps = args.steps if args.steps is not None else config.get("steps", DEFAULT_STEPS)
+    args.steps_source = "--steps"
+    if args.steps is None:
+        args.steps = config.get("steps", DEFAULT_STEPS)
+        args.steps_source = f"steps in [tool.gradscope] of {config.source}" if "steps" in config else "steps"
     args.rules = args.rules or config.get("rules")
     args.fail_on = args.fail_on or config.get("fail-on", "error")
     args.baseline = args.baseline or (None if args.write_baseline else config.get("baseline"))
@@ -204,10 +237,25 @@ def _apply_defaults(args: argparse.Namespace) -> None:
                                  f"use one of {', '.join(FORMATS)}, or unset it")
 
 
+def _document_on_stdout(args: argparse.Namespace) -> bool:
+    return args.format != "rich" and not args.output
+
+
+def _check_destinations(args: argparse.Namespace) -> None:
+    """Every file the run will write, checked now: a report must not be lost after the work is done."""
+    if args.output:
+        outputs.check(args.output, "--output")
+    if args.write_baseline:
+        outputs.check(args.write_baseline, "--write-baseline")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if args.format == "github" and summary:
+        outputs.check(summary, "$GITHUB_STEP_SUMMARY", append=True)
+
+
 def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Console) -> None:
     fmt_name = args.format or "rich"
     if args.output:
-        Path(args.output).write_text(FORMATS[fmt_name](report, verdict), encoding="utf-8")
+        outputs.write(args.output, FORMATS[fmt_name](report, verdict), "--output")
     elif fmt_name == "rich":
         out.print(render(report, verdict))
     else:
@@ -215,8 +263,7 @@ def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Conso
         sys.stdout.flush()
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if fmt_name == "github" and summary:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(to_markdown(report, verdict))
+        outputs.append(summary, to_markdown(report, verdict), "$GITHUB_STEP_SUMMARY")
 
 
 def _print_error(err: Console, exc: GradscopeError) -> None:

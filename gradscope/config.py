@@ -23,15 +23,22 @@ def find_pyproject(start: Path) -> Optional[Path]:
     return None
 
 
-def load_config(start: Optional[Path] = None) -> Dict[str, Any]:
+def load_config(start: Optional[Path] = None) -> "Config":
     """The ``[tool.gradscope]`` settings, with relative paths made relative to the pyproject's folder."""
     path = find_pyproject((start or Path.cwd()).resolve())
     if path is None:
-        return {}
+        return Config({})
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("gradscope", {})
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise GradscopeError(f"{path}: cannot read it as TOML: {exc}", "fix the file, or run from another folder") from None
+    except OSError as exc:
+        raise GradscopeError(f"{path}: cannot read it: {exc.strerror or exc}", "run from another folder") from None
+    tool = document.get("tool", {})
+    if not isinstance(tool, dict):
+        raise GradscopeError(f"{path}: 'tool' must be a table, not a {type(tool).__name__}",
+                             "write [tool.gradscope] as a table; see README: configuration")
+    table = tool.get("gradscope", {})
     if not isinstance(table, dict):
         raise GradscopeError(f"{path}: [tool.gradscope] must be a table", "see README: configuration")
     unknown = set(table) - set(KEYS)
@@ -42,8 +49,16 @@ def load_config(start: Optional[Path] = None) -> Dict[str, Any]:
         if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
             raise GradscopeError(f"{path}: [tool.gradscope] {key} must be a{'n integer' if kind is int else ' string'}",
                                  "see README: configuration")
-    config = dict(table)
+    config = Config(table, source=str(path))
     for key in ("rules", "baseline"):
         if key in config:
             config[key] = str((path.parent / config[key]))
     return config
+
+
+class Config(dict):
+    """The settings, and the pyproject.toml they came from (for messages that name their source)."""
+
+    def __init__(self, values: Dict[str, Any], source: str = "") -> None:
+        super().__init__(values)
+        self.source = source

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from . import distributed, stats
+from . import distributed, interrupts, stats
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .evaluate import evaluate
 from .experiment import Experiment, batch_stream, forward_backward, held_out_loss, next_batch, optimizer_step
@@ -79,6 +79,7 @@ def diagnose(
     monitor = Monitor(model, update_every=1, histogram_sample=1)  # a short run: measure everything
     meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps)
     report: Optional[Report] = None
+    shield = None
     try:
         stream = batch_stream(experiment.batches)
         seen: List[Any] = []
@@ -94,6 +95,7 @@ def diagnose(
             advice = recommend(report.statistics, report.findings, trial_set)
             report = dataclasses.replace(report, recommendation=advice)
     except KeyboardInterrupt:
+        shield = interrupts.ignore()  # a second Ctrl-C must not lose the partial report being built
         partial = report if report is not None else _partial(monitor, "interrupted by Ctrl-C", meta)
         raise Interrupted("interrupted: stopped by Ctrl-C", "the partial report covers the steps done",
                           partial=partial) from None
@@ -104,6 +106,7 @@ def diagnose(
         monitor.close()
         if saved is not None:
             restore_state(experiment, saved)
+        interrupts.restore(shield)
     return report
 
 

@@ -89,10 +89,12 @@ def test_norm_regression_past_tolerance_fails(model_file, capsys):
 
 
 def test_stale_baseline_entries_are_reported(model_file, capsys):
-    Path("base.json").write_text(json.dumps({
-        "kind": "gradscope-baseline", "schema_version": 1, "model": "x",
-        "findings": [{"rule_id": "dead-layer", "layer": "encoder.gone", "severity": "warning"}],
-        "metrics": {}, "layers": ["encoder.gone"]}))
+    """A baseline of this model from before a layer was removed: the gone layer's entry is stale."""
+    assert run(["diagnose", model_file, "--write-baseline", "base.json"], capsys)[0] == 0
+    doc = json.loads(Path("base.json").read_text())
+    doc["findings"].append({"rule_id": "dead-layer", "layer": "encoder.gone", "severity": "warning"})
+    doc["layers"].append("encoder.gone")
+    Path("base.json").write_text(json.dumps(doc))
     code, out, _ = run(["diagnose", model_file, "--baseline", "base.json", "--format", "json"], capsys)
     assert code == 0
     assert json.loads(out)["gate"]["baseline"]["stale"] == [{"rule_id": "dead-layer", "layer": "encoder.gone"}]
