@@ -16,6 +16,11 @@ def capture(experiment: Experiment) -> Dict[str, Any]:
     model = experiment.model
     return {
         "model": copy.deepcopy(model.state_dict()),
+        # state_dict leaves out non-persistent buffers (a running count, a cache), and parameters the
+        # optimizer steps but the model does not own (a learned temperature held outside it)
+        "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
+        "outside": [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+                    for p in _optimizer_only(experiment)],
         "optimizer": copy.deepcopy(experiment.optimizer.state_dict()),
         "modes": {name: m.training for name, m in model.named_modules()},
         "devices": {name: p.device for name, p in model.named_parameters()},
@@ -34,6 +39,13 @@ def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
     if first is not None:
         model.to(first)
     model.load_state_dict(saved["model"])
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in saved["buffers"] and b.shape == saved["buffers"][name].shape:
+                b.copy_(saved["buffers"][name])
+        for p, value, grad in saved["outside"]:
+            p.copy_(value)
+            p.grad = grad
     experiment.optimizer.load_state_dict(saved["optimizer"])
     for name, m in model.named_modules():
         if name in saved["modes"]:
@@ -45,3 +57,15 @@ def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
     random.setstate(saved["random_rng"])
     for name, p in model.named_parameters():
         p.grad = saved["grads"].get(name)
+
+
+def _optimizer_only(experiment: Experiment) -> list:
+    """Parameters in the optimizer's groups that the model does not hold."""
+    owned = {id(p) for p in experiment.model.parameters()}
+    seen, out = set(), []
+    for group in experiment.optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in owned and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
