@@ -8,7 +8,7 @@ host as a HostRow.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ class Bucket:
 
     Each step a fixed sample of every gradient is copied into one of two float32 buffers: all of a
     small parameter, and one block of SAMPLE_BLOCK elements in ``sample`` of a large one, spread evenly
-    over it. The |g| histogram is counted on the sample, and the step-to-step cosine is the dot product
-    of this step's sample with the last one, large parameters' blocks weighted by ``sample``.
+    over it. The |g| histogram is counted on the sample and the step-to-step cosine is the dot product
+    of this step's sample with the last one, large parameters' blocks weighted by ``sample``. Small
+    parameters' sums (for the mean) are read off the sample in one op; large ones are summed one by one.
     """
 
     def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int,
@@ -35,15 +36,20 @@ class Bucket:
         self.params = params
         self.groups = groups
         self.dtype = params[0].dtype
+        self.device = device
         self.param_group = torch.tensor(groups, device=device)
         self.sample = sample
         # Under a process group: a sharded (DTensor) bucket's figures are summed over ranks as they are;
         # a replicated one's are the same on every rank, so each rank adds 1/world of them, and only
         # rank 0 counts its histogram.
         self.sharded = distributed.is_sharded(params[0])
+        self.complex = params[0].is_complex()  # one dtype per bucket: all complex or none
+        # norms accumulate in float32 at least (a float16 norm overflows at 65504); float64 stays float64
+        self.norm_dtype = None if self.dtype in (torch.float64, torch.complex128) else torch.float32
         self.share = 1.0 if ctx is None or self.sharded else 1.0 / ctx.world
         self.counts_histogram = ctx is None or self.sharded or ctx.rank == 0
-        numels = [distributed.local(p).numel() for p in params]
+        locals_ = [distributed.local(p) for p in params]
+        numels = [t.numel() for t in locals_]
         self.rows = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
         sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.rows)]
         # Sampled parameters first, so their blocks form one region weighted by ``sample`` in the cosine.
@@ -54,21 +60,134 @@ class Bucket:
         self.weighted = sum(sizes[i] for i in range(len(params)) if self.rows[i])
         self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
         self.bits = torch.empty(at, dtype=torch.int32, device=device)
-        shape = lambda i: (sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK) if self.rows[i] else (sizes[i],)  # noqa: E731
+        # A whole parameter's slot has the gradient's own shape, so the copy needs no per-step reshape.
+        shape = lambda i: (sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK) if self.rows[i] else locals_[i].shape  # noqa: E731
         self.dest = [[buf[starts[i]:starts[i] + sizes[i]].view(shape(i)) for i in range(len(params))]
                      for buf in self.buffers]
         self.bit_views = [self.bits[starts[i]:starts[i] + sizes[i]] for i in range(len(params))]
         self.bin_offsets = [g * hist.N_BINS for g in groups]
         self.sampled = sizes if self.counts_histogram else [0] * len(sizes)
+        # Each sample element's parameter: a whole parameter's sum is read off the sample in one op.
+        owner = torch.empty(at, dtype=torch.int64)
+        for i in range(len(params)):
+            owner[starts[i]:starts[i] + sizes[i]] = i
+        self.owner = owner.to(device)
+        self.whole_mask = torch.tensor([0.0 if r else 1.0 for r in self.rows], dtype=torch.float32, device=device)
+        self.blocked = [i for i, r in enumerate(self.rows) if r]
         self.current = 0
         self.previous_weights: Optional[List[torch.Tensor]] = None
         self.weight_sq: Optional[torch.Tensor] = None
 
     def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The view of a gradient that the sample reads: whole, or every ``sample``-th block."""
-        flat = grad.reshape(-1)
         rows = self.rows[i]
-        return flat[: rows * SAMPLE_BLOCK].view(rows, SAMPLE_BLOCK)[:: self.sample] if rows else flat
+        if not rows:
+            return grad
+        flat = grad.reshape(-1)
+        return flat[: rows * SAMPLE_BLOCK].view(rows, SAMPLE_BLOCK)[:: self.sample]
+
+    def gradients(self) -> Tuple[List[int], List[torch.Tensor]]:
+        """The indices of the parameters that have a gradient this step, and those gradients, as the
+        arithmetic reads them: dense, real (|g| for a complex gradient) and this rank's part.
+
+        The one Python pass over the parameters on the hot path: reading ``.grad`` is a per-tensor
+        attribute access that no batched op can do for us.
+        """
+        grads = [p.grad for p in self.params]
+        if self.sharded:
+            grads = [None if g is None else distributed.local(g) for g in grads]
+        index = list(range(len(grads)))
+        if self.complex or any(g is None or g.is_sparse for g in grads):  # rare: build the list with care
+            index = [i for i, g in enumerate(grads) if g is not None]
+            grads = [_readable(grads[i]) for i in index]
+        return index, grads
+
+    def measure(self, acc: "StepSums", inverse_scale: Optional[torch.Tensor], n_groups: int, dot: bool) -> np.ndarray:
+        """Add this step's gradient figures to ``acc``; returns which groups had a gradient.
+
+        Batched over the bucket: two ``_foreach_norm`` calls (the 2-norm and the max |g|), one
+        ``_foreach_copy_`` into the sample, then a fixed number of ops on the sample buffer.
+        """
+        dev = acc.norm_sq.device
+        present = np.zeros(n_groups, dtype=bool)
+        index, grads = self.gradients()
+        dest = self.dest[self.current]
+        buffer = self.buffers[self.current]
+        if len(index) < len(self.params):
+            for i in set(range(len(self.params))) - set(index):
+                dest[i].zero_()  # an unused parameter reads as zeros in the histogram, the sums and the cosine
+        if grads:
+            present[[self.groups[i] for i in index]] = True
+            whole = len(index) == len(self.params)
+            groups = self.param_group if whole else self.param_group[index]
+            nonempty = [g for g in grads if g.numel()]  # a rank may hold an empty shard
+            if len(nonempty) == len(grads):
+                norms = torch._foreach_norm(grads, 2, dtype=self.norm_dtype)
+                maxes = torch._foreach_norm(grads, float("inf"), dtype=self.norm_dtype)
+                acc.norm_sq.index_add_(0, groups, torch.stack(norms).to(dev, torch.float32) ** 2, alpha=self.share)
+                acc.max_abs.scatter_reduce_(0, groups, torch.stack(maxes).to(dev, torch.float32), reduce="amax")
+            else:
+                keep = [k for k, g in enumerate(grads) if g.numel()]
+                kept_groups = groups[keep]
+                if keep:
+                    norms = torch._foreach_norm(nonempty, 2, dtype=self.norm_dtype)
+                    maxes = torch._foreach_norm(nonempty, float("inf"), dtype=self.norm_dtype)
+                    acc.norm_sq.index_add_(0, kept_groups, torch.stack(norms).to(dev, torch.float32) ** 2, alpha=self.share)
+                    acc.max_abs.scatter_reduce_(0, kept_groups, torch.stack(maxes).to(dev, torch.float32), reduce="amax")
+            sources = grads
+            if self.blocked and whole:  # only large parameters need a strided view; the rest copy as they are
+                sources = list(grads)
+                for i in self.blocked:
+                    sources[i] = self.source(i, grads[i])
+            elif self.blocked:
+                sources = [self.source(i, g) if self.rows[i] else g for i, g in zip(index, grads)]
+            torch._foreach_copy_(dest if whole else [dest[i] for i in index], sources)
+        if inverse_scale is not None:
+            buffer.mul_(inverse_scale.to(buffer.device))
+        sums = torch.zeros(len(self.params), dtype=torch.float32, device=buffer.device)
+        sums.index_add_(0, self.owner, buffer).mul_(self.whole_mask)  # exact for whole parameters
+        if len(index) == len(self.params):
+            large = [(i, grads[i]) for i in self.blocked]
+        else:
+            large = [(i, g) for i, g in zip(index, grads) if self.rows[i]]
+        if large:  # torch has no _foreach_sum; each large tensor's sum is one pass it is bandwidth-bound on anyway
+            at = torch.tensor([i for i, _ in large], device=buffer.device)
+            totals = torch.stack([g.sum(dtype=torch.float32) for _, g in large]).to(buffer.device)
+            if inverse_scale is not None:
+                totals = totals * inverse_scale.to(buffer.device)
+            sums.index_add_(0, at, totals)
+        acc.grad_sum.index_add_(0, self.param_group.to(dev), sums.to(dev), alpha=self.share)
+        if self.counts_histogram:
+            acc.counts += histogram_counts(self, n_groups).to(dev)
+        if dot:
+            acc.dot.add_(sample_dot(self).to(dev), alpha=self.share)
+        self.current = 1 - self.current
+        return present
+
+    def weights(self) -> List[torch.Tensor]:
+        weights = [distributed.local(p.detach()) if self.sharded else p.detach() for p in self.params]
+        return [torch.view_as_real(w) for w in weights] if self.complex else weights
+
+    def measure_weights(self, acc: "StepSums", measure: bool, snapshot: bool) -> None:
+        """Weight norms (read with the snapshots: they move slowly) and the update since the last snapshot."""
+        dev = acc.norm_sq.device
+        weights = self.weights() if snapshot or measure or self.weight_sq is None else []
+        if snapshot or self.weight_sq is None:
+            self.weight_sq = torch.stack(torch._foreach_norm(weights, 2, dtype=self.norm_dtype)).float() ** 2
+        acc.weight_sq.index_add_(0, self.param_group.to(dev), self.weight_sq.to(dev), alpha=self.share)
+        if measure or snapshot:
+            acc.update_sq.index_add_(0, self.param_group.to(dev), weight_change_sq(self, weights, measure, snapshot)
+                                     .to(dev), alpha=self.share)
+
+
+def _readable(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as the arithmetic reads it: sparse ones made dense, complex ones as their magnitude |g|
+    (so the 2-norm and max are those of the complex values, not of their real part)."""
+    if grad.is_sparse:
+        grad = grad.to_dense()
+    if grad.is_complex():
+        grad = grad.abs()
+    return grad
 
 
 @dataclasses.dataclass

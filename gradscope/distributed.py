@@ -49,7 +49,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def reduce_step(sums: torch.Tensor, maxes: torch.Tensor, ctx: Context) -> Tuple[torch.Tensor, torch.Tensor]:
     """One all_gather of both vectors; then SUM the first over ranks and take the MAX of the second."""
-    packed = torch.cat([sums, maxes]).float()
+    packed = torch.cat([sums, maxes.to(sums.dtype)])
     gathered = [torch.empty_like(packed) for _ in range(ctx.world)]
     dist.all_gather(gathered, packed)
     stacked = torch.stack(gathered)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import distributed
 from . import histogram as hist
-from .buckets import Bucket, HostRow, StepSums, histogram_counts, sample_dot, weight_change_sq
+from .buckets import Bucket, HostRow, StepSums, weight_change_sq
 from .errors import ExperimentError
 from .history import SeriesStore, SpikeTracker
 from .layers import class_source, group_parameters, module_class, unwrap
@@ -58,6 +58,8 @@ class Monitor:
         inner = unwrap(model)  # name layers as the user did, not as a DDP or torch.compile wrapper does
         self._dist = distributed.context()
         self.layers, params, groups = group_parameters(inner, tracked)
+        kept = [k for k, p in enumerate(params) if p.numel() > 0]  # a zero-element parameter has no gradient to read
+        params, groups = [params[k] for k in kept], [groups[k] for k in kept]
         if not params:
             raise ExperimentError(
                 f"{type(model).__name__} has no trainable parameters",
@@ -110,13 +112,13 @@ class Monitor:
 
         Losses noted between two observations are averaged; they reach the host with the next sync.
         """
-        value = loss.detach().float().reshape(()).to(self.device)
+        value = loss.detach().reshape(()).to(self.device, wide(self.device))
         self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
         self._pending_count += 1
 
     def _take_pending_loss(self) -> torch.Tensor:
         if self._pending_loss is None:
-            return torch.full((1,), float("nan"), device=self.device)
+            return torch.full((1,), float("nan"), device=self.device, dtype=wide(self.device))
         mean = (self._pending_loss / self._pending_count).reshape(1)
         self._pending_loss, self._pending_count = None, 0
         return mean
@@ -163,22 +165,25 @@ class Monitor:
         measure = self._step > 0 and self._snapshot_step == self._step - 1  # weights were snapshot last time
         snapshot = self._step % self.update_every == 0
         for b in self._buckets:
-            self._measure_bucket(b, acc, present, inverse_scale, measure, snapshot)
+            present |= b.measure(acc, inverse_scale, G, dot=self._step > 0)
+            b.measure_weights(acc, measure, snapshot)
         if snapshot:
             self._snapshot_step = self._step
-        if inverse_scale is not None:
+        if inverse_scale is not None:  # the sample (and so the sums) was unscaled in place; these were not
             acc.norm_sq.mul_(inverse_scale**2)
             acc.max_abs.mul_(inverse_scale)
-            acc.grad_sum.mul_(inverse_scale)
-        loss_value = torch.full((1,), float("nan"), device=dev) if loss is None else loss.detach().float().reshape(1).to(dev)
-        sums = torch.cat([acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq,
-                          acc.counts.view(G, hist.N_BINS)[:, 0].float(), acc.dot, loss_value, self._take_pending_loss()])
+        row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
+        loss_value = torch.full((1,), float("nan"), device=dev, dtype=row_dtype) if loss is None else \
+            loss.detach().reshape(1).to(dev, row_dtype)
+        sums = torch.cat([t.to(row_dtype) for t in (acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq,
+                                                     acc.counts.view(G, hist.N_BINS)[:, 0], acc.dot)]
+                         + [loss_value, self._take_pending_loss()])
         maxes = acc.max_abs
         if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
             sums[-2:] /= self._dist.world  # the losses are averaged over ranks
-            sums = torch.cat([sums, torch.from_numpy(present.astype(np.float32)).to(dev)])  # received anywhere
+            sums = torch.cat([sums, torch.from_numpy(present.astype(np.float32)).to(dev, sums.dtype)])  # received anywhere
             sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
-        row = HostRow(torch.cat([sums.float(), maxes.float()]).to(torch.float64).cpu().numpy(), G)  # the host sync
+        row = HostRow(torch.cat([sums, maxes.to(sums.dtype)]).cpu().numpy().astype(np.float64), G)  # the host sync
         if row.present is not None:
             present = row.present > 0
         self._amend_loss(self._step - 1, row.noted)
@@ -189,55 +194,15 @@ class Monitor:
         nonfinite = np.zeros(G) if finite else self._count_nonfinite()
         return self._record(row, nonfinite, present, measure, loss is not None)
 
-    def _measure_bucket(self, b: Bucket, acc: "StepSums", present: np.ndarray,
-                        inverse_scale: Optional[torch.Tensor], measure: bool, snapshot: bool) -> None:
-        """Add one bucket's figures to the step's sums: gradients, their sample, weights and updates."""
-        dev = acc.norm_sq.device
-        index, grads = [], []
-        for i, p in enumerate(b.params):
-            if p.grad is None:
-                b.dest[b.current][i].zero_()  # an unused parameter reads as zeros in the histogram
-                continue
-            g = distributed.local(p.grad)
-            g = g.to_dense() if g.is_sparse else g
-            present[b.groups[i]] = True
-            if g.numel():  # a rank may hold an empty shard
-                index.append(i)
-                grads.append(g if g.dtype == torch.float32 else g.float())
-        if grads:
-            groups = (b.param_group if len(index) == len(b.params) else b.param_group[index]).to(dev)
-            acc.norm_sq.index_add_(0, groups, torch.stack(torch._foreach_norm(grads)).to(dev) ** 2, alpha=b.share)
-            acc.grad_sum.index_add_(0, groups, torch.stack([g.sum() for g in grads]).to(dev), alpha=b.share)
-            extremes = [torch.aminmax(g) for g in grads]
-            acc.max_abs.scatter_reduce_(0, groups, torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(dev),
-                                        reduce="amax")
-            torch._foreach_copy_([b.dest[b.current][i] for i in index], [b.source(i, g) for i, g in zip(index, grads)])
-        if inverse_scale is not None:
-            b.buffers[b.current].mul_(inverse_scale.to(b.buffers[b.current].device))
-        if b.counts_histogram:
-            acc.counts += histogram_counts(b, self._n_groups).to(dev)
-        if self._step > 0:
-            acc.dot.add_(sample_dot(b).to(dev), alpha=b.share)
-        b.current = 1 - b.current
-        param_group = b.param_group.to(dev)
-        weights = [distributed.local(p.detach()) for p in b.params] if snapshot or measure or b.weight_sq is None \
-            else []
-        if snapshot or b.weight_sq is None:  # weight norms move slowly: read them with the snapshots
-            b.weight_sq = torch.stack(torch._foreach_norm(weights)).float() ** 2
-        acc.weight_sq.index_add_(0, param_group, b.weight_sq.to(dev), alpha=b.share)
-        if measure or snapshot:
-            acc.update_sq.index_add_(0, param_group, weight_change_sq(b, weights, measure, snapshot).to(dev),
-                                     alpha=b.share)
-
     def _count_nonfinite(self) -> np.ndarray:
         """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
         counts = torch.zeros(self._n_groups, dtype=torch.float64)
         for b in self._buckets:
             if not b.counts_histogram:  # a replicated bucket is counted on rank 0 alone
                 continue
-            for p, g in zip(b.params, b.groups):
-                if p.grad is not None:
-                    counts[g] += int((~torch.isfinite(distributed.local(p.grad))).sum())
+            index, grads = b.gradients()
+            for i, grad in zip(index, grads):  # only on a step with inf or NaN: no need to batch
+                counts[b.groups[i]] += int((~torch.isfinite(grad)).sum())
         if self._dist is not None:
             counts = distributed.all_reduce_sum(counts.to(self.device)).cpu()
         return counts.numpy()
@@ -307,8 +272,7 @@ class Monitor:
         dev = self.device
         update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
         for b in self._buckets:
-            weights = [distributed.local(p.detach()) for p in b.params]
-            change = weight_change_sq(b, weights, True, False, keep=True)
+            change = weight_change_sq(b, b.weights(), True, False, keep=True)
             update_sq.index_add_(0, b.param_group.to(dev), change.to(dev), alpha=b.share)
         if self._dist is not None:
             update_sq = distributed.all_reduce_sum(update_sq)
@@ -397,6 +361,11 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
+
+
+def wide(device: torch.device) -> torch.dtype:
+    """The widest float the device computes in: float64, except on Apple's MPS, which has none."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def _measurement(base: str, ctx: Optional[distributed.Context], sharded: bool) -> str:
