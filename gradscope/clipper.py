@@ -20,26 +20,44 @@ class Clipper:
     Without Normalization"): each unit's gradient (a row of a weight, over all but its first dimension)
     is rescaled to at most ``threshold`` x max(‖unit weight‖, ``eps``). As in that paper, the final
     linear layer is left out unless ``exclude`` names other modules (``exclude=()`` clips every layer).
+    ``none`` clips nothing unless ``safety_net`` is given: then the global norm is clipped at that
+    generous threshold, which only a blow-up reaches.
     """
 
     def __init__(self, method: str, threshold: Optional[float], *, eps: float = 1e-3,
-                 exclude: Optional[Iterable[str]] = None) -> None:
+                 exclude: Optional[Iterable[str]] = None, safety_net: Optional[float] = None) -> None:
         if method not in METHODS:
             raise GradscopeError(f"unknown clipping method {method!r}", f"use one of {', '.join(METHODS)}")
         if method != "none" and not (threshold is not None and threshold > 0):
             raise GradscopeError(f"clipping by {method} needs a positive threshold, got {threshold!r}",
                                  "pass the threshold of the recommendation")
+        if safety_net is not None and not safety_net > 0:
+            raise GradscopeError(f"the safety net must be a positive norm, got {safety_net!r}",
+                                 "pass the recommendation's evidence.safety_net, or None")
         self.method, self.threshold, self.eps = method, threshold, eps
+        self.safety_net = safety_net if method == "none" else None
         self.exclude = None if exclude is None else set(exclude)
 
     @classmethod
-    def from_report(cls, report: Report, **options) -> "Clipper":
-        return cls(report.recommendation.method, report.recommendation.threshold, **options)
+    def from_report(cls, report: Report, *, safety_net: bool = True, **options) -> "Clipper":
+        """The recommendation as a Clipper. Where it is ``none``, the safety net it states (norm clipping
+        at 10x the largest global norm profiled, which clipped no profiled step) is armed, so a blow-up
+        after the profile is still caught; ``safety_net=False`` clips nothing."""
+        advice = report.recommendation
+        net = advice.evidence.safety_net if safety_net else None
+        return cls(advice.method, advice.threshold, safety_net=net, **options)
+
+    def __repr__(self) -> str:
+        if self.method == "none":
+            return f"Clipper('none', safety_net={self.safety_net!r})"
+        return f"Clipper({self.method!r}, {self.threshold!r})"
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> None:
         if self.method == "norm":
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.threshold)
+        elif self.safety_net is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.safety_net)
         elif self.method == "value":
             torch.nn.utils.clip_grad_value_(model.parameters(), self.threshold)
         elif self.method == "agc":

@@ -92,3 +92,24 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(GradscopeError, match="needs a positive threshold"):
         Clipper("norm", None)
     Clipper("none", None)(model_with_grads())  # a no-op
+
+
+def test_a_none_recommendation_arms_its_safety_net():
+    from models import healthy_mlp
+    report = gradscope.diagnose(healthy_mlp(), steps=10, seed=0)
+    assert report.recommendation.method == "none"
+    net = report.recommendation.evidence.safety_net
+    clipper = Clipper.from_report(report)
+    assert clipper.safety_net == net and repr(clipper) == f"Clipper('none', safety_net={net!r})"
+    model = model_with_grads(scale=1e6)  # a blow-up far above anything profiled
+    grads = [p.grad for p in model.parameters()]
+    assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) > net
+    clipper(model)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert float(norm) == pytest.approx(net, rel=1e-4)
+    model = model_with_grads(scale=1e6)
+    before = [p.grad.clone() for p in model.parameters()]
+    Clipper.from_report(report, safety_net=False)(model)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+    with pytest.raises(GradscopeError, match="safety net must be a positive norm"):
+        Clipper("none", None, safety_net=0.0)
