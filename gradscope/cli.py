@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from typing import List, Optional
@@ -21,7 +22,7 @@ from .gate import FAIL_ON, Verdict, decide, unfinished
 from .metrics import LAYER_METRICS, MODEL_METRICS
 from .render import render
 from .report import Report
-from .ruleset import load_rules
+from .ruleset import condition_lines, condition_metrics, load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
 from .trials import BUDGET, MOST_TRIALS, TRIAL_STEPS
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
     r.add_argument("--debug", action="store_true")
+    e = sub.add_parser("rule", help="explain one rule: what it tests, its thresholds, its message and remedy")
+    e.add_argument("rule_id", metavar="ID")
+    e.add_argument("--rules", metavar="FILE", help="a rule file that extends or overrides the defaults")
+    e.add_argument("--debug", action="store_true")
     m = sub.add_parser("metrics", help="list the metrics rules can test")
     m.add_argument("--debug", action="store_true")
     return parser
@@ -86,6 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _diagnose(args, out, err)
         if args.command == "rules":
             out.print(_rules_table(args.rules))
+            return EXIT_OK
+        if args.command == "rule":
+            out.print(_rule_text(args.rule_id, args.rules), markup=False, highlight=False, soft_wrap=True)
             return EXIT_OK
         out.print(_metrics_table())
         return EXIT_OK
@@ -280,6 +288,30 @@ def _rules_table(path: Optional[str]) -> Table:
     for rule in rule_set.rules:
         table.add_row(rule.id, rule.severity, rule.scope, rule.remedy, rule.description)
     return table
+
+
+def _rule_text(rule_id: str, path: Optional[str]) -> str:
+    """What a rule tests, as `ruff rule X` explains a lint: enough to see why it did or did not fire."""
+    rule_set = load_rules(path)
+    rule = rule_set.get(rule_id)
+    if rule is None:
+        close = difflib.get_close_matches(rule_id, [r.id for r in rule_set.rules], n=3)
+        raise GradscopeError(f"no rule {rule_id!r} in {', '.join(rule_set.sources)}",
+                             f"did you mean {', '.join(close)}?" if close else "`gradscope rules` lists them")
+    metrics = {**MODEL_METRICS, **LAYER_METRICS}
+    lines = [f"{rule.id} ({rule.severity}, {rule.scope} rule{', remedy: ' + rule.remedy if rule.remedy != 'none' else ''})",
+             f"  {rule.description}" if rule.description else "", "", "fires when:",
+             *condition_lines(rule.when, "  ")]
+    if rule.match_kind or rule.match_name:
+        lines += ["only for layers matching:"] + ([f"  kind: {', '.join(rule.match_kind)}"] if rule.match_kind else []) \
+            + ([f"  name: {', '.join(rule.match_name)}"] if rule.match_name else [])
+    if rule.params:
+        lines += ["params (override them in a --rules file):",
+                  *(f"  {name}: {value:g}" for name, value in rule.params.items())]
+    lines += ["metrics:", *(f"  {m}: {metrics[m].description}" if m in metrics else f"  {m}"
+                            for m in condition_metrics(rule.when))]
+    lines += ["message:", f"  {rule.message}"]
+    return "\n".join(line for i, line in enumerate(lines) if line or i == 2)
 
 
 def _metrics_table() -> Table:

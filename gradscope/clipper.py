@@ -1,7 +1,9 @@
 """Apply the advice: clip a model's gradients exactly as a Recommendation says (norm, value or AGC)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Set
+import json
+from pathlib import Path
+from typing import Any, Iterable, List, Mapping, Optional, Set, Union
 
 import torch
 from torch import nn
@@ -46,6 +48,27 @@ class Clipper:
         advice = report.recommendation
         net = advice.evidence.safety_net if safety_net else None
         return cls(advice.method, advice.threshold, safety_net=net, **options)
+
+    @classmethod
+    def from_json(cls, source: Union[str, Path, Mapping[str, Any]], *, safety_net: bool = True,
+                  **options) -> "Clipper":
+        """The advice of a report written with ``--format json``: a path to it, or the parsed document.
+        A CI job can diagnose once and a training job apply the advice, with no Report object between."""
+        doc = source
+        if not isinstance(source, Mapping):
+            path = Path(source)
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise GradscopeError(f"cannot read a gradscope report from {path}: {exc}",
+                                     "write one with: gradscope diagnose TARGET --format json --output FILE") from None
+        advice = doc.get("recommendation") if isinstance(doc, Mapping) else None
+        if not isinstance(advice, Mapping) or advice.get("method") not in METHODS:
+            raise GradscopeError("not a gradscope JSON report: no recommendation with a known method",
+                                 "write one with: gradscope diagnose TARGET --format json --output FILE")
+        evidence = advice.get("evidence") if isinstance(advice.get("evidence"), Mapping) else {}
+        net = evidence.get("safety_net") if safety_net else None
+        return cls(advice["method"], advice.get("threshold"), safety_net=net, **options)
 
     def __repr__(self) -> str:
         if self.method == "none":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 from fnmatch import fnmatchcase
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -106,13 +107,16 @@ def render_message(template: str, values: Mapping[str, object]) -> str:
     """Fill {name} and {name:spec} fields; the names were checked when the rule file loaded."""
     def fill(match) -> str:
         value = values.get(match.group(1), "n/a")
-        spec = match.group(2) or ""
+        spec, times = match.group(2) or "", match.group(3)  # "{ratio:.3g}x": a multiple, the x kept with it
         if isinstance(value, float) and not math.isfinite(value):
-            return "n/a" if math.isnan(value) else str(value)
+            return "n/a" if math.isnan(value) else str(value) + times  # never "n/ax"
         if isinstance(value, float) and not spec:
             spec = ".3g"
         try:
-            return format(value, spec)
+            return format(value, spec) + times
         except (ValueError, TypeError):
-            return str(value)
-    return TEMPLATE_FIELD.sub(fill, template)
+            return str(value) + times
+    return MESSAGE_FIELD.sub(fill, template)
+
+
+MESSAGE_FIELD = re.compile(TEMPLATE_FIELD.pattern + r"(x?)")

@@ -83,6 +83,24 @@ class RuleSet:
         return next((r for r in self.rules if r.id == rule_id), None)
 
 
+def condition_lines(condition: Condition, indent: str = "") -> List[str]:
+    """A condition as indented lines a person reads: ``metric > value``, ``all of:``, ``any of:``, ``not:``."""
+    if isinstance(condition, Compare):
+        return [f"{indent}{condition.metric} {condition.op} {condition.value:g}"]
+    if isinstance(condition, Not):
+        return [f"{indent}not:", *condition_lines(condition.item, indent + "  ")]
+    head = "all of:" if isinstance(condition, AllOf) else "any of:"
+    return [f"{indent}{head}", *(line for item in condition.items for line in condition_lines(item, indent + "  "))]
+
+
+def condition_metrics(condition: Condition) -> List[str]:
+    if isinstance(condition, Compare):
+        return [condition.metric]
+    if isinstance(condition, Not):
+        return condition_metrics(condition.item)
+    return list(dict.fromkeys(m for item in condition.items for m in condition_metrics(item)))
+
+
 def default_rules_text() -> str:
     return resources.files("gradscope.rules").joinpath("default.yaml").read_text(encoding="utf-8")
 

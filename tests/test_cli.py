@@ -322,3 +322,22 @@ def test_user_code_that_exits_or_raises_never_passes_the_gate(case, tmp_path, ca
         assert json.loads(out)["partial"] is True
     else:
         assert out == ""
+
+
+def test_rule_explains_its_condition_thresholds_and_message(capsys):
+    code, out, err = run(["rule", "recurrent-norm-high"], capsys)
+    assert code == 0, err
+    for expected in ("recurrent-norm-high (warning, layer rule, remedy: norm)", "fires when:", "any of:",
+                     "grad_norm_peak_over_median > 10", "kind: RNN, LSTM, GRU", "peak_over_median: 10",
+                     "grad_norm_peak_over_median: grad_norm_max / grad_norm_median", "message:"):
+        assert expected in out, out
+
+
+def test_rule_follows_a_rule_file_override_and_suggests_close_ids(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("rules:\n  - id: recurrent-norm-high\n    params: {peak_over_median: 40}\n")
+    code, out, _ = run(["rule", "recurrent-norm-high", "--rules", str(path)], capsys)
+    assert code == 0 and "grad_norm_peak_over_median > 40" in out
+    code, _, err = run(["rule", "recurent-norm-high"], capsys)
+    assert code == 2
+    assert_clean_error(err, "no rule 'recurent-norm-high'", "did you mean recurrent-norm-high")

@@ -113,3 +113,17 @@ def test_a_none_recommendation_arms_its_safety_net():
     assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
     with pytest.raises(GradscopeError, match="safety net must be a positive norm"):
         Clipper("none", None, safety_net=0.0)
+
+
+def test_from_json_gives_the_same_clipper_as_from_report(tmp_path):
+    report = gradscope.diagnose(exploding_rnn(), steps=30, seed=0)
+    path = tmp_path / "report.json"
+    path.write_text(report.to_json())
+    for source in (path, str(path), __import__("json").loads(report.to_json())):
+        clipper = Clipper.from_json(source)
+        assert (clipper.method, clipper.threshold) == (report.recommendation.method, report.recommendation.threshold)
+    (tmp_path / "other.json").write_text('{"kind": "something else"}')
+    with pytest.raises(GradscopeError, match="not a gradscope JSON report"):
+        Clipper.from_json(tmp_path / "other.json")
+    with pytest.raises(GradscopeError, match="cannot read a gradscope report"):
+        Clipper.from_json(tmp_path / "absent.json")

@@ -164,3 +164,11 @@ def test_fuzzed_raw_text_gives_a_rule_set_or_a_gradscope_error(text):
         assert isinstance(parse_rules_text(text, "fuzz.yaml"), RuleSet)
     except GradscopeError:
         pass
+
+
+def test_a_missing_multiple_reads_n_a_not_n_ax():
+    from gradscope.evaluate import render_message
+    template = "peak {ratio:.3g}x its median, {count} steps"
+    assert render_message(template, {"ratio": float("nan"), "count": 3}) == "peak n/a its median, 3 steps"
+    assert render_message(template, {"ratio": 12.5, "count": 3}) == "peak 12.5x its median, 3 steps"
+    assert render_message("{ratio}x", {"ratio": float("inf")}) == "infx"
