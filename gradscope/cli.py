@@ -161,7 +161,7 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
                 task, description="trials", completed=done, total=total, note=label))
     trials = report.recommendation.evidence.trials
     if trials is not None and main_rank:  # the cost in time, on stderr: the report itself stays deterministic
-        err.print(f"gradscope: {len(trials.trials)} trials took {trials.seconds:.1f} s, "
+        err.print(f"gradscope: {_count(len(trials.trials), 'trial')} took {trials.seconds:.1f} s, "
                   f"{trials.seconds / max(trials.profile_seconds, 1e-9):.1f}x the {trials.profile_seconds:.1f} s "
                   "of profiling", style="dim", highlight=False, soft_wrap=True)
     try:
@@ -178,7 +178,7 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
             write_tensorboard(report, args.tensorboard)
         if args.write_baseline:
             write_baseline(report, args.write_baseline)  # checked before training, written atomically
-            err.print(f"gradscope: wrote baseline {args.write_baseline} ({len(report.findings)} findings)",
+            err.print(f"gradscope: wrote baseline {args.write_baseline} ({_count(len(report.findings), 'finding')})",
                       highlight=False, soft_wrap=True)
             code = EXIT_OK
     return distributed.broadcast_int(code)  # every rank exits as rank 0 does
@@ -272,6 +272,10 @@ def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Conso
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if fmt_name == "github" and summary:
         outputs.append(summary, to_markdown(report, verdict), "$GITHUB_STEP_SUMMARY")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _print_error(err: Console, exc: GradscopeError) -> None:

@@ -167,7 +167,7 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
     c = verdict.comparison
     if c is not None:
         out.append(f"Baseline `{c.source}`: {len(c.new)} new or worse, {len(c.known)} known, {len(c.fixed)} fixed, "
-                   f"{len(c.stale)} stale, {len(c.regressions)} regression(s).")
+                   f"{len(c.stale)} stale, {len(c.regressions)} regression{'' if len(c.regressions) == 1 else 's'}.")
         out += [f"- regression: {_regression_text(r)}" for r in c.regressions]
         out.append("")
     rec = report.recommendation
