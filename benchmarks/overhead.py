@@ -2,7 +2,10 @@
 
 For each model size, two identical copies train side by side in one process: plain steps and
 observed steps alternate one by one, so both see the same machine state. Prints the median step
-time of each and their ratio (observed / plain). A 2-process DDP case (gloo, CPU) does the same under
+time of each and their ratio (observed / plain), and observe() alone against the physical floor (one
+_foreach_norm over every gradient plus one host copy), timed on the same gradients in the same run.
+Models: an MLP (8 tensors), a small transformer, a deep narrow model with 801 tensors, and a 12-layer
+Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU) does the same under
 DistributedDataParallel and times gradscope's per-step collective on its own.
 Run: python benchmarks/overhead.py [--quick]
 """
@@ -47,7 +50,48 @@ def transformer() -> Tuple[nn.Module, Callable[[], Tuple[torch.Tensor, ...]], Ca
         lambda m, b: nn.functional.cross_entropy(m(b[0]).reshape(-1, vocab), b[1].reshape(-1))
 
 
-MODELS = {"mlp": mlp, "transformer": transformer}
+def many_tensors() -> Tuple[nn.Module, Callable[[], Tuple[torch.Tensor, ...]], Callable]:
+    """Deep and narrow: 200 Linear+LayerNorm blocks, 801 parameter tensors (an LLM's count, not its size)."""
+    width = 64
+    blocks = [m for _ in range(200) for m in (nn.Linear(width, width), nn.LayerNorm(width))]
+    model = nn.Sequential(*blocks, nn.Linear(width, 1))
+    x, y = torch.randn(64, width), torch.randn(64, 1)
+    return model, lambda: (x, y), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])
+
+
+def gpt2() -> Tuple[nn.Module, Callable[[], Tuple[torch.Tensor, ...]], Callable]:
+    """Hugging Face GPT-2 built from its config: 12 layers, narrowed to run on 2 cores (148 tensors)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    config = GPT2Config(vocab_size=2000, n_positions=128, n_embd=128, n_layer=12, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    tokens = torch.randint(0, 2000, (8, 128))
+    return GPT2LMHeadModel(config), lambda: (tokens,), lambda m, b: m(input_ids=b[0], labels=b[0]).loss
+
+
+MODELS = {"mlp": mlp, "transformer": transformer, "many_tensors": many_tensors, "gpt2": gpt2}
+
+
+def floor_ms(model: nn.Module, repeats: int = 50) -> float:
+    """The physical floor of observing a step: one ``_foreach_norm`` over every gradient plus one host copy."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.stack(torch._foreach_norm(grads)).cpu()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def observe_ms(model: nn.Module, monitor: Monitor, repeats: int = 50) -> float:
+    """observe() alone on the same gradients (the weights do not move, so the update is measured as zero)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        monitor.observe()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn, monitor: Monitor = None) -> float:
@@ -80,8 +124,10 @@ def measure(name: str, pairs: int) -> Dict[str, float]:
                          timed_step(observed_model, observed_opt, batch, loss_fn, monitor))
     params = sum(p.numel() for p in plain_model.parameters())
     p, o = statistics.median(plain), statistics.median(observed)
-    return {"params": params, "plain_ms": p * 1e3, "observed_ms": o * 1e3, "ratio": o / p,
-            "pair_ratio": statistics.median(b / a for a, b in zip(plain, observed))}
+    floor, alone = floor_ms(observed_model), observe_ms(observed_model, monitor)
+    return {"params": params, "tensors": len(list(plain_model.parameters())), "plain_ms": p * 1e3,
+            "observed_ms": o * 1e3, "ratio": o / p, "pair_ratio": statistics.median(b / a for a, b in zip(plain, observed)),
+            "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor}
 
 
 def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
@@ -150,12 +196,16 @@ def main() -> None:
     pairs = 4 if args.quick else args.pairs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {pairs} alternating pairs of "
           "plain and observed steps; Monitor at its defaults, observing every step")
-    print(f"{'model':<12}{'params':>10}{'plain ms':>10}{'observed ms':>13}{'ratio':>8}{'pair ratio':>12}")
+    print(f"{'model':<14}{'params':>11}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}"
+          f"{'pair ratio':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}")
     for name in args.models:
         r = measure(name, pairs)
-        print(f"{name:<12}{r['params']:>10,}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}{r['ratio']:>8.3f}"
-              f"{r['pair_ratio']:>12.3f}")
-    print("ratio: median observed step / median plain step; pair ratio: median of per-pair ratios")
+        print(f"{name:<14}{r['params']:>11,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
+              f"{r['ratio']:>7.3f}{r['pair_ratio']:>11.3f}{r['floor_ms']:>10.2f}{r['observe_ms']:>12.2f}"
+              f"{r['over_floor']:>8.2f}")
+    print("ratio: median observed step / median plain step (AdamW); pair ratio: median of per-pair ratios;\n"
+          "floor: one _foreach_norm over every gradient plus one host copy; observe: observe() alone on the\n"
+          "same gradients; /floor: observe over floor. All measured side by side in this run.")
     if not args.no_ddp:
         r = measure_ddp(pairs)
         print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank): plain "

@@ -64,16 +64,21 @@ class Bucket:
         shape = lambda i: (sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK) if self.rows[i] else locals_[i].shape  # noqa: E731
         self.dest = [[buf[starts[i]:starts[i] + sizes[i]].view(shape(i)) for i in range(len(params))]
                      for buf in self.buffers]
-        self.bit_views = [self.bits[starts[i]:starts[i] + sizes[i]] for i in range(len(params))]
-        self.bin_offsets = [g * hist.N_BINS for g in groups]
         self.sampled = sizes if self.counts_histogram else [0] * len(sizes)
-        # Each sample element's parameter: a whole parameter's sum is read off the sample in one op.
-        owner = torch.empty(at, dtype=torch.int64)
-        for i in range(len(params)):
-            owner[starts[i]:starts[i] + sizes[i]] = i
-        self.owner = owner.to(device)
-        self.whole_mask = torch.tensor([0.0 if r else 1.0 for r in self.rows], dtype=torch.float32, device=device)
         self.blocked = [i for i, r in enumerate(self.rows) if r]
+        # Small parameters sit whole, in parameter order, after the blocks: their max and sums are read there.
+        # (A float64 bucket reads every figure off the gradients: its float32 sample could round or overflow.)
+        wide = self.dtype in (torch.float64, torch.complex128)
+        small = [i for i, r in enumerate(self.rows) if not r and sizes[i] and not wide]
+        self.direct = [i for i, r in enumerate(self.rows) if r or wide]  # max and sum read one by one
+        self.small = small
+        self.small_group = torch.tensor([groups[i] for i in small], dtype=torch.int64, device=device)
+        self.small_lengths = torch.tensor([sizes[i] for i in small], dtype=torch.int64, device=device)
+        self.small_total = sum(sizes[i] for i in small)
+        base = torch.empty(at, dtype=torch.int32)
+        for i in range(len(params)):  # each element's histogram bins start at its group's offset
+            base[starts[i]:starts[i] + sizes[i]] = groups[i] * hist.N_BINS
+        self.bin_base = base.to(device)
         self.current = 0
         self.previous_weights: Optional[List[torch.Tensor]] = None
         self.weight_sq: Optional[torch.Tensor] = None
@@ -105,35 +110,26 @@ class Bucket:
     def measure(self, acc: "StepSums", inverse_scale: Optional[torch.Tensor], n_groups: int, dot: bool) -> np.ndarray:
         """Add this step's gradient figures to ``acc``; returns which groups had a gradient.
 
-        Batched over the bucket: two ``_foreach_norm`` calls (the 2-norm and the max |g|), one
-        ``_foreach_copy_`` into the sample, then a fixed number of ops on the sample buffer.
+        Batched over the bucket: one ``_foreach_norm`` (the 2-norms) and one ``_foreach_copy_`` into the
+        sample read every gradient, and the max |g| (see ``_maxima``); the rest works on the sample
+        buffer, which holds small parameters whole: their sums are one ``segment_reduce`` and the
+        histogram one ``bincount``. Large parameters' sums are taken one by one: torch has no batched
+        sum, and each is a bandwidth-bound pass over a large tensor anyway.
         """
         dev = acc.norm_sq.device
         present = np.zeros(n_groups, dtype=bool)
         index, grads = self.gradients()
         dest = self.dest[self.current]
         buffer = self.buffers[self.current]
-        if len(index) < len(self.params):
+        whole = len(index) == len(self.params)
+        if not whole:
             for i in set(range(len(self.params))) - set(index):
                 dest[i].zero_()  # an unused parameter reads as zeros in the histogram, the sums and the cosine
         if grads:
             present[[self.groups[i] for i in index]] = True
-            whole = len(index) == len(self.params)
             groups = self.param_group if whole else self.param_group[index]
-            nonempty = [g for g in grads if g.numel()]  # a rank may hold an empty shard
-            if len(nonempty) == len(grads):
-                norms = torch._foreach_norm(grads, 2, dtype=self.norm_dtype)
-                maxes = torch._foreach_norm(grads, float("inf"), dtype=self.norm_dtype)
-                acc.norm_sq.index_add_(0, groups, torch.stack(norms).to(dev, torch.float32) ** 2, alpha=self.share)
-                acc.max_abs.scatter_reduce_(0, groups, torch.stack(maxes).to(dev, torch.float32), reduce="amax")
-            else:
-                keep = [k for k, g in enumerate(grads) if g.numel()]
-                kept_groups = groups[keep]
-                if keep:
-                    norms = torch._foreach_norm(nonempty, 2, dtype=self.norm_dtype)
-                    maxes = torch._foreach_norm(nonempty, float("inf"), dtype=self.norm_dtype)
-                    acc.norm_sq.index_add_(0, kept_groups, torch.stack(norms).to(dev, torch.float32) ** 2, alpha=self.share)
-                    acc.max_abs.scatter_reduce_(0, kept_groups, torch.stack(maxes).to(dev, torch.float32), reduce="amax")
+            norms = torch._foreach_norm(grads, 2, dtype=self.norm_dtype)
+            acc.norm_sq.index_add_(0, groups, torch.stack(norms).to(dev, torch.float32) ** 2, alpha=self.share)
             sources = grads
             if self.blocked and whole:  # only large parameters need a strided view; the rest copy as they are
                 sources = list(grads)
@@ -144,25 +140,51 @@ class Bucket:
             torch._foreach_copy_(dest if whole else [dest[i] for i in index], sources)
         if inverse_scale is not None:
             buffer.mul_(inverse_scale.to(buffer.device))
-        sums = torch.zeros(len(self.params), dtype=torch.float32, device=buffer.device)
-        sums.index_add_(0, self.owner, buffer).mul_(self.whole_mask)  # exact for whole parameters
-        if len(index) == len(self.params):
-            large = [(i, grads[i]) for i in self.blocked]
-        else:
-            large = [(i, g) for i, g in zip(index, grads) if self.rows[i]]
-        if large:  # torch has no _foreach_sum; each large tensor's sum is one pass it is bandwidth-bound on anyway
-            at = torch.tensor([i for i, _ in large], device=buffer.device)
-            totals = torch.stack([g.sum(dtype=torch.float32) for _, g in large]).to(buffer.device)
+        if grads:
+            self._maxima(acc, index, grads, inverse_scale, whole)
+        if self.small:
+            sums = torch.segment_reduce(buffer[self.weighted:self.weighted + self.small_total], "sum",
+                                        lengths=self.small_lengths)
+            acc.grad_sum.index_add_(0, self.small_group.to(dev), sums.to(dev), alpha=self.share)
+        direct = set(self.direct)
+        large = [(i, grads[i]) for i in self.direct] if whole else [(i, g) for i, g in zip(index, grads) if i in direct]
+        large = [(i, g) for i, g in large if g.numel()]  # a rank may hold an empty shard
+        if large:
+            at = self.param_group[[i for i, _ in large]].to(dev)
+            totals = torch.stack([g.sum(dtype=torch.float32) for _, g in large]).to(dev)
             if inverse_scale is not None:
-                totals = totals * inverse_scale.to(buffer.device)
-            sums.index_add_(0, at, totals)
-        acc.grad_sum.index_add_(0, self.param_group.to(dev), sums.to(dev), alpha=self.share)
-        if self.counts_histogram:
-            acc.counts += histogram_counts(self, n_groups).to(dev)
+                totals = totals * inverse_scale.to(dev)
+            acc.grad_sum.index_add_(0, at, totals, alpha=self.share)
+        if self.counts_histogram:  # bin = the top bits of |g| (sign masked off), offset by the group's bins
+            torch.bitwise_and(buffer.view(torch.int32), hist.ABS_MASK, out=self.bits)
+            self.bits.bitwise_right_shift_(hist.SHIFT).add_(self.bin_base)
+            counts = torch.bincount(self.bits, minlength=n_groups * hist.N_BINS).to(dev)
+            acc.counts = counts if acc.counts is None else acc.counts.add_(counts)
         if dot:
             acc.dot.add_(sample_dot(self).to(dev), alpha=self.share)
         self.current = 1 - self.current
         return present
+
+    def _maxima(self, acc: "StepSums", index: List[int], grads: List[torch.Tensor],
+                inverse_scale: Optional[torch.Tensor], whole: bool) -> None:
+        """Max |g| per group, exact. On an accelerator one fused ``_foreach_norm(inf)``; a CPU runs that
+        several times slower than one ``aminmax`` per tensor, so there each tensor gets its own call."""
+        dev = acc.max_abs.device
+        keep = [k for k, g in enumerate(grads) if g.numel()]  # a rank may hold an empty shard
+        if not keep:
+            return
+        tensors = grads if len(keep) == len(grads) else [grads[k] for k in keep]
+        if tensors[0].device.type == "cpu":
+            extremes = [torch.aminmax(g) for g in tensors]
+            tops = torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes])
+        else:
+            tops = torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=self.norm_dtype))
+        tops = tops.to(dev, torch.float32)
+        if inverse_scale is not None:
+            tops = tops * inverse_scale.to(dev)
+        groups = self.param_group if whole and len(keep) == len(grads) else \
+            self.param_group[[index[k] for k in keep]]
+        acc.max_abs.scatter_reduce_(0, groups.to(dev), tops, reduce="amax")
 
     def weights(self) -> List[torch.Tensor]:
         weights = [distributed.local(p.detach()) if self.sharded else p.detach() for p in self.params]
@@ -200,33 +222,44 @@ class StepSums:
     weight_sq: torch.Tensor
     update_sq: torch.Tensor
     dot: torch.Tensor
-    counts: torch.Tensor
+    counts: Optional[torch.Tensor]  # the step's |g| histogram (None until a bucket counts one)
 
     @classmethod
     def zeros(cls, groups: int, device: torch.device) -> "StepSums":
         vectors = torch.zeros(5, groups, dtype=torch.float32, device=device)
-        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device),
-                   torch.zeros(groups * hist.N_BINS, dtype=torch.int64, device=device))
+        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device), None)
+
+
+# -- the per-step row: packed on the device, unpacked on the host; the layout is defined here alone ----------
+# [norm_sq G | grad_sum G | weight_sq G | update_sq G | sampled_zeros G | dot | loss | noted loss
+#  | present G (under a process group only) | max_abs G]
+# The first part is summed over ranks, max_abs is maxed; ``present`` rides in the summed part.
+
+
+def pack_row(acc: StepSums, zeros: torch.Tensor, loss: torch.Tensor, noted: torch.Tensor, dtype: torch.dtype,
+             present: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The step's summed part and its maxima, as the device holds them before any reduction."""
+    parts = [acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq, zeros, acc.dot, loss.reshape(1),
+             noted.reshape(1)]
+    summed = torch.cat([t.to(dtype) for t in parts])
+    if present is not None:
+        summed = torch.cat([summed, torch.from_numpy(present.astype(np.float32)).to(summed.device, dtype)])
+    return summed, acc.max_abs
+
+
 
 
 class HostRow:
-    """The host copy of a step: the summed figures, then the maxima (layout of Monitor.observe)."""
+    """The host copy of a step (see pack_row for the layout)."""
 
-    def __init__(self, row: np.ndarray, G: int) -> None:
+    def __init__(self, summed: torch.Tensor, maxes: torch.Tensor, G: int) -> None:
+        row = torch.cat([summed, maxes.to(summed.dtype)]).cpu().numpy().astype(np.float64)  # the host sync
         fields = [row[i * G:(i + 1) * G] for i in range(5)]
         self.norm_sq, self.grad_sum, self.weight_sq, self.update_sq, self.sampled_zeros = fields
         self.dot, self.loss, self.noted = row[5 * G:5 * G + 3]
         rest = row[5 * G + 3:]
         self.present = rest[:G] if len(rest) == 2 * G else None
         self.max_abs = rest[-G:]
-
-
-def histogram_counts(b: Bucket, n_groups: int) -> torch.Tensor:
-    """Counts of the sampled |g| per (group, bin): mask the sign bit, shift, offset by group, bincount."""
-    torch.bitwise_and(b.buffers[b.current].view(torch.int32), hist.ABS_MASK, out=b.bits)
-    b.bits.bitwise_right_shift_(hist.SHIFT)
-    torch._foreach_add_(b.bit_views, b.bin_offsets)
-    return torch.bincount(b.bits, minlength=n_groups * hist.N_BINS)
 
 
 def sample_dot(b: Bucket) -> torch.Tensor:

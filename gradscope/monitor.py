@@ -17,7 +17,7 @@ from torch import nn
 
 from . import distributed
 from . import histogram as hist
-from .buckets import Bucket, HostRow, StepSums, weight_change_sq
+from .buckets import Bucket, HostRow, StepSums, pack_row, weight_change_sq
 from .errors import ExperimentError
 from .history import SeriesStore, SpikeTracker
 from .layers import class_source, group_parameters, module_class, unwrap
@@ -169,30 +169,35 @@ class Monitor:
             b.measure_weights(acc, measure, snapshot)
         if snapshot:
             self._snapshot_step = self._step
-        if inverse_scale is not None:  # the sample (and so the sums) was unscaled in place; these were not
+        if inverse_scale is not None:  # the sample (so the sums and maxima) was unscaled in place; norms were not
             acc.norm_sq.mul_(inverse_scale**2)
-            acc.max_abs.mul_(inverse_scale)
         row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
         loss_value = torch.full((1,), float("nan"), device=dev, dtype=row_dtype) if loss is None else \
             loss.detach().reshape(1).to(dev, row_dtype)
-        sums = torch.cat([t.to(row_dtype) for t in (acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq,
-                                                     acc.counts.view(G, hist.N_BINS)[:, 0], acc.dot)]
-                         + [loss_value, self._take_pending_loss()])
-        maxes = acc.max_abs
+        noted = self._take_pending_loss()
+        if self._dist is not None:  # the losses are averaged over ranks
+            loss_value, noted = loss_value / self._dist.world, noted / self._dist.world
+        sums, maxes = pack_row(acc, self._zero_bin(acc), loss_value, noted, row_dtype,
+                               present if self._dist is not None else None)  # present: received on any rank
         if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
-            sums[-2:] /= self._dist.world  # the losses are averaged over ranks
-            sums = torch.cat([sums, torch.from_numpy(present.astype(np.float32)).to(dev, sums.dtype)])  # received anywhere
             sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
-        row = HostRow(torch.cat([sums, maxes.to(sums.dtype)]).cpu().numpy().astype(np.float64), G)  # the host sync
+        row = HostRow(sums, maxes, G)
         if row.present is not None:
             present = row.present > 0
         self._amend_loss(self._step - 1, row.noted)
         finite = np.isfinite(row.max_abs).all()
         if not finite and scaler is not None and scaler.is_enabled():
             return self._record_skip(row, measure)
-        self._hist += acc.counts
+        if acc.counts is not None:
+            self._hist += acc.counts
         nonfinite = np.zeros(G) if finite else self._count_nonfinite()
         return self._record(row, nonfinite, present, measure, loss is not None)
+
+    def _zero_bin(self, acc: StepSums) -> torch.Tensor:
+        """Sampled elements per group in the histogram's lowest bin (exact zeros and subnormals)."""
+        if acc.counts is None:
+            return torch.zeros(self._n_groups, device=self.device)
+        return acc.counts.view(self._n_groups, hist.N_BINS)[:, 0]
 
     def _count_nonfinite(self) -> np.ndarray:
         """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
