@@ -14,7 +14,8 @@ import torch
 from . import distributed, interrupts, stats
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .evaluate import evaluate
-from .experiment import Experiment, batch_stream, forward_backward, held_out_loss, next_batch, optimizer_step
+from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf, next_batch,
+                         optimizer_step)
 from .judge import Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
 from .profile import Profile
@@ -139,8 +140,9 @@ def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, sta
     train, held = batches[:TRIAL_STEPS], batches[TRIAL_STEPS:]
     m = report.statistics.model
     if len(seen) == TRIAL_STEPS:  # the profile was the unclipped run on exactly these batches
-        reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()),
-                          held_out_loss(experiment, held, device))
+        per_batch = held_out_losses(experiment, held, device)
+        reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), median_or_inf(per_batch),
+                          held_out_batches=per_batch)
     else:
         reference = run_reference(experiment, start, train, held, device)
     notes = []

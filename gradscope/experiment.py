@@ -6,7 +6,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -176,17 +176,19 @@ def optimizer_step(experiment: Experiment, step: int) -> None:
                               "supported)") from exc
 
 
-def held_out_loss(experiment: Experiment, batches: Sequence[Batch], device: torch.device) -> float:
-    """Median loss over batches the run does not train on, in eval mode without gradients (inf if any is).
+def median_or_inf(losses: Sequence[float]) -> float:
+    """The median held-out loss (inf if any batch's is not finite): one outlier batch does not decide."""
+    return float(statistics.median(losses)) if losses and all(map(math.isfinite, losses)) else math.inf
 
-    The median, so that one outlier batch among them does not decide a comparison.
-    """
+
+def held_out_losses(experiment: Experiment, batches: Sequence[Batch], device: torch.device) -> Tuple[float, ...]:
+    """The loss on each held-out batch, in eval mode without gradients."""
     model = experiment.model
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            losses = [float(compute_loss(experiment, to_device(b, device)).float()) for b in batches]
+            losses = [float(compute_loss(experiment, to_device(b, device))) for b in batches]
     except GradscopeError:
         raise
     except USER_ERRORS as exc:
@@ -195,4 +197,4 @@ def held_out_loss(experiment: Experiment, batches: Sequence[Batch], device: torc
     finally:
         for m, mode in modes:
             m.training = mode
-    return float(statistics.median(losses)) if losses and all(map(math.isfinite, losses)) else math.inf
+    return tuple(losses)

@@ -2,8 +2,9 @@
 
 Pure functions over plain data; :mod:`gradscope.trials` runs the trials. The principle (see
 docs/advice.md): try global-norm thresholds on a half-decade lattice, decades first and then the
-half-decade steps beside the best; a trial that diverges, or whose loss (training or held-out) or
-gradient norm climbs, is unstable; the stable trial with the lowest loss on held-out batches wins.
+half-decade steps beside the pick; a trial that diverges, or whose loss (training or held-out) or
+gradient norm climbs, is unstable; the loosest stable trial within 5% of the best held-out improvement
+wins, kept one step below a looser threshold that went unstable.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ MAX_POINTS = 13  # lattice points at most: six decades
 LOSS_RISE = 2.0  # a trial whose last-quarter loss is this many times its first quarter's is climbing
 LOSS_BLOWUP = 10.0  # a training loss this many times its start has diverged: the trial stops there
 NORM_GROWTH = 10.0  # a pre-clip norm trend compounding to this over the trial is unstable
+TIE = 0.05  # trials within this share of the best held-out improvement over the start count as near-best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Trial:
     held_out: float  # median loss on the held-out batches at the end (inf once diverged)
     unstable: str = ""  # why the trial counts as unstable; empty when it stayed stable
     seconds: float = 0.0
+    held_out_batches: Tuple[float, ...] = ()  # the loss on each held-out batch, for paired comparisons
 
     @property
     def stable(self) -> bool:
@@ -135,41 +138,89 @@ def blew_up(losses: Sequence[float]) -> Optional[float]:
     return ratio if ratio > LOSS_BLOWUP else None
 
 
-def next_candidate(candidates: Sequence[float], done: Sequence[Trial]) -> Optional[float]:
-    """The next threshold to try, or None: decades first, then the half-decade steps beside the best.
+def next_candidate(candidates: Sequence[float], done: Sequence[Trial], start_held_out: float = math.nan,
+                   reference: Optional[Trial] = None) -> Optional[float]:
+    """The next threshold to try, or None: decades down to the basin, then the half-decade steps beside the pick.
 
-    The decades (every other lattice step, loosest first) find the basin at half the cost of trying every
-    step; the half-decade steps on either side of the best decade then settle it, the side of its better
-    neighbouring decade first.
+    Decades (every other lattice step) are tried loosest first, as a learning-rate range test sweeps, and
+    the descent stops once a stable decade is not clearly better than the best above it (tighter
+    clipping only slows training further). Then the half-decade steps beside the pick settle it, the
+    looser one first.
     """
     tried = {t.threshold: t for t in done}
     coarse = [c for i, c in enumerate(candidates) if i % 2 == 0]
-    for c in coarse:
-        if c not in tried:
-            return c
-    stable = [t for t in done if t.stable]
+    descended = [tried[c] for c in coarse if c in tried]
+    stable_above = [t for t in descended[:-1] if t.stable]
+    settled = bool(stable_above) and descended[-1].stable and not better(
+        descended[-1], min(stable_above, key=lambda t: t.held_out))
+    if not settled:
+        for c in coarse:
+            if c not in tried:
+                return c
+    chosen = pick(done, start_held_out, reference)
+    if chosen is None:
+        return None
+    i = list(candidates).index(chosen.threshold)
+    return next((candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(candidates) and candidates[j] not in tried),
+                None)
+
+
+def better(a: Trial, b: Trial) -> bool:
+    """Whether the held-out batches show ``a`` better than ``b``: the mean of the paired per-batch
+    differences is more than one standard error below zero. Without per-batch losses, a lower median."""
+    x, y = np.asarray(a.held_out_batches, dtype=np.float64), np.asarray(b.held_out_batches, dtype=np.float64)
+    if len(x) < 2 or len(x) != len(y) or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return a.held_out < b.held_out
+    d = x - y
+    mean, se = float(np.mean(d)), float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    return mean < -se if se > 0 else mean < 0
+
+
+def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: Optional[Trial] = None
+         ) -> Optional[Trial]:
+    """The choice: the loosest stable trial within TIE of the best held-out improvement, kept one lattice
+    step below a looser threshold that went unstable, as a learning-rate range test keeps below the
+    point of divergence.
+
+    Looser first, because a 30-step trial shows what a looser threshold's larger steps cost but not what
+    they gain over hundreds of steps; the margin, because the edge of stability at 30 steps is not the
+    edge at 300.
+    """
+    stable = [t for t in trials if t.stable]
     if not stable:
         return None
     best = min(stable, key=lambda t: t.held_out)
-    i = list(candidates).index(best.threshold)
+    gain = start_held_out - best.held_out if math.isfinite(start_held_out) else 0.0
+    near = [t for t in stable if t.held_out <= best.held_out + TIE * max(gain, 0.0)]
+    chosen = max(near, key=lambda t: t.threshold)
+    ladder = sorted(trials, key=lambda t: -t.threshold)
+    looser = [t for t in ladder if t.threshold > chosen.threshold]
+    if reference is not None:
+        looser = [reference, *looser]
+    if not looser or looser[-1].stable:
+        return chosen
+    below = [t for t in ladder if t.threshold < chosen.threshold and t.stable]
+    return below[0] if below else chosen
 
-    def score(j: int) -> float:
-        t = tried.get(candidates[j]) if 0 <= j < len(candidates) else None
-        return t.held_out if t is not None and t.stable else math.inf
-    sides = sorted((i - 1, i + 1), key=lambda j: score(j + (j - i)))  # the better neighbouring decade first
-    return next((candidates[j] for j in sides if 0 <= j < len(candidates) and candidates[j] not in tried), None)
 
-
-def choose(trials: Sequence[Trial], start_held_out: float) -> Tuple[Optional[float], str]:
-    """The winning threshold and why: the stable trial with the lowest held-out loss."""
-    stable = [t for t in trials if t.stable]
-    if not stable:
+def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None
+           ) -> Tuple[Optional[float], str]:
+    """The winning threshold and why (see :func:`pick`)."""
+    chosen = pick(trials, start_held_out, reference)
+    if chosen is None:
         return None, ("no threshold tried kept training stable; clipping alone does not rescue this run: "
                       "lower the learning rate as well")
-    best = min(stable, key=lambda t: t.held_out)
+    best = min((t for t in trials if t.stable), key=lambda t: t.held_out)
+    if chosen is best:
+        reason = f"the lowest held-out loss of the stable trials, {best.held_out:.4g} (start {start_held_out:.4g})"
+    elif chosen.threshold > best.threshold:
+        reason = (f"the least clipping within {TIE:.0%} of the best held-out improvement: {chosen.held_out:.4g}, "
+                  f"against {best.held_out:.4g} at {best.threshold:g} (start {start_held_out:.4g})")
+    else:
+        reason = (f"one step below the loosest near-best threshold, whose looser neighbour went unstable "
+                  f"(held-out {chosen.held_out:.4g}; best {best.held_out:.4g} at {best.threshold:g}, "
+                  f"start {start_held_out:.4g})")
     unstable = [t for t in trials if not t.stable]
-    reason = (f"the lowest held-out loss of the stable trials, {best.held_out:.4g} "
-              f"(start {start_held_out:.4g})")
     if unstable:
         reason += f"; {len(unstable)} of {len(trials)} went unstable, the loosest at {unstable[0].threshold:g}"
-    return best.threshold, reason
+    return chosen.threshold, reason

@@ -93,7 +93,7 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
     def one(t: Trial) -> Dict[str, Any]:
         return {"threshold": None if math.isinf(t.threshold) else t.threshold, "held_out_loss": t.held_out,
                 "stable": t.stable, "unstable_because": t.unstable or None, "clip_fraction": t.clip_fraction,
-                "steps_run": len(t.losses), "losses": list(t.losses)}
+                "steps_run": len(t.losses), "losses": list(t.losses), "held_out_losses": list(t.held_out_batches)}
     # Wall-clock times stay out, so that the same target and seed give the same document; the cost is in steps.
     return {"steps": trials.steps, "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
             "reason": trials.reason, "trial_steps": sum(len(t.losses) for t in trials.trials),

@@ -6,6 +6,7 @@ it never trained on. :mod:`gradscope.judge` says what to try, what counts as uns
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -13,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import judge
-from .experiment import Batch, Experiment, forward_backward, held_out_loss, optimizer_step
+from .experiment import Batch, Experiment, forward_backward, held_out_losses, median_or_inf, optimizer_step
 from .judge import Trial, TrialSet
 from .state import restore
 
@@ -38,15 +39,15 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[
     """
     began = time.perf_counter()
     restore(experiment, start)
-    start_held_out = held_out_loss(experiment, held_out, device)
+    start_held_out = median_or_inf(held_out_losses(experiment, held_out, device))
     reference = _judged(reference, start_held_out)
     trials: List[Trial] = []
     allowed = int(budget * len(batches))
     stopped = ""
     while True:
-        threshold = judge.next_candidate(thresholds, trials)
+        threshold = judge.next_candidate(thresholds, trials, start_held_out, reference)
         if threshold is None:
-            stopped = "the search had settled on the best decade and its half-decade neighbours"
+            stopped = "the search had settled on its pick and the half-decade steps beside it"
             break
         if len(trials) >= most:
             stopped = f"--trials allows {most}"
@@ -66,7 +67,7 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[
     tried = {t.threshold for t in trials}
     untried = [c for c in thresholds if c not in tried]
     trials.sort(key=lambda t: -t.threshold)  # loosest first, as the lattice reads
-    winner, reason = judge.choose(trials, start_held_out) if trials else (
+    winner, reason = judge.choose(trials, start_held_out, reference) if trials else (
         None, "no trial fitted in the budget; raise it with --trial-budget")
     return TrialSet(steps=len(batches), start_held_out=start_held_out, reference=reference, trials=tuple(trials),
                     untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
@@ -90,17 +91,20 @@ def _trial(experiment: Experiment, batches: Sequence[Batch], held_out: Sequence[
     for step, batch in enumerate(batches):
         loss = forward_backward(experiment, batch, step, device)
         norm = torch.nn.utils.clip_grad_norm_(params, threshold)
-        value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one host sync
+        wide = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
+        value, norm_value = torch.stack([loss.detach().to(wide), norm.to(wide)]).tolist()  # one host sync
         losses.append(value)
         norms.append(norm_value)
         if not (math.isfinite(losses[-1]) and math.isfinite(norms[-1])) or judge.blew_up(losses) is not None:
             break  # diverged: the rest of the trial would teach nothing
         optimizer_step(experiment, step)
     finished = len(losses) == len(batches) and math.isfinite(losses[-1])
-    held = held_out_loss(experiment, held_out, device) if finished else math.inf
-    return Trial(threshold, tuple(losses), tuple(norms), held, seconds=time.perf_counter() - began)
+    per_batch = held_out_losses(experiment, held_out, device) if finished else ()
+    held = median_or_inf(per_batch) if finished else math.inf
+    return Trial(threshold, tuple(losses), tuple(norms), held, seconds=time.perf_counter() - began,
+                 held_out_batches=per_batch)
 
 
 def _judged(trial: Trial, start_held_out: float) -> Trial:
     verdict = judge.assess(trial.losses, trial.norms, trial.held_out, start_held_out)
-    return Trial(trial.threshold, trial.losses, trial.norms, trial.held_out, verdict, trial.seconds)
+    return dataclasses.replace(trial, unstable=verdict)

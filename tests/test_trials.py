@@ -59,10 +59,10 @@ def _trial(threshold, held_out, unstable=""):
     return Trial(threshold, (1.0, 0.5), (1.0, 1.0), held_out, unstable)
 
 
-def test_choose_takes_the_stable_trial_with_the_lowest_held_out_loss():
+def test_an_unstable_trial_never_wins_however_low_its_loss():
     trials = [_trial(10.0, 0.05, "the loss blew up"), _trial(3.2, 0.20), _trial(1.0, 0.30), _trial(0.32, 0.45)]
     winner, reason = judge.choose(trials, start_held_out=1.0)
-    assert winner == 3.2  # 10 scored lower, but it went unstable
+    assert winner == 1.0  # 10 scored lowest but went unstable; 3.2 is best, and sits right below it
     assert "1 of 4 went unstable" in reason
 
 
@@ -71,17 +71,57 @@ def test_choose_gives_no_winner_when_nothing_was_stable():
     assert winner is None and "learning rate" in reason
 
 
-def test_the_search_tries_decades_first_then_the_half_decades_beside_the_best():
-    lattice = [10.0, 3.2, 1.0, 0.32, 0.1, 0.032, 0.01]
-    held = {10.0: math.inf, 1.0: 0.5, 0.1: 0.3, 0.01: 0.4, 0.32: 0.35, 0.032: 0.25, 3.2: 0.9}
+def test_the_search_descends_by_decades_then_tries_the_half_decades_beside_the_pick():
+    lattice = [10.0, 3.2, 1.0, 0.32, 0.1, 0.032, 0.01, 0.0032, 0.001]
+    held = {10.0: math.inf, 1.0: 0.5, 0.1: 0.3, 0.01: 0.4, 0.32: 0.35, 0.032: 0.25, 3.2: 0.9, 0.001: 0.1}
     done, order = [], []
     while (c := judge.next_candidate(lattice, done)) is not None:
         order.append(c)
         done.append(_trial(c, held[c], "" if math.isfinite(held[c]) else "diverged"))
-    # decades, then 0.032 (towards 0.01, the better neighbouring decade of 0.1); 0.032 is then the best
-    # and both its neighbours are known, so the search is settled
-    assert order == [10.0, 1.0, 0.1, 0.01, 0.032]
+    # decades down to 0.01, which is no better than 0.1, so the descent stops (0.001 is never tried); then
+    # the half-decades beside the pick 0.1, the looser first; 0.032 is better, and its neighbours are known
+    assert order == [10.0, 1.0, 0.1, 0.01, 0.32, 0.032]
     assert judge.choose(done, start_held_out=1.0)[0] == 0.032
+
+
+def _noisy(threshold, level, noise, seed=0, unstable=""):
+    """A trial whose 8 held-out batches share a per-batch difficulty, plus its own noise."""
+    rng = np.random.default_rng(seed)
+    difficulty = np.linspace(-0.5, 0.5, 8)
+    batches = tuple(float(v) for v in level + difficulty + noise * rng.standard_normal(8))
+    return Trial(threshold, (1.0, 0.9), (1.0, 1.0), float(np.median(batches)), unstable, held_out_batches=batches)
+
+
+def test_the_loosest_trial_within_5_percent_of_the_best_improvement_wins():
+    # start 1.0; best 0.50 at 0.01: an improvement of 0.5, so anything at or below 0.525 is near-best
+    trials = [_trial(1.0, 0.60), _trial(0.1, 0.52), _trial(0.01, 0.50)]
+    winner, reason = judge.choose(trials, start_held_out=1.0)
+    assert winner == 0.1 and "within 5% of the best held-out improvement" in reason
+    assert judge.choose([_trial(1.0, 0.60), _trial(0.1, 0.53), _trial(0.01, 0.50)], 1.0)[0] == 0.01
+
+
+def test_the_pick_stays_one_step_below_a_looser_threshold_that_went_unstable():
+    reference = _trial(math.inf, math.inf, "the loss blew up")
+    trials = [_trial(3.2, 0.40), _trial(1.0, 0.41), _trial(0.32, 0.60)]
+    winner, reason = judge.choose(trials, 1.0, reference)  # 3.2 is best, but the unclipped run above it blew up
+    assert winner == 1.0 and "one step below" in reason
+    stable_reference = _trial(math.inf, 0.45)
+    assert judge.choose(trials, 1.0, stable_reference)[0] == 3.2
+    edge = [_trial(10.0, math.inf, "diverged"), _trial(3.2, 0.40)]  # nothing stable below: keep the pick
+    assert judge.choose(edge, 1.0)[0] == 3.2
+
+
+def _noisy(threshold, level, noise, seed=0):
+    """A trial whose 8 held-out batches share a per-batch difficulty, plus its own noise."""
+    rng = np.random.default_rng(seed)
+    batches = tuple(float(v) for v in level + np.linspace(-0.5, 0.5, 8) + noise * rng.standard_normal(8))
+    return Trial(threshold, (1.0, 0.9), (1.0, 1.0), float(np.median(batches)), held_out_batches=batches)
+
+
+def test_better_needs_the_paired_held_out_difference_to_exceed_its_noise():
+    assert judge.better(_noisy(0.01, 4.00, 0.02, seed=3), _noisy(0.1, 4.30, 0.02, seed=4))
+    assert not judge.better(_noisy(0.01, 4.140, 0.02, seed=3), _noisy(0.1, 4.142, 0.02, seed=4))
+    assert judge.better(_trial(0.01, 0.4), _trial(0.1, 0.5))  # without per-batch losses: the lower median
 
 
 # -- trials run for real ----------------------------------------------------------------------------------
