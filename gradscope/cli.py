@@ -196,34 +196,24 @@ def _trials_arg(text: str) -> int:
     return value
 
 
-def _seed_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2 ** 64:  # what torch.manual_seed accepts
-        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {text}")
-    return value
+def _bounded(kind: type, ok, expected: str):
+    """An argparse type: the text read as ``kind``, accepted when ``ok(value)``, else one clear line."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
 
 
-def _tolerance_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 1 <= value < float("inf"):  # below 1, a run as good as its baseline would count as a regression
-        raise argparse.ArgumentTypeError(f"expected a finite factor of at least 1, got {text}")
-    return value
-
-
-def _budget_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text}")
-    return value
+_seed_arg = _bounded(int, lambda v: 0 <= v < 2 ** 64, "a seed from 0 to 2**64 - 1")  # what torch.manual_seed takes
+# below 1, a run as good as its baseline would count as a regression
+_tolerance_arg = _bounded(float, lambda v: 1 <= v < float("inf"), "a finite factor of at least 1")
+_budget_arg = _bounded(float, lambda v: 0 < v < float("inf"), "a positive, finite number")
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:
