@@ -66,7 +66,7 @@ class Bucket:
                      for buf in self.buffers]
         self.sampled = sizes if self.counts_histogram else [0] * len(sizes)
         self.blocked = [i for i, r in enumerate(self.rows) if r]
-        # Small parameters sit whole, in parameter order, after the blocks: their max and sums are read there.
+        # Small parameters sit whole, in parameter order, after the blocks: their sums are read there.
         # (A float64 bucket reads every figure off the gradients: its float32 sample could round or overflow.)
         wide = self.dtype in (torch.float64, torch.complex128)
         small = [i for i, r in enumerate(self.rows) if not r and sizes[i] and not wide]
@@ -146,9 +146,13 @@ class Bucket:
             sums = torch.segment_reduce(buffer[self.weighted:self.weighted + self.small_total], "sum",
                                         lengths=self.small_lengths)
             acc.grad_sum.index_add_(0, self.small_group.to(dev), sums.to(dev), alpha=self.share)
-        direct = set(self.direct)
-        large = [(i, grads[i]) for i in self.direct] if whole else [(i, g) for i, g in zip(index, grads) if i in direct]
-        large = [(i, g) for i, g in large if g.numel()]  # a rank may hold an empty shard
+        if whole:
+            large = [(i, grads[i]) for i in self.direct]
+        else:
+            direct = set(self.direct)
+            large = [(i, g) for i, g in zip(index, grads) if i in direct]
+        if self.sharded:
+            large = [(i, g) for i, g in large if g.numel()]  # a rank may hold an empty shard
         if large:
             at = self.param_group[[i for i, _ in large]].to(dev)
             totals = torch.stack([g.sum(dtype=torch.float32) for _, g in large]).to(dev)
@@ -170,9 +174,11 @@ class Bucket:
         """Max |g| per group, exact. On an accelerator one fused ``_foreach_norm(inf)``; a CPU runs that
         several times slower than one ``aminmax`` per tensor, so there each tensor gets its own call."""
         dev = acc.max_abs.device
-        keep = [k for k, g in enumerate(grads) if g.numel()]  # a rank may hold an empty shard
-        if not keep:
-            return
+        keep = range(len(grads))
+        if self.sharded:  # a rank may hold an empty shard (zero-element parameters never reach a bucket)
+            keep = [k for k, g in enumerate(grads) if g.numel()]
+            if not keep:
+                return
         tensors = grads if len(keep) == len(grads) else [grads[k] for k in keep]
         if tensors[0].device.type == "cpu":
             extremes = [torch.aminmax(g) for g in tensors]
