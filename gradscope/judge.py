@@ -25,6 +25,7 @@ LOSS_RISE = 2.0  # a trial whose last-quarter loss is this many times its first 
 LOSS_BLOWUP = 10.0  # a training loss this many times its start has diverged: the trial stops there
 NORM_GROWTH = 10.0  # a pre-clip norm trend compounding to this over the trial is unstable
 TIE = 0.05  # trials within this share of the best held-out improvement over the start count as near-best
+SIGNAL = 0.01  # held-out differences below this share of the start loss are no evidence at the trial horizon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,7 @@ def next_candidate(candidates: Sequence[float], done: Sequence[Trial], start_hel
     descended = [tried[c] for c in coarse if c in tried]
     stable_above = [t for t in descended[:-1] if t.stable]
     settled = bool(stable_above) and descended[-1].stable and not better(
-        descended[-1], min(stable_above, key=lambda t: t.held_out))
+        descended[-1], min(stable_above, key=lambda t: t.held_out), floor(start_held_out))
     if not settled:
         for c in coarse:
             if c not in tried:
@@ -165,33 +166,41 @@ def next_candidate(candidates: Sequence[float], done: Sequence[Trial], start_hel
                 None)
 
 
-def better(a: Trial, b: Trial) -> bool:
+def floor(start_held_out: float) -> float:
+    """The smallest held-out difference that counts as evidence: SIGNAL of the start loss (0 when unknown)."""
+    return SIGNAL * abs(start_held_out) if math.isfinite(start_held_out) else 0.0
+
+
+def better(a: Trial, b: Trial, least: float = 0.0) -> bool:
     """Whether the held-out batches show ``a`` better than ``b``: the mean of the paired per-batch
-    differences is more than one standard error below zero. Without per-batch losses, a lower median."""
+    differences is more than one standard error, and more than ``least``, below zero. Without per-batch
+    losses, a median lower by more than ``least``."""
     x, y = np.asarray(a.held_out_batches, dtype=np.float64), np.asarray(b.held_out_batches, dtype=np.float64)
     if len(x) < 2 or len(x) != len(y) or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return a.held_out < b.held_out
+        return a.held_out < b.held_out - least
     d = x - y
     mean, se = float(np.mean(d)), float(np.std(d, ddof=1)) / math.sqrt(len(d))
-    return mean < -se if se > 0 else mean < 0
+    return mean < -max(se, least) if se > 0 or least > 0 else mean < 0
 
 
 def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: Optional[Trial] = None
          ) -> Optional[Trial]:
-    """The choice: the loosest stable trial within TIE of the best held-out improvement, kept one lattice
-    step below a looser threshold that went unstable, as a learning-rate range test keeps below the
-    point of divergence.
+    """The choice: the loosest stable trial near the best held-out loss, kept one lattice step below a
+    looser threshold that went unstable, as a learning-rate range test keeps below the point of divergence.
 
+    Near means within TIE of the best improvement over the start, or within SIGNAL of the start loss,
+    whichever is wider: a difference smaller than both is no evidence that one threshold trains better.
     Looser first, because a 30-step trial shows what a looser threshold's larger steps cost but not what
-    they gain over hundreds of steps; the margin, because the edge of stability at 30 steps is not the
-    edge at 300.
+    they gain over hundreds of steps (so where the trials show no learning yet, the loosest threshold
+    that left the loss where it was wins); the margin, because the edge of stability at 30 steps is not
+    the edge at 300.
     """
     stable = [t for t in trials if t.stable]
     if not stable:
         return None
     best = min(stable, key=lambda t: t.held_out)
     gain = start_held_out - best.held_out if math.isfinite(start_held_out) else 0.0
-    near = [t for t in stable if t.held_out <= best.held_out + TIE * max(gain, 0.0)]
+    near = [t for t in stable if t.held_out <= best.held_out + max(TIE * max(gain, 0.0), floor(start_held_out))]
     chosen = max(near, key=lambda t: t.threshold)
     ladder = sorted(trials, key=lambda t: -t.threshold)
     looser = [t for t in ladder if t.threshold > chosen.threshold]

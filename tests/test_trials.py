@@ -84,14 +84,6 @@ def test_the_search_descends_by_decades_then_tries_the_half_decades_beside_the_p
     assert judge.choose(done, start_held_out=1.0)[0] == 0.032
 
 
-def _noisy(threshold, level, noise, seed=0, unstable=""):
-    """A trial whose 8 held-out batches share a per-batch difficulty, plus its own noise."""
-    rng = np.random.default_rng(seed)
-    difficulty = np.linspace(-0.5, 0.5, 8)
-    batches = tuple(float(v) for v in level + difficulty + noise * rng.standard_normal(8))
-    return Trial(threshold, (1.0, 0.9), (1.0, 1.0), float(np.median(batches)), unstable, held_out_batches=batches)
-
-
 def test_the_loosest_trial_within_5_percent_of_the_best_improvement_wins():
     # start 1.0; best 0.50 at 0.01: an improvement of 0.5, so anything at or below 0.525 is near-best
     trials = [_trial(1.0, 0.60), _trial(0.1, 0.52), _trial(0.01, 0.50)]
@@ -122,6 +114,21 @@ def test_better_needs_the_paired_held_out_difference_to_exceed_its_noise():
     assert judge.better(_noisy(0.01, 4.00, 0.02, seed=3), _noisy(0.1, 4.30, 0.02, seed=4))
     assert not judge.better(_noisy(0.01, 4.140, 0.02, seed=3), _noisy(0.1, 4.142, 0.02, seed=4))
     assert judge.better(_trial(0.01, 0.4), _trial(0.1, 0.5))  # without per-batch losses: the lower median
+
+
+def test_a_consistent_difference_below_the_signal_floor_is_no_evidence():
+    tight, loose = _noisy(0.001, 4.140, 0.001, seed=3), _noisy(0.01, 4.165, 0.001, seed=4)
+    assert judge.better(tight, loose)  # 0.025 lower on every batch: far beyond its noise ...
+    assert not judge.better(tight, loose, judge.floor(4.16))  # ... but under 1% of a start loss of 4.16
+
+
+def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wins():
+    # start 4.16: the best trial gained 0.02 (0.5%), within the 1% signal floor of the others that held
+    # their loss; 0.1 made it 20% worse, so the loosest that held, 0.01, wins rather than the tightest
+    trials = [_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142), _trial(0.0001, 4.156)]
+    assert judge.choose(trials, start_held_out=4.16)[0] == 0.01
+    # with a real gain the floor is too narrow to matter: 5% of the improvement rules, as before
+    assert judge.choose([_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)], 4.16)[0] == 0.001
 
 
 # -- trials run for real ----------------------------------------------------------------------------------
