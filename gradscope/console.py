@@ -1,20 +1,35 @@
-"""The console entry point. It imports the CLI (and so torch) inside a guard, so that Ctrl-C while the
-heavy imports run ends with one line and exit 130, like Ctrl-C at any later point, not a traceback."""
+"""The console entry point. Ctrl-C while it imports the CLI (and so torch) ends with one line and exit
+130, like Ctrl-C at any later point, not a traceback.
+
+A KeyboardInterrupt raised inside a half-run import can leave a package half-initialised (numpy then
+recurses until RecursionError as the next import touches it), so during the imports SIGINT does not
+raise: it ends the process at once. Nothing has run yet, so nothing is lost.
+"""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from .errors import EXIT_INTERRUPTED
 
 
+def _interrupted_while_importing(signum, frame) -> None:
+    sys.stderr.write("gradscope: interrupted\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
+    previous = signal.signal(signal.SIGINT, _interrupted_while_importing) if main_thread else None
     try:
         from .cli import main as run
-    except KeyboardInterrupt:
-        sys.stderr.write("gradscope: interrupted\n")
-        return EXIT_INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     code = run(argv)
     from . import distributed
     if distributed.left_group:  # see distributed.left_group: skip the shutdown that can abort a clean run
