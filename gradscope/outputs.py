@@ -54,6 +54,7 @@ def write(path: PathLike, text: str, what: str = "output") -> None:
         try:
             with handle:
                 handle.write(text)
+            os.chmod(handle.name, _mode(path))  # a temporary file is private (0600); a report is not
             os.replace(handle.name, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -62,6 +63,16 @@ def write(path: PathLike, text: str, what: str = "output") -> None:
     except OSError as exc:
         raise GradscopeError(f"could not write {what} {path}: {exc.strerror or exc}",
                              "check the disk and the folder's permissions") from None
+
+
+def _mode(path: Path) -> int:
+    """The mode the file keeps if it exists, else what a plain open() would give it under the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def append(path: PathLike, text: str, what: str) -> None:

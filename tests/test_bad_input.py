@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -63,6 +64,12 @@ def test_outputs_are_replaced_whole_and_leave_no_temporary_files(tmp_path, capsy
     assert json.loads(out_file.read_text())["steps"] == 5
     assert load_baseline(baseline).layers
     assert sorted(p.name for p in out_file.parent.iterdir()) == ["baseline.json", "report.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert baseline.stat().st_mode & 0o777 == 0o666 & ~umask, "a new file gets the mode open() would give it"
+    out_file.chmod(0o640)
+    run(["diagnose", target(tmp_path, GOOD), "--steps", "5", "--format", "json", "--output", str(out_file)], capsys)
+    assert out_file.stat().st_mode & 0o777 == 0o640, "a replaced file keeps its mode"
 
 
 CHATTY = """
