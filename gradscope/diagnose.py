@@ -11,14 +11,13 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from . import distributed, interrupts, stats
+from . import distributed, interrupts
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
-from .evaluate import evaluate
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf, next_batch,
                          optimizer_step)
 from .judge import Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
-from .profile import Profile
+from .pipeline import build_report
 from .recommend import method_for, recommend
 from .report import Report
 from .ruleset import RuleSet, load_rules
@@ -162,18 +161,6 @@ def _update_scale(experiment: Experiment) -> Optional[float]:
         squares = [p.detach().float().pow(2).sum() for p in experiment.model.parameters() if p.requires_grad]
         weight_norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
     return update_estimate(lr_eff, weight_norm)
-
-
-def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = None, model_name: str = "model",
-                 stopped_reason: Optional[str] = None, seed: Optional[int] = None,
-                 steps_requested: Optional[int] = None) -> Report:
-    """Statistics → findings → recommendation for one Profile."""
-    rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
-    statistics = stats.compute(profile)
-    findings = evaluate(statistics, rule_set)
-    return Report(model=model_name, statistics=statistics, findings=findings,
-                  recommendation=recommend(statistics, findings), rules=rule_set,
-                  stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested)
 
 
 def seed_everything(seed: int) -> None:

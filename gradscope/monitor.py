@@ -21,6 +21,7 @@ from .buckets import Bucket, HostRow, StepSums, pack_row, weight_change_sq
 from .errors import ExperimentError
 from .history import SeriesStore, SpikeTracker
 from .layers import class_source, group_parameters, module_class, unwrap
+from .pipeline import build_report
 from .profile import Profile
 
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
@@ -350,7 +351,6 @@ class Monitor:
 
     def report(self, rules=None, *, name: Optional[str] = None):
         """Statistics, findings and a recommendation for everything observed: a :class:`Report`."""
-        from .diagnose import build_report
 
         return build_report(self.profile(), rules=rules, model_name=name or type(unwrap(self.model)).__name__)
 

@@ -1,0 +1,28 @@
+"""Profile → Statistics → findings → recommendation → Report: the one pure pipeline, no torch.
+
+diagnose() and Monitor.report() both end here, so a Profile gives the same Report whichever way it was
+collected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from . import stats
+from .evaluate import evaluate
+from .profile import Profile
+from .recommend import recommend
+from .report import Report
+from .ruleset import RuleSet, load_rules
+
+
+def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = None, model_name: str = "model",
+                 stopped_reason: Optional[str] = None, seed: Optional[int] = None,
+                 steps_requested: Optional[int] = None) -> Report:
+    """Statistics → findings → recommendation for one Profile."""
+    rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
+    statistics = stats.compute(profile)
+    findings = evaluate(statistics, rule_set)
+    return Report(model=model_name, statistics=statistics, findings=findings,
+                  recommendation=recommend(statistics, findings), rules=rule_set,
+                  stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested)
