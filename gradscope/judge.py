@@ -4,7 +4,8 @@ Pure functions over plain data; :mod:`gradscope.trials` runs the trials. The pri
 docs/advice.md): try global-norm thresholds on a half-decade lattice, decades first and then the
 half-decade steps beside the pick; a trial that diverges, or whose loss (training or held-out) or
 gradient norm climbs, is unstable; the loosest stable trial within 5% of the best held-out improvement
-wins, kept one step below a looser threshold that went unstable.
+(or within 1% of the start loss, whichever is wider: a smaller difference is no evidence) wins, kept
+one step below a looser threshold that went unstable.
 """
 from __future__ import annotations
 
@@ -223,8 +224,9 @@ def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[T
     if chosen is best:
         reason = f"the lowest held-out loss of the stable trials, {best.held_out:.4g} (start {start_held_out:.4g})"
     elif chosen.threshold > best.threshold:
-        reason = (f"the least clipping within {TIE:.0%} of the best held-out improvement: {chosen.held_out:.4g}, "
-                  f"against {best.held_out:.4g} at {best.threshold:g} (start {start_held_out:.4g})")
+        reason = (f"the least clipping within {TIE:.0%} of the best held-out improvement (or {SIGNAL:.0%} of the "
+                  f"start loss): {chosen.held_out:.4g}, against {best.held_out:.4g} at {best.threshold:g} "
+                  f"(start {start_held_out:.4g})")
     else:
         reason = (f"one step below the loosest near-best threshold, whose looser neighbour went unstable "
                   f"(held-out {chosen.held_out:.4g}; best {best.held_out:.4g} at {best.threshold:g}, "

@@ -66,9 +66,10 @@ def coarse_to_fine(trials: List[Trial], start: float, budget: float, steps: int 
 
 
 def rule(margin: bool = False, tie: float = 0.0, budget: float = 1e9, prefer: str = "loosest",
-         search: str = "descending") -> Rule:
-    """A variant of the choice: the least (or most) clipping within ``tie`` of the best held-out improvement,
-    optionally kept one lattice step below a looser threshold that went unstable (a range-test margin)."""
+         search: str = "descending", floor: bool = False) -> Rule:
+    """A variant of the choice: the least (or most) clipping within ``tie`` of the best held-out improvement
+    (with ``floor``, or within judge.SIGNAL of the start loss, whichever is wider), optionally kept one
+    lattice step below a looser threshold that went unstable (a range-test margin)."""
     def choose(trials: List[Trial], reference: Trial, start: float) -> Optional[float]:
         if search == "coarse-to-fine":
             trials = coarse_to_fine(trials, start, budget, reference=reference)
@@ -78,7 +79,8 @@ def rule(margin: bool = False, tie: float = 0.0, budget: float = 1e9, prefer: st
         if not stable:
             return None
         best = min(t.held_out for t in stable)
-        near = [t for t in stable if t.held_out <= best + tie * max(start - best, 0.0)]
+        band = max(tie * max(start - best, 0.0), judge.floor(start) if floor else 0.0)
+        near = [t for t in stable if t.held_out <= best + band]
         pick = (max if prefer == "loosest" else min)(near, key=lambda t: t.threshold)
         if not margin:
             return pick.threshold
@@ -121,6 +123,10 @@ def one_se(budget: float = 1e9, search: str = "descending") -> Rule:
 
 VARIANTS: Dict[str, Rule] = {
     f"gradscope: decade descent then half-decades, budget {BUDGET:g}, loosest within 5%, margin": default,
+    "same search and choice without the 1% signal floor": rule(search="coarse-to-fine", budget=BUDGET, tie=0.05,
+                                                               margin=True),
+    "same search and choice with the floor, replayed here": rule(search="coarse-to-fine", budget=BUDGET, tie=0.05,
+                                                                 margin=True, floor=True),
     "same search, budget 4, lowest held-out median": rule(search="coarse-to-fine", budget=BUDGET),
     "same search, budget 4, one-standard-error rule": one_se(budget=BUDGET, search="coarse-to-fine"),
     "same search, budget 4, tie 20%, margin": rule(search="coarse-to-fine", budget=BUDGET, tie=0.2, margin=True),
@@ -130,6 +136,7 @@ VARIANTS: Dict[str, Rule] = {
     "every candidate, lowest held-out median": rule(),
     "every candidate, one-standard-error rule": one_se(),
     "every candidate, loosest within 5%, margin": rule(tie=0.05, margin=True),
+    "every candidate, loosest within 5% or the 1% floor, margin": rule(tie=0.05, margin=True, floor=True),
     "every candidate, tightest within 5%": rule(prefer="tightest", tie=0.05),
 }
 
