@@ -10,17 +10,17 @@ from typing import List, Optional
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import __version__, distributed, interrupts, outputs
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
-from .formats import FORMATS, to_markdown
+from .formats import FORMATS, html_available, to_markdown
 from .gate import FAIL_ON, Verdict, decide, unfinished
 from .metrics import LAYER_METRICS, MODEL_METRICS
-from .render import render
+from .render import MAX_LAYER_ROWS, render, render_text
 from .report import Report
 from .ruleset import condition_lines, condition_metrics, load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=tuple(FORMATS),
                    help=f"output format (default ${FORMAT_ENV}, else rich)")
     d.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
+    d.add_argument("--html", metavar="FILE", help="also write the HTML report, with plots, to FILE "
+                                                  "(needs gradscope[html])")
+    d.add_argument("--all-layers", action="store_true",
+                   help=f"show every layer in the terminal report (default: the worst {MAX_LAYER_ROWS})")
     d.add_argument("--baseline", metavar="FILE", help="fail only on findings that are new or worse than in FILE")
     d.add_argument("--baseline-tolerance", type=_tolerance_arg, default=DEFAULT_TOLERANCE, metavar="X",
                    help=f"a global-norm p95 or max above X times the baseline's is a regression (default {DEFAULT_TOLERANCE:g})")
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
+    r.add_argument("--verbose", "-v", action="store_true",
+                   help="explain every rule: condition, params, metrics, message (as `gradscope rule ID` does)")
     r.add_argument("--debug", action="store_true")
     e = sub.add_parser("rule", help="explain one rule: what it tests, its thresholds, its message and remedy")
     e.add_argument("rule_id", metavar="ID")
@@ -90,7 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "diagnose":
             return _diagnose(args, out, err)
         if args.command == "rules":
-            out.print(_rules_table(args.rules))
+            if args.verbose:
+                texts = [_rule_text(rule.id, args.rules) for rule in load_rules(args.rules).rules]
+                out.print("\n\n".join(texts), markup=False, highlight=False, soft_wrap=True)
+            else:
+                out.print(_rules_table(args.rules))
             return EXIT_OK
         if args.command == "rule":
             out.print(_rule_text(args.rule_id, args.rules), markup=False, highlight=False, soft_wrap=True)
@@ -147,8 +157,10 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
     distributed.agree(failure)  # if any rank could not build its experiment, every rank stops here
     ctx = distributed.context()
     main_rank = ctx is None or ctx.rank == 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+    # at 80 columns every part fits whole: long names and notes end in an ellipsis, never mid-bar
+    with Progress(TextColumn("{task.description}", table_column=_clipped(24)), BarColumn(bar_width=16),
+                  MofNCompleteColumn(), TextColumn("{task.fields[note]}", table_column=_clipped(20)),
+                  TimeElapsedColumn(),
                   console=err, transient=True, disable=not (err.is_terminal and main_rank)) as progress, \
             outputs.user_stdout_to_stderr(_document_on_stdout(args)):
         task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
@@ -245,6 +257,10 @@ def _check_destinations(args: argparse.Namespace) -> None:
         outputs.check(args.output, "--output")
     if args.write_baseline:
         outputs.check(args.write_baseline, "--write-baseline")
+    if args.html:
+        outputs.check(args.html, "--html")
+    if args.html or args.format == "html":
+        html_available()  # a missing plotting library is found now, not after the training steps
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if args.format == "github" and summary:
         outputs.check(summary, "$GITHUB_STEP_SUMMARY", append=True)
@@ -254,14 +270,23 @@ def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Conso
     fmt_name = args.format or "rich"
     if args.output:
         outputs.write(args.output, FORMATS[fmt_name](report, verdict), "--output")
-    elif fmt_name == "rich":
-        out.print(render(report, verdict))
+    elif fmt_name == "rich" and out.is_terminal:
+        out.print(render(report, verdict, all_layers=args.all_layers))
+    elif fmt_name == "rich":  # piped: plain text at the console's width, no padding at line ends
+        sys.stdout.write(render_text(report, out.width, verdict, all_layers=args.all_layers))
+        sys.stdout.flush()
     else:
         sys.stdout.write(FORMATS[fmt_name](report, verdict))
         sys.stdout.flush()
+    if args.html:
+        outputs.write(args.html, FORMATS["html"](report, verdict), "--html")
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if fmt_name == "github" and summary:
         outputs.append(summary, to_markdown(report, verdict), "$GITHUB_STEP_SUMMARY")
+
+
+def _clipped(width: int) -> Column:
+    return Column(max_width=width, no_wrap=True, overflow="ellipsis")
 
 
 def _count(n: int, word: str) -> str:

@@ -113,10 +113,17 @@ def render_message(template: str, values: Mapping[str, object]) -> str:
         if isinstance(value, float) and not spec:
             spec = ".3g"
         try:
-            return format(value, spec) + times
+            return EXPONENT.sub(_plain_exponent, format(value, spec)) + times
         except (ValueError, TypeError):
             return str(value) + times
     return MESSAGE_FIELD.sub(fill, template)
 
 
 MESSAGE_FIELD = re.compile(TEMPLATE_FIELD.pattern + r"(x?)")
+EXPONENT = re.compile(r"(\d)e([+-]?)0*(\d)")
+
+
+def _plain_exponent(match: re.Match) -> str:
+    """3.92e+10 reads as 3.92e10, 4.1e-05 as 4.1e-5."""
+    return f"{match.group(1)}e{match.group(2).replace('+', '')}{match.group(3)}"
+

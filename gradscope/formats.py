@@ -13,9 +13,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .evaluate import Finding
+from .errors import GradscopeError
 from .gate import Verdict
-from .render import METHOD_WORDS, fmt, render_text
+from .render import render_text
 from .report import Report
+from .wording import advice, fmt, plural
 
 TOOL_URI = "https://pypi.org/project/gradscope/"
 SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
@@ -145,7 +147,7 @@ def to_github(report: Report, verdict: Verdict) -> str:
     if verdict.unfinished is not None:
         lines.append(f"::error title=gradscope run did not finish::{_gh_data(verdict.unfinished)}")
     rec = report.recommendation
-    lines.append(f"::notice title=gradscope recommendation::{_gh_data(_advice(report) + ': ' + rec.evidence.basis)}")
+    lines.append(f"::notice title=gradscope recommendation::{_gh_data(advice(report.recommendation) + ': ' + rec.evidence.basis)}")
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +173,7 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
         out += [f"- regression: {_regression_text(r)}" for r in c.regressions]
         out.append("")
     rec = report.recommendation
-    out.append(f"**Recommendation:** {_advice(report)}. {rec.evidence.basis}.")
+    out.append(f"**Recommendation:** {advice(report.recommendation)}. {rec.evidence.basis}.")
     if rec.method != "none":
         where = "the winning trial's steps" if rec.evidence.trials is not None and rec.evidence.trials.winner \
             else "the profiled steps"
@@ -186,6 +188,34 @@ def to_rich_text(report: Report, verdict: Verdict) -> str:
     return render_text(report, width=100)
 
 
+def html_available() -> None:
+    """Raise a GradscopeError, with the install command, when the HTML report cannot be drawn here."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise GradscopeError("the HTML report draws its plots with matplotlib, which is not installed",
+                             "pip install 'gradscope[html]'") from None
+
+
+def to_html(report: Report, verdict: Verdict) -> str:
+    """One self-contained HTML file with plots (needs the html extra: matplotlib)."""
+    from .html import to_html as draw  # matplotlib and the plotting code load only when asked for
+    return draw(report)
+
+
+def findings_table(report: Report, verdict: Optional[Verdict] = None) -> str:
+    """One line per finding, failing ones marked, then the advice: short enough for an assertion message."""
+    failing = verdict.failing if verdict else report.findings
+    head = (f"gradscope: {report.model}: {plural(len(failing), 'finding')} at or above "
+            f"{verdict.fail_on if verdict else 'info'}")
+    rows = [(("✖ " if f in failing else "  ") + f.severity, f.rule_id, f.layer or "(model)", f.message)
+            for f in report.findings]
+    widths = [max([len(r[i]) for r in rows] + [0]) for i in range(3)]
+    lines = [head] + [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    lines.append(f"  advice: {advice(report.recommendation)} ({report.recommendation.evidence.basis})")
+    return "\n".join(lines)
+
+
 FORMATS: Dict[str, Callable[[Report, Verdict], str]] = {
     "rich": to_rich_text,
     "json": to_json,
@@ -193,15 +223,19 @@ FORMATS: Dict[str, Callable[[Report, Verdict], str]] = {
     "sarif": to_sarif,
     "github": to_github,
     "markdown": to_markdown,
+    "html": to_html,
 }
 
 
+SUFFIXES = {".json": "json", ".xml": "junit", ".sarif": "sarif", ".md": "markdown", ".html": "html"}  # a file's format by its name
+
+
+def format_for(path: str) -> str:
+    """The format a file name asks for: by its suffix, else the plain-text report."""
+    return SUFFIXES.get(Path(path).suffix.lower(), "rich")
+
+
 # -- small pieces ---------------------------------------------------------------------------------------
-def _advice(report: Report) -> str:
-    rec = report.recommendation
-    return "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
-
-
 def _line(f: Finding) -> str:
     return f"[{f.severity}] {f.rule_id}" + (f" ({f.layer})" if f.layer else "") + f": {f.message}"
 
@@ -215,22 +249,22 @@ def _slug(text: str) -> str:
 
 
 def _source(report: Report, f: Finding) -> Optional[Tuple[str, int]]:
-    """The finding's module class definition, preferring the user's own code: a file under the working
-    directory that is not an installed package (a virtualenv may live there too)."""
+    """Where the finding's layer is defined, as a path relative to the repository root ($GITHUB_WORKSPACE,
+    else the working directory): the layer's class if it is the user's own code, else the model's class
+    (a torch.nn.Linear points at the model that holds it). None where neither lies under the root: code
+    scanning drops an absolute path or one into site-packages."""
     layer = next((l for l in report.statistics.layers if l.name == f.layer), None)
     candidates = [s for s in (layer.source if layer else None, report.statistics.model.source) if s]
-    if not candidates:
-        return None
-    cwd = Path.cwd().resolve()
+    root = Path(os.environ.get("GITHUB_WORKSPACE") or Path.cwd()).resolve()
     for path, line in candidates:
         resolved = Path(path).resolve()
         if {"site-packages", "dist-packages"} & set(resolved.parts):
             continue
         try:
-            return resolved.relative_to(cwd).as_posix(), line
+            return resolved.relative_to(root).as_posix(), line
         except ValueError:
             continue
-    return candidates[0]
+    return None
 
 
 def _sarif_location(report: Report, f: Finding) -> Dict[str, object]:
@@ -239,8 +273,8 @@ def _sarif_location(report: Report, f: Finding) -> Dict[str, object]:
     where = _source(report, f)
     if where:
         path, line = where
-        artifact = {"uri": Path(path).as_uri()} if os.path.isabs(path) else {"uri": path, "uriBaseId": "SRCROOT"}
-        location["physicalLocation"] = {"artifactLocation": artifact, "region": {"startLine": line}}
+        location["physicalLocation"] = {"artifactLocation": {"uri": path, "uriBaseId": "SRCROOT"},
+                                        "region": {"startLine": line}}
     return location
 
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
@@ -19,23 +19,27 @@ from rich.text import Text
 from .baseline import Comparison
 from .evaluate import Finding
 from .gate import Verdict
-from .report import Report
-from .stats import LayerStats
 from .judge import TrialSet
+from .report import Report
+from .ruleset import SEVERITIES
+from .stats import LayerStats
+from .wording import SEVERITY_RANK, advice, fmt, fmt_count, plural, shorten_names
 
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
 LAYER_SPARK_WIDTH = 12
-MAX_LAYER_ROWS = 12
+MAX_LAYER_ROWS = 12  # the worst layers the table shows; --all-layers shows every one
+GROUP_NAMES = 3  # layers named in a grouped finding before "(N more)"
+ORDER_KEY = "by worst finding, then share of the global norm"
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 MARK = {"error": "✖", "warning": "▲", "info": "●"}
-METHOD_WORDS = {"norm": "clip by norm", "value": "clip by value", "agc": "adaptive gradient clipping (AGC)"}
 
 
-def render(report: Report, gate: Optional[Verdict] = None) -> RenderableType:
-    parts: List[RenderableType] = [header(report), global_line(report), layer_table(report)]
+def render(report: Report, gate: Optional[Verdict] = None, *, all_layers: bool = False) -> RenderableType:
+    """The whole terminal report; ``all_layers`` lifts the cap on the layer table."""
+    parts: List[RenderableType] = [header(report), global_line(report), LayerTable(report, all_layers)]
     if report.findings:
-        parts.append(findings_block(report.findings))
+        parts.append(findings_block(report.findings, ordered_layers(report)))
     trials = report.recommendation.evidence.trials
     if trials is not None:
         parts.append(trials_table(trials))
@@ -49,11 +53,13 @@ def render(report: Report, gate: Optional[Verdict] = None) -> RenderableType:
     return Group(*parts)
 
 
-def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None) -> str:
-    """The report as plain text at a fixed width, with no colour."""
+def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None, *, all_layers: bool = False
+                ) -> str:
+    """The report as plain text at a fixed width, with no colour and no trailing spaces."""
     buffer = io.StringIO()
-    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(render(report, gate))
-    return buffer.getvalue()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(
+        render(report, gate, all_layers=all_layers))
+    return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())
 
 
 def trials_table(trials: TrialSet) -> RenderableType:
@@ -123,38 +129,77 @@ def global_line(report: Report) -> RenderableType:
     return Group(grid, Text(""))
 
 
-def layer_table(report: Report) -> RenderableType:
-    layers = ordered_layers(report)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="layers, worst first", title_justify="left",
-                  title_style="bold")
-    table.add_column("layer (kind)", overflow="ellipsis", no_wrap=True, max_width=28, ratio=1)
-    for name in ("params", "norm p50", "max", "g/w", "upd/w"):  # numbers never lose characters
-        table.add_column(name, justify="right", no_wrap=True, min_width=6)
-    table.add_column("norm/step", no_wrap=True, min_width=LAYER_SPARK_WIDTH)
-    worst = layer_severity(report.findings)
-    for layer in layers[:MAX_LAYER_ROWS]:
-        name = Text.assemble((layer.name, STYLE.get(worst.get(layer.name, ""), "")), (f" {layer.kind}", "dim"))
+class LayerTable:
+    """The layer table, worst first, laid out for the width it is given: names shortened from the middle
+    (each still unique), numbers, headers and sparklines never cut; capped at MAX_LAYER_ROWS rows."""
+
+    NUMBERS = ("params", "norm p50", "max", "g/w", "upd/w")
+
+    def __init__(self, report: Report, all_layers: bool = False) -> None:
+        self.report, self.all_layers = report, all_layers
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        layers = ordered_layers(self.report)
+        shown = layers if self.all_layers else layers[:MAX_LAYER_ROWS]
+        worst = layer_severity(self.report.findings)
+        rows = [self._cells(layer) for layer in shown]
+        widths = [max([len(name), 6] + [len(r[i]) for r in rows]) for i, name in enumerate(self.NUMBERS)]
+        spark = max([len("norm/step")] + [len(r[-1]) for r in rows])
+        padding = 2 * (len(widths) + 1)  # two spaces between columns (collapsed padding), none at the edges
+        room = max(options.max_width - sum(widths) - spark - padding, 12)
+        kinds = max((len(layer.kind) + 1 for layer in shown), default=0)
+        longest = max((len(layer.name) for layer in shown), default=0)
+        show_kind = longest + kinds <= room or room - kinds >= 20  # names whole, or still 20 characters
+        names = shorten_names([layer.name for layer in shown], room - (kinds if show_kind else 0))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+        table.add_column("layer (kind)" if show_kind else "layer", no_wrap=True, overflow="ellipsis")
+        for name, width in zip(self.NUMBERS, widths):  # numbers and headers never lose characters
+            table.add_column(name, justify="right", no_wrap=True, min_width=width)
+        table.add_column("norm/step", no_wrap=True, min_width=spark)
+        for layer, cells in zip(shown, rows):
+            name = Text.assemble((names[layer.name], STYLE.get(worst.get(layer.name, ""), "")),
+                                 (f" {layer.kind}" if show_kind else "", "dim"))
+            spark_cell = sparkline(layer.norm_series, width=LAYER_SPARK_WIDTH) if layer.status == "active" \
+                else Text(layer.status, "dim")
+            table.add_row(name, *cells[:-1], spark_cell)
+        yield Text.assemble(("layers, worst first", "bold"), (f" ({ORDER_KEY})", "dim"))
+        yield table
+        if len(shown) < len(layers):
+            yield Text(f"  … and {plural(len(layers) - len(shown), 'more layer')} (--all-layers shows every one)",
+                       "dim")
+        yield Text("")
+
+    @staticmethod
+    def _cells(layer: LayerStats) -> List[str]:
+        """The plain figures of one row; the last is the sparkline's text (or the layer's status)."""
         if layer.status != "active":
-            table.add_row(name, fmt_count(layer.params or layer.frozen_params), "", "", "", "",
-                          Text(layer.status, "dim"))
-            continue
+            return [fmt_count(layer.params or layer.frozen_params), "", "", "", "", layer.status]
         mm = layer.metrics
-        table.add_row(name, fmt_count(layer.params), fmt(mm["grad_norm_median"]), fmt(mm["grad_norm_max"]),
-                      fmt(mm["grad_to_weight_median"]), fmt(mm["update_ratio_median"]),
-                      sparkline(layer.norm_series, width=LAYER_SPARK_WIDTH))
-    parts: List[RenderableType] = [table]
-    if len(layers) > MAX_LAYER_ROWS:
-        parts.append(Text(f"  … and {len(layers) - MAX_LAYER_ROWS} more layers (all in --format json)", "dim"))
-    return Group(*parts)
+        return [fmt_count(layer.params), fmt(mm["grad_norm_median"]), fmt(mm["grad_norm_max"]),
+                fmt(mm["grad_to_weight_median"]), fmt(mm["update_ratio_median"]),
+                sparkline(layer.norm_series, width=LAYER_SPARK_WIDTH).plain]
 
 
-def findings_block(findings: Sequence[Finding]) -> RenderableType:
+def findings_block(findings: Sequence[Finding], order: Sequence[LayerStats] = ()) -> RenderableType:
+    """Findings grouped by rule, most severe first: one line per rule, naming its worst layers (in the
+    layer table's order) and how many more, then the message of the worst one."""
+    position = {layer.name: i for i, layer in enumerate(order)}
+    groups: Dict[tuple, List[Finding]] = {}
+    for f in findings:
+        groups.setdefault((f.severity, f.rule_id), []).append(f)
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(overflow="fold")
-    for f in findings:
-        grid.add_row(Text(f" {MARK[f.severity]} {f.severity}", STYLE[f.severity]),
-                     Text.assemble((f.rule_id, "bold"), f": {f.message}"))
+    for (severity, rule_id), group in sorted(groups.items(), key=lambda kv: SEVERITY_RANK[kv[0][0]]):
+        group.sort(key=lambda f: position.get(f.layer or "", len(position)))
+        mark = Text(f" {MARK[severity]} {severity}", STYLE[severity])
+        if len(group) == 1:
+            grid.add_row(mark, Text.assemble((rule_id, "bold"), f": {group[0].message}"))
+            continue
+        named = ", ".join(f.layer or "(model)" for f in group[:GROUP_NAMES])
+        more = f", … ({len(group) - GROUP_NAMES} more)" if len(group) > GROUP_NAMES else ""
+        grid.add_row(mark, Text.assemble((rule_id, "bold"), f" in {plural(len(group), 'layer')}: {named}{more}"))
+        grid.add_row("", Text(f"worst: {group[0].message}", "dim"))
     return Group(Text("findings", "bold"), grid, Text(""))
 
 
@@ -164,8 +209,7 @@ def recommendation_block(report: Report) -> RenderableType:
     if rec.method == "none":
         title = Text.assemble(("recommendation: ", "bold"), ("no clipping needed", "bold green"))
     else:
-        title = Text.assemble(("recommendation: ", "bold"),
-                              (f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}", "bold magenta"))
+        title = Text.assemble(("recommendation: ", "bold"), (advice(rec), "bold magenta"))
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
@@ -184,37 +228,34 @@ def recommendation_block(report: Report) -> RenderableType:
 
 
 def verdict(report: Report) -> RenderableType:
-    counts = {s: sum(1 for f in report.findings if f.severity == s) for s in ("error", "warning", "info")}
-    tally = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n) or "no findings"
-    rec = report.recommendation
-    advice = "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
+    counts = {s: sum(1 for f in report.findings if f.severity == s) for s in reversed(SEVERITIES)}
+    tally = ", ".join(plural(n, s) for s, n in counts.items() if n) or "no findings"
+    words = advice(report.recommendation)
     worst = report.worst_severity
     if worst == "error":
         top = next(f for f in report.findings if f.severity == "error")
-        return Text.assemble(("✖ UNHEALTHY ", "bold red"), f"{tally}; worst: {top.rule_id}. Advice: {advice}.")
+        return Text.assemble(("✖ UNHEALTHY ", "bold red"), f"{tally}; worst: {top.rule_id}. Advice: {words}.")
     if worst == "warning":
-        return Text.assemble(("▲ AT RISK ", "bold yellow"), f"{tally}. Advice: {advice}.")
-    return Text.assemble(("✔ HEALTHY ", "bold green"), f"{tally}. Advice: {advice}.")
+        return Text.assemble(("▲ AT RISK ", "bold yellow"), f"{tally}. Advice: {words}.")
+    return Text.assemble(("✔ HEALTHY ", "bold green"), f"{tally}. Advice: {words}.")
 
 
 # -- small pieces ---------------------------------------------------------------------------------------
 def ordered_layers(report: Report) -> List[LayerStats]:
     """Layers with findings first (by severity), then by share of the global norm; frozen ones last."""
-    rank = {"error": 0, "warning": 1, "info": 2}
     worst = layer_severity(report.findings)
 
     def key(layer: LayerStats):
         share = layer.metrics.get("grad_norm_share", float("nan")) if layer.metrics else float("nan")
-        return (layer.status == "frozen", rank.get(worst.get(layer.name, ""), 3),
+        return (layer.status == "frozen", SEVERITY_RANK.get(worst.get(layer.name, ""), len(SEVERITY_RANK)),
                 -(share if math.isfinite(share) else -1.0))
     return sorted(report.statistics.layers, key=key)
 
 
 def layer_severity(findings: Sequence[Finding]) -> Dict[str, str]:
-    rank = {"error": 0, "warning": 1, "info": 2}
     worst: Dict[str, str] = {}
     for f in findings:
-        if f.layer is not None and rank[f.severity] < rank.get(worst.get(f.layer, ""), 3):
+        if f.layer is not None and SEVERITY_RANK[f.severity] < SEVERITY_RANK.get(worst.get(f.layer, ""), 9):
             worst[f.layer] = f.severity
     return worst
 
@@ -244,29 +285,3 @@ def sparkline(values: np.ndarray, width: int = SPARK_WIDTH, log: bool = True) ->
             level = 0 if hi <= lo else int(round((value - lo) / (hi - lo) * (len(BARS) - 1)))
             text.append(BARS[level])
     return text
-
-
-def fmt(value: Optional[float]) -> str:
-    """A number in at most 6 characters: 1234, 12.3, 0.012, 4.4e-5; '–' when unavailable."""
-    if value is None or math.isnan(value):
-        return "–"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    a = abs(value)
-    if a == 0:
-        return "0"
-    if 1000 <= a < 1e4:
-        return f"{value:.0f}"
-    if 1 <= a < 1000:
-        return f"{value:.3g}"
-    if 0.01 <= a < 1:
-        return f"{value:.2g}"
-    mantissa, exponent = f"{value:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def fmt_count(n: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)

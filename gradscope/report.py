@@ -41,6 +41,25 @@ class Report:
     def worst_severity(self) -> Optional[str]:
         return worst_severity(self.findings)
 
+    # The display layer imports this module, so these import it lazily: the types stay free of rendering.
+    def render(self, width: int = 100, *, all_layers: bool = False) -> str:
+        """The terminal report as plain text at ``width`` columns (what ``print(report)`` shows at 100)."""
+        from .render import render_text
+        return render_text(self, width, all_layers=all_layers)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the HTML report, plots included (needs the html extra: matplotlib)."""
+        from .html import to_html
+        return to_html(self)
+
+    def __rich__(self):
+        """``rich.print(report)`` and a rich Console show the report in colour at the console's width."""
+        from .render import render
+        return render(self)
+
     def to_dict(self) -> Dict[str, Any]:
         s, m = self.statistics, self.statistics.model
         rec = self.recommendation

@@ -109,3 +109,74 @@ def hot_gru(lr: float = 50.0) -> gradscope.Experiment:
     model = GRUClassifier()
     return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=lr), sign_pattern_batches(),
                                 loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), name="hot_gru")
+
+
+class Block(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU-conv-BN plus the shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet (three stages of two basic blocks), 8 channels wide: the layer count of a real one."""
+
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        stages, c = [], width
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            stages.append(nn.Sequential(Block(c, c_out, 1 if i == 0 else 2), Block(c_out, c_out)))
+            c = c_out
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def image_batches(seed: int = 0, size: int = 12, batch: int = 8, classes: int = 4):
+    g = torch.Generator().manual_seed(seed)
+
+    def make():
+        y = torch.randint(0, classes, (batch,), generator=g)
+        grid = torch.linspace(0, 3.14, size)
+        waves = torch.sin(grid[None, :, None] * (y[:, None, None] + 1) + grid[None, None, :])
+        return (waves + 0.3 * torch.randn(batch, size, size, generator=g))[:, None], y
+    return make
+
+
+def hot_resnet(lr: float = 2.0) -> gradscope.Experiment:
+    """A small ResNet at SGD lr 2: large updates in many layers."""
+    torch.manual_seed(0)
+    model = ResNet()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), image_batches(),
+                                loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), name="resnet")
+
+
+def tiny_bert(layers: int = 3):
+    """A BERT masked LM built from its config (no download): the long dotted names of a real one."""
+    import transformers  # a test extra; callers importorskip it
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertForMaskedLM(config)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(1, 64, (4, 16), generator=g)
+        return {"input_ids": ids, "labels": ids}
+    return gradscope.Experiment(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, name="tiny_bert")

@@ -204,6 +204,15 @@ def test_rules_and_metrics_listings(capsys):
     assert code == 0 and "global_norm_growth" in out
 
 
+def test_rules_verbose_explains_every_rule(capsys):
+    from gradscope.ruleset import load_rules
+    code, out, _ = run(["rules", "--verbose"], capsys)
+    rules = load_rules(None).rules
+    assert code == 0 and out.count("fires when:") == len(rules)
+    for rule in rules:
+        assert f"{rule.id} ({rule.severity}, {rule.scope} rule" in out
+
+
 SAMPLES = [("exploding_rnn", 1, "exploding"), ("lstm_lm", 1, "diverges"), ("healthy_cnn", 0, "HEALTHY"),
            ("tiny_transformer", 0, "HEALTHY")]
 
@@ -341,3 +350,10 @@ def test_rule_follows_a_rule_file_override_and_suggests_close_ids(tmp_path, caps
     code, _, err = run(["rule", "recurent-norm-high"], capsys)
     assert code == 2
     assert_clean_error(err, "no rule 'recurent-norm-high'", "did you mean recurrent-norm-high")
+
+
+def test_piped_report_has_no_padding_at_line_ends(tmp_path, capsys):
+    code, out, _ = run(["diagnose", target(tmp_path, GOOD), "--steps", "5"], capsys)
+    lines = out.splitlines()
+    assert code == 0 and "HEALTHY" in out and "layers, worst first" in out
+    assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()][:3]

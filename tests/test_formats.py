@@ -11,7 +11,7 @@ import pytest
 
 import gradscope
 from gradscope.cli import main
-from gradscope.formats import FORMATS, _gh_data, _gh_property
+from gradscope.formats import FORMATS, SUFFIXES, _gh_data, _gh_property, format_for
 from gradscope.gate import decide
 
 from models import exploding_rnn
@@ -26,7 +26,9 @@ def exploding():
 
 
 def test_every_format_is_chosen_in_one_place():
-    assert set(FORMATS) == {"rich", "json", "junit", "sarif", "github", "markdown"}
+    assert set(FORMATS) == {"rich", "json", "junit", "sarif", "github", "markdown", "html"}
+    assert set(SUFFIXES.values()) <= set(FORMATS)  # file names map into the same table
+    assert format_for("out/report.SARIF") == "sarif" and format_for("report.txt") == "rich"
 
 
 def test_junit_is_xunit2_with_a_test_case_per_rule(exploding):
@@ -69,6 +71,25 @@ def test_sarif_locations_point_at_the_module_class_definition(exploding):
     assert Path(physical["artifactLocation"]["uri"]).name == "exploding_rnn.py"
     assert physical["region"]["startLine"] == next(i for i, line in enumerate(sample.read_text().splitlines(), 1)
                                                    if line.startswith("class AddingRNN"))
+
+
+def test_locations_are_relative_to_the_repository_root(exploding, monkeypatch):
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(ROOT))
+    doc = json.loads(FORMATS["sarif"](exploding, decide(exploding)))
+    uris = {loc["physicalLocation"]["artifactLocation"]["uri"] for r in doc["runs"][0]["results"]
+            for loc in r["locations"] if "physicalLocation" in loc}
+    assert uris and all(not Path(u).is_absolute() and "site-packages" not in u for u in uris), uris
+    assert (ROOT / next(iter(uris))).is_file()
+    files = re.findall(r"file=([^,]+),", FORMATS["github"](exploding, decide(exploding)))
+    assert files and set(files) == uris
+
+
+def test_a_source_outside_the_repository_gets_no_file_location(exploding, monkeypatch, tmp_path):
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(tmp_path))  # the model's code lies outside this root
+    doc = json.loads(FORMATS["sarif"](exploding, decide(exploding)))
+    assert all("physicalLocation" not in loc for r in doc["runs"][0]["results"] for loc in r["locations"])
+    assert all(loc["logicalLocations"] for r in doc["runs"][0]["results"] for loc in r["locations"])
+    assert "file=" not in FORMATS["github"](exploding, decide(exploding))
 
 
 def test_sarif_rule_ids_are_stable_across_runs():

@@ -55,3 +55,16 @@ def test_the_version_is_the_package_metadata(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"gradscope {gradscope.__version__}"
+
+
+DISPLAY = ["gradscope.render", "gradscope.formats", "gradscope.html", "gradscope.wording", "gradscope.report",
+           "gradscope.pipeline", "gradscope.integrations.common"]
+
+
+@pytest.mark.parametrize("module", DISPLAY)
+def test_the_display_layer_stands_alone(module):
+    """Renderers and the Profile -> Report pipeline import no torch, and nothing that trains."""
+    code = (f"import sys, {module}; "
+            "bad = {'torch', 'gradscope.diagnose', 'gradscope.monitor', 'gradscope.trials', 'gradscope.experiment', "
+            "'matplotlib'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

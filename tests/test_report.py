@@ -11,8 +11,9 @@ from rich.console import Console
 import gradscope
 from gradscope.metrics import LAYER_METRICS, MODEL_METRICS
 from gradscope.render import render, render_text
+from gradscope.wording import shorten_names
 
-from models import exploding_rnn, healthy_mlp
+from models import exploding_rnn, healthy_mlp, hot_resnet, tiny_bert
 
 STEPS = 12
 
@@ -86,3 +87,81 @@ def test_worst_layers_come_first(exploding):
     text = render_text(exploding, width=100)
     table = text[text.index("layers, worst first"):text.index("findings")]
     assert table.index("rnn") < table.index("head")
+
+
+# -- long models: a ResNet's 31 layers and a BERT's dotted names --------------------------------------
+@pytest.fixture(scope="module")
+def resnet():
+    return gradscope.diagnose(hot_resnet(), steps=8, seed=0, trials=0)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    pytest.importorskip("transformers")
+    return gradscope.diagnose(tiny_bert(), steps=8, seed=0, trials=0)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("model", ["resnet", "bert"])
+def test_long_model_goldens_fit_their_width(model, width, request, golden):
+    report = request.getfixturevalue(model)
+    text = report.render(width=width)
+    golden(f"{model}_8_steps_{width}.txt", text)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width and all(line == line.rstrip() for line in lines)
+    if width == 80:
+        assert len(lines) <= 50, f"{len(lines)} lines at 80 columns"
+    header = next(line for line in lines if re.match(r"layer( |$)", line))
+    assert header.split()[-7:] == ["params", "norm", "p50", "max", "g/w", "upd/w", "norm/step"], "a header was cut"
+    table = text[text.index("layers, worst first"):text.index("findings")]
+    rows = [line for line in table.split("─")[-1].splitlines() if line and not line.lstrip().startswith("…")]
+    names = [row.split()[0] for row in rows]
+    assert len(set(names)) == len(names), "two layers read the same"
+    assert all(not name.endswith("…") for name in names), "a name was cut at its end instead of its middle"
+    assert all(re.search(r"[▁▂▃▄▅▆▇█]{8}$", row) for row in rows), "a sparkline was cut"
+
+
+def test_findings_are_grouped_by_rule_with_the_worst_layers_named(resnet):
+    text = resnet.render(width=100)
+    count = sum(f.rule_id == "large-update-ratio" for f in resnet.findings)
+    assert count > 10
+    table = text[text.index("layers, worst first"):text.index("findings")]
+    first_three = [line.split()[0] for line in table.split("─")[-1].splitlines() if line.strip()][:3]
+    line = next(line for line in text.splitlines() if "large-update-ratio" in line)
+    assert f"large-update-ratio in {count} layers: {', '.join(first_three)}, … ({count - 3} more)" in line
+    assert text.count("large-update-ratio") == 1
+
+
+def test_the_layer_table_is_capped_and_all_layers_lifts_the_cap(resnet):
+    layers = len(resnet.statistics.layers)
+    assert f"… and {layers - 12} more layers (--all-layers shows every one)" in resnet.render()
+    every = resnet.render(all_layers=True)
+    assert "more layers" not in every
+    assert all(layer.name in every for layer in resnet.statistics.layers)
+
+
+def test_print_and_rich_show_the_report(exploding, capsys):
+    print(exploding)
+    assert capsys.readouterr().out == exploding.render(width=100) + "\n"
+    buffer = io.StringIO()
+    Console(file=buffer, width=90, color_system=None).print(exploding)
+    assert [line.rstrip() for line in buffer.getvalue().splitlines()] == exploding.render(width=90).splitlines()
+
+
+@pytest.mark.parametrize("width", [8, 14, 22, 30])
+def test_shortened_names_stay_unique_and_within_width(width):
+    names = [f"bert.encoder.layer.{i}.attention.self.{k}" for i in (0, 1, 10) for k in ("query", "key", "value")]
+    names += ["classifier", "bert.embeddings.word_embeddings"]
+    short = shorten_names(names, width)
+    assert len(set(short.values())) == len(names)
+    assert all(len(s) <= max(width, 5) or s == n for n, s in short.items())
+    assert short["classifier"] == "classifier"[:width] or len("classifier") > width
+
+
+def test_a_shortened_name_keeps_its_start_and_its_end():
+    short = shorten_names(["bert.encoder.layer.0.attention.self.query", "bert.pooler.dense"], 36)
+    cut = short["bert.encoder.layer.0.attention.self.query"]
+    head, tail = cut.split("…")
+    assert len(cut) == 36 and head.startswith("bert.enc") and tail.endswith(".0.attention.self.query")
+    assert len(tail) > 2 * len(head)  # the end tells siblings apart, so it keeps the most
+    assert short["bert.pooler.dense"] == "bert.pooler.dense"

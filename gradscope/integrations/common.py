@@ -8,14 +8,11 @@ from typing import List, Optional, Union
 from rich.console import Console
 
 from ..errors import GradscopeError
-from ..formats import FORMATS
+from ..formats import FORMATS, findings_table, format_for
 from ..gate import decide
 from ..render import render
 from ..report import Report
 from ..ruleset import RuleSet, load_rules
-from ..testing import findings_table
-
-SUFFIX_FORMATS = {".json": "json", ".xml": "junit", ".sarif": "sarif", ".md": "markdown"}
 
 
 class GradientHealthError(GradscopeError):
@@ -44,7 +41,7 @@ class ReportSink:
             for report in reports:
                 console.print(render(report))
             return
-        kind = SUFFIX_FORMATS.get(Path(self.output).suffix.lower(), "rich")
+        kind = format_for(str(self.output))
         texts = [FORMATS[kind](r, decide(r, self.fail_on or "never")) for r in reports]
         if kind == "json" and len(texts) > 1:  # one document: a list of reports
             texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]

@@ -1,0 +1,255 @@
+"""The report as one self-contained HTML file: inline SVG plots drawn by matplotlib, no network, no script.
+
+Plots: the global norm over the steps on a log axis with the advised threshold and the steps it would
+clip; a layers x steps heatmap of the gradient norm, worst layers first; the |g| histograms of the worst
+layers, with a value threshold where one is advised; the trials' loss curves when trials ran. Then the
+findings, grouped by rule, and the advice with its snippets.
+
+matplotlib is an optional extra (``pip install gradscope[html]``) and is imported only when a report is
+drawn, so ``import gradscope`` stays light. Each plotted element carries an SVG id (``global-norm``,
+``threshold``, ``clipped``, ``heatmap``, ``histogram-N``, ``trial-N``) so tests and tools can find it.
+"""
+from __future__ import annotations
+
+import html
+import io
+import math
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from . import histogram as hist
+from .errors import GradscopeError
+from .evaluate import Finding
+from .judge import TrialSet
+from .render import MARK, ordered_layers
+from .report import Report
+from .wording import SEVERITY_RANK, advice, fmt, plural
+
+HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
+HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
+TAIL = 1e-4  # a histogram's x axis starts where this share of the smallest |g| is left out
+COLOURS = {"error": "#c62828", "warning": "#b26a00", "info": "#1565c0"}
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1000px;
+       color: #1d1d1f; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-top: 1.8em; }
+.meta { color: #666; } .verdict { font-size: 1.15em; font-weight: 600; padding: 0.5em 0.8em; border-radius: 6px; }
+.error { color: #c62828; } .warning { color: #b26a00; } .info { color: #1565c0; } .ok { color: #2e7d32; }
+.verdict.error { background: #fdecea; } .verdict.warning { background: #fff4e5; } .verdict.ok { background: #edf7ed; }
+ul.findings { list-style: none; padding-left: 0; } ul.findings li { margin: 0.5em 0; }
+.layers { color: #555; } pre { background: #f6f8fa; padding: 0.7em; border-radius: 6px; overflow-x: auto; }
+table { border-collapse: collapse; } td, th { padding: 0.2em 0.8em; text-align: right; }
+th { border-bottom: 1px solid #ccc; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def to_html(report: Report) -> str:
+    """The whole report as one HTML document."""
+    pyplot_free = _matplotlib()
+    rec = report.recommendation
+    m = report.statistics.model
+    state = "ok" if report.worst_severity in (None, "info") else report.worst_severity
+    words = {"ok": "healthy", "warning": "at risk", "error": "unhealthy"}[state]
+    parts = [f"<h1>gradscope: {_e(report.model)}</h1>",
+             f"<p class=meta>{plural(m.steps, 'step')} on {_e(m.device)}"
+             + (f" · seed {report.seed}" if report.seed is not None else "") + f" · measured: {_e(m.measurement)}</p>",
+             f"<p class='verdict {state}'>{words}: {_e(advice(rec))}</p>"]
+    if report.partial:
+        parts.append(f"<p class=warning><b>Partial report:</b> {_e(report.stopped_reason or '')}</p>")
+    parts += ["<h2>Global gradient norm</h2>", _figure(pyplot_free, _norm_plot, report, _norm_caption(report))]
+    if report.statistics.active_layers:
+        parts += ["<h2>Layers</h2>", _figure(pyplot_free, _heatmap, report,
+                                             "Gradient norm per layer and step (log colour scale); worst layers "
+                                             "on top, by worst finding, then share of the global norm.")]
+        parts.append(_figure(pyplot_free, _histograms, report,
+                             "|g| histograms of the worst layers, pooled over the steps."
+                             + (" The dashed line is the advised value threshold." if rec.method == "value" else "")))
+    parts += ["<h2>Findings</h2>", _findings(report.findings, report)]
+    if rec.evidence.trials is not None:
+        parts += ["<h2>Trials</h2>", _figure(pyplot_free, _trials_plot, report, _trials_caption(rec.evidence.trials)),
+                  _trials_table(rec.evidence.trials)]
+    parts += ["<h2>Recommendation</h2>", f"<p><b>{_e(advice(rec))}</b>. {_e(rec.evidence.basis)}.</p>"]
+    if rec.snippets:
+        parts.append("<pre>" + _e("\n".join(f"# {name}\n{code}" for name, code in rec.snippets.items())) + "</pre>")
+    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>gradscope: {_e(report.model)}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+
+
+# -- plots ----------------------------------------------------------------------------------------------
+def _norm_plot(fig, report: Report) -> None:
+    m, rec = report.statistics.model, report.recommendation
+    ax = fig.add_subplot()
+    steps, norms = m.series_steps, np.asarray(m.global_norm, dtype=np.float64)
+    ok = np.isfinite(norms) & (norms > 0)
+    ax.plot(steps[ok], norms[ok], color="#1565c0", marker="o", markersize=3, linewidth=1.2, gid="global-norm",
+            label="global norm (pre-clip)")
+    line = rec.threshold if rec.method == "norm" else rec.evidence.safety_net if rec.method == "none" else None
+    if line is not None and math.isfinite(line):
+        label = f"clip at {fmt(line)}" if rec.method == "norm" else f"safety net {fmt(line)}"
+        ax.axhline(line, color="#c62828" if rec.method == "norm" else "#888", linestyle="--", linewidth=1.2,
+                   gid="threshold", label=label)
+        over = ok & (norms > line)
+        if over.any():
+            ax.plot(steps[over], norms[over], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
+                    markeredgecolor="#c62828", gid="clipped", label=f"would clip ({int(over.sum())} steps)")
+    bad = ~np.isfinite(norms)
+    if bad.any():
+        for step in steps[bad]:
+            ax.axvline(step, color="#c62828", alpha=0.25, linewidth=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global gradient norm")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+
+
+def _heatmap(fig, report: Report) -> None:
+    layers = [layer for layer in ordered_layers(report) if layer.status == "active"][:HEATMAP_LAYERS]
+    grid = np.array([np.asarray(layer.norm_series, dtype=np.float64) for layer in layers])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(np.isfinite(grid) & (grid > 0), np.log10(grid), np.nan)
+    fig.set_size_inches(9, max(2.0, 0.22 * len(layers) + 1.0))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(logs), aspect="auto", interpolation="nearest", cmap="magma",
+                      extent=(-0.5, grid.shape[1] - 0.5, len(layers) - 0.5, -0.5))
+    image.set_gid("heatmap")
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([layer.name for layer in layers], fontsize=7)
+    ax.set_xlabel("step (as recorded)")
+    fig.colorbar(image, ax=ax, label="log10 gradient norm", pad=0.01)
+
+
+def _histograms(fig, report: Report) -> None:
+    layers = [layer for layer in ordered_layers(report) if layer.status == "active" and layer.histogram is not None]
+    layers = layers[:HISTOGRAM_LAYERS]
+    rec = report.recommendation
+    fig.set_size_inches(9, 2.4)
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(1, max(len(layers), 1), i + 1)
+        counts = hist.finite(np.asarray(layer.histogram, dtype=np.float64))
+        octaves = counts.reshape(-1, 8).sum(1)  # 8 bins per octave, aligned with the float exponent
+        octaves[0] = 0  # exact zeros (and denormals) have no place on a log axis
+        share = np.cumsum(octaves) / max(octaves.sum(), 1.0)
+        used = np.nonzero((share > TAIL) & (octaves > 0))[0]  # drop the far-left octaves that hold almost nothing
+        if len(used):
+            a, b = used[0], np.nonzero(octaves)[0][-1] + 1  # the right tail, where clipping acts, is kept whole
+            edges = hist.EDGES[8 * a: 8 * b + 1: 8].copy()
+            edges[~np.isfinite(edges)] = 2 * hist.EDGES[-2]  # the last octave's upper edge is inf
+            ax.stairs(octaves[a:b], edges, fill=True, color="#1565c0", alpha=0.7,
+                      gid=f"histogram-{i}")
+            ax.set_xscale("log")
+        if rec.method == "value" and rec.threshold:
+            ax.axvline(rec.threshold, color="#c62828", linestyle="--", gid=f"value-threshold-{i}")
+        ax.set_title(layer.name if len(layer.name) <= 28 else "…" + layer.name[-27:], fontsize=8)
+        ax.set_xlabel("|g|", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+
+
+def _trials_plot(fig, report: Report) -> None:
+    trials = report.recommendation.evidence.trials
+    ax = fig.add_subplot()
+    runs = [trials.reference, *trials.trials]
+    colours = _palette(len(runs))
+    for i, (t, colour) in enumerate(zip(runs, colours)):
+        losses = np.asarray(t.losses, dtype=np.float64)
+        name = "none" if math.isinf(t.threshold) else fmt(t.threshold)
+        winner = t.threshold == trials.winner
+        ax.plot(np.arange(len(losses)), losses, color="#2e7d32" if winner else colour,
+                linewidth=2.4 if winner else 1.0, linestyle="-" if t.stable else ":", gid=f"trial-{i}",
+                label=f"clip {name}: held-out {fmt(t.held_out)}" + (" (winner)" if winner else "")
+                + ("" if t.stable else " (unstable)"))
+    ax.axhline(trials.start_held_out, color="#888", linewidth=0.8, linestyle="--", label="held-out at the start")
+    finite = np.concatenate([np.asarray(t.losses, dtype=np.float64) for t in runs])
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    if len(finite) and finite.max() / max(finite.min(), 1e-300) > 30:
+        ax.set_yscale("log")
+    ax.set_xlabel("trial step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=7, frameon=False)
+
+
+# -- text -----------------------------------------------------------------------------------------------
+def _findings(findings: Sequence[Finding], report: Report) -> str:
+    if not findings:
+        return "<p class=ok>No findings.</p>"
+    position = {layer.name: i for i, layer in enumerate(ordered_layers(report))}
+    groups: Dict[tuple, List[Finding]] = {}
+    for f in findings:
+        groups.setdefault((f.severity, f.rule_id), []).append(f)
+    items = []
+    for (severity, rule_id), group in sorted(groups.items(), key=lambda kv: SEVERITY_RANK[kv[0][0]]):
+        group.sort(key=lambda f: position.get(f.layer or "", len(position)))
+        where = ""
+        if len(group) > 1:
+            where = (f" in {plural(len(group), 'layer')}: <span class=layers>"
+                     + _e(", ".join(f.layer or "(model)" for f in group)) + "</span>")
+        items.append(f"<li><span class={severity}>{MARK[severity]} {severity}</span> <b>{_e(rule_id)}</b>{where}"
+                     f"<br>{'worst: ' if len(group) > 1 else ''}{_e(group[0].message)}</li>")
+    return "<ul class=findings>" + "".join(items) + "</ul>"
+
+
+def _trials_table(trials: TrialSet) -> str:
+    rows = ["<tr><th>clip at</th><th>clipped</th><th>held-out loss</th><th>verdict</th></tr>"]
+    for t in (trials.reference, *trials.trials):
+        verdict = "winner" if t.threshold == trials.winner else ("stable" if t.stable else _e(t.unstable))
+        rows.append(f"<tr><td>{'none' if math.isinf(t.threshold) else fmt(t.threshold)}</td>"
+                    f"<td>{t.clip_fraction:.0%}</td><td>{fmt(t.held_out)}</td><td>{verdict}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _norm_caption(report: Report) -> str:
+    rec = report.recommendation
+    if rec.method == "norm":
+        return (f"The dashed line is the advised threshold, {fmt(rec.threshold)}; circled steps are the ones it "
+                "would have clipped.")
+    if rec.method == "none" and rec.evidence.safety_net:
+        return f"No clipping is advised; the grey line is the stated safety net, {fmt(rec.evidence.safety_net)}."
+    return "The advice is not a global-norm threshold, so no line is drawn."
+
+
+def _trials_caption(trials: TrialSet) -> str:
+    spent = sum(len(t.losses) for t in trials.trials)
+    return (f"Every trial trains {trials.steps} steps from the same start ({spent} steps in all) and is judged on "
+            f"held-out batches; dotted curves went unstable. The winner: "
+            f"{'none' if trials.winner is None else fmt(trials.winner)}.")
+
+
+# -- plumbing -------------------------------------------------------------------------------------------
+def _matplotlib():
+    """matplotlib's pyplot-free pieces: a Figure and the SVG canvas (no global backend is touched)."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_svg import FigureCanvasSVG
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise GradscopeError("the HTML report draws its plots with matplotlib, which is not installed",
+                             "pip install 'gradscope[html]'") from None
+    return matplotlib, Figure, FigureCanvasSVG
+
+
+def _figure(mpl, draw, report: Report, caption: str) -> str:
+    matplotlib, Figure, FigureCanvasSVG = mpl
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "gradscope", "font.size": 9}):
+        fig = Figure(figsize=(9, 3.2))
+        draw(fig, report)
+        fig.tight_layout()
+        buffer = io.StringIO()
+        FigureCanvasSVG(fig).print_svg(buffer, metadata={"Date": None, "Creator": None})
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop the XML declaration and DOCTYPE: the SVG sits inline in HTML
+    return f"<figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _palette(n: int) -> List[str]:
+    base = ["#6a1b9a", "#ef6c00", "#00838f", "#5d4037", "#ad1457", "#283593", "#827717", "#37474f", "#c62828"]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)
+

@@ -1,0 +1,89 @@
+"""The report's vocabulary, in one home for every renderer: numbers, counts, names, severities, advice.
+
+Pure string functions; the rich report, the HTML report and the machine formats all word things the
+same way because they all word them here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+from .recommend import Recommendation
+from .ruleset import SEVERITIES
+
+METHOD_WORDS = {"norm": "clip by norm", "value": "clip by value", "agc": "adaptive gradient clipping (AGC)"}
+SEVERITY_RANK = {s: i for i, s in enumerate(reversed(SEVERITIES))}  # 0 is the worst: error, warning, info
+ELLIPSIS = "…"
+
+
+def advice(rec: Recommendation) -> str:
+    """The advice in a few words: 'clip by norm at 0.32', or 'no clipping needed'."""
+    return "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
+
+
+def fmt(value: Optional[float]) -> str:
+    """A number in at most 7 characters: 1234, 12.3, 0.012, 4.4e-5, 3.9e10; '–' when unavailable."""
+    if value is None or math.isnan(value):
+        return "–"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    a = abs(value)
+    if a == 0:
+        return "0"
+    if 1000 <= a < 1e4:
+        return f"{value:.0f}"
+    if 1 <= a < 1000:
+        return f"{value:.3g}"
+    if 0.01 <= a < 1:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def plural(n: int, word: str) -> str:
+    """'1 finding', '3 findings'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def shorten_names(names: Sequence[str], width: int) -> Dict[str, str]:
+    """Each name cut to at most ``width`` characters, every shortened name unique.
+
+    First from the middle, keeping the start and the larger end, which tells siblings apart:
+    ``bert.encoder.layer.0.attention.self.query`` becomes ``bert.enc…layer.0.attention.self.query``.
+    Where siblings differ only in the middle, dotted parts are abbreviated from the left instead, indices
+    kept whole: ``b.e.l.10.a.self.query``. Names that still clash stay whole: never ambiguous.
+    """
+    width = max(width, 5)
+    for head in range(max(2, width // 4), 0, -1):
+        out = {name: _cut(name, width, head) for name in names}
+        if len(set(out.values())) == len(out):
+            return out
+    out = {name: _cut(_abbreviate(name, width), width, max(2, width // 4)) for name in names}
+    if len(set(out.values())) == len(out):
+        return out
+    return {name: name for name in names}
+
+
+def _abbreviate(name: str, width: int) -> str:
+    """Dotted parts cut to their first letter, leftmost first, until the name fits; numbers stay whole."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if len(".".join(parts)) <= width:
+            break
+        if not parts[i].isdigit():
+            parts[i] = parts[i][:1]
+    return ".".join(parts)
+
+
+def _cut(name: str, width: int, head: int) -> str:
+    if len(name) <= width:
+        return name
+    tail = width - head - len(ELLIPSIS)
+    return name[:head] + ELLIPSIS + name[len(name) - tail:]
