@@ -27,6 +27,9 @@ class Finding:
 def evaluate(statistics: Statistics, rules: RuleSet) -> Tuple[Finding, ...]:
     """All findings, most severe first, then in rule order and layer order."""
     model_values = _model_values(statistics)
+    shared = {**{f"model.{k}": v for k, v in statistics.model.metrics.items()},
+              **{k: v for k, v in model_values.items() if not isinstance(v, float)}}
+    layer_values: Dict[str, Mapping[str, object]] = {}  # built once per layer, read by every layer rule
     findings: List[Finding] = []
     for rule in rules.rules:
         if rule.scope == "model":
@@ -36,9 +39,10 @@ def evaluate(statistics: Statistics, rules: RuleSet) -> Tuple[Finding, ...]:
         for layer in statistics.layers:
             if not layer.metrics or not _matches(rule, layer):  # frozen layers have no metrics
                 continue
-            values = {**layer.metrics, **{f"model.{k}": v for k, v in statistics.model.metrics.items()},
-                      **{k: v for k, v in model_values.items() if not isinstance(v, float)},
-                      "layer": layer.name, "kind": layer.kind}
+            values = layer_values.get(layer.name)
+            if values is None:
+                values = layer_values[layer.name] = {**layer.metrics, **shared, "layer": layer.name,
+                                                     "kind": layer.kind}
             if _holds(rule.when, values):
                 findings.append(_finding(rule, layer.name, values))
     rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}

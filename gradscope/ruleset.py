@@ -7,10 +7,12 @@ condition's values may refer to, and a message template. Nothing in a rule file 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
@@ -107,6 +109,8 @@ def default_rules_text() -> str:
 
 def load_rules(path: Optional[Union[str, Path]] = None) -> RuleSet:
     """The default rule set, extended or overridden by the user file at ``path`` if one is given."""
+    if path is None:
+        return _default_rule_set()
     entries = _parse(default_rules_text(), "rules/default.yaml", defaults=True)
     sources = ["rules/default.yaml"]
     if path is not None:
@@ -120,6 +124,14 @@ def load_rules(path: Optional[Union[str, Path]] = None) -> RuleSet:
         sources.append(str(path))
     rules = tuple(_compile(e) for e in entries.values() if e["raw"].get("enabled", True))
     return RuleSet(rules=rules, sources=tuple(sources))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_rule_set() -> RuleSet:
+    """The bundled rules, parsed once per process (a RuleSet is immutable, so it is shared)."""
+    entries = _parse(default_rules_text(), "rules/default.yaml", defaults=True)
+    return RuleSet(rules=tuple(_compile(e) for e in entries.values() if e["raw"].get("enabled", True)),
+                   sources=("rules/default.yaml",))
 
 
 def parse_rules_text(text: str, filename: str = "<rules>") -> RuleSet:
@@ -289,7 +301,7 @@ def _compile(entry: Mapping[str, Any]) -> Rule:
         id=rule_id, severity=raw["severity"], scope=scope, when=when, message=raw["message"].strip(),
         match_kind=as_tuple(match["kind"]) if "kind" in match else (),
         match_name=as_tuple(match["name"]) if "name" in match else (),
-        params=params, description=str(raw.get("description", "")).strip(), remedy=_remedy(raw),
+        params=MappingProxyType(params), description=str(raw.get("description", "")).strip(), remedy=_remedy(raw),
         source=where,
     )
 

@@ -73,3 +73,19 @@ def test_empty_histogram_gives_nan_not_an_error():
     empty = np.zeros(hist.N_BINS)
     assert np.isnan(hist.quantile(empty, 0.5)) and np.isnan(hist.kurtosis(empty))
     assert hist.fraction_above(empty, 1.0) == 0.0
+
+
+def test_row_wise_quantiles_and_kurtoses_equal_the_single_histogram_ones():
+    rng = np.random.default_rng(0)
+    counts = np.zeros((60, hist.N_BINS), dtype=np.int64)
+    for row in range(1, 60):  # row 0 stays empty; some rows hold only zeros or non-finite values
+        at = rng.integers(0, hist.N_BINS, size=int(rng.integers(1, 300)))
+        np.add.at(counts[row], at, rng.integers(1, 50, size=len(at)))
+        if row % 7 == 0:
+            counts[row] = 0
+            counts[row, 0 if row % 2 else hist.NONFINITE_FIRST] = 5
+    for q in (0.0, 0.5, 0.99, 0.999, 1.0):
+        expected = np.array([hist.quantile(c, q) for c in counts])
+        assert np.array_equal(hist.quantiles(counts, q), expected, equal_nan=True), q
+    expected = np.array([hist.kurtosis(c) for c in counts])
+    assert np.allclose(hist.kurtoses(counts), expected, rtol=1e-12, equal_nan=True)
