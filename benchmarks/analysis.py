@@ -34,7 +34,7 @@ def observed(layers: int, steps: int) -> Monitor:
 
 
 def history_bytes(monitor: Monitor) -> int:
-    store = monitor._series
+    store = monitor._ledger.series
     return sum(v.nbytes for rows in store.fields.values() for v in rows)
 
 

@@ -19,7 +19,7 @@ from . import distributed
 from . import histogram as hist
 from .buckets import Bucket, HostRow, StepSums, pack_row, weight_change_sq
 from .errors import ExperimentError
-from .history import SeriesStore, SpikeTracker
+from .ledger import Ledger
 from .layers import class_source, group_parameters, module_class, unwrap
 from .pipeline import build_report
 from .profile import Profile
@@ -85,23 +85,11 @@ class Monitor:
         self._n_groups = n_groups
         self._numel = np.array([self.layers[i].trainable_numel for i in self._active], dtype=np.float64)
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
-        self._series = SeriesStore(history)
-        self._layer_spikes = SpikeTracker(n_groups)
-        self._global_spikes = SpikeTracker(1)
-        self._step = 0
-        self._update_max = np.full(n_groups, np.nan)
+        self._ledger = Ledger(self._numel, history)  # everything kept on the host, step by step
         self._seen_in_backward: set = set()
-        self._last_weight_norm: Optional[np.ndarray] = None
-        self._last_global_norm = float("nan")
-        self._totals = {"nonfinite": np.zeros(n_groups), "zeros": np.zeros(n_groups), "elements": np.zeros(n_groups)}
-        self._grad_present = np.zeros(n_groups, dtype=np.int64)
-        self._first_nonfinite: Optional[Tuple[int, str]] = None
-        self._nonfinite_steps: List[int] = []
-        self._amp_skipped: List[int] = []
         self._pending_loss: Optional[torch.Tensor] = None
         self._sampled_all: Optional[np.ndarray] = None
         self._pending_count = 0
-        self._loss_nonfinite_step: Optional[int] = None
         self._backward_order: List[int] = []
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._order_hook(self._group_index[g]))
@@ -124,17 +112,14 @@ class Monitor:
         self._pending_loss, self._pending_count = None, 0
         return mean
 
-    def _amend_loss(self, step: int, value: float) -> None:
-        if step < 0 or np.isnan(value):
-            return
-        self._series.amend(step, "loss", np.array(value))
-        if not np.isfinite(value) and self._loss_nonfinite_step is None:
-            self._loss_nonfinite_step = step
-
     @property
     def steps(self) -> int:
         """Optimizer steps observed so far."""
-        return self._step
+        return self._ledger.step
+
+    @property
+    def _step(self) -> int:
+        return self._ledger.step
 
     # -- the hot path ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,14 +170,16 @@ class Monitor:
         row = HostRow(sums, maxes, G)
         if row.present is not None:
             present = row.present > 0
-        self._amend_loss(self._step - 1, row.noted)
+        self._ledger.amend_loss(self._step - 1, row.noted)
         finite = np.isfinite(row.max_abs).all()
         if not finite and scaler is not None and scaler.is_enabled():
             return self._record_skip(row, measure)
         if acc.counts is not None:
             self._hist += acc.counts
         nonfinite = np.zeros(G) if finite else self._count_nonfinite()
-        return self._record(row, nonfinite, present, measure, loss is not None)
+        zeros = row.sampled_zeros * self._numel / self._sampled_total()  # scaled up from the sample
+        return self._ledger.record(row, nonfinite, present, zeros, measure, loss is not None,
+                                   self._first_in_backward_order)
 
     def _zero_bin(self, acc: StepSums) -> torch.Tensor:
         """Sampled elements per group in the histogram's lowest bin (exact zeros and subnormals)."""
@@ -215,60 +202,9 @@ class Monitor:
 
     def _record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
-        step = self._step
-        if measured:
-            self._record_update(step - 1, row.update_sq)
         for b in self._buckets:
             b.current = 1 - b.current  # the next step compares with the last step that counted
-        self._amp_skipped.append(step)
-        self._step += 1
-        return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
-                "skipped": 1.0, "measured": 1.0}
-
-    # -- the host side --------------------------------------------------------------------------------
-    def _record(self, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray, measured: bool,
-                loss_given: bool) -> Dict[str, float]:
-        G, step = self._n_groups, self._step
-        norm_sq, max_abs, grad_sum, weight_sq, update_sq = row.norm_sq, row.max_abs, row.grad_sum, row.weight_sq, row.update_sq
-        dot, loss = row.dot, row.loss
-        zeros = row.sampled_zeros * self._numel / self._sampled_total()
-        grad_norm, weight_norm = np.sqrt(norm_sq), np.sqrt(weight_sq)
-        global_norm = float(np.sqrt(norm_sq.sum()))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cosine = dot / (global_norm * self._last_global_norm) if step > 0 else np.nan
-            grad_to_weight = np.where(weight_norm > 0, grad_norm / weight_norm, np.nan)
-            mean = grad_sum / self._numel
-            std = np.sqrt(np.maximum(norm_sq / self._numel - mean**2, 0.0))
-        if measured:
-            self._record_update(step - 1, update_sq)
-        self._totals["nonfinite"] += nonfinite
-        self._totals["zeros"] += zeros
-        self._totals["elements"] += self._numel
-        self._grad_present += present
-        if nonfinite.any():
-            self._nonfinite_steps.append(step)
-            if self._first_nonfinite is None:
-                self._first_nonfinite = (step, self._first_in_backward_order(nonfinite > 0))
-        if loss_given and not np.isfinite(loss) and self._loss_nonfinite_step is None:
-            self._loss_nonfinite_step = step
-        self._series.append(
-            step, grad_norm=grad_norm, grad_abs_max=max_abs, grad_mean=mean, grad_std=std,
-            weight_norm=weight_norm, grad_to_weight=grad_to_weight, zero_fraction=zeros / self._numel,
-            nonfinite=nonfinite, update_ratio=np.full(G, np.nan),
-            global_norm=np.array(global_norm), cosine=np.array(cosine), loss=np.array(loss),
-        )
-        self._layer_spikes.update(step, grad_norm)
-        self._global_spikes.update(step, np.array([global_norm]))
-        self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
-        self._step += 1
-        return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
-                "skipped": 0.0, "measured": 1.0}
-
-    def _record_update(self, step: int, update_sq: np.ndarray) -> None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(self._last_weight_norm > 0, np.sqrt(update_sq) / self._last_weight_norm, np.nan)
-        self._series.amend(step, "update_ratio", ratio)
-        self._update_max = np.fmax(self._update_max, ratio)
+        return self._ledger.record_skip(row, measured)
 
     @torch.no_grad()
     def _record_last_update(self) -> None:
@@ -284,7 +220,7 @@ class Monitor:
             update_sq = distributed.all_reduce_sum(update_sq)
         values = update_sq.to(torch.float64).cpu().numpy()
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
-            self._record_update(self._step - 1, values)
+            self._ledger.record_update(self._step - 1, values)
             self._snapshot_step = -1  # the snapshot is spent
 
     # -- backward order, for naming the first non-finite layer ----------------------------------------
@@ -312,23 +248,13 @@ class Monitor:
         """Everything measured so far, as plain data."""
         self._record_last_update()
         if self._pending_loss is not None:
-            self._amend_loss(self._step - 1, float(self._take_pending_loss()[0]))
-        s = self._series
-        series = {name: s.array(name) for name in s.fields}
+            self._ledger.amend_loss(self._step - 1, float(self._take_pending_loss()[0]))
         return Profile(
-            layers=tuple(self.layers), active=tuple(self._active), steps=self._step,
-            series_steps=np.array(s.steps, dtype=np.int64), series=series,
+            layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
             histograms=self._histograms(),
-            nonfinite_total=self._totals["nonfinite"].copy(), zero_total=self._totals["zeros"].copy(),
-            elements_total=self._totals["elements"].copy(), grad_present_steps=self._grad_present.copy(),
-            layer_spike_z=self._layer_spikes.max_z.copy(),
-            global_spike_z=float(self._global_spikes.max_z[0]), global_spike_step=int(self._global_spikes.max_z_step[0]),
-            update_ratio_max=self._update_max.copy(), nonfinite_steps=tuple(self._nonfinite_steps),
-            first_nonfinite=self._first_nonfinite, loss_nonfinite_step=self._loss_nonfinite_step,
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device),
             model_source=class_source(module_class(unwrap(self.model))),
-            amp_skipped_steps=tuple(self._amp_skipped),
             ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets),
         )
 

@@ -61,9 +61,10 @@ DISPLAY = ["gradscope.render", "gradscope.formats", "gradscope.html", "gradscope
            "gradscope.pipeline", "gradscope.integrations.common"]
 
 
-@pytest.mark.parametrize("module", DISPLAY)
+@pytest.mark.parametrize("module", [*DISPLAY, "gradscope.ledger"])
 def test_the_display_layer_stands_alone(module):
-    """Renderers and the Profile -> Report pipeline import no torch, and nothing that trains."""
+    """Renderers and the Profile -> Report pipeline import no torch, and nothing that trains; nor does the
+    Monitor's host-side ledger, which keeps what the device measured."""
     code = (f"import sys, {module}; "
             "bad = {'torch', 'gradscope.diagnose', 'gradscope.monitor', 'gradscope.trials', 'gradscope.experiment', "
             "'matplotlib'} & set(sys.modules); assert not bad, bad")

@@ -1,0 +1,118 @@
+"""The host side of observing: what a Monitor keeps about each step once its figures reach the host.
+
+:class:`Ledger` holds the running totals, the bounded per-step series, the spike trackers, the loss
+bookkeeping and the step counter. It touches no tensor: :class:`~gradscope.monitor.Monitor` measures on
+the device, unpacks one :class:`~gradscope.buckets.HostRow` per step, and hands it here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .history import SeriesStore, SpikeTracker
+
+if TYPE_CHECKING:  # the row is unpacked by buckets.py, which needs torch; the ledger does not
+    from .buckets import HostRow
+
+
+class Ledger:
+    """Per-step records of ``n_groups`` layers with ``numel`` elements each."""
+
+    def __init__(self, numel: np.ndarray, history: int) -> None:
+        n_groups = len(numel)
+        self.numel = np.asarray(numel, dtype=np.float64)
+        self.step = 0
+        self.series = SeriesStore(history)
+        self.layer_spikes = SpikeTracker(n_groups)
+        self.global_spikes = SpikeTracker(1)
+        self.update_max = np.full(n_groups, np.nan)
+        self.totals = {"nonfinite": np.zeros(n_groups), "zeros": np.zeros(n_groups), "elements": np.zeros(n_groups)}
+        self.grad_present = np.zeros(n_groups, dtype=np.int64)
+        self.first_nonfinite: Optional[Tuple[int, str]] = None
+        self.nonfinite_steps: List[int] = []
+        self.amp_skipped: List[int] = []
+        self.loss_nonfinite_step: Optional[int] = None
+        self._last_weight_norm: Optional[np.ndarray] = None
+        self._last_global_norm = float("nan")
+
+    def record(self, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray, zeros: np.ndarray, measured: bool,
+               loss_given: bool, first_of: Callable[[np.ndarray], str]) -> Dict[str, float]:
+        """One observed step. ``zeros`` is the estimated count of zero elements per layer, ``measured``
+        whether the row carries the previous step's update, and ``first_of`` names the layer that went
+        non-finite first among a mask of layers."""
+        step, numel = self.step, self.numel
+        norm_sq, grad_sum, weight_sq = row.norm_sq, row.grad_sum, row.weight_sq
+        grad_norm, weight_norm = np.sqrt(norm_sq), np.sqrt(weight_sq)
+        global_norm = float(np.sqrt(norm_sq.sum()))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cosine = row.dot / (global_norm * self._last_global_norm) if step > 0 else np.nan
+            grad_to_weight = np.where(weight_norm > 0, grad_norm / weight_norm, np.nan)
+            mean = grad_sum / numel
+            std = np.sqrt(np.maximum(norm_sq / numel - mean**2, 0.0))
+        if measured:
+            self.record_update(step - 1, row.update_sq)
+        self.totals["nonfinite"] += nonfinite
+        self.totals["zeros"] += zeros
+        self.totals["elements"] += numel
+        self.grad_present += present
+        if nonfinite.any():
+            self.nonfinite_steps.append(step)
+            if self.first_nonfinite is None:
+                self.first_nonfinite = (step, first_of(nonfinite > 0))
+        loss = row.loss
+        if loss_given and not np.isfinite(loss) and self.loss_nonfinite_step is None:
+            self.loss_nonfinite_step = step
+        self.series.append(
+            step, grad_norm=grad_norm, grad_abs_max=row.max_abs, grad_mean=mean, grad_std=std,
+            weight_norm=weight_norm, grad_to_weight=grad_to_weight, zero_fraction=zeros / numel,
+            nonfinite=nonfinite, update_ratio=np.full(len(numel), np.nan),
+            global_norm=np.array(global_norm), cosine=np.array(cosine), loss=np.array(loss),
+        )
+        self.layer_spikes.update(step, grad_norm)
+        self.global_spikes.update(step, np.array([global_norm]))
+        self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
+        self.step += 1
+        return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
+                "skipped": 0.0, "measured": 1.0}
+
+    def record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
+        """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
+        step = self.step
+        if measured:
+            self.record_update(step - 1, row.update_sq)
+        self.amp_skipped.append(step)
+        self.step += 1
+        return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
+                "skipped": 1.0, "measured": 1.0}
+
+    def record_update(self, step: int, update_sq: np.ndarray) -> None:
+        """The update-to-weight ratio of ``step``, measured once the next observation saw the new weights."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(self._last_weight_norm > 0, np.sqrt(update_sq) / self._last_weight_norm, np.nan)
+        self.series.amend(step, "update_ratio", ratio)
+        self.update_max = np.fmax(self.update_max, ratio)
+
+    def amend_loss(self, step: int, value: float) -> None:
+        """A loss that arrived after its step was recorded (noted later, or averaged over accumulation)."""
+        if step < 0 or np.isnan(value):
+            return
+        self.series.amend(step, "loss", np.array(value))
+        if not np.isfinite(value) and self.loss_nonfinite_step is None:
+            self.loss_nonfinite_step = step
+
+    def profile_fields(self) -> Dict[str, object]:
+        """The Profile's fields that this ledger owns, as copies."""
+        s = self.series
+        return dict(
+            steps=self.step, series_steps=np.array(s.steps, dtype=np.int64),
+            series={name: s.array(name) for name in s.fields},
+            nonfinite_total=self.totals["nonfinite"].copy(), zero_total=self.totals["zeros"].copy(),
+            elements_total=self.totals["elements"].copy(), grad_present_steps=self.grad_present.copy(),
+            layer_spike_z=self.layer_spikes.max_z.copy(),
+            global_spike_z=float(self.global_spikes.max_z[0]),
+            global_spike_step=int(self.global_spikes.max_z_step[0]),
+            update_ratio_max=self.update_max.copy(), nonfinite_steps=tuple(self.nonfinite_steps),
+            first_nonfinite=self.first_nonfinite, loss_nonfinite_step=self.loss_nonfinite_step,
+            amp_skipped_steps=tuple(self.amp_skipped),
+        )
