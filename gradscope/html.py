@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import io
 import math
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -22,9 +22,9 @@ from . import histogram as hist
 from .errors import GradscopeError
 from .evaluate import Finding
 from .judge import TrialSet
-from .render import MARK, ordered_layers
+from .render import MARK, grouped, ordered_layers
 from .report import Report
-from .wording import SEVERITY_RANK, advice, fmt, plural
+from .wording import advice, fmt, plural
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
 HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
@@ -177,13 +177,8 @@ def _trials_plot(fig, report: Report) -> None:
 def _findings(findings: Sequence[Finding], report: Report) -> str:
     if not findings:
         return "<p class=ok>No findings.</p>"
-    position = {layer.name: i for i, layer in enumerate(ordered_layers(report))}
-    groups: Dict[tuple, List[Finding]] = {}
-    for f in findings:
-        groups.setdefault((f.severity, f.rule_id), []).append(f)
     items = []
-    for (severity, rule_id), group in sorted(groups.items(), key=lambda kv: SEVERITY_RANK[kv[0][0]]):
-        group.sort(key=lambda f: position.get(f.layer or "", len(position)))
+    for severity, rule_id, group in grouped(findings, ordered_layers(report)):
         where = ""
         if len(group) > 1:
             where = (f" in {plural(len(group), 'layer')}: <span class=layers>"

@@ -183,15 +183,10 @@ class LayerTable:
 def findings_block(findings: Sequence[Finding], order: Sequence[LayerStats] = ()) -> RenderableType:
     """Findings grouped by rule, most severe first: one line per rule, naming its worst layers (in the
     layer table's order) and how many more, then the message of the worst one."""
-    position = {layer.name: i for i, layer in enumerate(order)}
-    groups: Dict[tuple, List[Finding]] = {}
-    for f in findings:
-        groups.setdefault((f.severity, f.rule_id), []).append(f)
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(overflow="fold")
-    for (severity, rule_id), group in sorted(groups.items(), key=lambda kv: SEVERITY_RANK[kv[0][0]]):
-        group.sort(key=lambda f: position.get(f.layer or "", len(position)))
+    for severity, rule_id, group in grouped(findings, order):
         mark = Text(f" {MARK[severity]} {severity}", STYLE[severity])
         if len(group) == 1:
             grid.add_row(mark, Text.assemble((rule_id, "bold"), f": {group[0].message}"))
@@ -241,6 +236,16 @@ def verdict(report: Report) -> RenderableType:
 
 
 # -- small pieces ---------------------------------------------------------------------------------------
+def grouped(findings: Sequence[Finding], order: Sequence[LayerStats] = ()) -> List[tuple]:
+    """(severity, rule id, findings) per rule, most severe first; within a rule, layers in ``order``."""
+    position = {layer.name: i for i, layer in enumerate(order)}
+    groups: Dict[tuple, List[Finding]] = {}
+    for f in findings:
+        groups.setdefault((f.severity, f.rule_id), []).append(f)
+    return [(severity, rule_id, sorted(group, key=lambda f: position.get(f.layer or "", len(position))))
+            for (severity, rule_id), group in sorted(groups.items(), key=lambda kv: SEVERITY_RANK[kv[0][0]])]
+
+
 def ordered_layers(report: Report) -> List[LayerStats]:
     """Layers with findings first (by severity), then by share of the global norm; frozen ones last."""
     worst = layer_severity(report.findings)
