@@ -185,7 +185,8 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
 
 
 def to_rich_text(report: Report, verdict: Verdict) -> str:
-    return render_text(report, width=100)
+    """The terminal report as plain text, gate included (a baseline's verdict, a run that did not finish)."""
+    return render_text(report, width=100, gate=verdict)
 
 
 def html_available() -> None:

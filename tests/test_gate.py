@@ -79,6 +79,14 @@ def test_known_findings_do_not_fail_and_fixed_ones_are_reported(model_file, caps
     assert {"rule_id": "gradient-spike", "layer": None} in json.loads(out)["gate"]["baseline"]["fixed"]
 
 
+def test_the_text_report_in_a_file_keeps_the_baseline_verdict(model_file, capsys):
+    assert run(["diagnose", f"{model_file}:worse", "--write-baseline", "base.json"], capsys)[0] == 0
+    code, out, _ = run(["diagnose", f"{model_file}:worse", "--baseline", "base.json", "--output", "report.txt"],
+                       capsys)
+    text = Path("report.txt").read_text(encoding="utf-8")
+    assert code == 0 and "baseline base.json: 0 new or worse, 2 known" in text
+
+
 def test_norm_regression_past_tolerance_fails(model_file, capsys):
     assert run(["diagnose", model_file, "--write-baseline", "base.json"], capsys)[0] == 0
     code, out, _ = run(["diagnose", f"{model_file}:louder", "--baseline", "base.json", "--format", "json"], capsys)
