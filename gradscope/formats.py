@@ -13,7 +13,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .evaluate import Finding
-from .errors import GradscopeError
 from .gate import Verdict
 from .render import render_text
 from .report import Report
@@ -191,11 +190,8 @@ def to_rich_text(report: Report, verdict: Verdict) -> str:
 
 def html_available() -> None:
     """Raise a GradscopeError, with the install command, when the HTML report cannot be drawn here."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise GradscopeError("the HTML report draws its plots with matplotlib, which is not installed",
-                             "pip install 'gradscope[html]'") from None
+    from .html import matplotlib_parts  # the plotting code itself loads matplotlib only when it draws
+    matplotlib_parts()
 
 
 def to_html(report: Report, verdict: Verdict) -> str:

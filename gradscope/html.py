@@ -47,7 +47,7 @@ figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
 
 def to_html(report: Report) -> str:
     """The whole report as one HTML document."""
-    pyplot_free = _matplotlib()
+    mpl = matplotlib_parts()
     rec = report.recommendation
     m = report.statistics.model
     state = "ok" if report.worst_severity in (None, "info") else report.worst_severity
@@ -58,17 +58,17 @@ def to_html(report: Report) -> str:
              f"<p class='verdict {state}'>{words}: {_e(advice(rec))}</p>"]
     if report.partial:
         parts.append(f"<p class=warning><b>Partial report:</b> {_e(report.stopped_reason or '')}</p>")
-    parts += ["<h2>Global gradient norm</h2>", _figure(pyplot_free, _norm_plot, report, _norm_caption(report))]
+    parts += ["<h2>Global gradient norm</h2>", _figure(mpl, _norm_plot, report, _norm_caption(report))]
     if report.statistics.active_layers:
-        parts += ["<h2>Layers</h2>", _figure(pyplot_free, _heatmap, report,
+        parts += ["<h2>Layers</h2>", _figure(mpl, _heatmap, report,
                                              "Gradient norm per layer and step (log colour scale); worst layers "
                                              "on top, by worst finding, then share of the global norm.")]
-        parts.append(_figure(pyplot_free, _histograms, report,
+        parts.append(_figure(mpl, _histograms, report,
                              "|g| histograms of the worst layers, pooled over the steps."
                              + (" The dashed line is the advised value threshold." if rec.method == "value" else "")))
     parts += ["<h2>Findings</h2>", _findings(report.findings, report)]
     if rec.evidence.trials is not None:
-        parts += ["<h2>Trials</h2>", _figure(pyplot_free, _trials_plot, report, _trials_caption(rec.evidence.trials)),
+        parts += ["<h2>Trials</h2>", _figure(mpl, _trials_plot, report, _trials_caption(rec.evidence.trials)),
                   _trials_table(rec.evidence.trials)]
     parts += ["<h2>Recommendation</h2>", f"<p><b>{_e(advice(rec))}</b>. {_e(rec.evidence.basis)}.</p>"]
     if rec.snippets:
@@ -215,7 +215,7 @@ def _trials_caption(trials: TrialSet) -> str:
 
 
 # -- plumbing -------------------------------------------------------------------------------------------
-def _matplotlib():
+def matplotlib_parts():
     """matplotlib's pyplot-free pieces: a Figure and the SVG canvas (no global backend is touched)."""
     try:
         import matplotlib
