@@ -22,7 +22,7 @@ from .gate import FAIL_ON, Verdict, decide, unfinished
 from .metrics import LAYER_METRICS, MODEL_METRICS
 from .render import MAX_LAYER_ROWS, render, render_text
 from .report import Report
-from .ruleset import condition_lines, condition_metrics, load_rules
+from .ruleset import RuleSet, condition_lines, condition_metrics, load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
 from .trials import BUDGET, MOST_TRIALS, TRIAL_STEPS
 
@@ -97,13 +97,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _diagnose(args, out, err)
         if args.command == "rules":
             if args.verbose:
-                texts = [_rule_text(rule.id, args.rules) for rule in load_rules(args.rules).rules]
+                rule_set = load_rules(args.rules)
+                texts = [_rule_text(rule.id, rule_set) for rule in rule_set.rules]
                 out.print("\n\n".join(texts), markup=False, highlight=False, soft_wrap=True)
             else:
                 out.print(_rules_table(args.rules))
             return EXIT_OK
         if args.command == "rule":
-            out.print(_rule_text(args.rule_id, args.rules), markup=False, highlight=False, soft_wrap=True)
+            out.print(_rule_text(args.rule_id, load_rules(args.rules)), markup=False, highlight=False, soft_wrap=True)
             return EXIT_OK
         out.print(_metrics_table())
         return EXIT_OK
@@ -309,9 +310,8 @@ def _rules_table(path: Optional[str]) -> Table:
     return table
 
 
-def _rule_text(rule_id: str, path: Optional[str]) -> str:
+def _rule_text(rule_id: str, rule_set: RuleSet) -> str:
     """What a rule tests, as `ruff rule X` explains a lint: enough to see why it did or did not fire."""
-    rule_set = load_rules(path)
     rule = rule_set.get(rule_id)
     if rule is None:
         close = difflib.get_close_matches(rule_id, [r.id for r in rule_set.rules], n=3)
