@@ -146,7 +146,7 @@ def to_github(report: Report, verdict: Verdict) -> str:
     if verdict.unfinished is not None:
         lines.append(f"::error title=gradscope run did not finish::{_gh_data(verdict.unfinished)}")
     rec = report.recommendation
-    lines.append(f"::notice title=gradscope recommendation::{_gh_data(advice(report.recommendation) + ': ' + rec.evidence.basis)}")
+    lines.append(f"::notice title=gradscope recommendation::{_gh_data(advice(rec) + ': ' + rec.evidence.basis)}")
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +224,8 @@ FORMATS: Dict[str, Callable[[Report, Verdict], str]] = {
 }
 
 
-SUFFIXES = {".json": "json", ".xml": "junit", ".sarif": "sarif", ".md": "markdown", ".html": "html"}  # a file's format by its name
+# a file's format by its name
+SUFFIXES = {".json": "json", ".xml": "junit", ".sarif": "sarif", ".md": "markdown", ".html": "html"}
 
 
 def format_for(path: str) -> str:
