@@ -260,7 +260,7 @@ def ordered_layers(report: Report) -> List[LayerStats]:
 def layer_severity(findings: Sequence[Finding]) -> Dict[str, str]:
     worst: Dict[str, str] = {}
     for f in findings:
-        if f.layer is not None and SEVERITY_RANK[f.severity] < SEVERITY_RANK.get(worst.get(f.layer, ""), 9):
+        if f.layer is not None and SEVERITY_RANK[f.severity] < SEVERITY_RANK.get(worst.get(f.layer, ""), len(SEVERITY_RANK)):
             worst[f.layer] = f.severity
     return worst
 
