@@ -136,6 +136,7 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
 
     import torch.distributed as dist
     from gradscope import distributed
+    from gradscope.buckets import summed_width
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -148,7 +149,7 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
     observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
     monitor = Monitor(observed_model)
     ctx = distributed.context()
-    width = 6 * len(monitor._active) + 3  # the summed part of the per-step collective
+    width = summed_width(len(monitor._active))  # the summed part of the per-step collective
 
     def collective() -> float:
         start = time.perf_counter()

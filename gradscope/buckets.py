@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, segments
 from . import histogram as hist
 
 SAMPLE_MIN = 1 << 16  # parameters at least this large have their histogram and cosine sampled
@@ -27,8 +27,10 @@ class Bucket:
     Each step a fixed sample of every gradient is copied into one of two float32 buffers: all of a
     small parameter, and one block of SAMPLE_BLOCK elements in ``sample`` of a large one, spread evenly
     over it. The |g| histogram is counted on the sample and the step-to-step cosine is the dot product
-    of this step's sample with the last one, large parameters' blocks weighted by ``sample``. Small
-    parameters' sums (for the mean) are read off the sample in one op; large ones are summed one by one.
+    of this step's sample with the last one, large parameters' blocks weighted by ``sample``. A small
+    parameter sits whole in the sample, so its exact figures (norm, max, sum, non-finite count) are
+    read off the buffer in a few batched ops (see :mod:`~gradscope.segments`); a large one's are read
+    off its gradient, one tensor at a time, each a bandwidth-bound pass anyway.
     """
 
     def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int,
@@ -41,7 +43,7 @@ class Bucket:
         self.sample = sample
         # Under a process group: a sharded (DTensor) bucket's figures are summed over ranks as they are;
         # a replicated one's are the same on every rank, so each rank adds 1/world of them, and only
-        # rank 0 counts its histogram.
+        # rank 0 counts its histogram and its non-finite elements.
         self.sharded = distributed.is_sharded(params[0])
         self.complex = params[0].is_complex()  # one dtype per bucket: all complex or none
         # norms accumulate in float32 at least (a float16 norm overflows at 65504); float64 stays float64
@@ -52,35 +54,43 @@ class Bucket:
         numels = [t.numel() for t in locals_]
         self.rows = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
         sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.rows)]
-        # Sampled parameters first, so their blocks form one region weighted by ``sample`` in the cosine.
-        order = sorted(range(len(params)), key=lambda i: self.rows[i] == 0)
+        # A float64 bucket reads every figure off the gradients: its float32 sample could round or overflow.
+        self.wide = self.dtype in (torch.float64, torch.complex128)
+        self.blocked = [i for i, r in enumerate(self.rows) if r]
+        self.direct = [i for i, r in enumerate(self.rows) if r or self.wide]  # figures read off the gradient
+        whole = [i for i, r in enumerate(self.rows) if not r]
+        whole = [whole[k] for k in segments.order([sizes[i] for i in whole])]
+        # Sampled blocks first (one region weighted by ``sample`` in the cosine), then whole parameters,
+        # equal sizes side by side so that each run of them is reduced in one op.
         starts, at = [0] * len(params), 0
-        for i in order:
+        for i in self.blocked + whole:
             starts[i], at = at, at + sizes[i]
-        self.weighted = sum(sizes[i] for i in range(len(params)) if self.rows[i])
+        self.weighted = sum(sizes[i] for i in self.blocked)
         self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
         self.bits = torch.empty(at, dtype=torch.int32, device=device)
+        self.ones = torch.ones(1, dtype=torch.int64, device=device).expand(at)  # the histogram's increments
         # A whole parameter's slot has the gradient's own shape, so the copy needs no per-step reshape.
         shape = lambda i: (sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK) if self.rows[i] else locals_[i].shape  # noqa: E731
         self.dest = [[buf[starts[i]:starts[i] + sizes[i]].view(shape(i)) for i in range(len(params))]
                      for buf in self.buffers]
         self.sampled = sizes if self.counts_histogram else [0] * len(sizes)
-        self.blocked = [i for i, r in enumerate(self.rows) if r]
-        # Small parameters sit whole, in parameter order, after the blocks: their sums are read there.
-        # (A float64 bucket reads every figure off the gradients: its float32 sample could round or overflow.)
-        wide = self.dtype in (torch.float64, torch.complex128)
-        small = [i for i, r in enumerate(self.rows) if not r and sizes[i] and not wide]
-        self.direct = [i for i, r in enumerate(self.rows) if r or wide]  # max and sum read one by one
-        self.small = small
-        self.small_group = torch.tensor([groups[i] for i in small], dtype=torch.int64, device=device)
-        self.small_lengths = torch.tensor([sizes[i] for i in small], dtype=torch.int64, device=device)
-        self.small_total = sum(sizes[i] for i in small)
+        self.small = [] if self.wide else [i for i in whole if sizes[i]]  # figures read off the sample
+        self.small_group = torch.tensor([groups[i] for i in self.small], dtype=torch.int64, device=device)
+        self.segments = segments.Segments([sizes[i] for i in self.small], self.weighted, device)
+        self.direct_group = self.param_group[self.direct] if self.direct else None
         base = torch.empty(at, dtype=torch.int32)
         for i in range(len(params)):  # each element's histogram bins start at its group's offset
             base[starts[i]:starts[i] + sizes[i]] = groups[i] * hist.N_BINS
         self.bin_base = base.to(device)
         self.current = 0
-        self.previous_weights: Optional[List[torch.Tensor]] = None
+        # The weights' snapshot, for the update: one flat copy, laid out like the sample's whole parameters.
+        weights = self.weights()
+        lengths = [w.numel() for w in weights]
+        self.weight_order = segments.order(lengths)
+        self.weight_segments = segments.Segments([lengths[i] for i in self.weight_order], 0, device)
+        self.weight_group = self.param_group[self.weight_order]
+        self.snapshot: Optional[torch.Tensor] = None
+        self.snapshot_views: List[torch.Tensor] = []
         self.weight_sq: Optional[torch.Tensor] = None
 
     def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
@@ -107,17 +117,18 @@ class Bucket:
             grads = [_readable(grads[i]) for i in index]
         return index, grads
 
-    def measure(self, acc: "StepSums", inverse_scale: Optional[torch.Tensor], n_groups: int, dot: bool) -> np.ndarray:
-        """Add this step's gradient figures to ``acc``; returns which groups had a gradient.
+    def measure(self, acc: "StepSums", inverse_scale: Optional[torch.Tensor], histogram: torch.Tensor,
+                dot: bool) -> np.ndarray:
+        """Add this step's gradient figures to ``acc`` and its |g| counts to ``histogram``; returns which
+        groups had a gradient.
 
-        Batched over the bucket: one ``_foreach_norm`` (the 2-norms) and one ``_foreach_copy_`` into the
-        sample read every gradient, and the max |g| (see ``_maxima``); the rest works on the sample
-        buffer, which holds small parameters whole: their sums are one ``segment_reduce`` and the
-        histogram one ``bincount``. Large parameters' sums are taken one by one: torch has no batched
-        sum, and each is a bandwidth-bound pass over a large tensor anyway.
+        The gradients are read twice, each time in one batched op: one ``_foreach_copy_`` into the
+        sample, and the large parameters' exact figures (see ``_direct``). Everything else works on the
+        flat sample: runs of equal-sized parameters reduce in one op each, the |g| histogram is one
+        ``index_add_``, and no op here waits for the device.
         """
         dev = acc.norm_sq.device
-        present = np.zeros(n_groups, dtype=bool)
+        present = np.zeros(acc.norm_sq.numel(), dtype=bool)
         index, grads = self.gradients()
         dest = self.dest[self.current]
         buffer = self.buffers[self.current]
@@ -127,9 +138,6 @@ class Bucket:
                 dest[i].zero_()  # an unused parameter reads as zeros in the histogram, the sums and the cosine
         if grads:
             present[[self.groups[i] for i in index]] = True
-            groups = self.param_group if whole else self.param_group[index]
-            norms = torch._foreach_norm(grads, 2, dtype=self.norm_dtype)
-            acc.norm_sq.index_add_(0, groups, torch.stack(norms).to(dev, torch.float32) ** 2, alpha=self.share)
             sources = grads
             if self.blocked and whole:  # only large parameters need a strided view; the rest copy as they are
                 sources = list(grads)
@@ -140,72 +148,116 @@ class Bucket:
             torch._foreach_copy_(dest if whole else [dest[i] for i in index], sources)
         if inverse_scale is not None:
             buffer.mul_(inverse_scale.to(buffer.device))
-        if grads:
-            self._maxima(acc, index, grads, inverse_scale, whole)
+        if grads and self.direct:
+            self._direct(acc, index, grads, inverse_scale, whole)
+        torch.bitwise_and(buffer.view(torch.int32), hist.ABS_MASK, out=self.bits)  # |g|'s bits (sign masked off)
         if self.small:
-            sums = torch.segment_reduce(buffer[self.weighted:self.weighted + self.small_total], "sum",
-                                        lengths=self.small_lengths)
-            acc.grad_sum.index_add_(0, self.small_group.to(dev), sums.to(dev), alpha=self.share)
-        if whole:
-            large = [(i, grads[i]) for i in self.direct]
-        else:
-            direct = set(self.direct)
-            large = [(i, g) for i, g in zip(index, grads) if i in direct]
-        if self.sharded:
-            large = [(i, g) for i, g in large if g.numel()]  # a rank may hold an empty shard
-        if large:
-            at = self.param_group[[i for i, _ in large]].to(dev)
-            totals = torch.stack([g.sum(dtype=torch.float32) for _, g in large]).to(dev)
-            if inverse_scale is not None:
-                totals = totals * inverse_scale.to(dev)
-            acc.grad_sum.index_add_(0, at, totals, alpha=self.share)
-        if self.counts_histogram:  # bin = the top bits of |g| (sign masked off), offset by the group's bins
-            torch.bitwise_and(buffer.view(torch.int32), hist.ABS_MASK, out=self.bits)
-            self.bits.bitwise_right_shift_(hist.SHIFT).add_(self.bin_base)
-            counts = torch.bincount(self.bits, minlength=n_groups * hist.N_BINS).to(dev)
-            acc.counts = counts if acc.counts is None else acc.counts.add_(counts)
+            at, magnitude = self.small_group.to(dev), self.bits.view(torch.float32)
+            acc.norm_sq.index_add_(0, at, self.segments.sum_sq(buffer).to(dev), alpha=self.share)
+            acc.grad_sum.index_add_(0, at, self.segments.sum(buffer).to(dev), alpha=self.share)
+            acc.max_abs.scatter_reduce_(0, at, self.segments.max(magnitude).to(dev), reduce="amax")
+        if self.counts_histogram:
+            self._count(acc, histogram)
         if dot:
             acc.dot.add_(sample_dot(self).to(dev), alpha=self.share)
         self.current = 1 - self.current
         return present
 
-    def _maxima(self, acc: "StepSums", index: List[int], grads: List[torch.Tensor],
+    def _count(self, acc: "StepSums", histogram: torch.Tensor) -> None:
+        """Add the sample's |g| bins to ``histogram``; the step's zeros (sampled) and the whole parameters'
+        inf/NaN (exact) are what its zero and non-finite bins gained."""
+        dev = acc.norm_sq.device
+        bins = histogram.view(-1, hist.N_BINS)
+        zeros_before = bins[:, 0].clone()
+        nonfinite_before = bins[:, hist.NONFINITE_FIRST:].sum(1)
+        self.bits.bitwise_right_shift_(hist.SHIFT).add_(self.bin_base)  # bin = top bits of |g| + group offset
+        w = self.weighted
+        _add_counts(histogram, self.bits[w:], self.ones[w:])  # whole parameters first: their count is exact
+        if not self.wide:  # (a float64 bucket counts its non-finite elements off the gradients)
+            acc.nonfinite.add_((bins[:, hist.NONFINITE_FIRST:].sum(1) - nonfinite_before).to(dev, acc.nonfinite.dtype))
+        if w:
+            _add_counts(histogram, self.bits[:w], self.ones[:w])
+        acc.zeros.add_((bins[:, 0] - zeros_before).to(dev, acc.zeros.dtype))
+
+    def _direct(self, acc: "StepSums", index: List[int], grads: List[torch.Tensor],
                 inverse_scale: Optional[torch.Tensor], whole: bool) -> None:
-        """Max |g| per group, exact. On an accelerator one fused ``_foreach_norm(inf)``; a CPU runs that
-        several times slower than one ``aminmax`` per tensor, so there each tensor gets its own call."""
-        dev = acc.max_abs.device
-        keep = range(len(grads))
+        """Norm, max |g|, sum and non-finite count, exact, of the parameters not held whole in the sample.
+
+        One ``_foreach_norm`` for the norms. The max: on an accelerator one fused ``_foreach_norm(inf)``;
+        a CPU runs that several times slower than one ``aminmax`` per tensor, so there each tensor gets
+        its own call. Sums and non-finite counts are one call per tensor: torch has no batched sum, and
+        each is a pass over a large tensor, whose cost is its bandwidth, not the call.
+        """
+        dev = acc.norm_sq.device
+        if whole:
+            chosen, at = [grads[i] for i in self.direct], self.direct_group
+        else:
+            direct = set(self.direct)
+            picked = [k for k, i in enumerate(index) if i in direct]
+            chosen, at = [grads[k] for k in picked], self.param_group[[index[k] for k in picked]]
         if self.sharded:  # a rank may hold an empty shard (zero-element parameters never reach a bucket)
-            keep = [k for k, g in enumerate(grads) if g.numel()]
-            if not keep:
-                return
-        tensors = grads if len(keep) == len(grads) else [grads[k] for k in keep]
-        if tensors[0].device.type == "cpu":
-            extremes = [torch.aminmax(g) for g in tensors]
+            keep = [k for k, g in enumerate(chosen) if g.numel()]
+            chosen, at = [chosen[k] for k in keep], at[keep]
+        if not chosen:
+            return
+        at = at.to(dev)
+        norm_sq = torch.stack(torch._foreach_norm(chosen, 2, dtype=self.norm_dtype)).to(dev, torch.float32) ** 2
+        if chosen[0].device.type == "cpu":
+            extremes = [torch.aminmax(g) for g in chosen]
             tops = torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes])
         else:
-            tops = torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=self.norm_dtype))
+            tops = torch.stack(torch._foreach_norm(chosen, float("inf"), dtype=self.norm_dtype))
         tops = tops.to(dev, torch.float32)
-        if inverse_scale is not None:
-            tops = tops * inverse_scale.to(dev)
-        groups = self.param_group if whole and len(keep) == len(grads) else \
-            self.param_group[[index[k] for k in keep]]
-        acc.max_abs.scatter_reduce_(0, groups.to(dev), tops, reduce="amax")
+        totals = torch.stack([g.sum(dtype=torch.float32) for g in chosen]).to(dev)
+        if inverse_scale is not None:  # the sample was unscaled in place; the gradients were not
+            scale = inverse_scale.to(dev)
+            norm_sq, tops, totals = norm_sq * scale**2, tops * scale, totals * scale
+        acc.norm_sq.index_add_(0, at, norm_sq, alpha=self.share)
+        acc.max_abs.scatter_reduce_(0, at, tops, reduce="amax")
+        acc.grad_sum.index_add_(0, at, totals, alpha=self.share)
+        if not self.counts_histogram:  # one rank counts a replicated bucket's inf and NaN
+            return
+        # The max is NaN or inf exactly where a count is due. On the CPU, reading it waits for nothing (there
+        # is no queue to drain), so the count runs only then; an accelerator counts every step rather than
+        # sync. g - g is NaN exactly at inf and NaN (and counts several times faster than isfinite).
+        if chosen[0].device.type == "cpu" and bool(torch.isfinite(tops).all()):
+            return
+        bad = torch.stack([torch.count_nonzero(g - g) for g in chosen])
+        acc.nonfinite.index_add_(0, at, bad.to(dev, acc.nonfinite.dtype))
 
     def weights(self) -> List[torch.Tensor]:
+        """The weights as the arithmetic reads them (under ``torch.no_grad``: the parameters themselves,
+        with no per-step ``detach`` per tensor), this rank's part, complex ones as real pairs."""
+        if not (self.sharded or self.complex):
+            return self.params
         weights = [distributed.local(p.detach()) if self.sharded else p.detach() for p in self.params]
         return [torch.view_as_real(w) for w in weights] if self.complex else weights
 
     def measure_weights(self, acc: "StepSums", measure: bool, snapshot: bool) -> None:
         """Weight norms (read with the snapshots: they move slowly) and the update since the last snapshot."""
         dev = acc.norm_sq.device
-        weights = self.weights() if snapshot or measure or self.weight_sq is None else []
-        if snapshot or self.weight_sq is None:
-            self.weight_sq = torch.stack(torch._foreach_norm(weights, 2, dtype=self.norm_dtype)).float() ** 2
-        acc.weight_sq.index_add_(0, self.param_group.to(dev), self.weight_sq.to(dev), alpha=self.share)
-        if measure or snapshot:
-            acc.update_sq.index_add_(0, self.param_group.to(dev), weight_change_sq(self, weights, measure, snapshot)
-                                     .to(dev), alpha=self.share)
+        if measure or snapshot or self.weight_sq is None:
+            weights = self.weights()
+            if measure or snapshot:
+                change = weight_change_sq(self, weights, measure, snapshot)
+                acc.update_sq.index_add_(0, self.weight_group.to(dev), change.to(dev), alpha=self.share)
+            if snapshot or self.weight_sq is None:
+                if snapshot:  # the snapshot holds the weights now: their norms are one op per run
+                    self.weight_sq = self.weight_segments.sum_sq(self.snapshot).float()
+                else:
+                    self.weight_sq = torch.stack(torch._foreach_norm(
+                        [weights[i] for i in self.weight_order], 2, dtype=self.norm_dtype)).float() ** 2
+        acc.weight_sq.index_add_(0, self.weight_group.to(dev), self.weight_sq.to(dev), alpha=self.share)
+
+
+def _add_counts(histogram: torch.Tensor, bins: torch.Tensor, ones: torch.Tensor) -> None:
+    """Add one to ``histogram`` at each of ``bins``. A scatter into the running counts, except on a CPU
+    with many elements per bin, where counting into a fresh vector and adding it is faster (an
+    accelerator's ``bincount`` reads the largest bin back to the host first: a sync)."""
+    if bins.device.type == "cpu" and histogram.numel() * 8 <= bins.numel():
+        histogram.add_(torch.bincount(bins, minlength=histogram.numel()))
+    else:
+        histogram.index_add_(0, bins, ones)
 
 
 def _readable(grad: torch.Tensor) -> torch.Tensor:
@@ -228,44 +280,55 @@ class StepSums:
     weight_sq: torch.Tensor
     update_sq: torch.Tensor
     dot: torch.Tensor
-    counts: Optional[torch.Tensor]  # the step's |g| histogram (None until a bucket counts one)
+    zeros: torch.Tensor  # sampled elements in the histogram's zero bin
+    nonfinite: torch.Tensor  # inf and NaN elements, exact (counts: float64 where the device has it)
 
     @classmethod
-    def zeros(cls, groups: int, device: torch.device) -> "StepSums":
+    def zeros_like_groups(cls, groups: int, device: torch.device, count_dtype: torch.dtype) -> "StepSums":
         vectors = torch.zeros(5, groups, dtype=torch.float32, device=device)
-        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device), None)
+        counts = torch.zeros(2, groups, dtype=count_dtype, device=device)
+        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device), *counts)
 
 
 # -- the per-step row: packed on the device, unpacked on the host; the layout is defined here alone ----------
-# [norm_sq G | grad_sum G | weight_sq G | update_sq G | sampled_zeros G | dot | loss | noted loss
+# [norm_sq G | grad_sum G | weight_sq G | update_sq G | sampled_zeros G | nonfinite G | dot | loss | noted loss
 #  | present G (under a process group only) | max_abs G]
 # The first part is summed over ranks, max_abs is maxed; ``present`` rides in the summed part.
+SUMMED_FIELDS = 6  # G-wide fields before the three scalars
 
 
-def pack_row(acc: StepSums, zeros: torch.Tensor, loss: torch.Tensor, noted: torch.Tensor, dtype: torch.dtype,
-             present: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def summed_width(groups: int, present: bool = False) -> int:
+    """The length of a row's summed part."""
+    return (SUMMED_FIELDS + present) * groups + 3
+
+
+def pack_row(acc: StepSums, loss: torch.Tensor, noted: torch.Tensor, dtype: torch.dtype,
+             present: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The step's summed part and its maxima, as the device holds them before any reduction."""
-    parts = [acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq, zeros, acc.dot, loss.reshape(1),
-             noted.reshape(1)]
-    summed = torch.cat([t.to(dtype) for t in parts])
-    if present is not None:
-        summed = torch.cat([summed, torch.from_numpy(present.astype(np.float32)).to(summed.device, dtype)])
-    return summed, acc.max_abs
-
-
+    parts = [acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq, acc.zeros, acc.nonfinite, acc.dot,
+             loss.reshape(1), noted.reshape(1)] + ([present] if present is not None else [])
+    return torch.cat([t.to(dtype) for t in parts]), acc.max_abs
 
 
 class HostRow:
     """The host copy of a step (see pack_row for the layout)."""
 
-    def __init__(self, summed: torch.Tensor, maxes: torch.Tensor, G: int) -> None:
-        row = torch.cat([summed, maxes.to(summed.dtype)]).cpu().numpy().astype(np.float64)  # the host sync
-        fields = [row[i * G:(i + 1) * G] for i in range(5)]
-        self.norm_sq, self.grad_sum, self.weight_sq, self.update_sq, self.sampled_zeros = fields
-        self.dot, self.loss, self.noted = row[5 * G:5 * G + 3]
-        rest = row[5 * G + 3:]
+    def __init__(self, row: np.ndarray, G: int) -> None:
+        n = SUMMED_FIELDS
+        fields = [row[i * G:(i + 1) * G] for i in range(n)]
+        self.norm_sq, self.grad_sum, self.weight_sq, self.update_sq, self.sampled_zeros, self.nonfinite = fields
+        self.dot, self.loss, self.noted = row[n * G:n * G + 3]
+        rest = row[n * G + 3:]
         self.present = rest[:G] if len(rest) == 2 * G else None
         self.max_abs = rest[-G:]
+
+
+def to_host(rows: List[Tuple[torch.Tensor, torch.Tensor]], G: int) -> List[HostRow]:
+    """Rows held on the device, moved to the host in one copy: the only host sync of observing."""
+    summed = torch.stack([s for s, _ in rows])
+    both = torch.cat([summed, torch.stack([m for _, m in rows]).to(summed.dtype)], dim=1)
+    host = both.cpu().numpy().astype(np.float64)
+    return [HostRow(row, G) for row in host]
 
 
 def sample_dot(b: Bucket) -> torch.Tensor:
@@ -276,22 +339,37 @@ def sample_dot(b: Bucket) -> torch.Tensor:
 
 
 def weight_change_sq(b: Bucket, weights: List[torch.Tensor], measure: bool, snapshot: bool,
-                      keep: bool = False) -> torch.Tensor:
-    """Squared norm of each parameter's change since the bucket's snapshot; then snapshot again if asked.
+                     keep: bool = False) -> torch.Tensor:
+    """Squared norm of each parameter's change since the bucket's snapshot (in the snapshot's order);
+    then snapshot again if asked.
 
     ``keep`` leaves the snapshot intact (at a cost of one allocation); otherwise it is overwritten.
     """
-    change = torch.zeros(len(weights), dtype=torch.float32, device=weights[0].device)
-    if measure and b.previous_weights is not None:
+    dev = weights[0].device
+    change = torch.zeros(len(weights), dtype=torch.float32, device=dev)
+    if measure and b.snapshot is not None:
+        flat, views = b.snapshot, b.snapshot_views
         if keep:
-            diff = torch._foreach_sub(b.previous_weights, weights)
-        else:
-            torch._foreach_sub_(b.previous_weights, weights)
-            diff = b.previous_weights
-        change = torch.stack(torch._foreach_norm(diff)).float() ** 2
+            flat = b.snapshot.clone()
+            views = _views(flat, b)
+        torch._foreach_sub_(views, weights)
+        change = b.weight_segments.sum_sq(flat).float()
     if snapshot:
-        if b.previous_weights is None:
-            b.previous_weights = [w.clone() for w in weights]
-        else:
-            torch._foreach_copy_(b.previous_weights, weights)
+        if b.snapshot is None:
+            total = sum(w.numel() for w in weights)
+            b.snapshot = torch.empty(total, dtype=weights[0].dtype, device=dev)
+            b.snapshot_views = _views(b.snapshot, b)
+        torch._foreach_copy_(b.snapshot_views, weights)
     return change
+
+
+def _views(flat: torch.Tensor, b: Bucket) -> List[torch.Tensor]:
+    """Each weight's slot in a flat snapshot, in parameter order and in the weight's own shape."""
+    weights = b.weights()
+    views: List[Optional[torch.Tensor]] = [None] * len(weights)
+    at = 0
+    for i in b.weight_order:
+        n = weights[i].numel()
+        views[i] = flat[at:at + n].view(weights[i].shape)
+        at += n
+    return views

@@ -1,15 +1,15 @@
-"""The profiler's hot path: per-layer gradient figures each observed step, in one host sync.
+"""The profiler's hot path: per-layer gradient figures each observed step, moved to the host in batches.
 
 ``Monitor(model)`` groups parameters by their owning module. ``observe()`` is called after
 ``backward()`` and before clipping and ``optimizer.step()``; it reads the gradients the optimizer is
-about to use, batches the arithmetic with ``torch._foreach_*`` on the device and moves one vector of
-figures to the host. ``profile()`` returns the plain :class:`~gradscope.profile.Profile` that the
-statistics are computed from.
+about to use, batches the arithmetic on the device and keeps one row of figures there. Every
+``flush_every`` steps (and whenever a figure is asked for) the rows move to the host in one copy.
+``profile()`` returns the plain :class:`~gradscope.profile.Profile` that the statistics are computed from.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from . import distributed
 from . import histogram as hist
-from .buckets import Bucket, HostRow, StepSums, pack_row, weight_change_sq
+from .buckets import Bucket, HostRow, StepSums, pack_row, to_host, weight_change_sq
 from .errors import ExperimentError
 from .ledger import Ledger
 from .layers import class_source, group_parameters, module_class, unwrap
@@ -26,6 +26,11 @@ from .profile import Profile
 
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
 MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients unscaled from the GradScaler's scale")
+# Rows wait on the device this many steps before one copy moves them to the host. A sync drains the
+# accelerator's launch queue, so syncing every step would stall a GPU step on the Monitor; 16 rows of a
+# 1,000-layer model are about 1 MB of device memory, and a report, a figure read off an Observation or
+# a GradScaler (which syncs each step itself) flushes at once, so nothing waits longer than it must.
+FLUSH_EVERY = 16
 
 
 class Monitor:
@@ -41,6 +46,11 @@ class Monitor:
     ``update_every`` steps, the update as the change in the weights from that observation to the next
     one (or to ``report()`` for the last step); 1 reads them every step.
 
+    When the figures reach the host: each step's stay on the device, and every ``flush_every`` steps
+    they move in one copy, so a step in between never waits for the device. Reading a figure off an
+    :class:`Observation`, ``report()``, ``profile()``, ``flush()`` and an enabled GradScaler flush at once.
+    The figures are the same whatever ``flush_every`` is.
+
     What it leaves on your model: it registers one gradient hook per parameter for the first backward
     only (to learn the backward order), and removes them at the first ``observe()`` or at ``close()``.
     It never changes weights, gradients, modes or ``requires_grad``. It keeps one copy of the weights
@@ -48,10 +58,10 @@ class Monitor:
     """
 
     def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
-                 histogram_sample: int = 4, history: int = 1024) -> None:
-        if min(update_every, histogram_sample, accumulation_steps) < 1:
-            raise ExperimentError("accumulation_steps, update_every and histogram_sample must be at least 1",
-                                  "1 measures every call or step")
+                 histogram_sample: int = 4, history: int = 1024, flush_every: int = FLUSH_EVERY) -> None:
+        if min(update_every, histogram_sample, accumulation_steps, flush_every) < 1:
+            raise ExperimentError("accumulation_steps, update_every, histogram_sample and flush_every must be "
+                                  "at least 1", "1 measures (or flushes) every call or step")
         self.model = model
         self.accumulation_steps = accumulation_steps
         self._calls = 0
@@ -85,7 +95,12 @@ class Monitor:
         self._n_groups = n_groups
         self._numel = np.array([self.layers[i].trainable_numel for i in self._active], dtype=np.float64)
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
+        self._step_hist: Optional[torch.Tensor] = None  # one step's counts, under a GradScaler that may skip it
+        self._all_present: Optional[torch.Tensor] = None
         self._ledger = Ledger(self._numel, history)  # everything kept on the host, step by step
+        self.flush_every = flush_every
+        self._observed = 0  # steps observed, on the host or not yet
+        self._pending: List[_Pending] = []  # rows still on the device, oldest first
         self._seen_in_backward: set = set()
         self._pending_loss: Optional[torch.Tensor] = None
         self._sampled_all: Optional[np.ndarray] = None
@@ -115,15 +130,11 @@ class Monitor:
     @property
     def steps(self) -> int:
         """Optimizer steps observed so far."""
-        return self._ledger.step
-
-    @property
-    def _step(self) -> int:
-        return self._ledger.step
+        return self._observed
 
     # -- the hot path ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, loss: Optional[torch.Tensor] = None, *, scaler=None) -> Dict[str, float]:
+    def observe(self, loss: Optional[torch.Tensor] = None, *, scaler=None) -> "Observation":
         """Measure the current gradients as one optimizer step; pass ``loss`` to have it checked too.
 
         With ``accumulation_steps=k`` you may call it after every backward: only every k-th call, when
@@ -132,73 +143,86 @@ class Monitor:
         Under mixed precision, pass the ``torch.amp.GradScaler``: gradients the scaler has not unscaled
         yet are divided by its scale (a power of two, so exactly), and a step with inf or NaN gradients
         is counted as skipped by the scaler, as the scaler will skip it, not as an explosion.
-        Returns the step's global figures: ``step``, ``global_norm``, ``loss``, ``nonfinite`` and ``skipped``.
+
+        Returns the step's :class:`Observation`: ``step``, ``global_norm``, ``loss``, ``nonfinite`` and
+        ``skipped``. Its figures stay on the device until they are read (which moves every waiting
+        step's to the host at once), the ``flush_every``-th step, or ``report()``; a loop that never
+        reads them never waits for the device.
         """
         self._calls += 1
         if self.accumulation_steps > 1:
             if loss is not None:
                 self.note_loss(loss)
             if self._calls % self.accumulation_steps:
-                return {"step": self._step, "measured": 0.0}
+                return Observation(None, self._observed, {"step": self._observed, "measured": 0.0})
             loss = self._take_pending_loss()[0] if self._pending_loss is not None else None
         self._remove_hooks()
-        G, dev = self._n_groups, self.device
+        G, dev, step = self._n_groups, self.device, self._observed
         inverse_scale = _inverse_scale(scaler, dev)
-        if scaler is not None and scaler.is_enabled():
+        amp = scaler is not None and scaler.is_enabled()
+        if amp:
             self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
-        acc = StepSums.zeros(G, dev)
+        row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
+        acc = StepSums.zeros_like_groups(G, dev, row_dtype)
+        histogram = self._hist if not amp else self._fresh_step_histogram()
         present = np.zeros(G, dtype=bool)
-        measure = self._step > 0 and self._snapshot_step == self._step - 1  # weights were snapshot last time
-        snapshot = self._step % self.update_every == 0
+        measure = step > 0 and self._snapshot_step == step - 1  # weights were snapshot last time
+        snapshot = step % self.update_every == 0
         for b in self._buckets:
-            present |= b.measure(acc, inverse_scale, G, dot=self._step > 0)
+            present |= b.measure(acc, inverse_scale, histogram, dot=step > 0)
             b.measure_weights(acc, measure, snapshot)
         if snapshot:
-            self._snapshot_step = self._step
-        if inverse_scale is not None:  # the sample (so the sums and maxima) was unscaled in place; norms were not
-            acc.norm_sq.mul_(inverse_scale**2)
-        row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
+            self._snapshot_step = step
         loss_value = torch.full((1,), float("nan"), device=dev, dtype=row_dtype) if loss is None else \
             loss.detach().reshape(1).to(dev, row_dtype)
         noted = self._take_pending_loss()
-        if self._dist is not None:  # the losses are averaged over ranks
+        received = None
+        if self._dist is not None:  # the losses are averaged over ranks; ``received``: a gradient on any rank
             loss_value, noted = loss_value / self._dist.world, noted / self._dist.world
-        sums, maxes = pack_row(acc, self._zero_bin(acc), loss_value, noted, row_dtype,
-                               present if self._dist is not None else None)  # present: received on any rank
+            received = self._present_on_device(present)
+        sums, maxes = pack_row(acc, loss_value, noted, row_dtype, received)
         if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
             sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
-        row = HostRow(sums, maxes, G)
-        if row.present is not None:
-            present = row.present > 0
-        self._ledger.amend_loss(self._step - 1, row.noted)
-        finite = np.isfinite(row.max_abs).all()
-        if not finite and scaler is not None and scaler.is_enabled():
-            return self._record_skip(row, measure)
-        if acc.counts is not None:
-            self._hist += acc.counts
-        nonfinite = np.zeros(G) if finite else self._count_nonfinite()
+        self._observed += 1
+        result = Observation(self, step)
+        self._pending.append(_Pending(sums, maxes, present, measure, loss is not None, amp, result))
+        if amp or len(self._pending) >= self.flush_every:  # a GradScaler syncs every step anyway
+            self.flush()
+        return result
+
+    def _fresh_step_histogram(self) -> torch.Tensor:
+        if self._step_hist is None:
+            self._step_hist = torch.zeros_like(self._hist)
+        return self._step_hist.zero_()
+
+    def _present_on_device(self, present: np.ndarray) -> torch.Tensor:
+        """Which groups had a gradient, as a device vector; made once while every group has one."""
+        if not present.all():
+            return torch.from_numpy(present.astype(np.float32)).to(self.device)
+        if self._all_present is None:
+            self._all_present = torch.ones(self._n_groups, device=self.device)
+        return self._all_present
+
+    def flush(self) -> None:
+        """Move every step still on the device to the host (one copy) and record it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = to_host([(p.sums, p.maxes) for p in pending], self._n_groups)
+        for p, row in zip(pending, rows):
+            p.result._values = self._record(p, row)
+            p.result._monitor = None
+
+    def _record(self, p: "_Pending", row: HostRow) -> Dict[str, float]:
+        present = row.present > 0 if row.present is not None else p.present
+        self._ledger.amend_loss(self._ledger.step - 1, row.noted)
+        if p.amp:
+            if not np.isfinite(row.max_abs).all():
+                return self._record_skip(row, p.measured)
+            self._hist += self._step_hist
         zeros = row.sampled_zeros * self._numel / self._sampled_total()  # scaled up from the sample
-        return self._ledger.record(row, nonfinite, present, zeros, measure, loss is not None,
+        return self._ledger.record(row, row.nonfinite, present, zeros, p.measured, p.loss_given,
                                    self._first_in_backward_order)
-
-    def _zero_bin(self, acc: StepSums) -> torch.Tensor:
-        """Sampled elements per group in the histogram's lowest bin (exact zeros and subnormals)."""
-        if acc.counts is None:
-            return torch.zeros(self._n_groups, device=self.device)
-        return acc.counts.view(self._n_groups, hist.N_BINS)[:, 0]
-
-    def _count_nonfinite(self) -> np.ndarray:
-        """Exact inf/NaN counts per group; runs (with a second sync) only on a step that has some."""
-        counts = torch.zeros(self._n_groups, dtype=torch.float64)
-        for b in self._buckets:
-            if not b.counts_histogram:  # a replicated bucket is counted on rank 0 alone
-                continue
-            index, grads = b.gradients()
-            for i, grad in zip(index, grads):  # only on a step with inf or NaN: no need to batch
-                counts[b.groups[i]] += int((~torch.isfinite(grad)).sum())
-        if self._dist is not None:
-            counts = distributed.all_reduce_sum(counts.to(self.device)).cpu()
-        return counts.numpy()
 
     def _record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
@@ -209,18 +233,18 @@ class Monitor:
     @torch.no_grad()
     def _record_last_update(self) -> None:
         """Measure the last step's update (made after the last observe), if that step took a snapshot."""
-        if self._step == 0 or self._snapshot_step != self._step - 1:
+        if self._observed == 0 or self._snapshot_step != self._observed - 1:
             return
         dev = self.device
         update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
         for b in self._buckets:
             change = weight_change_sq(b, b.weights(), True, False, keep=True)
-            update_sq.index_add_(0, b.param_group.to(dev), change.to(dev), alpha=b.share)
+            update_sq.index_add_(0, b.weight_group.to(dev), change.to(dev), alpha=b.share)
         if self._dist is not None:
             update_sq = distributed.all_reduce_sum(update_sq)
         values = update_sq.to(torch.float64).cpu().numpy()
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
-            self._ledger.record_update(self._step - 1, values)
+            self._ledger.record_update(self._observed - 1, values)
             self._snapshot_step = -1  # the snapshot is spent
 
     # -- backward order, for naming the first non-finite layer ----------------------------------------
@@ -246,9 +270,10 @@ class Monitor:
     # -- results --------------------------------------------------------------------------------------
     def profile(self) -> Profile:
         """Everything measured so far, as plain data."""
+        self.flush()
         self._record_last_update()
         if self._pending_loss is not None:
-            self._ledger.amend_loss(self._step - 1, float(self._take_pending_loss()[0]))
+            self._ledger.amend_loss(self._observed - 1, float(self._take_pending_loss()[0]))
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
             histograms=self._histograms(),
@@ -281,17 +306,61 @@ class Monitor:
         return build_report(self.profile(), rules=rules, model_name=name or type(unwrap(self.model)).__name__)
 
     def close(self) -> None:
-        """Remove any hook still on the model and free the gradient copies."""
+        """Remove any hook still on the model and free the gradient copies (steps not yet on the host are kept)."""
         self._remove_hooks()
+        self.flush()
         for b in self._buckets:
             b.buffers = b.dest = []
-            b.previous_weights = None
+            b.snapshot, b.snapshot_views = None, []
 
     def __enter__(self) -> "Monitor":
         return self
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
+
+
+class _Pending(NamedTuple):
+    """A step whose row is still on the device, with what the host knew when it was observed."""
+
+    sums: torch.Tensor
+    maxes: torch.Tensor
+    present: np.ndarray
+    measured: bool
+    loss_given: bool
+    amp: bool
+    result: "Observation"
+
+
+class Observation(Mapping):
+    """One observed step's global figures, read like a dict: ``step``, ``global_norm``, ``loss``,
+    ``nonfinite``, ``skipped`` and ``measured``.
+
+    ``step`` is known at once. The others wait on the device until the Monitor flushes; reading one
+    flushes it (a host sync), so read them only where you need them now.
+    """
+
+    def __init__(self, monitor: Optional[Monitor], step: int, values: Optional[Dict[str, float]] = None) -> None:
+        self._monitor, self.step, self._values = monitor, step, values
+
+    def _resolved(self) -> Dict[str, float]:
+        if self._values is None:
+            self._monitor.flush()
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self.step if key == "step" else self._resolved()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+    def __repr__(self) -> str:
+        if self._values is None:
+            return f"Observation(step={self.step}, not yet on the host)"
+        return f"Observation({self._values!r})"
 
 
 def wide(device: torch.device) -> torch.dtype:

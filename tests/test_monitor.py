@@ -165,3 +165,104 @@ def test_model_without_trainable_parameters_is_a_clear_error():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ExperimentError, match="no trainable parameters"):
         Monitor(model)
+
+
+def test_nonfinite_count_is_exact_in_sampled_and_whole_parameters_of_one_layer():
+    """A layer whose weight is sampled (90,000 elements) and whose bias sits whole in the sample."""
+    layer = nn.Linear(300, 300)
+    monitor = Monitor(layer, histogram_sample=4)
+    layer(torch.randn(2, 300)).sum().backward()
+    flat = layer.weight.grad.view(-1)
+    flat[[1, 5_000, 40_000, 89_999]] = float("nan")  # blocks the sample reads and blocks it skips
+    flat[[2_048, 70_000]] = float("inf")
+    layer.bias.grad[[0, 299]] = -float("inf")
+    monitor.observe()
+    profile = monitor.profile()
+    assert profile.nonfinite_total.tolist() == [8]
+    assert profile.series["nonfinite"][0].tolist() == [8]
+    assert np.isnan(profile.series["grad_abs_max"][0][0])
+
+
+def _twin_run(flush_every, steps=40):
+    """A run observed by a Monitor with this flush_every (the same data, weights and optimizer each time)."""
+    torch.manual_seed(0)
+    model = MLP(width=300, d_in=300)
+    batches = regression_batches(d_in=300)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = Monitor(model, flush_every=flush_every)
+    for step in range(steps):
+        opt.zero_grad()
+        loss = mse(model, batches())
+        loss.backward()
+        if step == 25:  # a non-finite step, counted on the device (and not taken, as a GradScaler would)
+            model.hidden[1].weight.grad[0, :3] = float("nan")
+        monitor.observe(loss)
+        if step != 25:
+            opt.step()
+    return monitor.profile()
+
+
+def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16():
+    every, batched = _twin_run(1), _twin_run(16)
+    assert every.steps == batched.steps == 40
+    for name, values in every.series.items():
+        assert np.array_equal(values, batched.series[name], equal_nan=True), name
+    assert np.array_equal(every.histograms, batched.histograms)
+    assert np.array_equal(every.nonfinite_total, batched.nonfinite_total) and every.nonfinite_total.sum() == 3
+    assert every.first_nonfinite == batched.first_nonfinite == (25, "hidden.1")
+    assert every.global_spike_z == batched.global_spike_z
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host (each one a sync on an accelerator)."""
+
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_read_on_a_step_that_does_not_flush():
+    """On the meta device, the path an accelerator takes: any read of a value would raise, or be counted."""
+    torch.manual_seed(0)
+    model = MLP(width=300, d_in=300).to("meta")  # sampled and whole parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, flush_every=8)
+    reads = []
+    for _ in range(7):
+        opt.zero_grad()
+        loss = model(torch.randn(16, 300, device="meta")).pow(2).mean()
+        loss.backward()
+        with _HostReads() as counter:
+            result = monitor.observe(loss)
+        reads.append(counter.count)
+        opt.step()
+    assert reads == [0] * 7 and result.step == 6
+    with _HostReads() as counter, pytest.raises(NotImplementedError, match="meta"):
+        monitor.observe(loss)  # the 8th step flushes: the one copy to the host, which meta cannot make
+    assert counter.count == 1
+
+
+def test_reading_an_observation_flushes_every_waiting_step():
+    torch.manual_seed(0)
+    model = MLP()
+    batches = regression_batches()
+    monitor = Monitor(model)  # flush_every=16: nothing reaches the host on its own in three steps
+    seen = []
+    for _ in range(3):
+        model.zero_grad()
+        loss = mse(model, batches())
+        loss.backward()
+        norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item()
+        seen.append((monitor.observe(loss), norm, loss.item()))
+    first, norm, loss = seen[0]
+    assert first["step"] == 0 and "not yet on the host" in repr(first)
+    assert first["global_norm"] == pytest.approx(norm, rel=1e-5) and first["loss"] == pytest.approx(loss)
+    assert all(o["global_norm"] == pytest.approx(n, rel=1e-5) and "not yet" not in repr(o) for o, n, _ in seen)
+    assert dict(seen[2][0])["step"] == 2
