@@ -122,10 +122,10 @@ class Bucket:
         """Add this step's gradient figures to ``acc`` and its |g| counts to ``histogram``; returns which
         groups had a gradient.
 
-        The gradients are read twice, each time in one batched op: one ``_foreach_copy_`` into the
-        sample, and the large parameters' exact figures (see ``_direct``). Everything else works on the
-        flat sample: runs of equal-sized parameters reduce in one op each, the |g| histogram is one
-        ``index_add_``, and no op here waits for the device.
+        The gradients are read by one ``_foreach_copy_`` into the sample, and the large parameters' also
+        for their exact figures (see ``_direct``). Everything else works on the flat sample: runs of
+        equal-sized parameters reduce in one op each, the |g| histogram is one scatter, and on an
+        accelerator no op here waits for the device.
         """
         dev = acc.norm_sq.device
         present = np.zeros(acc.norm_sq.numel(), dtype=bool)
