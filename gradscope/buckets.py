@@ -117,10 +117,10 @@ class Bucket:
             grads = [_readable(grads[i]) for i in index]
         return index, grads
 
-    def measure(self, acc: "StepSums", inverse_scale: Optional[torch.Tensor], histogram: torch.Tensor,
+    def measure(self, acc: "StepSums", inverse_scale: Optional[torch.Tensor], histogram: Optional[torch.Tensor],
                 dot: bool) -> np.ndarray:
-        """Add this step's gradient figures to ``acc`` and its |g| counts to ``histogram``; returns which
-        groups had a gradient.
+        """Add this step's gradient figures to ``acc`` and its |g| counts to ``histogram`` (None: a step
+        whose histogram is not counted); returns which groups had a gradient.
 
         The gradients are read by one ``_foreach_copy_`` into the sample, and the large parameters' also
         for their exact figures (see ``_direct``). Everything else works on the flat sample: runs of
@@ -155,13 +155,24 @@ class Bucket:
             at, magnitude = self.small_group.to(dev), self.bits.view(torch.float32)
             acc.norm_sq.index_add_(0, at, self.segments.sum_sq(buffer).to(dev), alpha=self.share)
             acc.grad_sum.index_add_(0, at, self.segments.sum(buffer).to(dev), alpha=self.share)
-            acc.max_abs.scatter_reduce_(0, at, self.segments.max(magnitude).to(dev), reduce="amax")
-        if self.counts_histogram:
+            tops = self.segments.max(magnitude)
+            acc.max_abs.scatter_reduce_(0, at, tops.to(dev), reduce="amax")
+            if histogram is None and self.counts_histogram:  # the histogram would have counted inf and NaN
+                self._count_small_nonfinite(acc, buffer, tops)
+        if self.counts_histogram and histogram is not None:
             self._count(acc, histogram)
         if dot:
             acc.dot.add_(sample_dot(self).to(dev), alpha=self.share)
         self.current = 1 - self.current
         return present
+
+    def _count_small_nonfinite(self, acc: "StepSums", buffer: torch.Tensor, tops: torch.Tensor) -> None:
+        """The whole parameters' inf/NaN counts on a step without a histogram; as in ``_direct``, a CPU
+        counts only when a slice's max is not finite, an accelerator every step rather than sync."""
+        if tops.device.type == "cpu" and bool(torch.isfinite(tops).all()):
+            return
+        bad = self.segments.count_nonfinite(buffer)
+        acc.nonfinite.index_add_(0, self.small_group.to(acc.nonfinite.device), bad.to(acc.nonfinite))
 
     def _count(self, acc: "StepSums", histogram: torch.Tensor) -> None:
         """Add the sample's |g| bins to ``histogram``; the step's zeros (sampled) and the whole parameters'

@@ -77,7 +77,7 @@ def diagnose(
     start = capture(experiment) if trying else None  # after seeding and the move: where every trial begins
     scale = _update_scale(experiment) if trying else None
     # a short run: measure everything; each step's figures are read at once (to stop at a non-finite loss)
-    monitor = Monitor(model, update_every=1, histogram_sample=1, flush_every=1)
+    monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1)
     meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps)
     report: Optional[Report] = None
     shield = None

@@ -36,9 +36,10 @@ class Ledger:
         self._last_weight_norm: Optional[np.ndarray] = None
         self._last_global_norm = float("nan")
 
-    def record(self, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray, zeros: np.ndarray, measured: bool,
-               loss_given: bool, first_of: Callable[[np.ndarray], str]) -> Dict[str, float]:
-        """One observed step. ``zeros`` is the estimated count of zero elements per layer, ``measured``
+    def record(self, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray, zeros: Optional[np.ndarray],
+               measured: bool, loss_given: bool, first_of: Callable[[np.ndarray], str]) -> Dict[str, float]:
+        """One observed step. ``zeros`` is the estimated count of zero elements per layer (None on a
+        step whose histogram was not counted: the zero fraction is read from counted steps), ``measured``
         whether the row carries the previous step's update, and ``first_of`` names the layer that went
         non-finite first among a mask of layers."""
         step, numel = self.step, self.numel
@@ -53,8 +54,11 @@ class Ledger:
         if measured:
             self.record_update(step - 1, row.update_sq)
         self.totals["nonfinite"] += nonfinite
-        self.totals["zeros"] += zeros
-        self.totals["elements"] += numel
+        if zeros is not None:
+            self.totals["zeros"] += zeros
+            self.totals["elements"] += numel
+        else:
+            zeros = np.full(len(numel), np.nan)
         self.grad_present += present
         if nonfinite.any():
             self.nonfinite_steps.append(step)

@@ -42,7 +42,7 @@ class Monitor:
     What is exact and what is sampled: norms, max |g|, sums and non-finite counts use every element at
     every step. The |g| histogram (quantiles, kurtosis, zero fraction) and the step-to-step cosine read
     every element of parameters under 65,536 elements and one block of 1024 in ``histogram_sample`` of
-    larger ones (1 reads every element). Weight norms and the update-to-weight ratio are read every
+    larger ones (1 reads every element); the histogram is counted every ``histogram_every`` steps. Weight norms and the update-to-weight ratio are read every
     ``update_every`` steps, the update as the change in the weights from that observation to the next
     one (or to ``report()`` for the last step); 1 reads them every step.
 
@@ -58,10 +58,11 @@ class Monitor:
     """
 
     def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
-                 histogram_sample: int = 4, history: int = 1024, flush_every: int = FLUSH_EVERY) -> None:
-        if min(update_every, histogram_sample, accumulation_steps, flush_every) < 1:
-            raise ExperimentError("accumulation_steps, update_every, histogram_sample and flush_every must be "
-                                  "at least 1", "1 measures (or flushes) every call or step")
+                 histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
+                 flush_every: int = FLUSH_EVERY) -> None:
+        if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every) < 1:
+            raise ExperimentError("accumulation_steps, update_every, histogram_sample, histogram_every and "
+                                  "flush_every must be at least 1", "1 measures (or flushes) every call or step")
         self.model = model
         self.accumulation_steps = accumulation_steps
         self._calls = 0
@@ -99,6 +100,7 @@ class Monitor:
         self._all_present: Optional[torch.Tensor] = None
         self._ledger = Ledger(self._numel, history)  # everything kept on the host, step by step
         self.flush_every = flush_every
+        self.histogram_every = histogram_every
         self._observed = 0  # steps observed, on the host or not yet
         self._pending: List[_Pending] = []  # rows still on the device, oldest first
         self._seen_in_backward: set = set()
@@ -164,7 +166,8 @@ class Monitor:
             self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
         row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
         acc = StepSums.zeros_like_groups(G, dev, row_dtype)
-        histogram = self._hist if not amp else self._fresh_step_histogram()
+        counted = step % self.histogram_every == 0
+        histogram = None if not counted else self._hist if not amp else self._fresh_step_histogram()
         present = np.zeros(G, dtype=bool)
         measure = step > 0 and self._snapshot_step == step - 1  # weights were snapshot last time
         snapshot = step % self.update_every == 0
@@ -185,7 +188,7 @@ class Monitor:
             sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
         self._observed += 1
         result = Observation(self, step)
-        self._pending.append(_Pending(sums, maxes, present, measure, loss is not None, amp, result))
+        self._pending.append(_Pending(sums, maxes, present, measure, loss is not None, amp, counted, result))
         if amp or len(self._pending) >= self.flush_every:  # a GradScaler syncs every step anyway
             self.flush()
         return result
@@ -219,8 +222,9 @@ class Monitor:
         if p.amp:
             if not np.isfinite(row.max_abs).all():
                 return self._record_skip(row, p.measured)
-            self._hist += self._step_hist
-        zeros = row.sampled_zeros * self._numel / self._sampled_total()  # scaled up from the sample
+            if p.counted:
+                self._hist += self._step_hist
+        zeros = row.sampled_zeros * self._numel / self._sampled_total() if p.counted else None  # scaled up
         return self._ledger.record(row, row.nonfinite, present, zeros, p.measured, p.loss_given,
                                    self._first_in_backward_order)
 
@@ -329,6 +333,7 @@ class _Pending(NamedTuple):
     measured: bool
     loss_given: bool
     amp: bool
+    counted: bool  # whether the step's |g| histogram (and so its zeros) was counted
     result: "Observation"
 
 

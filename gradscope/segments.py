@@ -84,6 +84,17 @@ class Segments:
                          .scatter_reduce_(0, self.ragged_index, self._tail(flat), "amax"))
         return self._cat(parts, flat)
 
+    def count_nonfinite(self, flat: torch.Tensor) -> torch.Tensor:
+        """Each slice's count of inf and NaN elements (x - x is NaN exactly there), as int64."""
+        parts = [torch.count_nonzero(v - v, dim=1) for v in self._views(flat)]
+        if self.ragged:
+            tail = self._tail(flat)
+            parts.append(torch.zeros(self.ragged, dtype=torch.int64, device=flat.device)
+                         .index_add_(0, self.ragged_index, (tail - tail).ne(0).to(torch.int64)))
+        if not parts:
+            return torch.zeros(0, dtype=torch.int64, device=flat.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def _cat(self, parts: List[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
         if not parts:
             return torch.zeros(0, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)

@@ -194,8 +194,9 @@ def _twin_run(flush_every, steps=40):
         opt.zero_grad()
         loss = mse(model, batches())
         loss.backward()
-        if step == 25:  # a non-finite step, counted on the device (and not taken, as a GradScaler would)
-            model.hidden[1].weight.grad[0, :3] = float("nan")
+        if step == 25:  # a non-finite step, counted on the device (and not taken, as a GradScaler would),
+            model.hidden[1].weight.grad[0, :3] = float("nan")  # in a sampled weight and a bias held whole,
+            model.hidden[1].bias.grad[:2] = float("inf")  # on a step whose histogram is not counted (25 % 4)
         monitor.observe(loss)
         if step != 25:
             opt.step()
@@ -208,7 +209,7 @@ def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16():
     for name, values in every.series.items():
         assert np.array_equal(values, batched.series[name], equal_nan=True), name
     assert np.array_equal(every.histograms, batched.histograms)
-    assert np.array_equal(every.nonfinite_total, batched.nonfinite_total) and every.nonfinite_total.sum() == 3
+    assert np.array_equal(every.nonfinite_total, batched.nonfinite_total) and every.nonfinite_total.sum() == 5
     assert every.first_nonfinite == batched.first_nonfinite == (25, "hidden.1")
     assert every.global_spike_z == batched.global_spike_z
 
@@ -266,3 +267,36 @@ def test_reading_an_observation_flushes_every_waiting_step():
     assert first["global_norm"] == pytest.approx(norm, rel=1e-5) and first["loss"] == pytest.approx(loss)
     assert all(o["global_norm"] == pytest.approx(n, rel=1e-5) and "not yet" not in repr(o) for o, n, _ in seen)
     assert dict(seen[2][0])["step"] == 2
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_whole_parameters_count_inf_and_nan_exactly_with_or_without_the_histogram(step):
+    """Step 0 counts its |g| histogram (the counts come from its inf/NaN bins); step 1 does not."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    monitor = Monitor(model)  # histogram_every=4
+    for k in range(2):
+        model.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        if k == step:
+            model[0].weight.grad[0, :3] = float("nan")
+            model[0].bias.grad[5] = -float("inf")
+        monitor.observe()
+    profile = monitor.profile()
+    assert profile.nonfinite_total.tolist() == [4, 0]
+    assert profile.series["nonfinite"][step].tolist() == [4, 0] and profile.series["nonfinite"][1 - step].sum() == 0
+    assert profile.first_nonfinite == (step, "0")
+
+
+def test_histogram_every_counts_the_histogram_and_zeros_on_those_steps_only():
+    model, batches = MLP(), regression_batches()
+    monitor = Monitor(model, histogram_every=3)
+    for _ in range(7):
+        model.zero_grad()
+        mse(model, batches()).backward()
+        monitor.observe()
+    profile = monitor.profile()
+    numel = np.array([profile.layers[i].trainable_numel for i in profile.active])
+    assert profile.elements_total == pytest.approx(numel * 3)  # steps 0, 3 and 6
+    assert profile.histograms.sum(axis=1) == pytest.approx(profile.elements_total)
+    counted = ~np.isnan(profile.series["zero_fraction"]).all(axis=1)
+    assert counted.tolist() == [True, False, False, True, False, False, True]

@@ -56,3 +56,11 @@ def test_max_is_nan_or_inf_where_a_slice_holds_one():
     got = seg.max(flat.abs())
     assert torch.isnan(got[1]) and torch.isinf(got[3])
     assert torch.isfinite(got[0]) and torch.isfinite(got[2])
+
+
+def test_count_nonfinite_counts_inf_and_nan_in_runs_and_in_the_tail():
+    flat, seg, slices = laid_out([4, 4, 6, 9, 2])
+    slices[0][[0, 3]] = float("nan")
+    slices[1][1] = -float("inf")
+    slices[4][0] = float("inf")  # in the scattered tail
+    assert seg.count_nonfinite(flat).tolist() == [2, 1, 0, 0, 1]
