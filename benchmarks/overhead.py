@@ -130,7 +130,8 @@ def measure(name: str, pairs: int) -> Dict[str, float]:
     return {"params": params, "tensors": len(list(plain_model.parameters())), "plain_ms": p * 1e3,
             "observed_ms": o * 1e3, "ratio": o / p, "pair_ratio": statistics.median(b / a for a, b in zip(plain, observed)),
             "mean_ratio": statistics.mean(observed) / statistics.mean(plain),
-            "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor, "observe_mean_ms": alone_mean,
+            "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor,
+            "observe_mean_ms": alone_mean,
             "mean_over_floor": alone_mean / floor}
 
 
@@ -207,7 +208,8 @@ def main() -> None:
         r = measure(name, pairs)
         print(f"{name:<14}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_ms']:>10.2f}"
-              f"{r['observe_ms']:>12.2f}{r['over_floor']:>8.2f}{r['observe_mean_ms']:>9.2f}{r['mean_over_floor']:>8.2f}")
+              f"{r['observe_ms']:>12.2f}{r['over_floor']:>8.2f}{r['observe_mean_ms']:>9.2f}"
+              f"{r['mean_over_floor']:>8.2f}")
     print("ratio: median observed step / median plain step (AdamW); pair: median of per-pair ratios; mean:\n"
           "mean observed step / mean plain step; floor: one _foreach_norm over every gradient plus one host\n"
           "copy; observe: observe() alone on the same gradients, median then mean (the mean carries the\n"

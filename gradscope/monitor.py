@@ -42,9 +42,10 @@ class Monitor:
     What is exact and what is sampled: norms, max |g|, sums and non-finite counts use every element at
     every step. The |g| histogram (quantiles, kurtosis, zero fraction) and the step-to-step cosine read
     every element of parameters under 65,536 elements and one block of 1024 in ``histogram_sample`` of
-    larger ones (1 reads every element); the histogram is counted every ``histogram_every`` steps. Weight norms and the update-to-weight ratio are read every
-    ``update_every`` steps, the update as the change in the weights from that observation to the next
-    one (or to ``report()`` for the last step); 1 reads them every step.
+    larger ones (1 reads every element); the histogram is counted every ``histogram_every`` steps.
+    Weight norms and the update-to-weight ratio are read every ``update_every`` steps, the update as
+    the change in the weights from that observation to the next one (or to ``report()`` for the last
+    step); 1 reads them every step.
 
     When the figures reach the host: each step's stay on the device, and every ``flush_every`` steps
     they move in one copy, so a step in between never waits for the device. Reading a figure off an
