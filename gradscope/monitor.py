@@ -102,7 +102,6 @@ class Monitor:
         self._ledger = Ledger(self._numel, history)  # everything kept on the host, step by step
         self.flush_every = flush_every
         self.histogram_every = histogram_every
-        self._observed = 0  # steps observed, on the host or not yet
         self._pending: List[_Pending] = []  # rows still on the device, oldest first
         self._seen_in_backward: set = set()
         self._pending_loss: Optional[torch.Tensor] = None
@@ -133,7 +132,7 @@ class Monitor:
     @property
     def steps(self) -> int:
         """Optimizer steps observed so far."""
-        return self._observed
+        return self._ledger.step + len(self._pending)  # recorded on the host, and waiting on the device
 
     # -- the hot path ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,10 +156,10 @@ class Monitor:
             if loss is not None:
                 self.note_loss(loss)
             if self._calls % self.accumulation_steps:
-                return Observation(None, self._observed, {"step": self._observed, "measured": 0.0})
+                return Observation(None, self.steps, {"step": self.steps, "measured": 0.0})
             loss = self._take_pending_loss()[0] if self._pending_loss is not None else None
         self._remove_hooks()
-        G, dev, step = self._n_groups, self.device, self._observed
+        G, dev, step = self._n_groups, self.device, self.steps
         inverse_scale = _inverse_scale(scaler, dev)
         amp = scaler is not None and scaler.is_enabled()
         if amp:
@@ -187,7 +186,6 @@ class Monitor:
         sums, maxes = pack_row(acc, loss_value, noted, row_dtype, received)
         if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
             sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
-        self._observed += 1
         result = Observation(self, step)
         self._pending.append(_Pending(sums, maxes, present, measure, loss is not None, amp, counted, result))
         if amp or len(self._pending) >= self.flush_every:  # a GradScaler syncs every step anyway
@@ -211,9 +209,9 @@ class Monitor:
         """Move every step still on the device to the host (one copy) and record it."""
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
-        rows = to_host([(p.sums, p.maxes) for p in pending], self._n_groups)
-        for p, row in zip(pending, rows):
+        rows = to_host([(p.sums, p.maxes) for p in self._pending], self._n_groups)
+        for row in rows:
+            p = self._pending.pop(0)  # one leaves the device's queue as the ledger records it: steps holds
             p.result._values = self._record(p, row)
             p.result._monitor = None
 
@@ -238,7 +236,7 @@ class Monitor:
     @torch.no_grad()
     def _record_last_update(self) -> None:
         """Measure the last step's update (made after the last observe), if that step took a snapshot."""
-        if self._observed == 0 or self._snapshot_step != self._observed - 1:
+        if self.steps == 0 or self._snapshot_step != self.steps - 1:
             return
         dev = self.device
         update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
@@ -249,7 +247,7 @@ class Monitor:
             update_sq = distributed.all_reduce_sum(update_sq)
         values = update_sq.to(torch.float64).cpu().numpy()
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
-            self._ledger.record_update(self._observed - 1, values)
+            self._ledger.record_update(self.steps - 1, values)
             self._snapshot_step = -1  # the snapshot is spent
 
     # -- backward order, for naming the first non-finite layer ----------------------------------------
@@ -278,7 +276,7 @@ class Monitor:
         self.flush()
         self._record_last_update()
         if self._pending_loss is not None:
-            self._ledger.amend_loss(self._observed - 1, float(self._take_pending_loss()[0]))
+            self._ledger.amend_loss(self.steps - 1, float(self._take_pending_loss()[0]))
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
             histograms=self._histograms(),
