@@ -10,7 +10,7 @@ large one is a run of its own (one op over many elements costs no more than its 
 from __future__ import annotations
 
 from collections import Counter
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,8 +34,6 @@ class Segments:
     """Slices of ``lengths`` (in buffer order, as :func:`order` gives them) from ``start`` in a flat buffer."""
 
     def __init__(self, lengths: Sequence[int], start: int, device: torch.device) -> None:
-        self.count = len(lengths)
-        self.start = start
         self.end = start + sum(lengths)
         self.runs: List[Tuple[int, int, int]] = []  # (offset, slices, length) of each run of equal lengths
         count = Counter(lengths)
@@ -91,11 +89,10 @@ class Segments:
             tail = self._tail(flat)
             parts.append(torch.zeros(self.ragged, dtype=torch.int64, device=flat.device)
                          .index_add_(0, self.ragged_index, (tail - tail).ne(0).to(torch.int64)))
-        if not parts:
-            return torch.zeros(0, dtype=torch.int64, device=flat.device)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._cat(parts, flat, torch.int64)
 
-    def _cat(self, parts: List[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+    def _cat(self, parts: List[torch.Tensor], flat: torch.Tensor, empty: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The parts end to end; with no slices, an empty vector of ``empty`` (default: the sums' dtype)."""
         if not parts:
-            return torch.zeros(0, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
+            return torch.zeros(0, dtype=empty or torch.promote_types(flat.dtype, torch.float32), device=flat.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
