@@ -7,7 +7,9 @@ _foreach_norm over every gradient plus one host copy), timed on the same gradien
 Models: an MLP (8 tensors), a small transformer, a deep narrow model with 801 tensors, and a 12-layer
 Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU) does the same under
 DistributedDataParallel and times gradscope's per-step collective on its own.
-Run: python benchmarks/overhead.py [--quick]
+With ``--device cuda`` the same runs on a GPU (each timed step, observe() and the floor end in a device
+sync, so device time is counted), with GPT-2 small at its real size (124M parameters) added and no DDP.
+Run: python benchmarks/overhead.py [--quick] [--device cuda]
 """
 from __future__ import annotations
 
@@ -70,7 +72,32 @@ def gpt2() -> Tuple[nn.Module, Callable[[], Tuple[torch.Tensor, ...]], Callable]
     return GPT2LMHeadModel(config), lambda: (tokens,), lambda m, b: m(input_ids=b[0], labels=b[0]).loss
 
 
-MODELS = {"mlp": mlp, "transformer": transformer, "many_tensors": many_tensors, "gpt2": gpt2}
+def gpt2_small() -> Tuple[nn.Module, Callable[[], Tuple[torch.Tensor, ...]], Callable]:
+    """GPT-2 small at its real size (124M parameters, 148 tensors), batch 8 x 512: for a GPU."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    tokens = torch.randint(0, config.vocab_size, (8, 512))
+    return GPT2LMHeadModel(config), lambda: (tokens,), lambda m, b: m(input_ids=b[0], labels=b[0]).loss
+
+
+MODELS = {"mlp": mlp, "transformer": transformer, "many_tensors": many_tensors, "gpt2": gpt2,
+          "gpt2_small": gpt2_small}
+CPU_MODELS = ["mlp", "transformer", "many_tensors", "gpt2"]  # GPT-2 small takes seconds a step on 2 cores
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that a timing counts its work and not only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on(device: torch.device, name: str):
+    """The model, its batch and its loss, on ``device``."""
+    model, batch, loss_fn = MODELS[name]()
+    held = tuple(t.to(device) for t in batch())
+    return model.to(device), lambda: held, loss_fn
 
 
 def floor_ms(model: nn.Module, repeats: int = 50) -> float:
@@ -78,6 +105,7 @@ def floor_ms(model: nn.Module, repeats: int = 50) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     times = []
     for _ in range(repeats):
+        sync(grads[0].device)
         start = time.perf_counter()
         torch.stack(torch._foreach_norm(grads)).cpu()
         times.append(time.perf_counter() - start)
@@ -88,15 +116,19 @@ def observe_ms(model: nn.Module, monitor: Monitor, repeats: int = 48) -> Tuple[f
     """observe() alone on the same gradients (the weights do not move, so the update is measured as zero):
     the median and the mean, in ms. The mean also carries the work done every 4th step (the histogram,
     the weights) and the flush every 16th; ``repeats`` is a multiple of 16 so that it carries its share."""
-    times = []
+    times, device = [], next(model.parameters()).device
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         monitor.observe()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3, statistics.mean(times) * 1e3
 
 
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn, monitor: Monitor = None) -> float:
+    device = next(model.parameters()).device
+    sync(device)
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model, batch())
@@ -104,13 +136,14 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn, mon
     if monitor is not None:
         monitor.observe(loss)
     opt.step()
+    sync(device)
     return time.perf_counter() - start
 
 
-def measure(name: str, pairs: int) -> Dict[str, float]:
+def measure(name: str, pairs: int, device: torch.device) -> Dict[str, float]:
     """Alternate one plain step and one observed step, ``pairs`` times, after a warm-up of both."""
     torch.manual_seed(0)
-    plain_model, batch, loss_fn = MODELS[name]()
+    plain_model, batch, loss_fn = on(device, name)
     observed_model = copy.deepcopy(plain_model)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
     observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
@@ -196,16 +229,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run, noisier)")
     parser.add_argument("--pairs", type=int, default=60, help="plain/observed step pairs per model (default 60)")
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", choices=list(MODELS),
+                        help=f"default: {' '.join(CPU_MODELS)} (on cuda: all of {' '.join(MODELS)})")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda there is no DDP case")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    models = args.models or (list(MODELS) if device.type == "cuda" else CPU_MODELS)
     pairs = 4 if args.quick else args.pairs
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {pairs} alternating pairs of "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; {pairs} alternating pairs of "
           "plain and observed steps; Monitor at its defaults, observing every step")
     print(f"{'model':<14}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}{'pair':>7}{'mean':>7}"
           f"{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
-    for name in args.models:
-        r = measure(name, pairs)
+    for name in models:
+        r = measure(name, pairs, device)
         print(f"{name:<14}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_ms']:>10.2f}"
               f"{r['observe_ms']:>12.2f}{r['over_floor']:>8.2f}{r['observe_mean_ms']:>9.2f}"
@@ -214,7 +252,7 @@ def main() -> None:
           "mean observed step / mean plain step; floor: one _foreach_norm over every gradient plus one host\n"
           "copy; observe: observe() alone on the same gradients, median then mean (the mean carries the\n"
           "work of every 4th and 16th step); /floor: over the floor. All measured side by side in this run.")
-    if not args.no_ddp:
+    if not args.no_ddp and device.type == "cpu":
         r = measure_ddp(pairs)
         print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank): plain "
               f"{r['plain_ms']:.1f} ms, observed {r['observed_ms']:.1f} ms, ratio {r['ratio']:.3f}; "

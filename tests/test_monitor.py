@@ -183,16 +183,16 @@ def test_nonfinite_count_is_exact_in_sampled_and_whole_parameters_of_one_layer()
     assert np.isnan(profile.series["grad_abs_max"][0][0])
 
 
-def _twin_run(flush_every, steps=40):
+def _twin_run(flush_every, steps=40, device="cpu"):
     """A run observed by a Monitor with this flush_every (the same data, weights and optimizer each time)."""
     torch.manual_seed(0)
-    model = MLP(width=300, d_in=300)
+    model = MLP(width=300, d_in=300).to(device)
     batches = regression_batches(d_in=300)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor = Monitor(model, flush_every=flush_every)
     for step in range(steps):
         opt.zero_grad()
-        loss = mse(model, batches())
+        loss = mse(model, [t.to(device) for t in batches()])
         loss.backward()
         if step == 25:  # a non-finite step, counted on the device (and not taken, as a GradScaler would),
             model.hidden[1].weight.grad[0, :3] = float("nan")  # in a sampled weight and a bias held whole,
@@ -203,8 +203,7 @@ def _twin_run(flush_every, steps=40):
     return monitor.profile()
 
 
-def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16():
-    every, batched = _twin_run(1), _twin_run(16)
+def assert_bit_identical(every, batched):
     assert every.steps == batched.steps == 40
     for name, values in every.series.items():
         assert np.array_equal(values, batched.series[name], equal_nan=True), name
@@ -212,6 +211,10 @@ def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16():
     assert np.array_equal(every.nonfinite_total, batched.nonfinite_total) and every.nonfinite_total.sum() == 5
     assert every.first_nonfinite == batched.first_nonfinite == (25, "hidden.1")
     assert every.global_spike_z == batched.global_spike_z
+
+
+def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16():
+    assert_bit_identical(_twin_run(1), _twin_run(16))
 
 
 class _HostReads(torch.overrides.TorchFunctionMode):

@@ -1,0 +1,122 @@
+"""The Monitor, the Clipper and diagnose on a CUDA GPU: no host sync between flushes, the same figures as
+a naive reference, bit-identical whatever the flush interval. Skipped where torch sees no GPU (CI has none)."""
+from __future__ import annotations
+
+import traceback
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope import Clipper, Monitor
+
+from models import MLP, exploding_rnn, mse, regression_batches
+from test_monitor import _twin_run, assert_bit_identical, naive_layer_figures
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def many_tensor_model() -> nn.Module:
+    """Whole small parameters in runs, a ragged tail, and a large (sampled) weight."""
+    blocks = [m for _ in range(40) for m in (nn.Linear(64, 64), nn.LayerNorm(64))]
+    return nn.Sequential(nn.Linear(300, 64), *blocks, nn.Linear(64, 300), nn.Linear(300, 300), nn.Linear(300, 1))
+
+
+class _Syncs:
+    """Where the device was made to wait: CUDA's sync debug mode, each warning kept with its stack."""
+
+    def __init__(self) -> None:
+        self.stacks = []
+
+    def __enter__(self) -> "_Syncs":
+        torch.cuda.set_sync_debug_mode("warn")  # (before the catch: turning it on warns that it is a prototype)
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._keep
+        return self
+
+    def _keep(self, message, *_args, **_kwargs) -> None:
+        if "synchroniz" in str(message):
+            self.stacks.append("".join(traceback.format_stack(limit=8)[:-2]))
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+
+
+def test_no_sync_on_a_step_that_does_not_flush():
+    torch.manual_seed(0)
+    model = many_tensor_model().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = Monitor(model)  # defaults: flush every 16, histogram and update every 4
+    x, y = torch.randn(32, 300, device="cuda"), torch.randn(32, 1, device="cuda")
+    syncs = []
+    for step in range(16):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        with _Syncs() as seen:
+            result = monitor.observe(loss)
+        syncs.append(seen.stacks)
+        opt.step()
+    assert syncs[:15] == [[]] * 15, "\n".join(s for step in syncs for s in step)
+    assert syncs[15], "the 16th step flushes: its one copy to the host must be seen (or this check sees nothing)"
+    assert result["step"] == 15 and np.isfinite(result["global_norm"])
+
+
+def test_figures_match_a_naive_reference_on_the_gpu():
+    torch.manual_seed(0)
+    model = MLP(width=300, d_in=300).cuda()
+    batches = regression_batches(d_in=300)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, update_every=1, histogram_every=1)
+    refs = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = mse(model, [t.cuda() for t in batches()])
+        loss.backward()
+        refs.append(naive_layer_figures(model))
+        monitor.observe(loss)
+        opt.step()
+    profile = monitor.profile()
+    names = [profile.layers[i].name for i in profile.active]
+    for step, ref in enumerate(refs):
+        for k, name in enumerate(names):
+            norm, gmax, _, wnorm = ref[name]
+            assert profile.series["grad_norm"][step][k] == pytest.approx(norm, rel=1e-5)
+            assert profile.series["grad_abs_max"][step][k] == pytest.approx(gmax, rel=1e-6)
+            assert profile.series["weight_norm"][step][k] == pytest.approx(wnorm, rel=1e-5)
+
+
+def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16_on_the_gpu():
+    assert_bit_identical(_twin_run(1, device="cuda"), _twin_run(16, device="cuda"))
+
+
+@pytest.mark.parametrize("method", ["norm", "value", "agc"])
+def test_clipper_on_the_gpu_matches_the_cpu(method):
+    """The same gradients (made on the CPU, copied to the GPU) clipped on each device."""
+    torch.manual_seed(0)
+    cpu = MLP(width=64, d_in=8)
+    gpu = MLP(width=64, d_in=8).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    mse(cpu, regression_batches(scale=100.0)()).backward()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        b.grad = a.grad.cuda()
+    before = [p.grad.clone() for p in cpu.parameters()]
+    Clipper(method, 0.05)(cpu)
+    Clipper(method, 0.05)(gpu)
+    assert any(not torch.equal(a, p.grad) for a, p in zip(before, cpu.parameters())), "nothing was clipped"
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-5, atol=1e-7)
+
+
+def test_diagnose_with_trials_on_the_gpu():
+    """The whole flow, trials included, on an exploding RNN moved to the GPU by ``device``."""
+    report = gradscope.diagnose(exploding_rnn(), steps=30, device="cuda", trials=4)
+    assert report.statistics.model.device.startswith("cuda")
+    assert report.recommendation.method == "norm" and report.recommendation.threshold > 0
+    assert any(f.severity == "error" for f in report.findings)
