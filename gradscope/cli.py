@@ -15,7 +15,7 @@ from rich.table import Column, Table
 from . import __version__, distributed, interrupts, outputs
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
-from .diagnose import DEFAULT_STEPS, MAX_STEPS, diagnose, seed_everything
+from .diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everything
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, html_available, to_markdown
 from .gate import FAIL_ON, Verdict, decide, unfinished
@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "130 interrupted.")
     d.add_argument("target", help=f"path/to/file.py[:callable] or package.module:callable "
                                   f"(a bare file uses the callable '{DEFAULT_CALLABLE}')")
-    d.add_argument("--steps", type=int, help=f"optimizer steps to profile, 1-{MAX_STEPS} (default {DEFAULT_STEPS})")
+    d.add_argument("--steps", type=int, help=f"optimizer steps to profile, 1-{MAX_STEPS} (default {DEFAULT_STEPS}); "
+                   f"while nothing is flagged and the loss has not fallen, the profile goes on, as many steps "
+                   f"again at a time, to at most {EXTEND}x")
+    d.add_argument("--no-extend", dest="extend", action="store_false",
+                   help="profile exactly --steps steps, even when they show nothing yet")
     d.add_argument("--seed", type=_seed_arg, default=0, help="seed for torch, numpy and random before the target is built (default 0)")
     d.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where to run (default auto)")
     d.add_argument("--rules", metavar="FILE", help="a rule file that extends or overrides the default rules")
@@ -167,8 +171,8 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
         task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
         report = diagnose(
             experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device, restore=False,
-            trials=args.trials, trial_budget=args.trial_budget, trial_seconds=args.trial_seconds,
-            progress=lambda done, total, o: progress.update(task, completed=done,
+            trials=args.trials, trial_budget=args.trial_budget, trial_seconds=args.trial_seconds, extend=args.extend,
+            progress=lambda done, total, o: progress.update(task, completed=done, total=total,
                                                              note=f"global norm {o['global_norm']:.3g}"),
             trial_progress=lambda done, total, label: progress.update(
                 task, description="trials", completed=done, total=total, note=label))

@@ -6,7 +6,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,17 +15,19 @@ from . import distributed, interrupts
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf, next_batch,
                          optimizer_step)
-from .judge import Trial, TrialSet, candidates, update_estimate
+from .judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
 from .pipeline import build_report
 from .recommend import method_for, recommend
 from .report import Report
+from .stats import rise
 from .ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from .trials import BUDGET, HELD_OUT_BATCHES, MOST_TRIALS, TRIAL_STEPS, run_reference, run_trials
 
 DEFAULT_STEPS = 30
 MAX_STEPS = 50
+EXTEND = 4  # a profile that has seen nothing yet goes on, ``steps`` at a time, to at most this many times ``steps``
 Progress = Callable[[int, int, Dict[str, float]], None]
 TrialProgress = Callable[[int, int, str], None]
 
@@ -49,8 +51,13 @@ def diagnose(
     trial_budget: float = BUDGET,
     trial_seconds: Optional[float] = None,
     trial_progress: Optional[TrialProgress] = None,
+    extend: bool = True,
 ) -> Report:
     """Train ``experiment`` for ``steps`` optimizer steps, observing every step, and return a Report.
+
+    A profile that has seen nothing yet (no warning or error, and a loss that has not fallen by 1%)
+    goes on, ``steps`` at a time, to at most EXTEND x ``steps`` (``extend=False``: exactly ``steps``):
+    a run on a plateau can diverge right after it, and a loss that has not moved says nothing yet.
 
     When a finding calls for norm clipping, up to ``trials`` thresholds are then tried for real from
     the same start (0 turns trials off), training at most ``trial_budget`` trials' worth of steps and,
@@ -85,12 +92,16 @@ def diagnose(
         stream = batch_stream(experiment.batches)
         seen: List[Any] = []
         began = time.perf_counter()
-        stopped = _profile_steps(experiment, monitor, stream, seen, steps, target or monitor.device, progress)
+        dev = target or monitor.device
+        stopped = _profile_steps(experiment, monitor, stream, seen, 0, steps, dev, progress)
+        extended = None
+        if extend and stopped is None and distributed.context() is None:
+            stopped, extended = _extend(experiment, monitor, stream, seen, steps, dev, progress, meta)
         profile = monitor.profile()  # before close(): it measures the last step's update
         profile_seconds = time.perf_counter() - began
-        report = build_report(profile, stopped_reason=stopped, **meta)
+        report = build_report(profile, stopped_reason=stopped, extended=extended, **meta)
         if start is not None and method_for(report.findings) == "norm":
-            trial_set = _trials(experiment, stream, seen, report, start, scale, target or monitor.device,
+            trial_set = _trials(experiment, stream, seen, report, start, scale, dev,
                                 profile_seconds, dict(most=trials, budget=trial_budget, seconds=trial_seconds,
                                                       progress=trial_progress))
             advice = recommend(report.statistics, report.findings, trial_set)
@@ -111,20 +122,42 @@ def diagnose(
     return report
 
 
-def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], steps: int,
+def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], first: int, end: int,
                    device: torch.device, progress: Optional[Progress]) -> Optional[str]:
-    """Train and observe ``steps`` steps, keeping each batch in ``seen``; why the run stopped early, if it did."""
+    """Train and observe steps ``first`` to ``end``, keeping the batches the trials need in ``seen``; why the
+    run stopped early, if it did."""
     experiment.model.train()
-    for step in range(steps):
-        seen.append(next_batch(stream, step))
-        loss = forward_backward(experiment, seen[-1], step, device)
+    for step in range(first, end):
+        batch = next_batch(stream, step)
+        if len(seen) < TRIAL_STEPS + HELD_OUT_BATCHES:
+            seen.append(batch)
+        loss = forward_backward(experiment, batch, step, device)
         out = monitor.observe(loss)
         if progress is not None:
-            progress(step + 1, steps, out)
+            progress(step + 1, end, out)
         if not math.isfinite(out["loss"]):
             return f"the loss was {out['loss']} at step {step}: stopped before optimizer.step()"
         optimizer_step(experiment, step)
     return None
+
+
+def _extend(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], steps: int, device: torch.device,
+            progress: Optional[Progress], meta: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """Go on profiling, ``steps`` at a time up to EXTEND x ``steps``, while the profile has seen nothing: no
+    warning or error, and a loss that has not fallen by SIGNAL (its last quarter against its first).
+    Returns why the run stopped early, if it did, and why the profile was extended, if it was."""
+    done, stopped = steps, None
+    while done < EXTEND * steps and stopped is None:
+        report = build_report(monitor.profile(), **meta)
+        loss = report.statistics.model.loss
+        if not report.healthy or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL:
+            break
+        stopped = _profile_steps(experiment, monitor, stream, seen, done, done + steps, device, progress)
+        done += steps
+    if done == steps:
+        return None, None
+    return stopped, (f"after {steps} steps nothing was flagged and the loss had not fallen by {SIGNAL:.0%}, "
+                     f"so the profile went on to {monitor.steps}")
 
 
 def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, start: Dict[str, Any],
@@ -139,7 +172,7 @@ def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, sta
         batches.append(next_batch(stream, len(batches)))
     train, held = batches[:TRIAL_STEPS], batches[TRIAL_STEPS:]
     m = report.statistics.model
-    if len(seen) == TRIAL_STEPS:  # the profile was the unclipped run on exactly these batches
+    if m.steps == TRIAL_STEPS:  # the profile was the unclipped run on exactly these batches
         per_batch = held_out_losses(experiment, held, device)
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), median_or_inf(per_batch),
                           held_out_batches=per_batch)

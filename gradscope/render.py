@@ -105,8 +105,10 @@ def header(report: Report) -> RenderableType:
     m = report.statistics.model
     title = Text.assemble(("gradscope ", "bold"), (report.model, "bold cyan"))
     steps = f"{m.steps} step{'s' if m.steps != 1 else ''}"
-    if report.steps_requested and report.steps_requested != m.steps:
+    if report.steps_requested and report.steps_requested > m.steps:
         steps += f" of {report.steps_requested}"
+    elif report.steps_requested and report.steps_requested < m.steps:
+        steps += f" ({report.steps_requested} asked; the loss had not moved, so the profile went on)"
     line = Text(f"{steps} on {m.device}" + (f" · seed {report.seed}" if report.seed is not None else ""), "dim")
     lines = [title, line, Text(f"measured: {m.measurement}", "dim")]
     if report.partial:

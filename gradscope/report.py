@@ -27,6 +27,7 @@ class Report:
     stopped_reason: Optional[str] = None  # set when the run ended before the steps asked for
     seed: Optional[int] = None
     steps_requested: Optional[int] = None
+    extended: Optional[str] = None  # why the profile ran past the steps asked for (diagnose's plateau rule)
 
     @property
     def healthy(self) -> bool:
@@ -71,6 +72,7 @@ class Report:
             "stopped_reason": self.stopped_reason,
             "steps": m.steps,
             "steps_requested": self.steps_requested,
+            "extended": self.extended,
             "seed": self.seed,
             "measurement": m.measurement,
             "device": m.device,

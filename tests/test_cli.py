@@ -70,7 +70,7 @@ def test_explicit_callable_and_json_output_file(tmp_path, capsys):
 def test_module_target(tmp_path, capsys, monkeypatch):
     target(tmp_path, GOOD, name="my_experiment.py")
     monkeypatch.syspath_prepend(str(tmp_path))
-    code, out, _ = run(["diagnose", "my_experiment:experiment", "--steps", "3", "--format", "json"], capsys)
+    code, out, _ = run(["diagnose", "my_experiment:experiment", "--steps", "3", "--no-extend", "--format", "json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 3
 
 

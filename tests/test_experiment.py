@@ -54,7 +54,7 @@ def test_dict_batches_use_the_output_loss():
     model = HFStyle()
     exp = gradscope.Experiment(model, torch.optim.SGD(model.parameters(), 0.1),
                                [{"input_ids": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 0, 1])}])
-    report = gradscope.diagnose(exp, steps=3)
+    report = gradscope.diagnose(exp, steps=3, extend=False)
     assert report.statistics.model.steps == 3 and np.isfinite(report.statistics.model.loss).all()
     with pytest.raises(ExperimentError, match="computed no loss"):
         compute_loss(exp, {"input_ids": torch.randn(5, 4)})

@@ -135,7 +135,7 @@ def test_markdown_has_the_findings_table(exploding):
 
 def test_format_from_the_environment(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GRADSCOPE_FORMAT", "json")
-    assert main(["diagnose", target(tmp_path, GOOD), "--steps", "2"]) == 0
+    assert main(["diagnose", target(tmp_path, GOOD), "--steps", "2", "--no-extend"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
     monkeypatch.setenv("GRADSCOPE_FORMAT", "yaml")
     assert main(["diagnose", target(tmp_path, GOOD), "--steps", "2"]) == 2

@@ -37,7 +37,7 @@ def test_histograms_and_norms_round_trip(tmp_path):
 
 
 def test_cli_flag(tmp_path, capsys):
-    assert main(["diagnose", target(tmp_path, GOOD), "--steps", "3", "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert main(["diagnose", target(tmp_path, GOOD), "--steps", "3", "--no-extend", "--tensorboard", str(tmp_path / "tb")]) == 0
     assert len(read(tmp_path / "tb").Scalars("gradscope/global_norm")) == 3
 
 

@@ -162,10 +162,13 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
         rank = float(sps.spearmanr([tried[t] for t in common], [grid[t] for t in common]).statistic)
     return {"scenario": scenario.name, "label": scenario.label, "seed": seed, "l0": l0,
             "flagged": not report.healthy, "method": report.recommendation.method,
+            "profile_steps": report.statistics.model.steps,
             "threshold": report.recommendation.threshold, "median_norm": median, "start_norm": start_norm,
             "best_threshold": best_threshold, "weight_norm": weight_norm, "lr_eff": lr_eff,
             "optimizer": type(setup.optimizer).__name__,
-            "trial_steps": sum(len(t.losses) for t in trials.trials) if trials else 0,
+            "trial_steps": sum(len(t.losses) for t in trials.trials) + (  # and the unclipped reference, when
+                len(trials.reference.losses) if report.statistics.model.steps != PROFILE_STEPS else 0)  # rerun
+            if trials else 0,
             "trials_tried": len(tried), "diagnose_seconds": diagnose_seconds,
             "profile_seconds": trials.profile_seconds if trials else diagnose_seconds,
             "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
@@ -214,8 +217,12 @@ def summarise(rows: List[Dict[str, object]]) -> str:
         len(flagging) + len(healthy), 1)
     false_alarms = sum(r["flagged"] for r in healthy)
     lines.append("")
+    extended = [r for r in rows if r.get("profile_steps", PROFILE_STEPS) > PROFILE_STEPS]
     lines.append(f"detection {detection:.0%} ({false_alarms} false alarm(s) on {len(healthy)} healthy runs); "
-                 f"profiling cost {PROFILE_STEPS} steps per scenario and seed")
+                 f"profiling cost {PROFILE_STEPS} steps per scenario and seed, more on {len(extended)} of "
+                 f"{len(rows)} pairs whose profile saw nothing yet"
+                 + "".join(f"\n  {r['scenario']} seed {r['seed']}: {r['profile_steps']} steps, "
+                           f"{'flagged' if r['flagged'] else 'nothing flagged'}" for r in extended))
     unconfirmed = [f"{r['scenario']} seed {r['seed']}" for r in flagging if not confirmed(r)]
     if unconfirmed:
         lines.append(f"explode pairs the grid does not confirm, left out of R: {', '.join(unconfirmed)}")
@@ -232,10 +239,10 @@ def summarise(rows: List[Dict[str, object]]) -> str:
                          f"{len(ranks)} pairs)")
     tried = [r for r in rows if r["trial_steps"]]
     if tried:
-        cost = [(PROFILE_STEPS + r["trial_steps"]) / PROFILE_STEPS for r in tried]
+        cost = [(r["profile_steps"] + r["trial_steps"]) / r["profile_steps"] for r in tried]
         ratio = [r["diagnose_seconds"] / r["profile_seconds"] for r in tried]
-        lines.append(f"cost where trials ran ({len(tried)} pairs): {PROFILE_STEPS} profiled + "
-                     f"{statistics.median(r['trial_steps'] for r in tried):.0f} trial steps (median), "
+        lines.append(f"cost where trials ran ({len(tried)} pairs): {statistics.median(r['profile_steps'] for r in tried):.0f}"
+                     f" profiled + {statistics.median(r['trial_steps'] for r in tried):.0f} trial steps (median), "
                      f"{statistics.median(cost):.1f}x the profile in steps (max {max(cost):.1f}x); "
                      f"diagnose time over profiling time median {statistics.median(ratio):.1f}x, "
                      f"max {max(ratio):.1f}x")
