@@ -36,7 +36,7 @@ class Bucket:
     def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int,
                  ctx: Optional[distributed.Context]) -> None:
         self.params = params
-        self.groups = groups
+        self.groups = np.asarray(groups, dtype=np.int64)
         self.dtype = params[0].dtype
         self.device = device
         self.param_group = torch.tensor(groups, device=device)
@@ -137,7 +137,7 @@ class Bucket:
             for i in set(range(len(self.params))) - set(index):
                 dest[i].zero_()  # an unused parameter reads as zeros in the histogram, the sums and the cosine
         if grads:
-            present[[self.groups[i] for i in index]] = True
+            present[self.groups if whole else self.groups[index]] = True
             sources = grads
             if self.blocked and whole:  # only large parameters need a strided view; the rest copy as they are
                 sources = list(grads)
