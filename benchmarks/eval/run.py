@@ -239,10 +239,13 @@ def summarise(rows: List[Dict[str, object]]) -> str:
                          f"{len(ranks)} pairs)")
     tried = [r for r in rows if r["trial_steps"]]
     if tried:
-        cost = [(r["profile_steps"] + r["trial_steps"]) / r["profile_steps"] for r in tried]
+        # against the profile asked for, or the longer one run where it went on (one cut short by a NaN
+        # loss took fewer steps than asked, and the budget is stated against the profile asked for)
+        profiled = [max(PROFILE_STEPS, r["profile_steps"]) for r in tried]
+        cost = [(p + r["trial_steps"]) / p for p, r in zip(profiled, tried)]
         ratio = [r["diagnose_seconds"] / r["profile_seconds"] for r in tried]
-        lines.append(f"cost where trials ran ({len(tried)} pairs): {statistics.median(r['profile_steps'] for r in tried):.0f}"
-                     f" profiled + {statistics.median(r['trial_steps'] for r in tried):.0f} trial steps (median), "
+        lines.append(f"cost where trials ran ({len(tried)} pairs): {statistics.median(profiled):.0f} profiled + "
+                     f"{statistics.median(r['trial_steps'] for r in tried):.0f} trial steps (median), "
                      f"{statistics.median(cost):.1f}x the profile in steps (max {max(cost):.1f}x); "
                      f"diagnose time over profiling time median {statistics.median(ratio):.1f}x, "
                      f"max {max(ratio):.1f}x")
