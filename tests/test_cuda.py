@@ -14,7 +14,7 @@ import gradscope
 from gradscope import Clipper, Monitor
 
 from models import MLP, exploding_rnn, mse, regression_batches
-from test_monitor import _twin_run, assert_bit_identical, naive_layer_figures
+from test_monitor import _twin_run, assert_bit_identical, assert_matches_reference, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,27 +69,8 @@ def test_no_sync_on_a_step_that_does_not_flush():
 
 
 def test_figures_match_a_naive_reference_on_the_gpu():
-    torch.manual_seed(0)
-    model = MLP(width=300, d_in=300).cuda()
-    batches = regression_batches(d_in=300)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = Monitor(model, update_every=1, histogram_every=1)
-    refs = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = mse(model, [t.cuda() for t in batches()])
-        loss.backward()
-        refs.append(naive_layer_figures(model))
-        monitor.observe(loss)
-        opt.step()
-    profile = monitor.profile()
-    names = [profile.layers[i].name for i in profile.active]
-    for step, ref in enumerate(refs):
-        for k, name in enumerate(names):
-            norm, gmax, _, wnorm = ref[name]
-            assert profile.series["grad_norm"][step][k] == pytest.approx(norm, rel=1e-5)
-            assert profile.series["grad_abs_max"][step][k] == pytest.approx(gmax, rel=1e-6)
-            assert profile.series["weight_norm"][step][k] == pytest.approx(wnorm, rel=1e-5)
+    _, profile, refs, _, _ = train({"update_every": 1, "histogram_every": 1}, device="cuda")
+    assert_matches_reference(profile, refs)
 
 
 def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16_on_the_gpu():

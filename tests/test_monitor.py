@@ -24,16 +24,16 @@ def naive_layer_figures(model: nn.Module):
     return out
 
 
-def train(monitor_kwargs, steps=5, model=None, batches=None):
+def train(monitor_kwargs, steps=5, model=None, batches=None, device="cpu"):
     torch.manual_seed(0)
-    model = model or MLP(width=300, d_in=300)
+    model = (model or MLP(width=300, d_in=300)).to(device)
     batches = batches or regression_batches(d_in=300)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = Monitor(model, **monitor_kwargs)
     references, grads, weights = [], [], []
     for _ in range(steps):
         opt.zero_grad()
-        loss = mse(model, batches())
+        loss = mse(model, [t.to(device) for t in batches()])
         loss.backward()
         references.append(naive_layer_figures(model))
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
@@ -44,9 +44,7 @@ def train(monitor_kwargs, steps=5, model=None, batches=None):
     return model, monitor.profile(), references, grads, weights
 
 
-@pytest.mark.parametrize("sample", [1, 4])
-def test_layer_figures_match_naive_reference(sample):
-    model, profile, refs, _, _ = train({"histogram_sample": sample, "update_every": 1})
+def assert_matches_reference(profile, refs):
     names = [profile.layers[i].name for i in profile.active]
     for step, ref in enumerate(refs):
         for k, name in enumerate(names):
@@ -56,6 +54,12 @@ def test_layer_figures_match_naive_reference(sample):
             assert profile.series["grad_mean"][step][k] == pytest.approx(mean, rel=1e-3, abs=1e-9)
             assert profile.series["weight_norm"][step][k] == pytest.approx(wnorm, rel=1e-5)
             assert profile.series["grad_to_weight"][step][k] == pytest.approx(norm / wnorm, rel=1e-5)
+
+
+@pytest.mark.parametrize("sample", [1, 4])
+def test_layer_figures_match_naive_reference(sample):
+    _, profile, refs, _, _ = train({"histogram_sample": sample, "update_every": 1})
+    assert_matches_reference(profile, refs)
 
 
 def test_global_norm_and_exact_cosine_match_reference():
