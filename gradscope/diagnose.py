@@ -20,9 +20,9 @@ from .monitor import Monitor
 from .pipeline import build_report
 from .recommend import method_for, recommend
 from .report import Report
-from .stats import rise
 from .ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
+from .stats import rise
 from .trials import BUDGET, HELD_OUT_BATCHES, MOST_TRIALS, TRIAL_STEPS, run_reference, run_trials
 
 DEFAULT_STEPS = 30
