@@ -155,6 +155,7 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
     state = "✔ healthy" if report.healthy else ("✖ unhealthy" if report.worst_severity == "error" else "▲ at risk")
     out = [f"## gradscope: {report.model} ({state})", "",
            f"{m.steps} steps on {m.device}; measured: {m.measurement}."
+           + (f" The profile went on: {report.extended}." if report.extended else "")
            + (f" **Partial report:** {report.stopped_reason}." if report.partial else ""),
            f"Gate: fail on {verdict.fail_on}; exit code {verdict.exit_code}."
            + (f" **The run did not finish:** {_md_cell(verdict.unfinished)}." if verdict.unfinished else ""), ""]

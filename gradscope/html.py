@@ -56,6 +56,8 @@ def to_html(report: Report) -> str:
              f"<p class=meta>{plural(m.steps, 'step')} on {_e(m.device)}"
              + (f" · seed {report.seed}" if report.seed is not None else "") + f" · measured: {_e(m.measurement)}</p>",
              f"<p class='verdict {state}'>{words}: {_e(advice(rec))}</p>"]
+    if report.extended:
+        parts.append(f"<p class=meta>The profile went on: {_e(report.extended)}.</p>")
     if report.partial:
         parts.append(f"<p class=warning><b>Partial report:</b> {_e(report.stopped_reason or '')}</p>")
     parts += ["<h2>Global gradient norm</h2>", _figure(mpl, _norm_plot, report, _norm_caption(report))]

@@ -81,3 +81,5 @@ def test_the_cli_says_why_and_no_extend_turns_it_off(tmp_path, capsys):
     assert "5 steps on cpu" in out and "asked" not in out
     assert main(["diagnose", str(path), "--steps", "5"]) == 0
     assert "20 steps (5 asked; the loss had not moved, so the profile went on)" in capsys.readouterr().out
+    assert main(["diagnose", str(path), "--steps", "5", "--format", "markdown"]) == 0
+    assert "20 steps on cpu" in (out := capsys.readouterr().out) and "The profile went on: after 5 steps" in out
