@@ -172,7 +172,8 @@ def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, sta
         batches.append(next_batch(stream, len(batches)))
     train, held = batches[:TRIAL_STEPS], batches[TRIAL_STEPS:]
     m = report.statistics.model
-    if m.steps == TRIAL_STEPS:  # the profile was the unclipped run on exactly these batches
+    rerun = m.steps != TRIAL_STEPS
+    if not rerun:  # the profile was the unclipped run on exactly these batches
         per_batch = held_out_losses(experiment, held, device)
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), median_or_inf(per_batch),
                           held_out_batches=per_batch)
@@ -182,7 +183,7 @@ def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, sta
     if any(h is b for h in held for b in train):
         notes.append("Experiment.batches repeats within the trials, so the held-out batches were also trained on")
     return run_trials(experiment, start, train, held, reference, candidates(m.global_norm, scale), device=device,
-                      profile_seconds=profile_seconds, notes=notes, **limits)
+                      profile_seconds=profile_seconds, notes=notes, reference_rerun=rerun, **limits)
 
 
 def _update_scale(experiment: Experiment) -> Optional[float]:

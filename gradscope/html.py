@@ -210,8 +210,7 @@ def _norm_caption(report: Report) -> str:
 
 
 def _trials_caption(trials: TrialSet) -> str:
-    spent = sum(len(t.losses) for t in trials.trials)
-    return (f"Every trial trains {trials.steps} steps from the same start ({spent} steps in all) and is judged on "
+    return (f"Every trial trains {trials.steps} steps from the same start ({trials.spent} steps in all) and is judged on "
             f"held-out batches; dotted curves went unstable. The winner: "
             f"{'none' if trials.winner is None else fmt(trials.winner)}.")
 

@@ -68,6 +68,12 @@ class TrialSet:
     seconds: float  # wall time of the trials
     profile_seconds: float  # wall time of the profile, to state the trials' cost against
     notes: Tuple[str, ...] = ()
+    reference_rerun: bool = False  # the unclipped reference was trained for the trials (not the profile itself)
+
+    @property
+    def spent(self) -> int:
+        """Training steps the trials took: every clipped trial's, and the reference's when it was rerun."""
+        return sum(len(t.losses) for t in self.trials) + (len(self.reference.losses) if self.reference_rerun else 0)
 
 
 def candidates(norms: np.ndarray, update_estimate: Optional[float] = None) -> List[float]:

@@ -64,8 +64,7 @@ def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None
 
 def trials_table(trials: TrialSet) -> RenderableType:
     """Every trial, loosest first, with its held-out loss and whether it stayed stable; the winner marked."""
-    spent = sum(len(t.losses) for t in trials.trials)
-    title = (f"trials: {trials.steps} steps each from the same start ({spent} steps in all), judged on "
+    title = (f"trials: {trials.steps} steps each from the same start ({trials.spent} steps in all), judged on "
              f"held-out batches (start {fmt(trials.start_held_out)})")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=title, title_justify="left", title_style="bold")
     for name, justify in (("clip at", "right"), ("clipped", "right"), ("held-out", "right"),

@@ -31,11 +31,14 @@ Progress = Callable[[int, int, str], None]
 def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[Batch], held_out: Sequence[Batch],
                reference: Trial, thresholds: Sequence[float], *, device: torch.device, profile_seconds: float,
                most: int = MOST_TRIALS, budget: float = BUDGET, seconds: Optional[float] = None,
-               progress: Optional[Progress] = None, notes: Sequence[str] = ()) -> TrialSet:
+               progress: Optional[Progress] = None, notes: Sequence[str] = (),
+               reference_rerun: bool = False) -> TrialSet:
     """Trials at ``thresholds`` (loosest first) in the order judge.next_candidate gives, within the budget.
 
-    ``budget`` counts trials' worth of steps, so the same run gives the same advice anywhere; ``seconds``
-    optionally caps the wall-clock time as well, for users who trade confidence for time.
+    ``budget`` counts the clipped trials' steps in trials' worth, so the same run gives the same advice
+    anywhere and whatever ``--steps`` the profile ran (the unclipped reference is outside it: it is the
+    profile itself at the trials' length, and trained for them at any other, ``reference_rerun``);
+    ``seconds`` optionally caps the wall-clock time as well, for users who trade confidence for time.
     """
     began = time.perf_counter()
     restore(experiment, start)
@@ -71,7 +74,8 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[
         None, "no trial fitted in the budget; raise it with --trial-budget")
     return TrialSet(steps=len(batches), start_held_out=start_held_out, reference=reference, trials=tuple(trials),
                     untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
-                    seconds=time.perf_counter() - began, profile_seconds=profile_seconds, notes=tuple(notes))
+                    seconds=time.perf_counter() - began, profile_seconds=profile_seconds, notes=tuple(notes),
+                    reference_rerun=reference_rerun)
 
 
 def run_reference(experiment: Experiment, start: Dict[str, Any], batches: Sequence[Batch], held_out: Sequence[Batch],

@@ -147,11 +147,23 @@ def test_every_trial_starts_from_the_same_state_and_batches(exploding):
 def test_trials_stay_within_their_step_budget(exploding):
     trials = exploding.recommendation.evidence.trials
     spent = sum(len(t.losses) for t in trials.trials)
-    assert 0 < spent <= 4 * trials.steps
+    assert 0 < spent == trials.spent <= 4 * trials.steps and not trials.reference_rerun
     limited = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_budget=1.0)
     assert sum(len(t.losses) for t in limited.recommendation.evidence.trials.trials) <= trials.steps
     timed = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_seconds=1e-9).recommendation.evidence.trials
     assert len(timed.trials) == 1 and "--trial-seconds" in timed.stopped  # the first trial always runs
+
+
+def test_an_unclipped_reference_trained_for_the_trials_counts_in_their_cost():
+    """At --steps 20 the profile is not the trials' 30 steps, so the reference is trained for them: the
+    steps the trials report include it (the budget counts the clipped trials alone, as at --steps 30,
+    so that the advice does not depend on --steps)."""
+    report = gradscope.diagnose(exploding_rnn(), steps=20, seed=0)
+    trials = report.recommendation.evidence.trials
+    assert trials.reference_rerun and trials.reference.losses
+    assert trials.spent == sum(len(t.losses) for t in trials.trials) + len(trials.reference.losses)
+    assert report.to_dict()["recommendation"]["trials"]["trial_steps"] == trials.spent
+    assert f"({trials.spent} steps in all)" in report.render()
 
 
 def test_the_winner_trains_where_unclipped_training_diverges(exploding):

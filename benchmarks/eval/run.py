@@ -166,9 +166,7 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "threshold": report.recommendation.threshold, "median_norm": median, "start_norm": start_norm,
             "best_threshold": best_threshold, "weight_norm": weight_norm, "lr_eff": lr_eff,
             "optimizer": type(setup.optimizer).__name__,
-            "trial_steps": sum(len(t.losses) for t in trials.trials) + (  # and the unclipped reference, when
-                len(trials.reference.losses) if report.statistics.model.steps != PROFILE_STEPS else 0)  # rerun
-            if trials else 0,
+            "trial_steps": trials.spent if trials else 0,  # the rerun unclipped reference's steps included
             "trials_tried": len(tried), "diagnose_seconds": diagnose_seconds,
             "profile_seconds": trials.profile_seconds if trials else diagnose_seconds,
             "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
