@@ -200,18 +200,22 @@ class Bucket:
         each is a pass over a large tensor, whose cost is its bandwidth, not the call.
         """
         dev = acc.norm_sq.device
+        groups = None  # the chosen gradients' groups, when they are not all of self.direct (then on the host)
         if whole:
-            chosen, at = [grads[i] for i in self.direct], self.direct_group
+            chosen = [grads[i] for i in self.direct]
         else:
             direct = set(self.direct)
             picked = [k for k, i in enumerate(index) if i in direct]
-            chosen, at = [grads[k] for k in picked], self.param_group[[index[k] for k in picked]]
-        if self.sharded:  # a rank may hold an empty shard (zero-element parameters never reach a bucket)
+            chosen, groups = [grads[k] for k in picked], self.groups[[index[k] for k in picked]]
+        if self.sharded and any(g.numel() == 0 for g in chosen):  # a rank may hold an empty shard
             keep = [k for k, g in enumerate(chosen) if g.numel()]
-            chosen, at = [chosen[k] for k in keep], at[keep]
+            groups = (self.groups[self.direct] if groups is None else groups)[keep]
+            chosen = [chosen[k] for k in keep]
         if not chosen:
             return
-        at = at.to(dev)
+        # Indexing a device tensor with a host list copies the index over and waits for the device; the
+        # groups are picked on the host instead and sent without waiting (a pageable copy is staged at once).
+        at = self.direct_group.to(dev) if groups is None else torch.from_numpy(groups).to(dev, non_blocking=True)
         norm_sq = torch.stack(torch._foreach_norm(chosen, 2, dtype=self.norm_dtype)).to(dev, torch.float32) ** 2
         if chosen[0].device.type == "cpu":
             extremes = [torch.aminmax(g) for g in chosen]

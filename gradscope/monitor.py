@@ -200,7 +200,7 @@ class Monitor:
     def _present_on_device(self, present: np.ndarray) -> torch.Tensor:
         """Which groups had a gradient, as a device vector; made once while every group has one."""
         if not present.all():
-            return torch.from_numpy(present.astype(np.float32)).to(self.device)
+            return torch.from_numpy(present.astype(np.float32)).to(self.device, non_blocking=True)  # no wait
         if self._all_present is None:
             self._all_present = torch.ones(self._n_groups, device=self.device)
         return self._all_present

@@ -19,10 +19,19 @@ from test_monitor import _twin_run, assert_bit_identical, assert_matches_referen
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def many_tensor_model() -> nn.Module:
-    """Whole small parameters in runs, a ragged tail, and a large (sampled) weight."""
-    blocks = [m for _ in range(40) for m in (nn.Linear(64, 64), nn.LayerNorm(64))]
-    return nn.Sequential(nn.Linear(300, 64), *blocks, nn.Linear(64, 300), nn.Linear(300, 300), nn.Linear(300, 1))
+class ManyTensors(nn.Module):
+    """Whole small parameters in runs, a ragged tail, and a large (sampled) weight; with ``unused``, a large
+    and a small layer that never get a gradient, as experts a router did not pick."""
+
+    def __init__(self, unused: bool) -> None:
+        super().__init__()
+        blocks = [m for _ in range(40) for m in (nn.Linear(64, 64), nn.LayerNorm(64))]
+        self.body = nn.Sequential(nn.Linear(300, 64), *blocks, nn.Linear(64, 300), nn.Linear(300, 300),
+                                  nn.Linear(300, 1))
+        self.idle = nn.ModuleList([nn.Linear(300, 300), nn.Linear(8, 8)]) if unused else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
 
 
 class _Syncs:
@@ -48,9 +57,10 @@ class _Syncs:
         self._catch.__exit__(*exc)
 
 
-def test_no_sync_on_a_step_that_does_not_flush():
+@pytest.mark.parametrize("unused", [False, True])
+def test_no_sync_on_a_step_that_does_not_flush(unused):
     torch.manual_seed(0)
-    model = many_tensor_model().cuda()
+    model = ManyTensors(unused).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor = Monitor(model)  # defaults: flush every 16, histogram and update every 4
     x, y = torch.randn(32, 300, device="cuda"), torch.randn(32, 1, device="cuda")
