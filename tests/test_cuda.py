@@ -57,13 +57,13 @@ class _Syncs:
         self._catch.__exit__(*exc)
 
 
-@pytest.mark.parametrize("unused", [False, True])
-def test_no_sync_on_a_step_that_does_not_flush(unused):
+@pytest.mark.parametrize("unused, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_no_sync_on_a_step_that_does_not_flush(unused, dtype):
     torch.manual_seed(0)
-    model = ManyTensors(unused).cuda()
+    model = ManyTensors(unused).to("cuda", dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor = Monitor(model)  # defaults: flush every 16, histogram and update every 4
-    x, y = torch.randn(32, 300, device="cuda"), torch.randn(32, 1, device="cuda")
+    x, y = torch.randn(32, 300, device="cuda", dtype=dtype), torch.randn(32, 1, device="cuda", dtype=dtype)
     syncs = []
     for step in range(16):
         opt.zero_grad()
@@ -78,8 +78,9 @@ def test_no_sync_on_a_step_that_does_not_flush(unused):
     assert result["step"] == 15 and np.isfinite(result["global_norm"])
 
 
-def test_figures_match_a_naive_reference_on_the_gpu():
-    _, profile, refs, _, _ = train({"update_every": 1, "histogram_every": 1}, device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_figures_match_a_naive_reference_on_the_gpu(dtype):
+    _, profile, refs, _, _ = train({"update_every": 1, "histogram_every": 1}, device="cuda", dtype=dtype)
     assert_matches_reference(profile, refs)
 
 

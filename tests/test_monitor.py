@@ -24,16 +24,16 @@ def naive_layer_figures(model: nn.Module):
     return out
 
 
-def train(monitor_kwargs, steps=5, model=None, batches=None, device="cpu"):
+def train(monitor_kwargs, steps=5, model=None, batches=None, device="cpu", dtype=torch.float32):
     torch.manual_seed(0)
-    model = (model or MLP(width=300, d_in=300)).to(device)
+    model = (model or MLP(width=300, d_in=300)).to(device, dtype)
     batches = batches or regression_batches(d_in=300)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = Monitor(model, **monitor_kwargs)
     references, grads, weights = [], [], []
     for _ in range(steps):
         opt.zero_grad()
-        loss = mse(model, [t.to(device) for t in batches()])
+        loss = mse(model, [t.to(device, dtype) for t in batches()])
         loss.backward()
         references.append(naive_layer_figures(model))
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
@@ -59,6 +59,14 @@ def assert_matches_reference(profile, refs):
 @pytest.mark.parametrize("sample", [1, 4])
 def test_layer_figures_match_naive_reference(sample):
     _, profile, refs, _, _ = train({"histogram_sample": sample, "update_every": 1})
+    assert_matches_reference(profile, refs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_held_in_low_precision_gets_exact_figures(dtype):
+    """Parameters and gradients in bf16 or fp16 (no float32 master copy): the figures are the reference's,
+    computed in float64 from the same low-precision gradients."""
+    _, profile, refs, _, _ = train({"update_every": 1}, dtype=dtype)
     assert_matches_reference(profile, refs)
 
 
