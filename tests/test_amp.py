@@ -9,18 +9,20 @@ import gradscope
 from models import MLP, mse, regression_batches
 
 
-def scaled_loop(steps: int = 6, init_scale: float = 2.0**16, unscale_first: bool = False, backoff: float = 0.5):
-    """A user's AMP loop on CPU: scale, backward, observe (before or after unscale_), step, update."""
+def scaled_loop(steps: int = 6, init_scale: float = 2.0**16, unscale_first: bool = False, backoff: float = 0.5,
+                device: str = "cpu"):
+    """A user's AMP loop (on the CPU unless ``device`` says otherwise): scale, backward, observe (before or
+    after unscale_), step, update."""
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=backoff, growth_interval=1000)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, backoff_factor=backoff, growth_interval=1000)
     monitor = gradscope.Monitor(model, update_every=1, histogram_sample=1)
     batches = regression_batches()
     references = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = mse(model, batches())
+        loss = mse(model, [t.to(device) for t in batches()])
         scaler.scale(loss).backward()
         scale = scaler.get_scale()
         references.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double() / scale)
@@ -32,14 +34,17 @@ def scaled_loop(steps: int = 6, init_scale: float = 2.0**16, unscale_first: bool
     return monitor, references
 
 
-@pytest.mark.parametrize("unscale_first", [False, True])
-def test_scaled_gradients_are_measured_unscaled(unscale_first):
-    monitor, refs = scaled_loop(unscale_first=unscale_first)
+def assert_measured_unscaled(monitor, refs):
     profile = monitor.profile()
     for step, ref in enumerate(refs):
         assert profile.series["global_norm"][step] == pytest.approx(ref.norm().item(), rel=1e-5)
         assert max(profile.series["grad_abs_max"][step]) == pytest.approx(ref.abs().max().item(), rel=1e-5)
     assert "unscaled from the GradScaler" in profile.measurement
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_scaled_gradients_are_measured_unscaled(unscale_first):
+    assert_measured_unscaled(*scaled_loop(unscale_first=unscale_first))
 
 
 def test_unscaled_histogram_matches_the_plain_run():
@@ -58,19 +63,22 @@ def test_unscaled_histogram_matches_the_plain_run():
     assert (scaled.profile().histograms == plain.profile().histograms).all()
 
 
-def amp_overflow(backoff: float) -> gradscope.Report:
+def amp_overflow(backoff: float, device: str = "cpu") -> gradscope.Report:
     """An absurd initial scale: the scaled gradients overflow until the scaler has backed off enough."""
-    monitor, _ = scaled_loop(steps=20, init_scale=2.0**127, backoff=backoff)
+    monitor, _ = scaled_loop(steps=20, init_scale=2.0**127, backoff=backoff, device=device)
     return monitor.report()
 
 
-def test_skipped_steps_are_counted_as_skipped_not_as_explosions():
-    report = amp_overflow(0.5)
+def assert_skips_counted(report: gradscope.Report) -> None:
     m = report.statistics.model.metrics
     ids = {f.rule_id for f in report.findings}
     assert m["amp_skipped_steps"] >= 1 and m["nonfinite_count"] == 0
     assert "amp-skipped-steps" in ids and "nonfinite-gradients" not in ids
     assert len(report.statistics.model.global_norm) == 20 - m["amp_skipped_steps"]
+
+
+def test_skipped_steps_are_counted_as_skipped_not_as_explosions():
+    assert_skips_counted(amp_overflow(0.5))
 
 
 def test_bf16_autocast_on_cpu():

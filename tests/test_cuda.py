@@ -14,6 +14,7 @@ import gradscope
 from gradscope import Clipper, Monitor
 
 from models import MLP, exploding_rnn, mse, regression_batches
+from test_amp import amp_overflow, assert_measured_unscaled, assert_skips_counted, scaled_loop
 from test_monitor import _twin_run, assert_bit_identical, assert_matches_reference, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -86,6 +87,15 @@ def test_figures_match_a_naive_reference_on_the_gpu(dtype):
 
 def test_figures_are_bit_identical_whether_flushed_every_step_or_every_16_on_the_gpu():
     assert_bit_identical(_twin_run(1, device="cuda"), _twin_run(16, device="cuda"))
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_gradscaler_gradients_are_measured_unscaled_on_the_gpu(unscale_first):
+    assert_measured_unscaled(*scaled_loop(unscale_first=unscale_first, device="cuda"))
+
+
+def test_gradscaler_skipped_steps_are_counted_as_skipped_on_the_gpu():
+    assert_skips_counted(amp_overflow(0.5, device="cuda"))
 
 
 @pytest.mark.parametrize("method", ["norm", "value", "agc"])
