@@ -169,7 +169,7 @@ class Bucket:
     def _count_small_nonfinite(self, acc: "StepSums", buffer: torch.Tensor, tops: torch.Tensor) -> None:
         """The whole parameters' inf/NaN counts on a step without a histogram; as in ``_direct``, a CPU
         counts only when a slice's max is not finite, an accelerator every step rather than sync."""
-        if tops.device.type == "cpu" and bool(torch.isfinite(tops).all()):
+        if _count_can_be_skipped(tops):
             return
         bad = self.segments.count_nonfinite(buffer)
         acc.nonfinite.index_add_(0, self.small_group.to(acc.nonfinite.device), bad.to(acc.nonfinite))
@@ -235,7 +235,7 @@ class Bucket:
         # The max is NaN or inf exactly where a count is due. On the CPU, reading it waits for nothing (there
         # is no queue to drain), so the count runs only then; an accelerator counts every step rather than
         # sync. g - g is NaN exactly at inf and NaN (and counts several times faster than isfinite).
-        if chosen[0].device.type == "cpu" and bool(torch.isfinite(tops).all()):
+        if _count_can_be_skipped(tops):
             return
         bad = torch.stack([torch.count_nonzero(g - g) for g in chosen])
         acc.nonfinite.index_add_(0, at, bad.to(dev, acc.nonfinite.dtype))
@@ -263,6 +263,12 @@ class Bucket:
                     self.weight_sq = torch.stack(torch._foreach_norm(
                         [weights[i] for i in self.weight_order], 2, dtype=self.norm_dtype)).float() ** 2
         acc.weight_sq.index_add_(0, self.weight_group.to(dev), self.weight_sq.to(dev), alpha=self.share)
+
+
+def _count_can_be_skipped(tops: torch.Tensor) -> bool:
+    """Whether an inf/NaN count may be skipped: on the CPU, where reading the maxima waits for nothing,
+    when every one is finite. An accelerator counts every step rather than sync."""
+    return tops.device.type == "cpu" and bool(torch.isfinite(tops).all())
 
 
 def _add_counts(histogram: torch.Tensor, bins: torch.Tensor, ones: torch.Tensor) -> None:
