@@ -8,7 +8,8 @@ Models: an MLP (8 tensors), a small transformer, a deep narrow model with 801 te
 Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU) does the same under
 DistributedDataParallel and times gradscope's per-step collective on its own.
 With ``--device cuda`` the same runs on a GPU (each timed step, observe() and the floor end in a device
-sync, so device time is counted), with GPT-2 small at its real size (124M parameters) added and no DDP.
+sync, so device time is counted), with GPT-2 small at its real size (124M parameters) added and no DDP,
+and it also counts the CUDA kernels one observe() launches (torch.profiler, over 16 calls).
 Run: python benchmarks/overhead.py [--quick] [--device cuda]
 """
 from __future__ import annotations
@@ -126,6 +127,18 @@ def observe_ms(model: nn.Module, monitor: Monitor, repeats: int = 48) -> Tuple[f
     return statistics.median(times) * 1e3, statistics.mean(times) * 1e3
 
 
+def kernels_per_observe(monitor: Monitor, calls: int = 16) -> float:
+    """CUDA kernels launched per observe(), the mean over ``calls`` (16: its share of the histogram and
+    weight steps, every 4th, and of the flush, every 16th)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            monitor.observe()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.count for e in prof.key_averages() if e.device_type == cuda) / calls
+
+
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn, monitor: Monitor = None) -> float:
     device = next(model.parameters()).device
     sync(device)
@@ -165,7 +178,8 @@ def measure(name: str, pairs: int, device: torch.device) -> Dict[str, float]:
             "mean_ratio": statistics.mean(observed) / statistics.mean(plain),
             "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor,
             "observe_mean_ms": alone_mean,
-            "mean_over_floor": alone_mean / floor}
+            "mean_over_floor": alone_mean / floor,
+            "kernels": kernels_per_observe(monitor) if device.type == "cuda" else None}
 
 
 def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
@@ -242,8 +256,10 @@ def main() -> None:
           "plain and observed steps; Monitor at its defaults, observing every step")
     print(f"{'model':<14}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}{'pair':>7}{'mean':>7}"
           f"{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
+    results = []
     for name in models:
         r = measure(name, pairs, device)
+        results.append((name, r))
         print(f"{name:<14}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_ms']:>10.2f}"
               f"{r['observe_ms']:>12.2f}{r['over_floor']:>8.2f}{r['observe_mean_ms']:>9.2f}"
@@ -252,6 +268,9 @@ def main() -> None:
           "mean observed step / mean plain step; floor: one _foreach_norm over every gradient plus one host\n"
           "copy; observe: observe() alone on the same gradients, median then mean (the mean carries the\n"
           "work of every 4th and 16th step); /floor: over the floor. All measured side by side in this run.")
+    if device.type == "cuda":
+        print("CUDA kernels per observe() (torch.profiler, mean of 16 calls): "
+              + ", ".join(f"{name} {r['kernels']:.0f}" for name, r in results))
     if not args.no_ddp and device.type == "cpu":
         r = measure_ddp(pairs)
         print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank): plain "
