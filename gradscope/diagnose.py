@@ -6,7 +6,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -93,13 +93,9 @@ def diagnose(
         seen: List[Any] = []
         began = time.perf_counter()
         dev = target or monitor.device
-        stopped = _profile_steps(experiment, monitor, stream, seen, 0, steps, dev, progress)
-        extended = None
-        if extend and stopped is None and distributed.context() is None:
-            stopped, extended = _extend(experiment, monitor, stream, seen, steps, dev, progress, meta)
-        profile = monitor.profile()  # before close(): it measures the last step's update
+        report = _profile(experiment, monitor, stream, seen, steps, dev, progress, meta,
+                          extend=extend and distributed.context() is None)  # (ranks would have to agree)
         profile_seconds = time.perf_counter() - began
-        report = build_report(profile, stopped_reason=stopped, extended=extended, **meta)
         if start is not None and method_for(report.findings) == "norm":
             trial_set = _trials(experiment, stream, seen, report, start, scale, dev,
                                 profile_seconds, dict(most=trials, budget=trial_budget, seconds=trial_seconds,
@@ -141,23 +137,26 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[
     return None
 
 
-def _extend(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], steps: int, device: torch.device,
-            progress: Optional[Progress], meta: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
-    """Go on profiling, ``steps`` at a time up to EXTEND x ``steps``, while the profile has seen nothing: no
-    warning or error, and a loss that has not fallen by SIGNAL (its last quarter against its first).
-    Returns why the run stopped early, if it did, and why the profile was extended, if it was."""
-    done, stopped = steps, None
-    while done < EXTEND * steps and stopped is None:
-        report = build_report(monitor.profile(), **meta)
+def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], steps: int, device: torch.device,
+             progress: Optional[Progress], meta: Dict[str, Any], extend: bool) -> Report:
+    """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``, while
+    the profile has seen nothing: no warning or error, and a loss that has not fallen by SIGNAL (its last
+    quarter against its first). The report of every step profiled (built before close(): profiling the
+    Monitor measures the last step's update)."""
+    stopped = _profile_steps(experiment, monitor, stream, seen, 0, steps, device, progress)
+    done = steps
+    while True:
+        report = build_report(monitor.profile(), stopped_reason=stopped, **meta)
         loss = report.statistics.model.loss
-        if not report.healthy or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL:
+        if (not extend or stopped is not None or done >= EXTEND * steps or not report.healthy
+                or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL):
             break
         stopped = _profile_steps(experiment, monitor, stream, seen, done, done + steps, device, progress)
         done += steps
     if done == steps:
-        return None, None
-    return stopped, (f"after {steps} steps nothing was flagged and the loss had not fallen by {SIGNAL:.0%}, "
-                     f"so the profile went on to {monitor.steps}")
+        return report
+    return dataclasses.replace(report, extended=f"after {steps} steps nothing was flagged and the loss had not "
+                                                f"fallen by {SIGNAL:.0%}, so the profile went on to {monitor.steps}")
 
 
 def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, start: Dict[str, Any],

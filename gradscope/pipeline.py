@@ -18,12 +18,11 @@ from .ruleset import RuleSet, load_rules
 
 def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = None, model_name: str = "model",
                  stopped_reason: Optional[str] = None, seed: Optional[int] = None,
-                 steps_requested: Optional[int] = None, extended: Optional[str] = None) -> Report:
+                 steps_requested: Optional[int] = None) -> Report:
     """Statistics → findings → recommendation for one Profile."""
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
     statistics = stats.compute(profile)
     findings = evaluate(statistics, rule_set)
     return Report(model=model_name, statistics=statistics, findings=findings,
                   recommendation=recommend(statistics, findings), rules=rule_set,
-                  stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested,
-                  extended=extended)
+                  stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested)
