@@ -1,8 +1,8 @@
 """How the held-out loss of fixed global-norm thresholds evolves over the steps: the short-horizon question.
 
 For one scenario, every seed and every threshold given, trains from the scenario's start (the same
-weights and batches for every threshold) and prints the held-out loss (``run.eval_loss``) at
-checkpoints. docs/advice.md cites it for the LSTM language model, where the 300-step optimum is still
+weights and batches for every threshold), as ``run.train`` trains the evaluation's grid, and prints the
+held-out loss (``run.eval_loss``) at checkpoints. docs/advice.md cites it for the LSTM language model, where the 300-step optimum is still
 behind a tighter threshold after 90 steps.
 Run: python benchmarks/eval/horizon.py SCENARIO THRESHOLD[,THRESHOLD...] [--steps 120] [--seeds 3]
 """
@@ -16,28 +16,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import eval_loss  # noqa: E402
+from run import eval_loss, fixed, train  # noqa: E402
 from scenarios import SCENARIOS  # noqa: E402
 
 CHECKPOINTS = (15, 30, 45, 60, 90, 120, 200, 300)
 
 
 def curve(name: str, seed: int, threshold: float, steps: int) -> dict:
+    """The held-out loss at the start and at every checkpoint up to ``steps``, trained as ``run.train``
+    trains the evaluation's grid (a run that diverged stops there: its later checkpoints stay inf)."""
     setup = SCENARIOS[name].build(seed)
-    params = [p for p in setup.model.parameters() if p.requires_grad]
-    out = {0: eval_loss(setup)}
-    for step in range(steps):
-        setup.optimizer.zero_grad()
-        loss = setup.loss_fn(setup.model, setup.train_batch(step))
-        if not math.isfinite(loss.item()):
-            out[step + 1] = math.inf
-            break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, threshold)
-        setup.optimizer.step()
-        if step + 1 in CHECKPOINTS or step + 1 == steps:
-            out[step + 1] = eval_loss(setup)
-    return out
+    setup.steps = steps
+    losses = {0: eval_loss(setup), **{n: math.inf for n in CHECKPOINTS if n <= steps}}
+    train(setup, fixed(threshold), checkpoints=losses)
+    return losses
 
 
 def main() -> None:

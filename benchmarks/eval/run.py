@@ -82,8 +82,10 @@ def eval_loss(setup: Setup) -> float:
     return float(np.mean(losses)) if all(map(math.isfinite, losses)) else math.inf
 
 
-def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[gradscope.Clipper] = None) -> float:
-    """Train to the end with one clipping method; returns the held-out loss (inf if it diverged)."""
+def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[gradscope.Clipper] = None,
+          checkpoints: Optional[Dict[int, float]] = None) -> float:
+    """Train to the end with one clipping method; returns the held-out loss (inf if it diverged). With
+    ``checkpoints``, the held-out loss after each step it names is filled in along the way."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     history: List[float] = []
     first = None
@@ -104,6 +106,8 @@ def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[grads
                 torch.nn.utils.clip_grad_norm_(params, threshold)
             history.append(norm)
         setup.optimizer.step()
+        if checkpoints is not None and step + 1 in checkpoints:
+            checkpoints[step + 1] = eval_loss(setup)
     return eval_loss(setup)
 
 
