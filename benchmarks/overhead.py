@@ -254,13 +254,13 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; {pairs} alternating pairs of "
           "plain and observed steps; Monitor at its defaults, observing every step")
-    print(f"{'model':<14}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}{'pair':>7}{'mean':>7}"
+    print(f"{'model':<14}{'params':>12}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}{'pair':>7}{'mean':>7}"
           f"{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []
     for name in models:
         r = measure(name, pairs, device)
         results.append((name, r))
-        print(f"{name:<14}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
+        print(f"{name:<14}{r['params']:>12,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_ms']:>10.2f}"
               f"{r['observe_ms']:>12.2f}{r['over_floor']:>8.2f}{r['observe_mean_ms']:>9.2f}"
               f"{r['mean_over_floor']:>8.2f}")
