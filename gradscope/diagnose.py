@@ -164,15 +164,20 @@ def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, sta
     """Run the trials on the first TRIAL_STEPS batches of the stream, judged on the HELD_OUT_BATCHES after them.
 
     The same batches whatever ``--steps`` the profile ran, so the advice does not depend on it. When the
-    profile itself ran exactly those batches, it is the unclipped reference; otherwise one is run.
+    profile itself ran exactly those batches, or went non-finite on the first of them (an unclipped run
+    from the same start on the same batches, which a rerun would repeat), it is the unclipped reference;
+    otherwise one is run.
     """
     batches = list(seen[:TRIAL_STEPS + HELD_OUT_BATCHES])
     while len(batches) < TRIAL_STEPS + HELD_OUT_BATCHES:
         batches.append(next_batch(stream, len(batches)))
     train, held = batches[:TRIAL_STEPS], batches[TRIAL_STEPS:]
     m = report.statistics.model
-    rerun = m.steps != TRIAL_STEPS
-    if not rerun:  # the profile was the unclipped run on exactly these batches
+    diverged = 0 < m.steps <= TRIAL_STEPS and not math.isfinite(m.loss[-1])  # it stopped at a non-finite loss
+    rerun = m.steps != TRIAL_STEPS and not diverged
+    if diverged:
+        reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), math.inf)
+    elif not rerun:  # the profile was the unclipped run on exactly these batches
         per_batch = held_out_losses(experiment, held, device)
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), median_or_inf(per_batch),
                           held_out_batches=per_batch)

@@ -12,7 +12,7 @@ from gradscope import judge
 from gradscope.cli import main
 from gradscope.judge import Trial
 
-from models import exploding_rnn, healthy_mlp, hot_gru
+from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet
 
 
 # -- the judge, on plain data ---------------------------------------------------------------------------
@@ -164,6 +164,23 @@ def test_an_unclipped_reference_trained_for_the_trials_counts_in_their_cost():
     assert trials.spent == sum(len(t.losses) for t in trials.trials) + len(trials.reference.losses)
     assert report.to_dict()["recommendation"]["trials"]["trial_steps"] == trials.spent
     assert f"({trials.spent} steps in all)" in report.render()
+
+
+def test_a_profile_that_went_non_finite_is_the_unclipped_reference_a_rerun_would_repeat():
+    """A ResNet at SGD lr 20 goes non-finite at step 23 of its profile: that is the unclipped run on the
+    trials' batches, so it is not trained again (its steps are not paid twice) and the trials stay within
+    their budget; at --steps 20 the profile ends before it, and the reference trained for the trials
+    repeats it step for step (stopping sooner, at the blow-up, where a trial stops)."""
+    report = gradscope.diagnose(hot_resnet(20.0), steps=30, seed=0)
+    trials, m = report.recommendation.evidence.trials, report.statistics.model
+    assert m.steps < 30 and not math.isfinite(m.loss[-1])
+    assert not trials.reference_rerun and trials.spent == sum(len(t.losses) for t in trials.trials) <= 120
+    assert "non-finite" in trials.reference.unstable and trials.winner is not None
+    rerun = gradscope.diagnose(hot_resnet(20.0), steps=20, seed=0).recommendation.evidence.trials
+    assert rerun.reference_rerun and "blew up" in rerun.reference.unstable
+    n = len(rerun.reference.losses)
+    assert n < m.steps
+    np.testing.assert_allclose(rerun.reference.losses, trials.reference.losses[:n], rtol=1e-5)
 
 
 def test_the_winner_trains_where_unclipped_training_diverges(exploding):
