@@ -37,7 +37,8 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[
 
     ``budget`` counts the clipped trials' steps in trials' worth, so the same run gives the same advice
     anywhere and whatever ``--steps`` the profile ran (the unclipped reference is outside it: it is the
-    profile itself at the trials' length, and trained for them at any other, ``reference_rerun``);
+    profile itself at the trials' length or where the profile went non-finite within it, and trained for
+    them otherwise, ``reference_rerun``);
     ``seconds`` optionally caps the wall-clock time as well, for users who trade confidence for time.
     """
     began = time.perf_counter()
