@@ -24,3 +24,20 @@ def test_quick_scenario_end_to_end():
     assert regret["oracle"] <= 0.05 and regret["none"] > 0.5  # unclipped training diverges; a threshold rescues it
     assert 0.0 <= regret["gradscope"] <= 1.0
     assert any(line.startswith("detection ") for line in lines)
+
+
+@pytest.mark.slow
+def test_the_held_out_set_runs_apart_from_the_main_one():
+    """`--set heldout` scores scenarios no choice in the advice was made on; a name from the other set is
+    refused rather than silently run."""
+    result = subprocess.run([sys.executable, str(RUN), "--set", "heldout", "--quick", "--scenarios",
+                             "mlp_momentum_hot"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:]][:1] == ["mlp_momentum_hot"]
+    cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert cells[2] == "1/1" and float(cells[5]) > 0.5  # flagged; unclipped training diverges
+    assert "cost where trials ran (1 pairs)" in result.stdout
+    refused = subprocess.run([sys.executable, str(RUN), "--set", "heldout", "--scenarios", "outlier_batches"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "not in --set heldout: outlier_batches" in refused.stderr

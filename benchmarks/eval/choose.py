@@ -121,6 +121,21 @@ def one_se(budget: float = 1e9, search: str = "descending") -> Rule:
     return choose
 
 
+def below_the_pick(trials: List[Trial], reference: Trial, start: float) -> Optional[float]:
+    """gradscope's search and choice, then one stable lattice step lower wherever a looser threshold was tried
+    and stayed stable (where it went unstable the choice has stepped down already): the margin a
+    learning-rate range test keeps below the loss minimum, taken always."""
+    done = coarse_to_fine(trials, start, BUDGET, reference=reference)
+    chosen = judge.pick(done, start, reference)
+    if chosen is None:
+        return None
+    looser = [t for t in done if t.threshold > chosen.threshold]
+    below = sorted((t for t in done if t.threshold < chosen.threshold and t.stable), key=lambda t: -t.threshold)
+    if looser and below and min(looser, key=lambda t: t.threshold).stable:
+        return below[0].threshold
+    return chosen.threshold
+
+
 VARIANTS: Dict[str, Rule] = {
     f"gradscope: decade descent then half-decades, budget {BUDGET:g}, loosest within 5%, margin": default,
     "same search and choice without the 1% signal floor": rule(search="coarse-to-fine", budget=BUDGET, tie=0.05,
@@ -129,6 +144,7 @@ VARIANTS: Dict[str, Rule] = {
                                                                  margin=True, floor=True),
     "same search, budget 4, lowest held-out median": rule(search="coarse-to-fine", budget=BUDGET),
     "same search, budget 4, one-standard-error rule": one_se(budget=BUDGET, search="coarse-to-fine"),
+    "same search and choice, then always one step below the pick": below_the_pick,
     "same search, budget 4, tie 20%, margin": rule(search="coarse-to-fine", budget=BUDGET, tie=0.2, margin=True),
     "same search, budget 5, loosest within 5%, margin": rule(search="coarse-to-fine", budget=5.0, tie=0.05,
                                                              margin=True),
