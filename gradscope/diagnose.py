@@ -190,11 +190,17 @@ def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, sta
                       profile_seconds=profile_seconds, notes=notes, reference_rerun=rerun, **limits)
 
 
+# An optimizer whose param groups hold one of these divides its step by a running statistic of the
+# gradient (Adam's family: betas and eps; RMSprop, Adagrad, Adadelta: eps; Rprop: the sign, etas), so
+# its step does not scale with the gradient's norm. SGD (and ASGD) hold none of them.
+ADAPTIVE_KEYS = ("betas", "eps", "etas")
+
+
 def _update_scale(experiment: Experiment) -> Optional[float]:
     """For an SGD-style optimizer, the threshold that bounds a step to UPDATE_RATIO of the weights' norm."""
     group = experiment.optimizer.param_groups[0]
-    if "betas" in group or "lr" not in group or not isinstance(group["lr"], (int, float)):
-        return None  # adaptive (Adam-style) steps do not scale with the gradient's norm
+    if any(key in group for key in ADAPTIVE_KEYS) or "lr" not in group or not isinstance(group["lr"], (int, float)):
+        return None  # adaptive steps do not scale with the gradient's norm
     lr_eff = group["lr"] / max(1.0 - float(group.get("momentum", 0.0) or 0.0), 1e-3)
     with torch.no_grad():
         squares = [p.detach().float().pow(2).sum() for p in experiment.model.parameters() if p.requires_grad]

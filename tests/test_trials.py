@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import gradscope
 from gradscope import judge
@@ -188,6 +189,27 @@ def test_the_winner_trains_where_unclipped_training_diverges(exploding):
     assert not trials.reference.stable
     winner = next(t for t in trials.trials if t.threshold == trials.winner)
     assert winner.stable and winner.held_out < 0.5 * trials.start_held_out
+
+
+@pytest.mark.parametrize("make, adaptive", [
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), False),
+    (lambda p: torch.optim.ASGD(p, lr=0.1), False),
+    (lambda p: torch.optim.Adam(p), True),
+    (lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9), True),  # has momentum, but divides by a running mean
+    (lambda p: torch.optim.Adagrad(p), True),
+    (lambda p: torch.optim.Adadelta(p), True),
+    (lambda p: torch.optim.Rprop(p), True),
+])
+def test_only_an_sgd_style_optimizer_gets_an_update_ratio_estimate(make, adaptive):
+    """The estimate bounds lr_eff x threshold; an optimizer that normalises its step has no such bound."""
+    from gradscope.diagnose import _update_scale
+    experiment = healthy_mlp()
+    experiment.optimizer = make(experiment.model.parameters())
+    scale = _update_scale(experiment)
+    assert (scale is None) == adaptive
+    if not adaptive and isinstance(experiment.optimizer, torch.optim.SGD):  # lr 0.1 / (1 - 0.9) = 1
+        norm = float(torch.cat([p.detach().flatten() for p in experiment.model.parameters()]).norm())
+        assert scale == pytest.approx(judge.UPDATE_RATIO * norm, rel=1e-5)
 
 
 def test_a_healthy_model_runs_no_trial_and_is_not_told_to_clip():
