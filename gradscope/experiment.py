@@ -1,4 +1,5 @@
-"""The Experiment contract: a model, its optimizer, its batches and its loss, and how one step runs."""
+"""The Experiment contract: a model, its optimizer (and learning-rate schedule), its batches and its loss,
+and how one step runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,9 @@ class Experiment:
     ``batches`` is any iterable of batches (cycled when it runs out) or a zero-argument callable that
     returns one batch per call. ``loss_fn(model, batch)`` returns a scalar tensor; when it is omitted, a
     dict batch is passed as ``model(**batch)`` and the output's ``.loss`` is used, and any other batch is
-    passed as ``model(*batch)`` and the output must itself be the scalar loss.
+    passed as ``model(*batch)`` and the output must itself be the scalar loss. ``scheduler``, a learning-rate
+    scheduler over ``optimizer`` (a warm-up, a cosine decay), is stepped after every optimizer step, as a
+    training loop steps it, so the profile and the trials see the learning rates the run will.
     """
 
     model: nn.Module
@@ -32,6 +35,7 @@ class Experiment:
     batches: Union[Iterable, Callable[[], Batch]]
     loss_fn: Optional[LossFn] = None
     name: Optional[str] = None
+    scheduler: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -44,6 +48,8 @@ class Experiment:
                 f"Experiment.optimizer is a {type(self.optimizer).__name__}, not a torch.optim.Optimizer",
                 "build it over the model's parameters, e.g. torch.optim.AdamW(model.parameters())",
             )
+        if self.scheduler is not None:
+            _check_scheduler(self.scheduler, self.optimizer)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ExperimentError("Experiment.loss_fn is not callable", "pass loss_fn(model, batch) -> tensor")
         if not (callable(self.batches) or isinstance(self.batches, Iterable)):
@@ -55,6 +61,21 @@ class Experiment:
     @property
     def display_name(self) -> str:
         return self.name or type(self.model).__name__
+
+
+def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """A scheduler gradscope can step once per step and put back: a per-step one over this optimizer."""
+    kind = type(scheduler).__name__
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ExperimentError("Experiment.scheduler is a ReduceLROnPlateau, which steps on a validation metric "
+                              "that diagnose does not compute",
+                              "leave it out: it would not act within a profile of a few dozen steps")
+    if not all(callable(getattr(scheduler, name, None)) for name in ("step", "state_dict", "load_state_dict")):
+        raise ExperimentError(f"Experiment.scheduler is a {kind}, not a learning-rate scheduler",
+                              "pass a torch.optim.lr_scheduler scheduler (with step() and state_dict()), or None")
+    if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        raise ExperimentError(f"Experiment.scheduler ({kind}) schedules another optimizer, not Experiment.optimizer",
+                              "build the scheduler over the same optimizer object you pass as optimizer")
 
 
 def batch_stream(batches: Union[Iterable, Callable[[], Batch]]) -> Iterator[Batch]:
@@ -165,7 +186,8 @@ def forward_backward(experiment: Experiment, batch: Batch, step: int, device: to
 
 
 def optimizer_step(experiment: Experiment, step: int) -> None:
-    """``optimizer.step()``, with an error from it named as the user's."""
+    """``optimizer.step()``, then the scheduler's ``step()`` if there is one, with an error from either
+    named as the user's."""
     try:
         experiment.optimizer.step()
     except GradscopeError:
@@ -174,6 +196,16 @@ def optimizer_step(experiment: Experiment, step: int) -> None:
         raise ExperimentError(f"optimizer.step() raised at step {step}: {describe_exception(exc)}",
                               "check the optimizer (one that needs a closure, such as LBFGS, is not "
                               "supported)") from exc
+    if experiment.scheduler is None:
+        return
+    try:
+        experiment.scheduler.step()
+    except GradscopeError:
+        raise
+    except USER_ERRORS as exc:
+        raise ExperimentError(f"scheduler.step() raised at step {step}: {describe_exception(exc)}",
+                              "check Experiment.scheduler (a schedule that runs out, such as OneCycleLR's "
+                              "total_steps, must cover the profile and the trials)") from exc
 
 
 def median_or_inf(losses: Sequence[float]) -> float:

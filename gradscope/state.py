@@ -1,4 +1,5 @@
-"""Capture and restore what a run changes: weights, buffers, optimizer state, modes, gradients and RNG states."""
+"""Capture and restore what a run changes: weights, buffers, optimizer and scheduler state, modes, gradients
+and RNG states."""
 from __future__ import annotations
 
 import copy
@@ -22,6 +23,7 @@ def capture(experiment: Experiment) -> Dict[str, Any]:
         "outside": [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
                     for p in _optimizer_only(experiment)],
         "optimizer": copy.deepcopy(experiment.optimizer.state_dict()),
+        "scheduler": None if experiment.scheduler is None else copy.deepcopy(experiment.scheduler.state_dict()),
         "modes": {name: m.training for name, m in model.named_modules()},
         "devices": {name: p.device for name, p in model.named_parameters()},
         "grads": {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()},
@@ -47,6 +49,8 @@ def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
             p.copy_(value)
             p.grad = grad
     experiment.optimizer.load_state_dict(saved["optimizer"])
+    if saved["scheduler"] is not None:  # its step count and last rates; the optimizer's groups hold the lr itself
+        experiment.scheduler.load_state_dict(saved["scheduler"])
     for name, m in model.named_modules():
         if name in saved["modes"]:
             m.train(saved["modes"][name])

@@ -15,7 +15,7 @@ import gradscope
 from gradscope.errors import ExperimentError
 from gradscope.experiment import batch_stream, compute_loss
 
-from models import MLP, healthy_mlp
+from models import MLP, exploding_rnn, healthy_mlp
 
 
 def test_lists_cycle_generators_are_cached_and_callables_are_called():
@@ -97,6 +97,51 @@ def test_diagnose_restores_weights_optimizer_modes_and_rng():
     assert torch.equal(exp.optimizer.state_dict()["state"][0]["exp_avg"], opt_state)
     assert not exp.model.training and exp.model.out.training
     assert all(not p._post_accumulate_grad_hooks for p in exp.model.parameters())
+
+
+# -- a learning-rate scheduler ----------------------------------------------------------------------------
+def _warm_up(exp: gradscope.Experiment, steps: int = 10) -> gradscope.Experiment:
+    exp.scheduler = torch.optim.lr_scheduler.LambdaLR(exp.optimizer, lambda k: min(1.0, (k + 1) / steps))
+    return exp
+
+
+def test_a_scheduler_steps_with_the_optimizer_and_is_put_back():
+    exp = _warm_up(healthy_mlp(lr=1e-2))
+    assert exp.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the warm-up's first step
+    report = gradscope.diagnose(exp, steps=6, extend=False)
+    assert report.statistics.model.steps == 6
+    assert exp.scheduler.last_epoch == 0 and exp.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    gradscope.diagnose(exp, steps=6, extend=False, restore=False)
+    assert exp.scheduler.last_epoch == 6 and exp.optimizer.param_groups[0]["lr"] == pytest.approx(7e-3)
+
+
+def test_every_trial_starts_from_the_schedule_s_start():
+    """OneCycleLR raises once stepped past total_steps. At a constant rate (div factors 1) it leaves the
+    exploding RNN exploding; 40 steps cover the 30-step profile or any one 30-step trial, not two
+    trials run back to back, so several trials pass only if each starts from the schedule's start."""
+    exp = exploding_rnn()
+    exp.scheduler = torch.optim.lr_scheduler.OneCycleLR(exp.optimizer, max_lr=0.05, total_steps=40,
+                                                        div_factor=1.0, final_div_factor=1.0)
+    trials = gradscope.diagnose(exp, steps=30, seed=0).recommendation.evidence.trials
+    assert trials is not None and len(trials.trials) >= 2 and trials.winner is not None
+    assert exp.scheduler.last_epoch == 0
+
+
+def test_a_scheduler_that_gradscope_cannot_step_is_a_clear_error():
+    exp = healthy_mlp()
+    other = torch.optim.SGD(exp.model.parameters(), lr=0.1)
+    with pytest.raises(ExperimentError, match="schedules another optimizer"):
+        gradscope.Experiment(exp.model, exp.optimizer, exp.batches, exp.loss_fn,
+                             scheduler=torch.optim.lr_scheduler.StepLR(other, 10))
+    with pytest.raises(ExperimentError, match="ReduceLROnPlateau"):
+        gradscope.Experiment(exp.model, exp.optimizer, exp.batches, exp.loss_fn,
+                             scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(exp.optimizer))
+    with pytest.raises(ExperimentError, match="not a learning-rate scheduler"):
+        gradscope.Experiment(exp.model, exp.optimizer, exp.batches, exp.loss_fn, scheduler="cosine")
+    short = gradscope.Experiment(exp.model, exp.optimizer, exp.batches, exp.loss_fn,
+                                 scheduler=torch.optim.lr_scheduler.OneCycleLR(exp.optimizer, 0.01, total_steps=3))
+    with pytest.raises(ExperimentError, match=r"scheduler.step\(\) raised at step 3: ValueError"):
+        gradscope.diagnose(short, steps=5)
 
 
 def test_diagnose_without_restore_leaves_the_trained_model():
