@@ -23,12 +23,15 @@ def _interrupted_while_importing(signum, frame) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
-    previous = signal.signal(signal.SIGINT, _interrupted_while_importing) if main_thread else None
+    # Only the main thread may set a handler; a process started with SIGINT ignored (under nohup, or in
+    # the background of a script) keeps ignoring it, as Unix programs do.
+    owned = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, _interrupted_while_importing) if owned else None
     try:
         from .cli import main as run
     finally:
-        if main_thread:
+        if owned:
             signal.signal(signal.SIGINT, previous)
     code = run(argv)
     from . import distributed

@@ -230,9 +230,11 @@ def test_fuzzed_tool_gradscope_tables_load_or_give_a_gradscope_error(tmp_path, t
 
 
 def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(tmp_path):
-    """SIGINT while torch is still importing: one line, exit 130, no traceback."""
+    """SIGINT while torch is still importing: one line, exit 130, no traceback (the process starts with
+    SIGINT at its default, as from a terminal, whatever launched the tests)."""
     proc = subprocess.Popen([sys.executable, "-m", "gradscope", "diagnose", "whatever.py"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.4)  # the interpreter is up; importing torch takes seconds
     if proc.poll() is not None:
         pytest.skip("the CLI finished importing before the signal could be sent")
@@ -240,6 +242,20 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip() == "gradscope: interrupted" and "Traceback" not in err
+
+
+def test_a_cli_started_with_sigint_ignored_keeps_ignoring_it_while_it_imports(tmp_path):
+    """Under nohup (or in a script's background) SIGINT is not for gradscope: the import goes on, and the
+    command ends as it would have (here: the target file does not exist, exit 2)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "diagnose", "whatever.py"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(0.4)
+    if proc.poll() is not None:
+        pytest.skip("the CLI finished importing before the signal could be sent")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "whatever.py" in err and "interrupted" not in err, err
 
 
 def test_a_second_ctrl_c_while_the_partial_report_is_saved_loses_nothing(tmp_path, capsys, monkeypatch):
@@ -257,8 +273,13 @@ def test_a_second_ctrl_c_while_the_partial_report_is_saved_loses_nothing(tmp_pat
     monkeypatch.setattr(diagnose_module, "_partial", pressed_again)
     body = GOOD.replace("data(),", "(lambda make, n: lambda: (_ for _ in ()).throw(KeyboardInterrupt) "
                                    "if next(n) == 4 else make())(data(), itertools.count()),")
-    code, out, err = run(["diagnose", target(tmp_path, body), "--steps", "10", "--format", "json"], capsys)
+    launched = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, however pytest began
+    try:
+        code, out, err = run(["diagnose", target(tmp_path, body), "--steps", "10", "--format", "json"], capsys)
+        handed_back = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, launched)
     assert code == 130
     doc = json.loads(out)
     assert doc["partial"] is True and doc["steps"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back afterwards
+    assert handed_back is signal.default_int_handler  # handed back afterwards

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -256,9 +257,10 @@ def test_import_gradscope_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_real_sigint_mid_profiling_gives_a_partial_report_and_130(tmp_path):
-    """Ctrl-C as a terminal sends it: SIGINT to the running process, after a few steps."""
-    import signal
+@pytest.mark.parametrize("handler", [signal.SIG_DFL, signal.SIG_IGN], ids=["from a terminal", "under nohup"])
+def test_real_sigint_mid_profiling_gives_a_partial_report_and_130(tmp_path, handler):
+    """Ctrl-C as a terminal sends it: SIGINT to the running process, after a few steps. The process starts
+    with SIGINT at its default (whatever launched the tests), or ignored, as nohup starts it."""
     import time
 
     marker = tmp_path / "step3"
@@ -278,14 +280,20 @@ def test_real_sigint_mid_profiling_gives_a_partial_report_and_130(tmp_path):
         return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), batches,
             loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
     """
+    steps = "30" if handler == signal.SIG_DFL else "6"  # ignored, the run goes on: keep it short
     proc = subprocess.Popen([sys.executable, "-m", "gradscope", "diagnose", target(tmp_path, body), "--format",
-                             "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                             "json", "--steps", steps], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, handler))
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     doc = json.loads(out)
+    if handler == signal.SIG_IGN:  # started under nohup: the signal is not for it, and the run completes
+        assert proc.returncode == 0, err
+        assert doc["partial"] is False and doc["steps"] == 6
+        return
     assert proc.returncode == 130, err
     assert doc["partial"] is True and 3 <= doc["steps"] < 30 and "Ctrl-C" in doc["stopped_reason"]
     assert "Traceback" not in err and "interrupted" in err
