@@ -188,24 +188,22 @@ def forward_backward(experiment: Experiment, batch: Batch, step: int, device: to
 def optimizer_step(experiment: Experiment, step: int) -> None:
     """``optimizer.step()``, then the scheduler's ``step()`` if there is one, with an error from either
     named as the user's."""
+    _as_users(experiment.optimizer.step, "optimizer.step()", step,
+              "check the optimizer (one that needs a closure, such as LBFGS, is not supported)")
+    if experiment.scheduler is not None:
+        _as_users(experiment.scheduler.step, "scheduler.step()", step,
+                  "check Experiment.scheduler (a schedule that runs out, such as OneCycleLR's total_steps, "
+                  "must cover the profile and the trials)")
+
+
+def _as_users(call: Callable[[], Any], what: str, step: int, hint: str) -> None:
+    """Run ``call``; an error from it becomes one line that names it as the user's code, with ``hint``."""
     try:
-        experiment.optimizer.step()
+        call()
     except GradscopeError:
         raise
     except USER_ERRORS as exc:
-        raise ExperimentError(f"optimizer.step() raised at step {step}: {describe_exception(exc)}",
-                              "check the optimizer (one that needs a closure, such as LBFGS, is not "
-                              "supported)") from exc
-    if experiment.scheduler is None:
-        return
-    try:
-        experiment.scheduler.step()
-    except GradscopeError:
-        raise
-    except USER_ERRORS as exc:
-        raise ExperimentError(f"scheduler.step() raised at step {step}: {describe_exception(exc)}",
-                              "check Experiment.scheduler (a schedule that runs out, such as OneCycleLR's "
-                              "total_steps, must cover the profile and the trials)") from exc
+        raise ExperimentError(f"{what} raised at step {step}: {describe_exception(exc)}", hint) from exc
 
 
 def median_or_inf(losses: Sequence[float]) -> float:

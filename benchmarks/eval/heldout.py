@@ -36,21 +36,21 @@ def resnet(c: int = 16) -> nn.Module:
                          nn.Linear(c, 4))
 
 
-def resnet_hot(seed: int) -> Setup:
-    """A 2-block ResNet (batch norm) on 3-channel images at SGD lr 20, momentum 0.9."""
+def _resnet_at(seed: int, lr: float) -> Setup:
+    """The 2-block ResNet (batch norm) on 3-channel images at SGD with momentum 0.9."""
     torch.manual_seed(seed)
     train, held_out = _stream(wave_images(channels=3), seed, STEPS)
     model = resnet()
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=20.0, momentum=0.9), train, held_out,
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), train, held_out,
                  cross_entropy, STEPS)
+
+
+def resnet_hot(seed: int) -> Setup:
+    return _resnet_at(seed, 20.0)
 
 
 def resnet_healthy(seed: int) -> Setup:
-    torch.manual_seed(seed)
-    train, held_out = _stream(wave_images(channels=3), seed, STEPS)
-    model = resnet()
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), train, held_out,
-                 cross_entropy, STEPS)
+    return _resnet_at(seed, 0.05)
 
 
 # -- recurrent and temporal-convolution models ----------------------------------------------------------
