@@ -68,3 +68,19 @@ def test_diagnose_accepts_a_hugging_face_model_with_dict_batches():
     assert report.statistics.model.steps == 4
     names = {layer.name for layer in report.statistics.layers}
     assert "transformer.h.0.attn.c_attn" in names and "transformer.wte" in names
+
+
+def test_diagnose_steps_a_hugging_face_warm_up_schedule_and_puts_it_back():
+    """transformers' linear warm-up (a LambdaLR from 0) as Experiment.scheduler: the profile trains at the
+    warm-up's rates, and the schedule is back at its start afterwards."""
+    model = tiny_gpt2()
+    data = Tokens(8)
+    batches = [{"input_ids": data.ids[i:i + 4], "labels": data.ids[i:i + 4]} for i in range(0, 8, 4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
+    experiment = gradscope.Experiment(model, optimizer, batches, scheduler=schedule)
+    report = gradscope.diagnose(experiment, steps=6, extend=False)
+    assert report.statistics.model.steps == 6
+    assert schedule.last_epoch == 0 and optimizer.param_groups[0]["lr"] == 0.0  # the warm-up's start
+    gradscope.diagnose(experiment, steps=6, extend=False, restore=False)
+    assert schedule.last_epoch == 6 and optimizer.param_groups[0]["lr"] == pytest.approx(6e-4)
