@@ -17,7 +17,9 @@ Besides R, it reports gradscope's cost in training steps and in time over its pr
 short-horizon bias: the Spearman correlation between the ranking of the thresholds by the trials
 (30 steps) and by the full runs (300 steps, 10x the horizon).
 Run: python benchmarks/eval/run.py [--quick] [--jobs 2] [--set heldout] [--scenarios NAME ...] [--json FILE]
-(``--set heldout`` scores the scenarios of heldout.py, on which no choice in the advice was made.)
+       [--trial-steps N] [--exhaustive]
+(``--set heldout`` scores the scenarios of heldout.py, on which no choice in the advice was made;
+``--trial-steps`` runs diagnose with trials of that length instead of its default 30.)
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from gradscope.judge import lattice  # noqa: E402
 PROFILE_STEPS = 30
 GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades, as gradscope writes them
 EXHAUSTIVE = "GRADSCOPE_EVAL_EXHAUSTIVE"  # --exhaustive: every candidate is tried, for studying the choice rule
+TRIAL_STEPS = "GRADSCOPE_EVAL_TRIAL_STEPS"  # --trial-steps: diagnose's --trial-steps (default: its own)
 BLOWUP = 1e4  # a training loss this far above its first value has diverged: the run stops, scored as such
 Policy = Callable[[int, float, List[float]], Optional[float]]  # step, norm, history -> threshold
 
@@ -118,14 +121,22 @@ def profile(scenario: Scenario, seed: int) -> gradscope.Report:
     steps = iter(range(10 ** 9))
     experiment = gradscope.Experiment(setup.model, setup.optimizer, lambda: setup.train_batch(next(steps)),
                                       loss_fn=setup.loss_fn, name=scenario.name)
-    budget = {"trial_budget": 100.0} if os.environ.get(EXHAUSTIVE) else {}
-    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, **budget)
+    options = {"trials": 100, "trial_budget": 100.0} if os.environ.get(EXHAUSTIVE) else {}
+    if os.environ.get(TRIAL_STEPS):
+        options["trial_steps"] = int(os.environ[TRIAL_STEPS])
+    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, **options)
+
+
+def _every_candidate(candidates, done, *args) -> Optional[float]:
+    """--exhaustive's search: every candidate in turn, loosest first (no early stop)."""
+    tried = {t.threshold for t in done}
+    return next((c for c in candidates if c not in tried), None)
 
 
 def _exhaustive() -> None:
     if os.environ.get(EXHAUSTIVE):
-        from gradscope import judge, trials
-        judge.should_stop = trials.judge.should_stop = lambda *args: False
+        from gradscope import judge
+        judge.next_candidate = _every_candidate  # gradscope.trials looks it up on the module at each trial
 
 
 def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
@@ -301,9 +312,13 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write every row as JSON")
     parser.add_argument("--exhaustive", action="store_true",
                         help="try every candidate (no budget, no early stop): data for studying the choice rule")
+    parser.add_argument("--trial-steps", type=int, metavar="N",
+                        help="diagnose's --trial-steps (default: its own, 30): what longer trials change, and cost")
     args = parser.parse_args()
     if args.exhaustive:
         os.environ[EXHAUSTIVE] = "1"  # inherited by the worker processes
+    if args.trial_steps is not None:
+        os.environ[TRIAL_STEPS] = str(args.trial_steps)
     seeds = range(1 if args.quick else args.seeds)
     registry = SETS[args.set]
     names = args.scenarios or list(registry)
