@@ -24,7 +24,7 @@ from .render import MAX_LAYER_ROWS, render, render_text
 from .report import Report
 from .ruleset import RuleSet, condition_lines, condition_metrics, load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
-from .trials import BUDGET, MOST_TRIALS, TRIAL_STEPS
+from .trials import BUDGET, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TRIAL_STEPS
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
 
@@ -68,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR "
                                                         "(needs gradscope[tensorboard])")
     d.add_argument("--trials", type=_trials_arg, default=MOST_TRIALS, metavar="N|off",
-                   help=f"when a finding calls for norm clipping, run up to N trials of a threshold, {TRIAL_STEPS} "
-                        f"steps each from the same start, and recommend the winner (default {MOST_TRIALS}; "
-                        "off: an estimate from the profile alone)")
+                   help="when a finding calls for norm clipping, run up to N trials of a threshold from the same "
+                        f"start, and recommend the winner (default {MOST_TRIALS}; off: an estimate from the profile "
+                        "alone)")
+    d.add_argument("--trial-steps", type=_trial_steps_arg, default=TRIAL_STEPS, metavar="N",
+                   help=f"steps per trial, {MIN_TRIAL_STEPS}-{MAX_TRIAL_STEPS} (default {TRIAL_STEPS}); longer trials see "
+                        "a threshold whose larger steps pay off only later, at a cost in proportion")
     d.add_argument("--trial-budget", type=_budget_arg, default=BUDGET, metavar="X",
                    help=f"trials may train at most X full trials' worth of steps (default {BUDGET:g}; at the "
-                        f"default --steps, diagnose then costs at most about {BUDGET + 1:g}x its profile)")
+                        f"default --steps and --trial-steps, diagnose then costs at most about {BUDGET + 1:g}x its "
+                        "profile)")
     d.add_argument("--trial-seconds", type=_budget_arg, metavar="S",
                    help="also start no trial that would end past S seconds of trials (makes the advice depend "
                         "on the machine's speed)")
@@ -171,7 +175,8 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
         task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
         report = diagnose(
             experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device, restore=False,
-            trials=args.trials, trial_budget=args.trial_budget, trial_seconds=args.trial_seconds, extend=args.extend,
+            trials=args.trials, trial_budget=args.trial_budget, trial_seconds=args.trial_seconds,
+            trial_steps=args.trial_steps, extend=args.extend,
             progress=lambda done, total, o: progress.update(task, completed=done, total=total,
                                                              note=f"global norm {o['global_norm']:.3g}"),
             trial_progress=lambda done, total, label: progress.update(
@@ -231,6 +236,8 @@ _seed_arg = _bounded(int, lambda v: 0 <= v < 2 ** 64, "a seed from 0 to 2**64 - 
 # below 1, a run as good as its baseline would count as a regression
 _tolerance_arg = _bounded(float, lambda v: 1 <= v < float("inf"), "a finite factor of at least 1")
 _budget_arg = _bounded(float, lambda v: 0 < v < float("inf"), "a positive, finite number")
+_trial_steps_arg = _bounded(int, lambda v: MIN_TRIAL_STEPS <= v <= MAX_TRIAL_STEPS,
+                            f"{MIN_TRIAL_STEPS} to {MAX_TRIAL_STEPS} steps per trial")
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:

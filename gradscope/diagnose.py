@@ -23,7 +23,8 @@ from .report import Report
 from .ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from .stats import rise
-from .trials import BUDGET, HELD_OUT_BATCHES, MOST_TRIALS, TRIAL_STEPS, run_reference, run_trials
+from .trials import (BUDGET, HELD_OUT_BATCHES, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TRIAL_STEPS,
+                     run_reference, run_trials)
 
 DEFAULT_STEPS = 30
 MAX_STEPS = 50
@@ -51,6 +52,7 @@ def diagnose(
     trial_budget: float = BUDGET,
     trial_seconds: Optional[float] = None,
     trial_progress: Optional[TrialProgress] = None,
+    trial_steps: int = TRIAL_STEPS,
     extend: bool = True,
 ) -> Report:
     """Train ``experiment`` for ``steps`` optimizer steps, observing every step, and return a Report.
@@ -60,8 +62,10 @@ def diagnose(
     a run on a plateau can diverge right after it, and a loss that has not moved says nothing yet.
 
     When a finding calls for norm clipping, up to ``trials`` thresholds are then tried for real from
-    the same start (0 turns trials off), training at most ``trial_budget`` trials' worth of steps and,
-    if ``trial_seconds`` is given, starting no trial that would end past that many seconds.
+    the same start (0 turns trials off), each ``trial_steps`` long, training at most ``trial_budget``
+    trials' worth of steps and, if ``trial_seconds`` is given, starting no trial that would end past that
+    many seconds. Longer trials see further (a threshold whose larger steps pay off only later) at a cost
+    in proportion.
     With ``restore=True`` (the default) the model's weights and train/eval mode, the optimizer's state
     and the global RNG states (torch, numpy, random) are put back afterwards, so profiling leaves no trace.
     ``device`` ("cpu", "cuda" or "auto") moves the model and batches there; None leaves them where they are.
@@ -72,6 +76,9 @@ def diagnose(
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ExperimentError(f"steps must be between 1 and {MAX_STEPS}, got {steps}",
                               "a few dozen steps show the trend; use Monitor for whole training runs")
+    if not isinstance(trial_steps, int) or not MIN_TRIAL_STEPS <= trial_steps <= MAX_TRIAL_STEPS:
+        raise ExperimentError(f"trial_steps must be between {MIN_TRIAL_STEPS} and {MAX_TRIAL_STEPS}, got {trial_steps}",
+                              f"the default, {TRIAL_STEPS}, is what the evaluation measures; longer trials see further")
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
     target = resolve_device(device)
     trying = trials > 0 and distributed.context() is None  # trials restart training: single process only
@@ -93,11 +100,12 @@ def diagnose(
         seen: List[Any] = []
         began = time.perf_counter()
         dev = target or monitor.device
-        report = _profile(experiment, monitor, stream, seen, steps, dev, progress, meta,
+        keep = trial_steps + HELD_OUT_BATCHES if trying else 0  # the profile's batches the trials reuse
+        report = _profile(experiment, monitor, stream, seen, keep, steps, dev, progress, meta,
                           extend=extend and distributed.context() is None)  # (ranks would have to agree)
         profile_seconds = time.perf_counter() - began
         if start is not None and method_for(report.findings) == "norm":
-            trial_set = _trials(experiment, stream, seen, report, start, scale, dev,
+            trial_set = _trials(experiment, stream, seen, trial_steps, report, start, scale, dev,
                                 profile_seconds, dict(most=trials, budget=trial_budget, seconds=trial_seconds,
                                                       progress=trial_progress))
             advice = recommend(report.statistics, report.findings, trial_set)
@@ -118,14 +126,14 @@ def diagnose(
     return report
 
 
-def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], first: int, end: int,
-                   device: torch.device, progress: Optional[Progress]) -> Optional[str]:
-    """Train and observe steps ``first`` to ``end``, keeping the batches the trials need in ``seen``; why the
-    run stopped early, if it did."""
+def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], keep: int, first: int,
+                   end: int, device: torch.device, progress: Optional[Progress]) -> Optional[str]:
+    """Train and observe steps ``first`` to ``end``, keeping the first ``keep`` batches (the trials') in ``seen``;
+    why the run stopped early, if it did."""
     experiment.model.train()
     for step in range(first, end):
         batch = next_batch(stream, step)
-        if len(seen) < TRIAL_STEPS + HELD_OUT_BATCHES:
+        if len(seen) < keep:
             seen.append(batch)
         loss = forward_backward(experiment, batch, step, device)
         out = monitor.observe(loss)
@@ -137,13 +145,13 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[
     return None
 
 
-def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], steps: int, device: torch.device,
-             progress: Optional[Progress], meta: Dict[str, Any], extend: bool) -> Report:
+def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], keep: int, steps: int,
+             device: torch.device, progress: Optional[Progress], meta: Dict[str, Any], extend: bool) -> Report:
     """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``, while
     the profile has seen nothing: no warning or error, and a loss that has not fallen by SIGNAL (its last
     quarter against its first). The report of every step profiled (built before close(): profiling the
     Monitor measures the last step's update)."""
-    stopped = _profile_steps(experiment, monitor, stream, seen, 0, steps, device, progress)
+    stopped = _profile_steps(experiment, monitor, stream, seen, keep, 0, steps, device, progress)
     done = steps
     while True:
         report = build_report(monitor.profile(), stopped_reason=stopped, **meta)
@@ -151,7 +159,7 @@ def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], 
         if (not extend or stopped is not None or done >= EXTEND * steps or not report.healthy
                 or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL):
             break
-        stopped = _profile_steps(experiment, monitor, stream, seen, done, done + steps, device, progress)
+        stopped = _profile_steps(experiment, monitor, stream, seen, keep, done, done + steps, device, progress)
         done += steps
     if done == steps:
         return report
@@ -159,22 +167,22 @@ def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], 
                                                 f"fallen by {SIGNAL:.0%}, so the profile went on to {monitor.steps}")
 
 
-def _trials(experiment: Experiment, stream, seen: List[Any], report: Report, start: Dict[str, Any],
+def _trials(experiment: Experiment, stream, seen: List[Any], steps: int, report: Report, start: Dict[str, Any],
             scale: Optional[float], device: torch.device, profile_seconds: float, limits: Dict[str, Any]) -> TrialSet:
-    """Run the trials on the first TRIAL_STEPS batches of the stream, judged on the HELD_OUT_BATCHES after them.
+    """Run the trials on the first ``steps`` batches of the stream, judged on the HELD_OUT_BATCHES after them.
 
     The same batches whatever ``--steps`` the profile ran, so the advice does not depend on it. When the
     profile itself ran exactly those batches, or went non-finite on the first of them (an unclipped run
     from the same start on the same batches, which a rerun would repeat), it is the unclipped reference;
     otherwise one is run.
     """
-    batches = list(seen[:TRIAL_STEPS + HELD_OUT_BATCHES])
-    while len(batches) < TRIAL_STEPS + HELD_OUT_BATCHES:
+    batches = list(seen[:steps + HELD_OUT_BATCHES])
+    while len(batches) < steps + HELD_OUT_BATCHES:
         batches.append(next_batch(stream, len(batches)))
-    train, held = batches[:TRIAL_STEPS], batches[TRIAL_STEPS:]
+    train, held = batches[:steps], batches[steps:]
     m = report.statistics.model
-    diverged = 0 < m.steps <= TRIAL_STEPS and not math.isfinite(m.loss[-1])  # it stopped at a non-finite loss
-    rerun = m.steps != TRIAL_STEPS and not diverged
+    diverged = 0 < m.steps <= steps and not math.isfinite(m.loss[-1])  # it stopped at a non-finite loss
+    rerun = m.steps != steps and not diverged
     if diverged:
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), math.inf)
     elif not rerun:  # the profile was the unclipped run on exactly these batches

@@ -71,6 +71,12 @@ class TrialSet:
     reference_rerun: bool = False  # the unclipped reference was trained for the trials (not the profile itself)
 
     @property
+    def learned(self) -> bool:
+        """Whether a stable trial ended measurably below the start on the held-out batches (by more than
+        SIGNAL of the start loss). Without that, the trials rank thresholds by stability alone."""
+        return learned(self.trials, self.start_held_out)
+
+    @property
     def spent(self) -> int:
         """Training steps the trials took: every clipped trial's, and the reference's when it was rerun."""
         return sum(len(t.losses) for t in self.trials) + (len(self.reference.losses) if self.reference_rerun else 0)
@@ -178,6 +184,11 @@ def floor(start_held_out: float) -> float:
     return SIGNAL * abs(start_held_out) if math.isfinite(start_held_out) else 0.0
 
 
+def learned(trials: Sequence[Trial], start_held_out: float) -> bool:
+    """Whether any stable trial's held-out loss ended more than the evidence floor below the start."""
+    return any(t.stable and t.held_out < start_held_out - floor(start_held_out) for t in trials)
+
+
 def better(a: Trial, b: Trial, least: float = 0.0) -> bool:
     """Whether the held-out batches show ``a`` better than ``b``: the mean of the paired per-batch
     differences is more than one standard error, and more than ``least``, below zero. Without per-batch
@@ -240,4 +251,7 @@ def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[T
     unstable = [t for t in trials if not t.stable]
     if unstable:
         reason += f"; {len(unstable)} of {len(trials)} went unstable, the loosest at {unstable[0].threshold:g}"
+    if not learned(trials, start_held_out):
+        reason += (f"; no trial trained measurably (the best held-out gain, {start_held_out - best.held_out:.2g}, "
+                   f"is under {SIGNAL:.0%} of the start loss), so the pick rests on stability alone")
     return chosen.threshold, reason

@@ -23,6 +23,7 @@ from .judge import TrialSet
 from .report import Report
 from .ruleset import SEVERITIES
 from .stats import LayerStats
+from .trials import MAX_TRIAL_STEPS
 from .wording import SEVERITY_RANK, advice, fmt, fmt_count, plural, shorten_names
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -80,6 +81,10 @@ def trials_table(trials: TrialSet) -> RenderableType:
     notes = [Text(f"not tried: {', '.join(fmt(c) for c in trials.untried)}; {trials.stopped}", "dim")] \
         if trials.untried else []
     notes += [Text(n, "dim") for n in trials.notes]
+    if trials.winner is not None and not trials.learned:
+        notes.append(Text(f"no threshold trained measurably within {trials.steps} steps, so the pick rests on "
+                          f"stability alone; longer trials can tell them apart, at a cost in proportion: "
+                          f"--trial-steps {min(4 * trials.steps, MAX_TRIAL_STEPS)}", "yellow"))
     return Group(table, *notes, Text(""))
 
 

@@ -117,7 +117,7 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
                 "steps_run": len(t.losses), "losses": list(t.losses), "held_out_losses": list(t.held_out_batches)}
     # Wall-clock times stay out, so that the same target and seed give the same document; the cost is in steps.
     return {"steps": trials.steps, "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
-            "reason": trials.reason, "trial_steps": trials.spent,
+            "reason": trials.reason, "learned": trials.learned, "trial_steps": trials.spent,
             "untried": list(trials.untried), "stopped": trials.stopped or None, "notes": list(trials.notes),
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
 

@@ -11,6 +11,7 @@ import torch
 import gradscope
 from gradscope import judge
 from gradscope.cli import main
+from gradscope.errors import ExperimentError
 from gradscope.judge import Trial
 
 from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet
@@ -127,9 +128,34 @@ def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wi
     # start 4.16: the best trial gained 0.02 (0.5%), within the 1% signal floor of the others that held
     # their loss; 0.1 made it 20% worse, so the loosest that held, 0.01, wins rather than the tightest
     trials = [_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142), _trial(0.0001, 4.156)]
-    assert judge.choose(trials, start_held_out=4.16)[0] == 0.01
+    winner, reason = judge.choose(trials, start_held_out=4.16)
+    assert winner == 0.01 and not judge.learned(trials, 4.16)
+    assert "no trial trained measurably" in reason and "stability alone" in reason  # the report says so
     # with a real gain the floor is too narrow to matter: 5% of the improvement rules, as before
-    assert judge.choose([_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)], 4.16)[0] == 0.001
+    learning = [_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)]
+    winner, reason = judge.choose(learning, 4.16)
+    assert winner == 0.001 and judge.learned(learning, 4.16) and "measurably" not in reason
+
+
+def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
+    from gradscope.render import trials_table
+    from rich.console import Console
+
+    def rendered(trials):
+        winner, reason = judge.choose(trials, 4.16)
+        reference = Trial(math.inf, (4.2, 90.0), (1.0, 50.0), math.inf, "the loss blew up")
+        trial_set = judge.TrialSet(steps=30, start_held_out=4.16, reference=reference, trials=tuple(trials),
+                                   untried=(), stopped="", winner=winner, reason=reason, seconds=1.0,
+                                   profile_seconds=1.0)
+        console = Console(width=200, record=True, color_system=None)
+        console.print(trials_table(trial_set))
+        return trial_set, console.export_text()
+
+    flat, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142)])
+    assert not flat.learned and "no threshold trained measurably within 30 steps" in text
+    assert "--trial-steps 120" in text
+    learning, text = rendered([_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)])
+    assert learning.learned and "measurably" not in text and "--trial-steps" not in text
 
 
 # -- trials run for real ----------------------------------------------------------------------------------
@@ -153,6 +179,26 @@ def test_trials_stay_within_their_step_budget(exploding):
     assert sum(len(t.losses) for t in limited.recommendation.evidence.trials.trials) <= trials.steps
     timed = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_seconds=1e-9).recommendation.evidence.trials
     assert len(timed.trials) == 1 and "--trial-seconds" in timed.stopped  # the first trial always runs
+
+
+@pytest.mark.parametrize("steps, trial_steps, rerun", [(12, 12, False), (30, 45, True)])
+def test_trial_steps_sets_how_long_every_trial_trains(exploding, steps, trial_steps, rerun):
+    """Shorter or longer trials start from the same state and batches as the default ones; a profile of
+    exactly their length is their unclipped reference, and longer ones draw batches past the profile's."""
+    trials = gradscope.diagnose(exploding_rnn(), steps=steps, seed=0, trial_steps=trial_steps
+                                ).recommendation.evidence.trials
+    assert trials.steps == trial_steps and trials.reference_rerun is rerun
+    assert {t.losses[0] for t in (trials.reference, *trials.trials)} == {exploding.recommendation.evidence.trials
+                                                                           .reference.losses[0]}
+    assert all(len(t.losses) <= trial_steps for t in trials.trials)
+    assert any(len(t.losses) == trial_steps for t in trials.trials if t.stable)
+    assert sum(len(t.losses) for t in trials.trials) <= 4 * trial_steps  # the budget is in trials' worth
+
+
+@pytest.mark.parametrize("trial_steps", [0, 9, 1001, 30.0])
+def test_a_trial_length_out_of_range_is_one_clear_error(trial_steps):
+    with pytest.raises(ExperimentError, match="trial_steps must be between 10 and 1000"):
+        gradscope.diagnose(exploding_rnn(), steps=5, trial_steps=trial_steps)
 
 
 def test_an_unclipped_reference_trained_for_the_trials_counts_in_their_cost():
@@ -264,7 +310,8 @@ def test_cli_trials_in_json_and_off(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("flag", [["--trials", "many"], ["--trials", "-1"], ["--trial-budget", "0"],
-                                  ["--trial-budget", "nan"], ["--trial-seconds", "inf"]])
+                                  ["--trial-budget", "nan"], ["--trial-seconds", "inf"], ["--trial-steps", "3"],
+                                  ["--trial-steps", "2.5"], ["--trial-steps", "100000"]])
 def test_cli_rejects_bad_trial_options(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["diagnose", SAMPLE, *flag])
