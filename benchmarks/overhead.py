@@ -1,9 +1,11 @@
 """Overhead of gradscope.Monitor observing every step, against the same plain training loop.
 
-For each model size, two identical copies train side by side in one process: plain steps and
-observed steps alternate one by one, so both see the same machine state. Prints the median step
-time of each and their ratio (observed / plain), and observe() alone against the physical floor (one
-_foreach_norm over every gradient plus one host copy), timed on the same gradients in the same run.
+For each model size, three identical copies train side by side in one process: plain steps,
+observed steps and floor steps (the physical floor of observing, one _foreach_norm over every
+gradient plus one host copy, as the step's only extra work) take turns in rotating order, so all see
+the same machine state. Prints the median step time of each and the ratios to plain (the floor
+step's is the least an exact per-step norm can cost), and observe() alone against the floor, timed
+on the same gradients in the same run.
 Models: an MLP (8 tensors), a small transformer, a deep narrow model with 801 tensors, and a 12-layer
 Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU) does the same under
 DistributedDataParallel and times gradscope's per-step collective on its own.
@@ -18,7 +20,7 @@ import argparse
 import copy
 import statistics
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -139,42 +141,52 @@ def kernels_per_observe(monitor: Monitor, calls: int = 16) -> float:
     return sum(e.count for e in prof.key_averages() if e.device_type == cuda) / calls
 
 
-def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn, monitor: Monitor = None) -> float:
+def floor_hook(model: nn.Module) -> Callable[[torch.Tensor], None]:
+    """The floor as a step's hook: what any exact per-step, per-tensor norm must at least do."""
+    params = list(model.parameters())
+    return lambda loss: torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).cpu()
+
+
+def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn,
+               hook: Optional[Callable[[torch.Tensor], object]] = None) -> float:
     device = next(model.parameters()).device
     sync(device)
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model, batch())
     loss.backward()
-    if monitor is not None:
-        monitor.observe(loss)
+    if hook is not None:
+        hook(loss)
     opt.step()
     sync(device)
     return time.perf_counter() - start
 
 
 def measure(name: str, pairs: int, device: torch.device) -> Dict[str, float]:
-    """Alternate one plain step and one observed step, ``pairs`` times, after a warm-up of both."""
+    """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), ``pairs``
+    times in rotating order, after a warm-up of each."""
     torch.manual_seed(0)
     plain_model, batch, loss_fn = on(device, name)
-    observed_model = copy.deepcopy(plain_model)
-    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
-    observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
+    observed_model, floor_model = copy.deepcopy(plain_model), copy.deepcopy(plain_model)
     monitor = Monitor(observed_model)
-    for _ in range(3):
-        timed_step(plain_model, plain_opt, batch, loss_fn)
-        timed_step(observed_model, observed_opt, batch, loss_fn, monitor)
-    plain, observed = [], []
-    for i in range(pairs):
-        first, second = (plain, observed) if i % 2 == 0 else (observed, plain)  # neither always goes first
-        for times in (first, second):
-            times.append(timed_step(plain_model, plain_opt, batch, loss_fn) if times is plain else
-                         timed_step(observed_model, observed_opt, batch, loss_fn, monitor))
+    arms = {"plain": (plain_model, None), "observed": (observed_model, monitor.observe),
+            "floor": (floor_model, floor_hook(floor_model))}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in arms.items()}
+    times: Dict[str, list] = {k: [] for k in arms}
+    for i in range(-3, pairs):  # three warm-up rounds, untimed
+        order = list(arms)[i % 3:] + list(arms)[:i % 3]  # none always goes first
+        for k in order:
+            model, hook = arms[k]
+            took = timed_step(model, opts[k], batch, loss_fn, hook)
+            if i >= 0:
+                times[k].append(took)
+    plain, observed = times["plain"], times["observed"]
     params = sum(p.numel() for p in plain_model.parameters())
     p, o = statistics.median(plain), statistics.median(observed)
     floor, (alone, alone_mean) = floor_ms(observed_model), observe_ms(observed_model, monitor)
     return {"params": params, "tensors": len(list(plain_model.parameters())), "plain_ms": p * 1e3,
             "observed_ms": o * 1e3, "ratio": o / p, "pair_ratio": statistics.median(b / a for a, b in zip(plain, observed)),
+            "floor_step_ratio": statistics.median(times["floor"]) / p,
             "mean_ratio": statistics.mean(observed) / statistics.mean(plain),
             "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor,
             "observe_mean_ms": alone_mean,
@@ -209,11 +221,11 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
         return time.perf_counter() - start
     for _ in range(3):
         timed_step(plain_model, plain_opt, batch, loss_fn)
-        timed_step(observed_model, observed_opt, batch, loss_fn, monitor)
+        timed_step(observed_model, observed_opt, batch, loss_fn, monitor.observe)
     plain, observed, reduce = [], [], []
     for _ in range(pairs):
         plain.append(timed_step(plain_model, plain_opt, batch, loss_fn))
-        observed.append(timed_step(observed_model, observed_opt, batch, loss_fn, monitor))
+        observed.append(timed_step(observed_model, observed_opt, batch, loss_fn, monitor.observe))
         reduce.append(collective())
     if rank == 0:
         queue.put({"params": sum(p.numel() for p in model.parameters()), "plain_ms": statistics.median(plain) * 1e3,
@@ -255,19 +267,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}; {pairs} alternating pairs of "
           "plain and observed steps; Monitor at its defaults, observing every step")
     print(f"{'model':<14}{'params':>12}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}{'pair':>7}{'mean':>7}"
-          f"{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
+          f"{'floor step':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []
     for name in models:
         r = measure(name, pairs, device)
         results.append((name, r))
         print(f"{name:<14}{r['params']:>12,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
-              f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_ms']:>10.2f}"
+              f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_step_ratio']:>11.3f}"
+              f"{r['floor_ms']:>10.2f}"
               f"{r['observe_ms']:>12.2f}{r['over_floor']:>8.2f}{r['observe_mean_ms']:>9.2f}"
               f"{r['mean_over_floor']:>8.2f}")
     print("ratio: median observed step / median plain step (AdamW); pair: median of per-pair ratios; mean:\n"
           "mean observed step / mean plain step; floor: one _foreach_norm over every gradient plus one host\n"
-          "copy; observe: observe() alone on the same gradients, median then mean (the mean carries the\n"
-          "work of every 4th and 16th step); /floor: over the floor. All measured side by side in this run.")
+          "copy; floor step: median step with only the floor in it / median plain step (the least any exact\n"
+          "per-step norm costs); observe: observe() alone on the same gradients, median then mean (the mean\n"
+          "carries the work of every 4th and 16th step); /floor: over the floor. All side by side in this run.")
     if device.type == "cuda":
         print("CUDA kernels per observe() (torch.profiler, mean of 16 calls): "
               + ", ".join(f"{name} {r['kernels']:.0f}" for name, r in results))
