@@ -45,12 +45,13 @@ from scipy import stats as sps  # noqa: E402
 
 import gradscope  # noqa: E402
 from gradscope.judge import lattice  # noqa: E402
+from gradscope.trials import TRIAL_STEPS  # noqa: E402
 
 PROFILE_STEPS = 30
 BASELINES = ("fixed-1.0", "autoclip", "zclip")  # besides none
 GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades, as gradscope writes them
 EXHAUSTIVE = "GRADSCOPE_EVAL_EXHAUSTIVE"  # --exhaustive: every candidate is tried, for studying the choice rule
-TRIAL_STEPS = "GRADSCOPE_EVAL_TRIAL_STEPS"  # --trial-steps: diagnose's --trial-steps (default: its own)
+TRIAL_LENGTH = "GRADSCOPE_EVAL_TRIAL_STEPS"  # --trial-steps: diagnose's --trial-steps (default: its own)
 BLOWUP = 1e4  # a training loss this far above its first value has diverged: the run stops, scored as such
 Policy = Callable[[int, float, List[float]], Optional[float]]  # step, norm, history -> threshold
 
@@ -123,8 +124,8 @@ def profile(scenario: Scenario, seed: int) -> gradscope.Report:
     experiment = gradscope.Experiment(setup.model, setup.optimizer, lambda: setup.train_batch(next(steps)),
                                       loss_fn=setup.loss_fn, name=scenario.name)
     options = {"trials": 100, "trial_budget": 100.0} if os.environ.get(EXHAUSTIVE) else {}
-    if os.environ.get(TRIAL_STEPS):
-        options["trial_steps"] = int(os.environ[TRIAL_STEPS])
+    if os.environ.get(TRIAL_LENGTH):
+        options["trial_steps"] = int(os.environ[TRIAL_LENGTH])
     return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, **options)
 
 
@@ -189,8 +190,8 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "profile_seconds": trials.profile_seconds if trials else diagnose_seconds,
             "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
             "trials": None if trials is None else {
-                "start_held_out": trials.start_held_out, "winner": trials.winner,
-                "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
+                "steps": trials.steps, "start_held_out": trials.start_held_out, "winner": trials.winner,
+                "learned": trials.learned, "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
                           "held_out": t.held_out, "held_out_batches": list(t.held_out_batches),
                           "unstable": t.unstable} for t in (trials.reference, *trials.trials)]},
             "regret": {k: regret(v) for k, v in results.items()}, "loss": results}
@@ -253,8 +254,10 @@ def summarise(rows: List[Dict[str, object]]) -> str:
             lines.append(f"         {m}: mean R {statistics.mean(r['regret'][m] for r in explode):.3f}")
         ranks = [r["rank_correlation"] for r in explode if math.isfinite(r["rank_correlation"])]
         if ranks:
-            lines.append(f"short-horizon bias: Spearman correlation of the trials' ranking (30 steps) with the "
-                         f"300-step ranking, median {statistics.median(ranks):.2f} (min {min(ranks):.2f}, "
+            # rows written before the length was recorded ran the default
+            horizon = sorted({r["trials"].get("steps", TRIAL_STEPS) for r in explode if r.get("trials")})
+            lines.append(f"short-horizon bias: Spearman correlation of the trials' ranking "
+                         f"({'/'.join(map(str, horizon))} steps) with the 300-step ranking, median {statistics.median(ranks):.2f} (min {min(ranks):.2f}, "
                          f"{len(ranks)} pairs)")
     tried = [r for r in rows if r["trial_steps"]]
     if tried:
@@ -325,7 +328,7 @@ def main() -> None:
     if args.exhaustive:
         os.environ[EXHAUSTIVE] = "1"  # inherited by the worker processes
     if args.trial_steps is not None:
-        os.environ[TRIAL_STEPS] = str(args.trial_steps)
+        os.environ[TRIAL_LENGTH] = str(args.trial_steps)
     seeds = range(1 if args.quick else args.seeds)
     registry = SETS[args.set]
     names = args.scenarios or list(registry)
