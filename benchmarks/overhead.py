@@ -254,7 +254,8 @@ def measure_ddp(pairs: int, world: int = 2) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run, noisier)")
-    parser.add_argument("--pairs", type=int, default=60, help="plain/observed step pairs per model (default 60)")
+    parser.add_argument("--pairs", type=int, default=60, help="rounds of plain, observed and floor steps per model "
+                                                              "(default 60)")
     parser.add_argument("--models", nargs="*", choices=list(MODELS),
                         help=f"default: {' '.join(CPU_MODELS)} (on cuda: all of {' '.join(MODELS)})")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
@@ -264,8 +265,8 @@ def main() -> None:
     models = args.models or (list(MODELS) if device.type == "cuda" else CPU_MODELS)
     pairs = 4 if args.quick else args.pairs
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; {pairs} alternating pairs of "
-          "plain and observed steps; Monitor at its defaults, observing every step")
+    print(f"torch {torch.__version__}, {where}; {pairs} rounds of a plain, an observed and a floor step in "
+          "rotating order; Monitor at its defaults, observing every step")
     print(f"{'model':<14}{'params':>12}{'tensors':>8}{'plain ms':>10}{'observed ms':>13}{'ratio':>7}{'pair':>7}{'mean':>7}"
           f"{'floor step':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []

@@ -19,12 +19,13 @@ from .diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everythin
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, html_available, to_markdown
 from .gate import FAIL_ON, Verdict, decide, unfinished
+from .judge import MAX_TRIAL_STEPS, MIN_TRIAL_STEPS
 from .metrics import LAYER_METRICS, MODEL_METRICS
 from .render import MAX_LAYER_ROWS, render, render_text
 from .report import Report
 from .ruleset import RuleSet, condition_lines, condition_metrics, load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
-from .trials import BUDGET, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TRIAL_STEPS
+from .trials import BUDGET, MOST_TRIALS, TRIAL_STEPS
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
 

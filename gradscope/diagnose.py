@@ -15,7 +15,7 @@ from . import distributed, interrupts
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf, next_batch,
                          optimizer_step)
-from .judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
+from .judge import MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, SIGNAL, Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
 from .pipeline import build_report
 from .recommend import method_for, recommend
@@ -23,8 +23,7 @@ from .report import Report
 from .ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from .stats import rise
-from .trials import (BUDGET, HELD_OUT_BATCHES, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TRIAL_STEPS,
-                     run_reference, run_trials)
+from .trials import BUDGET, HELD_OUT_BATCHES, MOST_TRIALS, TRIAL_STEPS, run_reference, run_trials
 
 DEFAULT_STEPS = 30
 MAX_STEPS = 50

@@ -27,6 +27,8 @@ LOSS_BLOWUP = 10.0  # a training loss this many times its start has diverged: th
 NORM_GROWTH = 10.0  # a pre-clip norm trend compounding to this over the trial is unstable
 TIE = 0.05  # trials within this share of the best held-out improvement over the start count as near-best
 SIGNAL = 0.01  # held-out differences below this share of the start loss are no evidence at the trial horizon
+MIN_TRIAL_STEPS = 10  # fewer cannot judge a trial: a blow-up is read past the start level, a climb by quarters
+MAX_TRIAL_STEPS = 1000  # longer trials keep too many batches in memory (gradscope.trials keeps them all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +254,6 @@ def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[T
     if unstable:
         reason += f"; {len(unstable)} of {len(trials)} went unstable, the loosest at {unstable[0].threshold:g}"
     if not learned(trials, start_held_out):
-        reason += (f"; no trial trained measurably (the best held-out gain, {start_held_out - best.held_out:.2g}, "
-                   f"is under {SIGNAL:.0%} of the start loss), so the pick rests on stability alone")
+        reason += (f"; no trial trained measurably (the best held-out loss, {best.held_out:.4g}, is not {SIGNAL:.0%} "
+                   f"below the start's), so the pick rests on stability alone")
     return chosen.threshold, reason

@@ -19,11 +19,10 @@ from rich.text import Text
 from .baseline import Comparison
 from .evaluate import Finding
 from .gate import Verdict
-from .judge import TrialSet
+from .judge import MAX_TRIAL_STEPS, TrialSet
 from .report import Report
 from .ruleset import SEVERITIES
 from .stats import LayerStats
-from .trials import MAX_TRIAL_STEPS
 from .wording import SEVERITY_RANK, advice, fmt, fmt_count, plural, shorten_names
 
 BARS = "▁▂▃▄▅▆▇█"

@@ -19,8 +19,6 @@ from .judge import Trial, TrialSet
 from .state import restore
 
 TRIAL_STEPS = 30  # steps per trial by default: the advice must not depend on how long the profile ran
-MIN_TRIAL_STEPS = 10  # fewer cannot judge a trial: a blow-up is read past the start level, a climb by quarters
-MAX_TRIAL_STEPS = 1000  # the trials' batches are kept in memory
 HELD_OUT_BATCHES = 8
 BUDGET = 4.0  # trials may train this many full trials' worth of steps; at the default 30 profiled steps
 # diagnose then costs about 5x its profile (a trial step is a plain step, cheaper than a profiled one).

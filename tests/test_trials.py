@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 import gradscope
 from gradscope import judge
 from gradscope.cli import main
 from gradscope.errors import ExperimentError
 from gradscope.judge import Trial
+from gradscope.render import trials_table
 
 from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet
 
@@ -138,9 +140,6 @@ def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wi
 
 
 def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
-    from gradscope.render import trials_table
-    from rich.console import Console
-
     def rendered(trials):
         winner, reason = judge.choose(trials, 4.16)
         reference = Trial(math.inf, (4.2, 90.0), (1.0, 50.0), math.inf, "the loss blew up")

@@ -191,7 +191,8 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
             "trials": None if trials is None else {
                 "steps": trials.steps, "start_held_out": trials.start_held_out, "winner": trials.winner,
-                "learned": trials.learned, "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
+                "learned": trials.learned,
+                "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
                           "held_out": t.held_out, "held_out_batches": list(t.held_out_batches),
                           "unstable": t.unstable} for t in (trials.reference, *trials.trials)]},
             "regret": {k: regret(v) for k, v in results.items()}, "loss": results}
@@ -257,8 +258,8 @@ def summarise(rows: List[Dict[str, object]]) -> str:
             # rows written before the length was recorded ran the default
             horizon = sorted({r["trials"].get("steps", TRIAL_STEPS) for r in explode if r.get("trials")})
             lines.append(f"short-horizon bias: Spearman correlation of the trials' ranking "
-                         f"({'/'.join(map(str, horizon))} steps) with the 300-step ranking, median {statistics.median(ranks):.2f} (min {min(ranks):.2f}, "
-                         f"{len(ranks)} pairs)")
+                         f"({'/'.join(map(str, horizon))} steps) with the 300-step ranking, median "
+                         f"{statistics.median(ranks):.2f} (min {min(ranks):.2f}, {len(ranks)} pairs)")
     tried = [r for r in rows if r["trial_steps"]]
     if tried:
         # against the profile asked for, or the longer one run where it went on (one cut short by a NaN
@@ -285,10 +286,10 @@ def summarise(rows: List[Dict[str, object]]) -> str:
     # a healthy run is never told to clip, so where a baseline's clipping edges out unclipped training no
     # advice that keeps that promise can win the pair: the most it could win is every other pair
     lost = [r for r in healthy if any(r["regret"][m] < r["regret"]["none"] - 1e-9 for m in BASELINES)]
+    edge = max((r["regret"]["none"] - min(r["regret"][m] for m in BASELINES) for r in lost), default=0.0)
     lines.append(f"  at most {len(pairs) - len(lost)}/{len(pairs)} for any advice that tells a healthy run not to "
                  f"clip: on {len(lost)} of {len(healthy)} healthy pairs a baseline beats unclipped (by at most "
-                 f"{max((r['regret']['none'] - min(r['regret'][m] for m in BASELINES) for r in lost), default=0):.3f}"
-                 " in R)")
+                 f"{edge:.3f} in R)")
     return "\n".join(lines)
 
 
