@@ -80,10 +80,12 @@ def trials_table(trials: TrialSet) -> RenderableType:
     notes = [Text(f"not tried: {', '.join(fmt(c) for c in trials.untried)}; {trials.stopped}", "dim")] \
         if trials.untried else []
     notes += [Text(n, "dim") for n in trials.notes]
+    longer = min(4 * trials.steps, MAX_TRIAL_STEPS)
     if trials.winner is not None and not trials.learned:
         notes.append(Text(f"no threshold trained measurably within {trials.steps} steps, so the pick rests on "
-                          f"stability alone; longer trials can tell them apart, at a cost in proportion: "
-                          f"--trial-steps {min(4 * trials.steps, MAX_TRIAL_STEPS)}", "yellow"))
+                          "stability alone" + (f"; longer trials can tell them apart, at a cost in proportion: "
+                                               f"--trial-steps {longer}" if longer > trials.steps else ""),
+                          "yellow"))
     return Group(table, *notes, Text(""))
 
 

@@ -140,10 +140,10 @@ def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wi
 
 
 def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
-    def rendered(trials):
+    def rendered(trials, steps=30):
         winner, reason = judge.choose(trials, 4.16)
         reference = Trial(math.inf, (4.2, 90.0), (1.0, 50.0), math.inf, "the loss blew up")
-        trial_set = judge.TrialSet(steps=30, start_held_out=4.16, reference=reference, trials=tuple(trials),
+        trial_set = judge.TrialSet(steps=steps, start_held_out=4.16, reference=reference, trials=tuple(trials),
                                    untried=(), stopped="", winner=winner, reason=reason, seconds=1.0,
                                    profile_seconds=1.0)
         console = Console(width=200, record=True, color_system=None)
@@ -153,6 +153,8 @@ def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
     flat, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142)])
     assert not flat.learned and "no threshold trained measurably within 30 steps" in text
     assert "--trial-steps 120" in text
+    _, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167)], steps=judge.MAX_TRIAL_STEPS)
+    assert "stability alone" in text and "--trial-steps" not in text  # nothing longer to suggest
     learning, text = rendered([_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)])
     assert learning.learned and "measurably" not in text and "--trial-steps" not in text
 
