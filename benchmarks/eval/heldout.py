@@ -157,6 +157,81 @@ def neox_healthy(seed: int) -> Setup:
     return Setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3), train, held_out, _hf_lm_loss, STEPS)
 
 
+# -- written for the trials' horizon: a cliff, a slow learner and a convolutional family the sets lack --------
+# Written once, before the adaptive horizon ran on them; each learning rate set on the grid alone.
+def sine_regression(d_in: int = 16, batch: int = 64):
+    def make(g: torch.Generator) -> Batch:
+        x = torch.randn(batch, d_in, generator=g)
+        return x, torch.sin(2 * x[:, :4]).sum(1, keepdim=True) + 0.5 * x[:, 4:8].pow(2).sum(1, keepdim=True)
+    return make
+
+
+def relu_mlp_cliff(seed: int) -> Setup:
+    """An 8-layer ReLU MLP (no normalisation) on a non-linear regression at SGD lr 0.05, momentum 0.9:
+    looser thresholds learn faster at first, and the edge of stability sits just above the best one."""
+    torch.manual_seed(seed)
+    layers, width = [], 64
+    for k in range(8):
+        layers += [nn.Linear(16 if k == 0 else width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 1))
+    train, held_out = _stream(sine_regression(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), train, held_out, mse, STEPS)
+
+
+class RecallLSTM(nn.Module):
+    """Reads a sequence and names the class of its first token: the answer is 40 steps back."""
+
+    def __init__(self, vocab: int = 8, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)
+        self.lstm = nn.LSTM(16, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 4)
+
+    def forward(self, tokens):
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def recall_tokens(length: int = 8, batch: int = 32, vocab: int = 8):
+    def make(g: torch.Generator) -> Batch:
+        tokens = torch.randint(4, vocab, (batch, length), generator=g)  # noise tokens 4..7
+        labels = torch.randint(0, 4, (batch,), generator=g)
+        tokens[:, 0] = labels  # the first token carries the class
+        return tokens, labels
+    return make
+
+
+def lstm_recall_slow(seed: int) -> Setup:
+    """An LSTM recalling the first of 40 tokens at SGD lr 20: a slow learner, whose gain comes late."""
+    torch.manual_seed(seed)
+    model = RecallLSTM()
+    train, held_out = _stream(recall_tokens(), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=10.0), train, held_out, cross_entropy, STEPS)
+
+
+class Separable(nn.Module):
+    """A MobileNet block: depthwise 3x3, batch norm, ReLU6, pointwise 1x1, batch norm, ReLU6."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                                  nn.ReLU6(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def mobilenet_hot(seed: int) -> Setup:
+    """A 4-block depthwise-separable CNN (MobileNet v1's block) on 3-channel images at SGD lr 10, momentum 0.9."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+                          Separable(16, 32), Separable(32, 32, 2), Separable(32, 64), Separable(64, 64, 2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+    train, held_out = _stream(wave_images(channels=3), seed, STEPS)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=10.0, momentum=0.9), train, held_out,
+                 cross_entropy, STEPS)
+
+
 HELDOUT: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("resnet_hot", "explode", resnet_hot, "2-block ResNet with batch norm at SGD lr 20"),
     Scenario("gru_lr50", "explode", gru_lr50, "GRU on the adding problem at SGD lr 50"),
@@ -167,4 +242,7 @@ HELDOUT: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("resnet_healthy", "healthy", resnet_healthy, "the ResNet at SGD lr 0.05"),
     Scenario("gru_adam_healthy", "healthy", gru_adam_healthy, "the GRU at Adam 3e-3"),
     Scenario("hf_neox_healthy", "healthy", neox_healthy, "GPT-NeoX at AdamW 1e-3"),
+    Scenario("relu_mlp_cliff", "explode", relu_mlp_cliff, "8-layer ReLU MLP at SGD lr 0.05, momentum 0.9"),
+    Scenario("lstm_recall_slow", "explode", lstm_recall_slow, "LSTM recalling a token 40 steps back at SGD lr 20"),
+    Scenario("mobilenet_hot", "explode", mobilenet_hot, "depthwise-separable CNN at SGD lr 10, momentum 0.9"),
 ]}
