@@ -19,13 +19,12 @@ from .diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everythin
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
 from .formats import FORMATS, html_available, to_markdown
 from .gate import FAIL_ON, Verdict, decide, unfinished
-from .judge import MAX_TRIAL_STEPS, MIN_TRIAL_STEPS
 from .metrics import LAYER_METRICS, MODEL_METRICS
 from .render import MAX_LAYER_ROWS, render, render_text
 from .report import Report
 from .ruleset import RuleSet, condition_lines, condition_metrics, load_rules
 from .target import DEFAULT_CALLABLE, load_experiment
-from .trials import BUDGET, MOST_TRIALS, TRIAL_STEPS
+from .options import BUDGET, FIRST_STEPS, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TrialOptions
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
 
@@ -72,16 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a finding calls for norm clipping, run up to N trials of a threshold from the same "
                         f"start, and recommend the winner (default {MOST_TRIALS}; off: an estimate from the profile "
                         "alone)")
-    d.add_argument("--trial-steps", type=_trial_steps_arg, default=TRIAL_STEPS, metavar="N",
-                   help=f"steps per trial, {MIN_TRIAL_STEPS}-{MAX_TRIAL_STEPS} (default {TRIAL_STEPS}); longer trials see "
-                        "a threshold whose larger steps pay off only later, at a cost in proportion")
-    d.add_argument("--trial-budget", type=_budget_arg, default=BUDGET, metavar="X",
-                   help=f"trials may train at most X full trials' worth of steps (default {BUDGET:g}; at the "
-                        f"default --steps and --trial-steps, diagnose then costs at most about {BUDGET + 1:g}x its "
-                        "profile)")
-    d.add_argument("--trial-seconds", type=_budget_arg, metavar="S",
+    d.add_argument("--trial-steps", type=_number(int), metavar="N",
+                   help=f"train every trial exactly N steps, {MIN_TRIAL_STEPS}-{MAX_TRIAL_STEPS}, and continue none "
+                        f"(default: an adaptive horizon: every candidate {FIRST_STEPS} steps, then the contenders go "
+                        "on, the horizon doubling, while their ranking is open)")
+    d.add_argument("--trial-budget", type=_number(float), default=BUDGET, metavar="X",
+                   help=f"trials may train at most X first-rung trials' worth of steps in all (default {BUDGET:g}: "
+                        f"with the default --steps, diagnose then costs at most about {BUDGET + 2:g}x its profile)")
+    d.add_argument("--trial-seconds", type=_number(float), metavar="S",
                    help="also start no trial that would end past S seconds of trials (makes the advice depend "
                         "on the machine's speed)")
+    d.add_argument("--trial-states", choices=("device", "cpu"), default="device",
+                   help="where the contenders' kept training states live (each a copy of the model and optimizer "
+                        "state, at most 3 at once): cpu for a model whose device has no room for them")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     r = sub.add_parser("rules", help="list the rules in force (defaults plus an optional --rules file)")
     r.add_argument("--rules", metavar="FILE")
@@ -98,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "diagnose":
+        try:  # one validation, TrialOptions', for the command line and the Python API alike
+            args.trial_options = TrialOptions(most=args.trials, steps=args.trial_steps, budget=args.trial_budget,
+                                              seconds=args.trial_seconds, keep_on_cpu=args.trial_states == "cpu")
+        except GradscopeError as exc:
+            parser.error(f"{exc.problem} ({exc.hint})" if exc.hint else exc.problem)
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
@@ -176,8 +185,7 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
         task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
         report = diagnose(
             experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device, restore=False,
-            trials=args.trials, trial_budget=args.trial_budget, trial_seconds=args.trial_seconds,
-            trial_steps=args.trial_steps, extend=args.extend,
+            trials=args.trial_options, extend=args.extend,
             progress=lambda done, total, o: progress.update(task, completed=done, total=total,
                                                              note=f"global norm {o['global_norm']:.3g}"),
             trial_progress=lambda done, total, label: progress.update(
@@ -211,12 +219,9 @@ def _trials_arg(text: str) -> int:
     if text == "off":
         return 0
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of trials or off, got {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected 0 to 100 trials (0 or off: none), got {value}")
-    return value
 
 
 def _bounded(kind: type, ok, expected: str):
@@ -236,9 +241,11 @@ def _bounded(kind: type, ok, expected: str):
 _seed_arg = _bounded(int, lambda v: 0 <= v < 2 ** 64, "a seed from 0 to 2**64 - 1")  # what torch.manual_seed takes
 # below 1, a run as good as its baseline would count as a regression
 _tolerance_arg = _bounded(float, lambda v: 1 <= v < float("inf"), "a finite factor of at least 1")
-_budget_arg = _bounded(float, lambda v: 0 < v < float("inf"), "a positive, finite number")
-_trial_steps_arg = _bounded(int, lambda v: MIN_TRIAL_STEPS <= v <= MAX_TRIAL_STEPS,
-                            f"{MIN_TRIAL_STEPS} to {MAX_TRIAL_STEPS} steps per trial")
+
+
+def _number(kind: type):
+    """An argparse type that reads the text as ``kind`` alone; TrialOptions checks the range."""
+    return _bounded(kind, lambda v: True, "")
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:

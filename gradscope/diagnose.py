@@ -15,15 +15,16 @@ from . import distributed, interrupts
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf, next_batch,
                          optimizer_step)
-from .judge import MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, SIGNAL, Trial, TrialSet, candidates, update_estimate
+from .judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
+from .options import TrialOptions
 from .pipeline import build_report
 from .recommend import method_for, recommend
 from .report import Report
 from .ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from .stats import rise
-from .trials import BUDGET, HELD_OUT_BATCHES, MOST_TRIALS, TRIAL_STEPS, run_reference, run_trials
+from .trials import HELD_OUT_BATCHES, TrialBatches, run_reference, run_trials
 
 DEFAULT_STEPS = 30
 MAX_STEPS = 50
@@ -47,11 +48,8 @@ def diagnose(
     device: Optional[str] = None,
     restore: bool = True,
     progress: Optional[Progress] = None,
-    trials: int = MOST_TRIALS,
-    trial_budget: float = BUDGET,
-    trial_seconds: Optional[float] = None,
+    trials: Union[TrialOptions, int] = TrialOptions(),
     trial_progress: Optional[TrialProgress] = None,
-    trial_steps: int = TRIAL_STEPS,
     extend: bool = True,
 ) -> Report:
     """Train ``experiment`` for ``steps`` optimizer steps, observing every step, and return a Report.
@@ -60,11 +58,10 @@ def diagnose(
     goes on, ``steps`` at a time, to at most EXTEND x ``steps`` (``extend=False``: exactly ``steps``):
     a run on a plateau can diverge right after it, and a loss that has not moved says nothing yet.
 
-    When a finding calls for norm clipping, up to ``trials`` thresholds are then tried for real from
-    the same start (0 turns trials off), each ``trial_steps`` long, training at most ``trial_budget``
-    trials' worth of steps and, if ``trial_seconds`` is given, starting no trial that would end past that
-    many seconds. Longer trials see further (a threshold whose larger steps pay off only later) at a cost
-    in proportion.
+    When a finding calls for norm clipping, thresholds are then tried for real from the same start, as
+    ``trials`` (a :class:`~gradscope.options.TrialOptions`; a number N is ``TrialOptions(most=N)``, 0 none)
+    says: by default every candidate trains 30 steps and the contenders go on, the horizon doubling,
+    while their ranking is open, within 12 trials' worth of steps.
     With ``restore=True`` (the default) the model's weights and train/eval mode, the optimizer's state
     and the global RNG states (torch, numpy, random) are put back afterwards, so profiling leaves no trace.
     ``device`` ("cpu", "cuda" or "auto") moves the model and batches there; None leaves them where they are.
@@ -75,12 +72,10 @@ def diagnose(
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ExperimentError(f"steps must be between 1 and {MAX_STEPS}, got {steps}",
                               "a few dozen steps show the trend; use Monitor for whole training runs")
-    if not isinstance(trial_steps, int) or not MIN_TRIAL_STEPS <= trial_steps <= MAX_TRIAL_STEPS:
-        raise ExperimentError(f"trial_steps must be between {MIN_TRIAL_STEPS} and {MAX_TRIAL_STEPS}, got {trial_steps}",
-                              f"the default, {TRIAL_STEPS}, is what the evaluation measures; longer trials see further")
+    options = trials if isinstance(trials, TrialOptions) else TrialOptions(most=trials)
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
     target = resolve_device(device)
-    trying = trials > 0 and distributed.context() is None  # trials restart training: single process only
+    trying = options.enabled and distributed.context() is None  # trials restart training: single process only
     saved = capture(experiment) if restore else None
     if seed is not None:
         seed_everything(seed)
@@ -99,14 +94,13 @@ def diagnose(
         seen: List[Any] = []
         began = time.perf_counter()
         dev = target or monitor.device
-        keep = trial_steps + HELD_OUT_BATCHES if trying else 0  # the profile's batches the trials reuse
+        keep = options.first_steps + HELD_OUT_BATCHES if trying else 0  # the profile's batches the trials reuse
         report = _profile(experiment, monitor, stream, seen, keep, steps, dev, progress, meta,
                           extend=extend and distributed.context() is None)  # (ranks would have to agree)
         profile_seconds = time.perf_counter() - began
         if start is not None and method_for(report.findings) == "norm":
-            trial_set = _trials(experiment, stream, seen, trial_steps, report, start, scale, dev,
-                                profile_seconds, dict(most=trials, budget=trial_budget, seconds=trial_seconds,
-                                                      progress=trial_progress))
+            trial_set = _trials(experiment, TrialBatches(seen, stream, options.first_steps), options, report, start,
+                                scale, dev, profile_seconds, trial_progress)
             advice = recommend(report.statistics, report.findings, trial_set)
             report = dataclasses.replace(report, recommendation=advice)
     except KeyboardInterrupt:
@@ -166,35 +160,34 @@ def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], 
                                                 f"fallen by {SIGNAL:.0%}, so the profile went on to {monitor.steps}")
 
 
-def _trials(experiment: Experiment, stream, seen: List[Any], steps: int, report: Report, start: Dict[str, Any],
-            scale: Optional[float], device: torch.device, profile_seconds: float, limits: Dict[str, Any]) -> TrialSet:
-    """Run the trials on the first ``steps`` batches of the stream, judged on the HELD_OUT_BATCHES after them.
+def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, report: Report, start: Dict[str, Any],
+            scale: Optional[float], device: torch.device, profile_seconds: float,
+            progress: Optional[TrialProgress]) -> TrialSet:
+    """Run the trials, their first rung on the stream's first batches, judged on the HELD_OUT_BATCHES after them.
 
     The same batches whatever ``--steps`` the profile ran, so the advice does not depend on it. When the
-    profile itself ran exactly those batches, or went non-finite on the first of them (an unclipped run
-    from the same start on the same batches, which a rerun would repeat), it is the unclipped reference;
-    otherwise one is run.
+    profile itself ran exactly the first rung's batches, or went non-finite on the first of them (an
+    unclipped run from the same start on the same batches, which a rerun would repeat), it is the
+    unclipped reference; otherwise one is run.
     """
-    batches = list(seen[:steps + HELD_OUT_BATCHES])
-    while len(batches) < steps + HELD_OUT_BATCHES:
-        batches.append(next_batch(stream, len(batches)))
-    train, held = batches[:steps], batches[steps:]
+    steps = options.first_steps
     m = report.statistics.model
     diverged = 0 < m.steps <= steps and not math.isfinite(m.loss[-1])  # it stopped at a non-finite loss
     rerun = m.steps != steps and not diverged
     if diverged:
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), math.inf)
     elif not rerun:  # the profile was the unclipped run on exactly these batches
-        per_batch = held_out_losses(experiment, held, device)
+        per_batch = held_out_losses(experiment, data.held_out, device)
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), median_or_inf(per_batch),
                           held_out_batches=per_batch)
     else:
-        reference = run_reference(experiment, start, train, held, device)
-    notes = []
-    if any(h is b for h in held for b in train):
-        notes.append("Experiment.batches repeats within the trials, so the held-out batches were also trained on")
-    return run_trials(experiment, start, train, held, reference, candidates(m.global_norm, scale), device=device,
-                      profile_seconds=profile_seconds, notes=notes, reference_rerun=rerun, **limits)
+        reference = run_reference(experiment, start, data, steps, device)
+    trial_set = run_trials(experiment, start, data, reference, candidates(m.global_norm, scale), options,
+                           device=device, profile_seconds=profile_seconds, reference_rerun=rerun, progress=progress)
+    if data.repeats():
+        note = "Experiment.batches repeats within the trials, so the held-out batches were also trained on"
+        trial_set = dataclasses.replace(trial_set, notes=(*trial_set.notes, note))
+    return trial_set
 
 
 # An optimizer whose param groups hold one of these divides its step by a running statistic of the

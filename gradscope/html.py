@@ -191,12 +191,15 @@ def _findings(findings: Sequence[Finding], report: Report) -> str:
 
 
 def _trials_table(trials: TrialSet) -> str:
-    rows = ["<tr><th>clip at</th><th>clipped</th><th>held-out loss</th><th>verdict</th></tr>"]
+    rows = ["<tr><th>clip at</th><th>steps</th><th>held-out loss at each rung</th><th>clipped</th>"
+            "<th>verdict</th></tr>"]
     for t in (trials.reference, *trials.trials):
         verdict = "winner" if t.threshold == trials.winner else ("stable" if t.stable else _e(t.unstable))
-        rows.append(f"<tr><td>{'none' if math.isinf(t.threshold) else fmt(t.threshold)}</td>"
-                    f"<td>{t.clip_fraction:.0%}</td><td>{fmt(t.held_out)}</td><td>{verdict}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
+        rungs = ", ".join(f"{fmt(c.held_out)} at {c.steps}" for c in t.checkpoints) or fmt(t.held_out)
+        rows.append(f"<tr><td>{'none' if math.isinf(t.threshold) else fmt(t.threshold)}</td><td>{len(t.losses)}</td>"
+                    f"<td>{rungs}</td><td>{t.clip_fraction:.0%}</td><td>{verdict}</td></tr>")
+    stopped = f"<p>The trials stopped: {_e(trials.stopped)}.</p>" if trials.stopped else ""
+    return "<table>" + "".join(rows) + "</table>" + stopped
 
 
 def _norm_caption(report: Report) -> str:
@@ -210,8 +213,10 @@ def _norm_caption(report: Report) -> str:
 
 
 def _trials_caption(trials: TrialSet) -> str:
-    return (f"Every trial trains {trials.steps} steps from the same start ({trials.spent} steps in all) and is judged on "
-            f"held-out batches; dotted curves went unstable. The winner: "
+    reach = (f"; the contenders went on, the horizon doubling, to {trials.longest}" if trials.longest > trials.steps
+             else "")
+    return (f"Every trial trains {trials.steps} steps from the same start{reach} ({trials.spent} steps in all) and is "
+            f"judged on held-out batches; dotted curves went unstable. The winner: "
             f"{'none' if trials.winner is None else fmt(trials.winner)}.")
 
 

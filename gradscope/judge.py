@@ -25,10 +25,20 @@ MAX_POINTS = 13  # lattice points at most: six decades
 LOSS_RISE = 2.0  # a trial whose last-quarter loss is this many times its first quarter's is climbing
 LOSS_BLOWUP = 10.0  # a training loss this many times its start has diverged: the trial stops there
 NORM_GROWTH = 10.0  # a pre-clip norm trend compounding to this over the trial is unstable
+RUNG_GROWTH = 2  # each rung of the trials doubles the horizon, as successive halving does with eta 2
+MOST_CONTENDERS = 3  # thresholds continued past a rung at most: the pick and one on each side of it
+FIRST_CONTENDERS = 2  # past the first rung: the pick and the neighbour short-horizon bias would hide
 TIE = 0.05  # trials within this share of the best held-out improvement over the start count as near-best
 SIGNAL = 0.01  # held-out differences below this share of the start loss are no evidence at the trial horizon
-MIN_TRIAL_STEPS = 10  # fewer cannot judge a trial: a blow-up is read past the start level, a climb by quarters
-MAX_TRIAL_STEPS = 1000  # longer trials keep too many batches in memory (gradscope.trials keeps them all)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A trial's held-out loss after ``steps`` training steps: where it stood at the end of a rung."""
+
+    steps: int
+    held_out: float  # median over the held-out batches (inf once diverged)
+    held_out_batches: Tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +52,12 @@ class Trial:
     unstable: str = ""  # why the trial counts as unstable; empty when it stayed stable
     seconds: float = 0.0
     held_out_batches: Tuple[float, ...] = ()  # the loss on each held-out batch, for paired comparisons
+    checkpoints: Tuple[Checkpoint, ...] = ()  # the held-out loss at the end of each rung it reached
+
+    @property
+    def horizon(self) -> int:
+        """The most steps it trained without diverging: the end of the last rung it reached."""
+        return self.checkpoints[-1].steps if self.checkpoints else len(self.losses)
 
     @property
     def stable(self) -> bool:
@@ -71,17 +87,26 @@ class TrialSet:
     profile_seconds: float  # wall time of the profile, to state the trials' cost against
     notes: Tuple[str, ...] = ()
     reference_rerun: bool = False  # the unclipped reference was trained for the trials (not the profile itself)
+    spent_trials: Optional[int] = None  # steps the clipped trials trained, replays included (None: their lengths)
+    adaptive: bool = False  # the contenders went on past the first rung while the ranking was open
 
     @property
     def learned(self) -> bool:
         """Whether a stable trial ended measurably below the start on the held-out batches (by more than
-        SIGNAL of the start loss). Without that, the trials rank thresholds by stability alone."""
-        return learned(self.trials, self.start_held_out)
+        SIGNAL of the start loss) at the horizon the pick was made. Without that, the trials rank
+        thresholds by stability alone."""
+        return learned(final_field(self.trials).trials, self.start_held_out)
+
+    @property
+    def longest(self) -> int:
+        """The most steps any trial reached: the horizon the pick was made at, or past it."""
+        return max([self.steps, *(t.horizon for t in self.trials)])
 
     @property
     def spent(self) -> int:
         """Training steps the trials took: every clipped trial's, and the reference's when it was rerun."""
-        return sum(len(t.losses) for t in self.trials) + (len(self.reference.losses) if self.reference_rerun else 0)
+        trained = self.spent_trials if self.spent_trials is not None else sum(len(t.losses) for t in self.trials)
+        return trained + (len(self.reference.losses) if self.reference_rerun else 0)
 
 
 def candidates(norms: np.ndarray, update_estimate: Optional[float] = None) -> List[float]:
@@ -203,8 +228,8 @@ def better(a: Trial, b: Trial, least: float = 0.0) -> bool:
     return mean < -max(se, least) if se > 0 or least > 0 else mean < 0
 
 
-def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: Optional[Trial] = None
-         ) -> Optional[Trial]:
+def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: Optional[Trial] = None,
+         beside: Sequence[Trial] = ()) -> Optional[Trial]:
     """The choice: the loosest stable trial near the best held-out loss, kept one lattice step below a
     looser threshold that went unstable, as a learning-rate range test keeps below the point of divergence.
 
@@ -213,7 +238,9 @@ def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: O
     Looser first, because a 30-step trial shows what a looser threshold's larger steps cost but not what
     they gain over hundreds of steps (so where the trials show no learning yet, the loosest threshold
     that left the loss where it was wins); the margin, because the edge of stability at 30 steps is not
-    the edge at 300.
+    the edge at 300. ``beside``: thresholds tried but not carried to the horizon of ``trials``; never the
+    pick, they still stand in the ladder as they were last seen (a looser one that was stable keeps the
+    margin from applying, as it did before they were left behind).
     """
     stable = [t for t in trials if t.stable]
     if not stable:
@@ -223,7 +250,7 @@ def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: O
     near = [t for t in stable if t.held_out <= best.held_out + max(TIE * max(gain, 0.0), floor(start_held_out))]
     chosen = max(near, key=lambda t: t.threshold)
     ladder = sorted(trials, key=lambda t: -t.threshold)
-    looser = [t for t in ladder if t.threshold > chosen.threshold]
+    looser = [t for t in sorted([*trials, *beside], key=lambda t: -t.threshold) if t.threshold > chosen.threshold]
     if reference is not None:
         looser = [reference, *looser]
     if not looser or looser[-1].stable:
@@ -232,10 +259,121 @@ def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: O
     return below[0] if below else chosen
 
 
+def at(trial: Trial, steps: int) -> Trial:
+    """The trial as it stood after ``steps`` steps, a checkpoint it reached. Its verdict stays the one of its
+    longest horizon: a threshold that is stable at 30 steps and unstable at 90 is unstable."""
+    point = next(c for c in trial.checkpoints if c.steps == steps)
+    return dataclasses.replace(trial, losses=trial.losses[:steps], norms=trial.norms[:steps], held_out=point.held_out,
+                               held_out_batches=point.held_out_batches)
+
+
+def standing(trials: Sequence[Trial], steps: int) -> List[Trial]:
+    """The field at ``steps``, loosest first: every trial that reached it, as it stood there, and every
+    trial that went unstable, wherever it did (a threshold that failed sooner fails there too)."""
+    field = []
+    for t in trials:
+        if any(c.steps == steps for c in t.checkpoints):
+            field.append(at(t, steps))
+        elif not t.stable:
+            field.append(t)
+    return sorted(field, key=lambda t: -t.threshold)
+
+
+def rungs(trials: Sequence[Trial]) -> List[int]:
+    """The horizons the trials were checkpointed at, shortest first."""
+    return sorted({c.steps for t in trials for c in t.checkpoints})
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """The trials at one horizon: those that reached it, as they stood there, with every one that went
+    unstable (``trials``), and the stable ones left behind at a shorter horizon (``beside``)."""
+
+    steps: int
+    trials: List[Trial]
+    beside: List[Trial]
+
+
+def field_at(trials: Sequence[Trial], steps: int) -> Field:
+    here = standing(trials, steps)
+    shown = {t.threshold for t in here}
+    return Field(steps, here, sorted((t for t in trials if t.threshold not in shown), key=lambda t: -t.threshold))
+
+
+def final_field(trials: Sequence[Trial]) -> Field:
+    """The field the choice is made at: the longest rung that any stable trial reached (trials without
+    checkpoints, as given: one rung at their own length)."""
+    for steps in reversed(rungs(trials)):
+        field = field_at(trials, steps)
+        if any(t.stable for t in field.trials):
+            return field
+    return Field(max((len(t.losses) for t in trials), default=0), sorted(trials, key=lambda t: -t.threshold), [])
+
+
+def contenders(field: Field, start_held_out: float, reference: Optional[Trial] = None) -> List[Trial]:
+    """Who goes on to the next rung, most needed first: the pick, the stable thresholds beside it, and the
+    best held-out loss; at most MOST_CONTENDERS. Of the two beside it, the one short-horizon bias would
+    hide comes first: where nothing has been learned yet, the looser one (its larger steps have not paid
+    off yet); where something has, the tighter one (the answer if the pick meets a cliff later)."""
+    chosen = pick(field.trials, start_held_out, reference, field.beside)
+    if chosen is None:
+        return []
+    stable = [t for t in sorted(field.trials, key=lambda t: -t.threshold) if t.stable]
+    i = next(k for k, t in enumerate(stable) if t.threshold == chosen.threshold)
+    tighter = stable[i + 1] if i + 1 < len(stable) else None
+    looser = stable[i - 1] if i > 0 else None
+    best = min(stable, key=lambda t: t.held_out)
+    ordered: List[Trial] = [chosen]
+    sides = (tighter, looser) if learned(field.trials, start_held_out) else (looser, tighter)
+    for t in (*sides, best):
+        if t is not None and all(t.threshold != o.threshold for o in ordered):
+            ordered.append(t)
+    return ordered[:MOST_CONTENDERS]
+
+
+def promote(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None,
+            most_steps: int = 0) -> Tuple[List[float], str]:
+    """The thresholds to continue for another rung, most needed first, or none and why the ranking is settled.
+
+    The field is judged at the longest rung reached. It stays open while nothing has been learned
+    measurably, and while the pick has not held its place over a doubling of the horizon (at the first
+    rung, where there is no doubling yet: while it is not clearly better, by the paired held-out test and
+    the evidence floor, than the neighbour short-horizon bias would hide). ``most_steps`` caps the
+    horizon (0: no cap).
+    """
+    field = final_field(trials)
+    steps = field.steps
+    # past the first rung the one doubt a short ranking leaves is tested: the pick against the neighbour that
+    # short-horizon bias hides; once the ranking has shown itself open, both neighbours and the best go on
+    ahead = contenders(field, start_held_out, reference)[:FIRST_CONTENDERS if len(rungs(trials)) <= 1 else None]
+    if not ahead:
+        return [], "no threshold stayed stable"
+    if most_steps and steps * RUNG_GROWTH > most_steps:
+        return [], f"the next rung, {steps * RUNG_GROWTH} steps, would pass the longest trial allowed, {most_steps}"
+    if len(ahead) == 1:
+        return [], f"one threshold was left standing at {steps} steps"
+    if not learned(field.trials, start_held_out):
+        return [t.threshold for t in ahead], f"no threshold trained measurably within {steps} steps"
+    chosen = ahead[0]
+    earlier = [h for h in rungs(trials) if h < steps]
+    if earlier:
+        before_field = field_at(trials, earlier[-1])
+        before = pick(before_field.trials, start_held_out, reference, before_field.beside)
+        if before is not None and before.threshold == chosen.threshold:
+            return [], f"the pick held its place from {earlier[-1]} to {steps} steps"
+        return [t.threshold for t in ahead], f"the pick moved between {earlier[-1]} and {steps} steps"
+    lead = floor(start_held_out)
+    if all(better(chosen, t, lead) for t in ahead[1:]):
+        return [], f"the pick was clearly ahead of the thresholds beside it at {steps} steps"
+    return [t.threshold for t in ahead], f"the thresholds beside the pick could not be told apart at {steps} steps"
+
+
 def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None
            ) -> Tuple[Optional[float], str]:
-    """The winning threshold and why (see :func:`pick`)."""
-    chosen = pick(trials, start_held_out, reference)
+    """The winning threshold and why (see :func:`pick`), at the longest rung a stable trial reached."""
+    field = final_field(trials)
+    steps, trials = field.steps, field.trials
+    chosen = pick(trials, start_held_out, reference, field.beside)
     if chosen is None:
         return None, ("no threshold tried kept training stable; clipping alone does not rescue this run: "
                       "lower the learning rate as well")
@@ -250,6 +388,8 @@ def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[T
         reason = (f"one step below the loosest near-best threshold, whose looser neighbour went unstable "
                   f"(held-out {chosen.held_out:.4g}; best {best.held_out:.4g} at {best.threshold:g}, "
                   f"start {start_held_out:.4g})")
+    if rungs(trials):
+        reason = f"after {steps} steps, {reason}"
     unstable = [t for t in trials if not t.stable]
     if unstable:
         reason += f"; {len(unstable)} of {len(trials)} went unstable, the loosest at {unstable[0].threshold:g}"

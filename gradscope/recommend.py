@@ -97,8 +97,9 @@ def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Op
 def _from_trials(trials: TrialSet, reasons: Tuple[str, ...]) -> Recommendation:
     winner = next(t for t in trials.trials if t.threshold == trials.winner)
     tried = len(trials.trials)
-    basis = (f"{tried} trial{'s' if tried != 1 else ''} of {trials.steps} steps from the same start, judged on "
-             f"held-out batches: {trials.reason}")
+    reach = f", the contenders carried to {trials.longest}" if trials.longest > trials.steps else ""
+    basis = (f"{tried} trial{'s' if tried != 1 else ''} of {trials.steps} steps from the same start{reach}, judged "
+             f"on held-out batches: {trials.reason}")
     return _make("norm", trials.winner, Evidence(winner.clip_fraction, basis, cosine=1.0, reasons=reasons,
                                                  trials=trials))
 

@@ -19,7 +19,7 @@ from rich.text import Text
 from .baseline import Comparison
 from .evaluate import Finding
 from .gate import Verdict
-from .judge import MAX_TRIAL_STEPS, TrialSet
+from .judge import TrialSet
 from .report import Report
 from .ruleset import SEVERITIES
 from .stats import LayerStats
@@ -64,10 +64,13 @@ def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None
 
 def trials_table(trials: TrialSet) -> RenderableType:
     """Every trial, loosest first, with its held-out loss and whether it stayed stable; the winner marked."""
-    title = (f"trials: {trials.steps} steps each from the same start ({trials.spent} steps in all), judged on "
+    reach = (f"contenders carried to {trials.longest}" if trials.longest > trials.steps else "none carried further")
+    title = (f"trials: every threshold {trials.steps} steps from the same start, {reach} ({trials.spent} steps in "
+             f"all), judged on held-out batches (start {fmt(trials.start_held_out)})" if trials.adaptive else
+             f"trials: {trials.steps} steps each from the same start ({trials.spent} steps in all), judged on "
              f"held-out batches (start {fmt(trials.start_held_out)})")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=title, title_justify="left", title_style="bold")
-    for name, justify in (("clip at", "right"), ("clipped", "right"), ("held-out", "right"),
+    for name, justify in (("clip at", "right"), ("steps", "right"), ("clipped", "right"), ("held-out", "right"),
                           ("loss over steps", "left"), ("verdict", "left")):
         table.add_column(name, justify=justify, no_wrap=name != "verdict", overflow="fold")
     for t in (trials.reference, *trials.trials):
@@ -75,17 +78,18 @@ def trials_table(trials: TrialSet) -> RenderableType:
             verdict = Text("✔ winner", "bold green")
         else:
             verdict = Text("stable", "green") if t.stable else Text(f"✖ {t.unstable}", "red")
-        table.add_row("none" if math.isinf(t.threshold) else fmt(t.threshold), f"{t.clip_fraction:.0%}",
+        table.add_row("none" if math.isinf(t.threshold) else fmt(t.threshold), str(len(t.losses)),
+                      f"{t.clip_fraction:.0%}",
                       fmt(t.held_out), sparkline(np.array(t.losses), width=LAYER_SPARK_WIDTH, log=False), verdict)
-    notes = [Text(f"not tried: {', '.join(fmt(c) for c in trials.untried)}; {trials.stopped}", "dim")] \
-        if trials.untried else []
+    notes = [Text(f"not tried: {', '.join(fmt(c) for c in trials.untried)}", "dim")] if trials.untried else []
+    if trials.stopped:
+        notes.append(Text(f"the trials stopped: {trials.stopped}", "dim"))
     notes += [Text(n, "dim") for n in trials.notes]
-    longer = min(4 * trials.steps, MAX_TRIAL_STEPS)
     if trials.winner is not None and not trials.learned:
-        notes.append(Text(f"no threshold trained measurably within {trials.steps} steps, so the pick rests on "
-                          "stability alone" + (f"; longer trials can tell them apart, at a cost in proportion: "
-                                               f"--trial-steps {longer}" if longer > trials.steps else ""),
-                          "yellow"))
+        further = ("a larger trial budget carries the contenders further" if trials.adaptive else
+                   "the adaptive horizon (no fixed trial length) carries the contenders further")
+        notes.append(Text(f"no threshold trained measurably within {trials.longest} steps, so the pick rests on "
+                          f"stability alone; {further}", "yellow"))
     return Group(table, *notes, Text(""))
 
 

@@ -14,7 +14,7 @@ from .recommend import Recommendation
 from .ruleset import RuleSet
 from .stats import Statistics
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +114,13 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
     def one(t: Trial) -> Dict[str, Any]:
         return {"threshold": None if math.isinf(t.threshold) else t.threshold, "held_out_loss": t.held_out,
                 "stable": t.stable, "unstable_because": t.unstable or None, "clip_fraction": t.clip_fraction,
-                "steps_run": len(t.losses), "losses": list(t.losses), "held_out_losses": list(t.held_out_batches)}
+                "steps_run": len(t.losses), "horizon": t.horizon,
+                "checkpoints": [{"steps": c.steps, "held_out_loss": c.held_out} for c in t.checkpoints],
+                "losses": list(t.losses), "held_out_losses": list(t.held_out_batches)}
     # Wall-clock times stay out, so that the same target and seed give the same document; the cost is in steps.
-    return {"steps": trials.steps, "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
-            "reason": trials.reason, "learned": trials.learned, "trial_steps": trials.spent,
+    return {"first_steps": trials.steps, "adaptive": trials.adaptive, "longest_steps": trials.longest,
+            "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
+            "reason": trials.reason, "learned": trials.learned, "steps_spent": trials.spent,
             "untried": list(trials.untried), "stopped": trials.stopped or None, "notes": list(trials.notes),
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
 

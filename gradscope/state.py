@@ -12,21 +12,23 @@ import torch
 from .experiment import Experiment
 
 
-def capture(experiment: Experiment) -> Dict[str, Any]:
-    """A deep copy of everything a training step can change, to start trials from or to put back."""
+def capture(experiment: Experiment, to_cpu: bool = False) -> Dict[str, Any]:
+    """A deep copy of everything a training step can change, to start trials from or to put back; with
+    ``to_cpu``, its tensors are held in host memory (restore puts them back where they belong)."""
     model = experiment.model
+    keep = _to_cpu if to_cpu else _clone
     return {
-        "model": copy.deepcopy(model.state_dict()),
+        "model": keep(model.state_dict()),
         # state_dict leaves out non-persistent buffers (a running count, a cache), and parameters the
         # optimizer steps but the model does not own (a learned temperature held outside it)
-        "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
-        "outside": [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+        "buffers": {name: keep(b.detach()) for name, b in model.named_buffers()},
+        "outside": [(p, keep(p.detach()), None if p.grad is None else keep(p.grad.detach()))
                     for p in _optimizer_only(experiment)],
-        "optimizer": copy.deepcopy(experiment.optimizer.state_dict()),
+        "optimizer": keep(experiment.optimizer.state_dict()),
         "scheduler": None if experiment.scheduler is None else copy.deepcopy(experiment.scheduler.state_dict()),
         "modes": {name: m.training for name, m in model.named_modules()},
         "devices": {name: p.device for name, p in model.named_parameters()},
-        "grads": {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()},
+        "grads": {name: None if p.grad is None else keep(p.grad.detach()) for name, p in model.named_parameters()},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy_rng": np.random.get_state(),
@@ -47,7 +49,7 @@ def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
                 b.copy_(saved["buffers"][name])
         for p, value, grad in saved["outside"]:
             p.copy_(value)
-            p.grad = grad
+            p.grad = None if grad is None else grad.to(p.device)
     experiment.optimizer.load_state_dict(saved["optimizer"])
     if saved["scheduler"] is not None:  # its step count and last rates; the optimizer's groups hold the lr itself
         experiment.scheduler.load_state_dict(saved["scheduler"])
@@ -60,7 +62,23 @@ def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
     np.random.set_state(saved["numpy_rng"])
     random.setstate(saved["random_rng"])
     for name, p in model.named_parameters():
-        p.grad = saved["grads"].get(name)
+        grad = saved["grads"].get(name)
+        p.grad = None if grad is None else grad.to(p.device)
+
+
+def _clone(value: Any) -> Any:
+    return copy.deepcopy(value)
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of ``value`` (tensors inside dicts, lists and tuples) with every tensor in host memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def _optimizer_only(experiment: Experiment) -> list:

@@ -1,113 +1,197 @@
-"""Trials: train from the profile's start at several global-norm thresholds and judge them on held-out batches.
+"""Trials: train from the profile's start at several global-norm thresholds, judged on held-out batches,
+and carry the contenders on to longer horizons while their ranking is open (successive halving).
 
-This is the trial and error a person does by hand, run for real: every trial restores the same
-weights, optimizer state and RNG state, replays the same training batches, and is scored on batches
-it never trained on. :mod:`gradscope.judge` says what to try, what counts as unstable and who wins.
+This is the trial and error a person does by hand, run for real: every trial starts from the same
+weights, optimizer state and RNG state, trains on the same batches, and is scored on batches it never
+trains on. Many thresholds train briefly (the first rung); the contenders go on, the horizon doubling,
+continuing from where they stopped (their state is kept, at most ``TrialOptions.keep`` at once; one
+whose state was let go is replayed from the start, and that is counted), until the ranking is settled
+or the budget is spent. :mod:`gradscope.judge` says what to try, what counts as unstable, who goes on
+and who wins.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import judge
-from .experiment import Batch, Experiment, forward_backward, held_out_losses, median_or_inf, optimizer_step
-from .judge import Trial, TrialSet
-from .state import restore
+from . import judge, schedule
+from .experiment import (Batch, Experiment, forward_backward, held_out_losses, median_or_inf, next_batch,
+                         optimizer_step)
+from .judge import Checkpoint, Trial, TrialSet
+from .options import TrialOptions
+from .state import capture, restore
 
-TRIAL_STEPS = 30  # steps per trial by default: the advice must not depend on how long the profile ran
 HELD_OUT_BATCHES = 8
-BUDGET = 4.0  # trials may train this many full trials' worth of steps; at the default 30 profiled steps
-# diagnose then costs about 5x its profile (a trial step is a plain step, cheaper than a profiled one).
-# Counted in steps, not seconds or profiled steps, so the advice is the same on a busy machine as on a
-# quiet one, and whatever --steps the profile ran.
-MOST_TRIALS = 8  # the search rarely wants more: decades first, then two half-decade steps
-Progress = Callable[[int, int, str], None]
 
 
-def run_trials(experiment: Experiment, start: Dict[str, Any], batches: Sequence[Batch], held_out: Sequence[Batch],
-               reference: Trial, thresholds: Sequence[float], *, device: torch.device, profile_seconds: float,
-               most: int = MOST_TRIALS, budget: float = BUDGET, seconds: Optional[float] = None,
-               progress: Optional[Progress] = None, notes: Sequence[str] = (),
+class TrialBatches:
+    """The batches the trials train on, by step, and the held-out batches, which they never train on.
+
+    The first ``first`` steps and the held-out batches are the profile's first batches (so the profile
+    can be the unclipped reference); later steps draw on from the stream, each batch drawn once and
+    kept, so every trial trains on the same batch at the same step.
+    """
+
+    def __init__(self, seen: Sequence[Batch], stream: Iterator[Batch], first: int) -> None:
+        self._stream = stream
+        self._drawn: List[Batch] = list(seen[:first + HELD_OUT_BATCHES])
+        while len(self._drawn) < first + HELD_OUT_BATCHES:
+            self._drawn.append(next_batch(stream, len(self._drawn)))
+        self.first = first
+        self.held_out: List[Batch] = self._drawn[first:first + HELD_OUT_BATCHES]
+
+    def train(self, step: int) -> Batch:
+        index = step if step < self.first else step + HELD_OUT_BATCHES
+        while len(self._drawn) <= index:
+            self._drawn.append(next_batch(self._stream, len(self._drawn)))
+        return self._drawn[index]
+
+    def repeats(self) -> bool:
+        """Whether a held-out batch is also a training batch (Experiment.batches repeats within the trials)."""
+        trained = self._drawn[:self.first] + self._drawn[self.first + HELD_OUT_BATCHES:]
+        return any(h is b for h in self.held_out for b in trained)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One threshold's trial while the trials run: its record so far and, while it may go on, its state."""
+
+    threshold: float
+    losses: List[float] = dataclasses.field(default_factory=list)
+    norms: List[float] = dataclasses.field(default_factory=list)
+    checkpoints: List[Checkpoint] = dataclasses.field(default_factory=list)
+    state: Optional[Dict[str, Any]] = None  # the training state after its last step, while kept
+    seconds: float = 0.0
+    diverged: bool = False
+
+    def trial(self) -> Trial:
+        last = self.checkpoints[-1] if self.checkpoints else Checkpoint(len(self.losses), math.inf)
+        held = math.inf if self.diverged else last.held_out
+        batches = () if self.diverged else last.held_out_batches
+        return Trial(self.threshold, tuple(self.losses), tuple(self.norms), held, seconds=self.seconds,
+                     held_out_batches=batches, checkpoints=tuple(self.checkpoints))
+
+
+class _Trials:
+    """The runs of one diagnose, the steps they spent, and the states they keep."""
+
+    def __init__(self, experiment: Experiment, start: Dict[str, Any], data: TrialBatches, options: TrialOptions,
+                 device: torch.device, start_held_out: float, reference: Trial, began: float) -> None:
+        self.experiment, self.start, self.data, self.options, self.device = experiment, start, data, options, device
+        self.start_held_out, self.reference, self.began = start_held_out, reference, began
+        self.runs: Dict[float, _Run] = {}
+        self.spent = 0
+
+    def judged(self) -> List[Trial]:
+        return [_judged(r.trial(), self.start_held_out) for r in self.runs.values()]
+
+    def cost(self, threshold: float, steps: int) -> int:
+        """Steps it takes to bring ``threshold`` to ``steps``: the rest, or all of them when replayed."""
+        run = self.runs.get(threshold)
+        return steps if run is None or run.state is None else steps - len(run.losses)
+
+    def advance(self, threshold: float, steps: int) -> None:
+        """Train ``threshold`` on to ``steps`` from its kept state, or from the start (replaying the rungs it
+        ran, held-out checkpoints included, so a replay is the run it replaces), then checkpoint it."""
+        run = self.runs.setdefault(threshold, _Run(threshold))
+        began = time.perf_counter()
+        if run.state is None:  # never run, or its state was let go
+            rungs = [c.steps for c in run.checkpoints]
+            run.losses, run.norms, run.checkpoints, run.diverged = [], [], [], False
+            restore(self.experiment, self.start)
+        else:
+            rungs = []
+            restore(self.experiment, run.state)
+        for end in [*rungs, steps]:
+            self.spent += _train(self.experiment, self.data, run, end, self.device)
+            if run.diverged:
+                break
+            per_batch = held_out_losses(self.experiment, self.data.held_out, self.device)
+            run.checkpoints.append(Checkpoint(end, median_or_inf(per_batch), per_batch))
+        run.state = None
+        run.seconds += time.perf_counter() - began
+        if not run.diverged and not _judged(run.trial(), self.start_held_out).unstable:
+            run.state = capture(self.experiment, to_cpu=self.options.keep_on_cpu)
+
+    def out_of_time(self) -> bool:
+        """Whether another trial as long as the longest so far would end past ``options.seconds``."""
+        if self.options.seconds is None or not self.runs:
+            return False
+        longest = max(r.seconds for r in self.runs.values())
+        return time.perf_counter() - self.began + longest > self.options.seconds
+
+    def keep(self, ahead: Sequence[float]) -> None:
+        """Let go of every state but those of the contenders ``ahead`` (most needed first), at most
+        ``options.keep`` of them (a trial that has just finished holds one more until this is called)."""
+        wanted = set(ahead[:self.options.keep])
+        for run in self.runs.values():
+            if run.threshold not in wanted:
+                run.state = None
+
+
+def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches, reference: Trial,
+               thresholds: Sequence[float], options: TrialOptions, *, device: torch.device, profile_seconds: float,
+               progress: Optional[schedule.Progress] = None, notes: Sequence[str] = (),
                reference_rerun: bool = False) -> TrialSet:
-    """Trials at ``thresholds`` (loosest first) in the order judge.next_candidate gives, within the budget.
+    """Trials at ``thresholds`` (loosest first): the first rung's search, in the order judge.next_candidate
+    gives, then, with the adaptive horizon, the contenders judge.promote names, rung after rung.
 
-    ``budget`` counts the clipped trials' steps in trials' worth, so the same run gives the same advice
-    anywhere and whatever ``--steps`` the profile ran (the unclipped reference is outside it: it is the
-    profile itself at the trials' length or where the profile went non-finite within it, and trained for
-    them otherwise, ``reference_rerun``);
-    ``seconds`` optionally caps the wall-clock time as well, for users who trade confidence for time.
+    ``options.budget`` counts the clipped trials' steps, so the same run gives the same advice anywhere
+    and whatever ``--steps`` the profile ran (the unclipped reference is outside it: it is the profile
+    itself at the first rung's length or where the profile went non-finite within it, and trained for
+    them otherwise, ``reference_rerun``); ``options.seconds`` optionally caps the wall-clock time as well.
     """
     began = time.perf_counter()
     restore(experiment, start)
-    start_held_out = median_or_inf(held_out_losses(experiment, held_out, device))
+    start_held_out = median_or_inf(held_out_losses(experiment, data.held_out, device))
     reference = _judged(reference, start_held_out)
-    trials: List[Trial] = []
-    allowed = int(budget * len(batches))
-    stopped = ""
-    while True:
-        threshold = judge.next_candidate(thresholds, trials, start_held_out, reference)
-        if threshold is None:
-            stopped = "the search had settled on its pick and the half-decade steps beside it"
-            break
-        if len(trials) >= most:
-            stopped = f"--trials allows {most}"
-            break
-        if sum(len(t.losses) for t in trials) + len(batches) > allowed:
-            stopped = (f"the budget of {allowed} trial steps ({budget:g} trials' worth) would run out; "
-                       "raise it with --trial-budget")
-            break
-        longest = max((t.seconds for t in trials), default=0.0)
-        if seconds is not None and trials and time.perf_counter() - began + longest > seconds:
-            stopped = f"another trial would pass the {seconds:g} s limit (--trial-seconds)"
-            break
-        restore(experiment, start)
-        trials.append(_judged(_trial(experiment, batches, held_out, threshold, device), start_held_out))
-        if progress is not None:
-            progress(len(trials), min(most, len(thresholds)), f"clip {threshold:g}")
+    work = _Trials(experiment, start, data, options, device, start_held_out, reference, began)
+    first = options.first_steps
+    stopped = schedule.run(work, thresholds, progress)
+    restore(experiment, start)
+    trials = sorted(work.judged(), key=lambda t: -t.threshold)  # loosest first, as the lattice reads
     tried = {t.threshold for t in trials}
     untried = [c for c in thresholds if c not in tried]
-    trials.sort(key=lambda t: -t.threshold)  # loosest first, as the lattice reads
     winner, reason = judge.choose(trials, start_held_out, reference) if trials else (
-        None, "no trial fitted in the budget; raise it with --trial-budget")
-    return TrialSet(steps=len(batches), start_held_out=start_held_out, reference=reference, trials=tuple(trials),
+        None, "no trial fitted in the budget")
+    return TrialSet(steps=first, start_held_out=start_held_out, reference=reference, trials=tuple(trials),
                     untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
                     seconds=time.perf_counter() - began, profile_seconds=profile_seconds, notes=tuple(notes),
-                    reference_rerun=reference_rerun)
+                    reference_rerun=reference_rerun, spent_trials=work.spent, adaptive=options.adaptive)
 
 
-def run_reference(experiment: Experiment, start: Dict[str, Any], batches: Sequence[Batch], held_out: Sequence[Batch],
+def run_reference(experiment: Experiment, start: Dict[str, Any], data: TrialBatches, steps: int,
                   device: torch.device) -> Trial:
-    """The unclipped run from the common start (unjudged: run_trials judges it against the start)."""
+    """The unclipped run from the common start for ``steps`` steps (unjudged: run_trials judges it)."""
     restore(experiment, start)
-    return _trial(experiment, batches, held_out, math.inf, device)
+    run = _Run(math.inf)
+    _train(experiment, data, run, steps, device)
+    per_batch = () if run.diverged else held_out_losses(experiment, data.held_out, device)
+    return Trial(math.inf, tuple(run.losses), tuple(run.norms), median_or_inf(per_batch) if per_batch else math.inf,
+                 held_out_batches=per_batch)
 
 
-def _trial(experiment: Experiment, batches: Sequence[Batch], held_out: Sequence[Batch], threshold: float,
-           device: torch.device) -> Trial:
-    """Train on ``batches`` clipping at ``threshold``, stopping once it diverges; scored on ``held_out``."""
-    began = time.perf_counter()
+def _train(experiment: Experiment, data: TrialBatches, run: _Run, steps: int, device: torch.device) -> int:
+    """Train ``run`` on from its last step to ``steps`` clipping at its threshold, stopping once it diverges;
+    the steps trained."""
     params = [p for p in experiment.model.parameters() if p.requires_grad]
-    losses: List[float] = []
-    norms: List[float] = []
-    for step, batch in enumerate(batches):
-        loss = forward_backward(experiment, batch, step, device)
-        norm = torch.nn.utils.clip_grad_norm_(params, threshold)
+    first = len(run.losses)
+    for step in range(first, steps):
+        loss = forward_backward(experiment, data.train(step), step, device)
+        norm = torch.nn.utils.clip_grad_norm_(params, run.threshold)
         wide = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
         value, norm_value = torch.stack([loss.detach().to(wide), norm.to(wide)]).tolist()  # one host sync
-        losses.append(value)
-        norms.append(norm_value)
-        if not (math.isfinite(losses[-1]) and math.isfinite(norms[-1])) or judge.blew_up(losses) is not None:
-            break  # diverged: the rest of the trial would teach nothing
+        run.losses.append(value)
+        run.norms.append(norm_value)
+        if not (math.isfinite(value) and math.isfinite(norm_value)) or judge.blew_up(run.losses) is not None:
+            run.diverged = True  # the rest of the trial would teach nothing
+            return step + 1 - first
         optimizer_step(experiment, step)
-    finished = len(losses) == len(batches) and math.isfinite(losses[-1])
-    per_batch = held_out_losses(experiment, held_out, device) if finished else ()
-    held = median_or_inf(per_batch) if finished else math.inf
-    return Trial(threshold, tuple(losses), tuple(norms), held, seconds=time.perf_counter() - began,
-                 held_out_batches=per_batch)
+    return steps - first
 
 
 def _judged(trial: Trial, start_held_out: float) -> Trial:

@@ -39,6 +39,17 @@ def mse(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.mse_loss(model(x), y)
 
 
+def noise_targets(lr: float = 2.0) -> gradscope.Experiment:
+    """Nothing to learn: targets independent of the inputs. Unclipped SGD at lr 2 blows up, and no clipped
+    run learns measurably within 120 steps, so the trials' contenders climb to their budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=g) * 3, torch.randn(16, 1, generator=g) * 3) for _ in range(200)]
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=lr), batches, loss_fn=mse,
+                                name="noise_targets")
+
+
 def healthy_mlp(lr: float = 1e-2, loss_scale: float = 1.0) -> gradscope.Experiment:
     torch.manual_seed(0)
     model = MLP()

@@ -11,6 +11,7 @@ from rich.console import Console
 import gradscope
 from gradscope.metrics import LAYER_METRICS, MODEL_METRICS
 from gradscope.render import render, render_text
+from gradscope.report import SCHEMA_VERSION
 from gradscope.wording import shorten_names
 
 from models import exploding_rnn, healthy_mlp, hot_resnet, tiny_bert
@@ -25,7 +26,7 @@ def exploding():
 
 def test_json_has_the_documented_keys(exploding):
     doc = json.loads(exploding.to_json())
-    assert doc["schema_version"] == 1 and list(doc)[0] == "schema_version"
+    assert doc["schema_version"] == SCHEMA_VERSION == 2 and list(doc)[0] == "schema_version"
     for key in ("healthy", "steps", "measurement", "global", "layers", "findings", "recommendation"):
         assert key in doc
     assert doc["healthy"] is False and doc["steps"] == STEPS
@@ -40,6 +41,10 @@ def test_json_has_the_documented_keys(exploding):
     rec = doc["recommendation"]
     assert rec["method"] in ("norm", "value", "agc", "none")
     assert {"clip_fraction", "cosine", "basis"} <= set(rec["evidence"])
+    trials = rec["trials"]  # schema 2: the steps are named by what they count
+    assert {"first_steps", "adaptive", "longest_steps", "steps_spent", "stopped"} <= set(trials)
+    assert "trial_steps" not in trials and "steps" not in trials
+    assert all({"horizon", "checkpoints"} <= set(run) for run in trials["runs"])
 
 
 def test_json_is_strict_json_with_nulls_for_missing_values(exploding):

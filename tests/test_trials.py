@@ -10,13 +10,14 @@ import torch
 from rich.console import Console
 
 import gradscope
-from gradscope import judge
+from gradscope import judge, schedule
 from gradscope.cli import main
 from gradscope.errors import ExperimentError
-from gradscope.judge import Trial
+from gradscope.judge import Checkpoint, Trial
+from gradscope.options import TrialOptions
 from gradscope.render import trials_table
 
-from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet
+from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet, noise_targets
 
 
 # -- the judge, on plain data ---------------------------------------------------------------------------
@@ -140,23 +141,138 @@ def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wi
 
 
 def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
-    def rendered(trials, steps=30):
+    def rendered(trials, steps=30, adaptive=True):
         winner, reason = judge.choose(trials, 4.16)
         reference = Trial(math.inf, (4.2, 90.0), (1.0, 50.0), math.inf, "the loss blew up")
         trial_set = judge.TrialSet(steps=steps, start_held_out=4.16, reference=reference, trials=tuple(trials),
-                                   untried=(), stopped="", winner=winner, reason=reason, seconds=1.0,
-                                   profile_seconds=1.0)
+                                   untried=(), stopped="the budget ran out", winner=winner, reason=reason,
+                                   seconds=1.0, profile_seconds=1.0, adaptive=adaptive)
         console = Console(width=200, record=True, color_system=None)
         console.print(trials_table(trial_set))
         return trial_set, console.export_text()
 
     flat, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142)])
     assert not flat.learned and "no threshold trained measurably within 30 steps" in text
-    assert "--trial-steps 120" in text
-    _, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167)], steps=judge.MAX_TRIAL_STEPS)
-    assert "stability alone" in text and "--trial-steps" not in text  # nothing longer to suggest
+    assert "a larger trial budget carries the contenders further" in text and "stopped: the budget ran out" in text
+    _, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167)], adaptive=False)
+    assert "stability alone" in text and "the adaptive horizon" in text  # a fixed length: the way further
     learning, text = rendered([_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)])
-    assert learning.learned and "measurably" not in text and "--trial-steps" not in text
+    assert learning.learned and "measurably" not in text and "carries the contenders" not in text
+    assert "--" not in text  # the library's words name no command-line flag
+
+
+# -- the rungs: contenders carried to longer horizons ---------------------------------------------------------
+def _rung(threshold, *held, unstable=""):
+    """A trial checkpointed at 30, 60, 120, ... steps with these held-out losses (inf: diverged there)."""
+    finite = [h for h in held if math.isfinite(h)]
+    points = tuple(Checkpoint(30 * 2 ** i, h) for i, h in enumerate(finite))
+    steps = points[-1].steps if points else 5
+    steps += 10 if len(finite) < len(held) else 0  # it trained on into the next rung and diverged there
+    losses = tuple(np.linspace(1.0, 0.5, steps))
+    return Trial(threshold, losses, (1.0,) * steps, finite[-1] if finite and not unstable else math.inf,
+                 unstable, checkpoints=points)
+
+
+def test_a_threshold_stable_at_30_steps_that_fails_at_60_loses():
+    cliff = _rung(3.2, 0.30, math.inf, unstable="the loss went non-finite at step 70")  # best at 30, then fails
+    trials = [cliff, _rung(1.0, 0.40, 0.20), _rung(0.32, 0.60, 0.45)]
+    winner, reason = judge.choose(trials, start_held_out=1.0)
+    # 3.2 loses, and as a looser threshold that went unstable it keeps the pick one step below the best
+    assert winner == 0.32 and reason.startswith("after 60 steps") and "one step below" in reason
+    assert judge.final_field(trials).steps == 60
+    assert judge.standing(trials, 30)[0].unstable  # judged at the longest horizon it reached, even at 30
+
+
+def test_contenders_are_the_pick_and_the_stable_thresholds_beside_it():
+    field = [_rung(10.0, math.inf, unstable="diverged"), _rung(3.2, 0.5), _rung(1.0, 0.3), _rung(0.32, 0.31),
+             _rung(0.1, 0.6)]
+    ahead = [t.threshold for t in judge.contenders(judge.final_field(field), 1.0)]
+    assert ahead == [1.0, 0.32, 3.2]  # the pick (loosest near-best), the tighter one first, then the looser
+    assert len(ahead) <= judge.MOST_CONTENDERS
+
+
+def test_the_ranking_stays_open_while_nothing_has_been_learned():
+    trials = [_rung(0.1, 5.0), _rung(0.032, 4.2), _rung(0.01, 4.165)]  # start 4.16: nothing below it yet
+    ahead, why = judge.promote(trials, start_held_out=4.16)
+    assert len(ahead) >= 2 and "no threshold trained measurably within 30 steps" in why
+
+
+def test_a_clear_winner_at_the_first_rung_stops_at_once():
+    trials = [_rung(3.2, 0.9), _rung(1.0, 0.3), _rung(0.32, 0.6)]
+    ahead, why = judge.promote(trials, start_held_out=1.0)
+    assert ahead == [] and "clearly ahead" in why
+    close = [_rung(3.2, 0.9), _rung(1.0, 0.3), _rung(0.32, 0.305)]  # 0.32 is as good within the floor
+    ahead, why = judge.promote(close, start_held_out=1.0)
+    assert ahead[:2] == [1.0, 0.32] and "could not be told apart" in why
+
+
+def test_the_climb_stops_once_the_pick_holds_over_a_doubling_and_goes_on_when_it_moves():
+    held = [_rung(1.0, 0.30, 0.20), _rung(0.32, 0.305, 0.25)]  # 1.0 at 30 steps and at 60
+    ahead, why = judge.promote(held, start_held_out=1.0)
+    assert ahead == [] and "held its place from 30 to 60 steps" in why
+    moved = [_rung(1.0, 0.30, 0.25), _rung(0.32, 0.305, 0.15)]  # at 60 steps the tighter one is clearly ahead
+    ahead, why = judge.promote(moved, start_held_out=1.0)
+    assert ahead[0] == 0.32 and "moved between 30 and 60 steps" in why
+    assert judge.promote(moved, 1.0, most_steps=100)[0] == []  # no rung of 120 fits under a cap of 100
+
+
+class _Scripted:
+    """gradscope.schedule's Runner over held-out losses given as a function of (threshold, steps)."""
+
+    def __init__(self, held, options):
+        self.held, self.options = held, options
+        self.start_held_out, self.reference = 1.0, _trial(math.inf, math.inf, "the loss blew up")
+        self.steps, self.kept, self.spent = {}, set(), 0
+
+    def judged(self):
+        out = []
+        for c, n in self.steps.items():
+            points = tuple(Checkpoint(s, self.held(c, s)) for s in (30, 60, 120, 240, 480, 960) if s <= n)
+            bad = "" if all(math.isfinite(p.held_out) for p in points) else "diverged"
+            out.append(Trial(c, (1.0,) * n, (1.0,) * n, points[-1].held_out, bad, checkpoints=points))
+        return out
+
+    def advance(self, threshold, steps):
+        self.spent += self.cost(threshold, steps)
+        self.steps[threshold] = steps
+        self.kept.add(threshold)
+
+    def cost(self, threshold, steps):
+        return steps - self.steps.get(threshold, 0) if threshold in self.kept else steps
+
+    def keep(self, thresholds):
+        self.kept &= set(list(thresholds)[:self.options.keep])
+
+    def out_of_time(self):
+        return False
+
+
+def test_the_schedule_carries_the_contenders_past_a_late_cliff_within_its_budget():
+    """3.2 is as good as 1.0 at 30 steps and the loosest, so 30-step trials pick it; it falls behind at 60
+    and diverges by 120. The contenders go on and the pick lands below the cliff; the schedule stays
+    within its budget, and continuing a contender costs only its new steps."""
+    lattice = [3.2, 1.0, 0.32, 0.1, 0.032, 0.01]
+
+    def held(c, steps):
+        if c == 3.2:
+            return {30: 0.30, 60: 0.29}.get(steps, math.inf)
+        return {1.0: 0.30, 0.32: 0.5, 0.1: 0.7, 0.032: 0.8}.get(c, 0.9) - 0.05 * math.log2(steps / 30)
+
+    def run(options):
+        runner = _Scripted(held, options)
+        runner.reference = _trial(math.inf, 0.6)  # unclipped training is stable here: no margin from it
+        stopped = schedule.run(runner, lattice)
+        return runner, stopped, judge.choose(runner.judged(), 1.0, runner.reference)[0]
+
+    runner, stopped, winner = run(TrialOptions())
+    trials = runner.judged()
+    assert winner < 3.2 and next(t for t in trials if t.threshold == winner).stable and stopped
+    assert max(t.horizon for t in trials) >= 120 and runner.spent <= TrialOptions().budget_steps
+    # nothing was replayed: every step paid for is a step some trial holds
+    assert runner.spent == sum(len(t.losses) for t in trials)
+    assert run(TrialOptions(steps=30))[2] == 3.2  # what 30-step trials alone pick
+    tight, stopped, _ = run(TrialOptions(budget=5.0))
+    assert "budget" in stopped and tight.spent <= TrialOptions(budget=5.0).budget_steps
 
 
 # -- trials run for real ----------------------------------------------------------------------------------
@@ -174,32 +290,66 @@ def test_every_trial_starts_from_the_same_state_and_batches(exploding):
 
 def test_trials_stay_within_their_step_budget(exploding):
     trials = exploding.recommendation.evidence.trials
-    spent = sum(len(t.losses) for t in trials.trials)
-    assert 0 < spent == trials.spent <= 4 * trials.steps and not trials.reference_rerun
-    limited = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_budget=1.0)
-    assert sum(len(t.losses) for t in limited.recommendation.evidence.trials.trials) <= trials.steps
-    timed = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trial_seconds=1e-9).recommendation.evidence.trials
-    assert len(timed.trials) == 1 and "--trial-seconds" in timed.stopped  # the first trial always runs
+    spent = sum(len(t.losses) for t in trials.trials)  # every state was kept: nothing was replayed
+    assert 0 < spent == trials.spent <= TrialOptions().budget_steps and not trials.reference_rerun
+    first = sum(min(len(t.losses), trials.steps) for t in trials.trials)
+    assert first <= TrialOptions().search_steps  # the first rung's search keeps to its share
+    limited = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trials=TrialOptions(budget=1.0))
+    assert limited.recommendation.evidence.trials.spent <= trials.steps
+    timed = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trials=TrialOptions(seconds=1e-9)
+                               ).recommendation.evidence.trials
+    assert len(timed.trials) == 1 and "s limit" in timed.stopped  # the first trial always runs
+
+
+def test_contenders_continue_from_their_kept_state_as_a_replay_from_the_start_would():
+    """Continuing a contender does not replay its first steps, and gives what a replay gives: with one
+    kept state the others are replayed from the start (and those steps are paid for); with the states in
+    host memory nothing changes either. The same target and seed give the same document byte for byte."""
+    climbing = gradscope.diagnose(noise_targets(), steps=30, seed=0)
+    trials = climbing.recommendation.evidence.trials
+    assert trials.adaptive and trials.longest >= 4 * trials.steps  # nothing learned: the contenders went on
+    assert not trials.learned and "no threshold trained measurably within 120 steps" in trials.stopped
+    carried = [t for t in trials.trials if t.horizon > trials.steps]
+    assert len(carried) >= 2 and all([c.steps for c in t.checkpoints] == [30, 60, 120] for t in carried
+                                     if t.horizon == 120)
+    assert trials.spent == sum(len(t.losses) for t in trials.trials) <= TrialOptions().budget_steps
+    one = gradscope.diagnose(noise_targets(), steps=30, seed=0, trials=TrialOptions(keep=1))
+    host = gradscope.diagnose(noise_targets(), steps=30, seed=0, trials=TrialOptions(keep_on_cpu=True))
+    for other in (one, host):
+        again = other.recommendation.evidence.trials
+        assert [(t.threshold, t.losses, t.checkpoints) for t in again.trials] == \
+            [(t.threshold, t.losses, t.checkpoints) for t in trials.trials]
+        assert again.winner == trials.winner
+    assert one.recommendation.evidence.trials.spent > trials.spent  # the replays were counted
+    assert host.to_json() == climbing.to_json()
+    assert gradscope.diagnose(noise_targets(), steps=30, seed=0).to_json() == climbing.to_json()
 
 
 @pytest.mark.parametrize("steps, trial_steps, rerun", [(12, 12, False), (30, 45, True)])
 def test_trial_steps_sets_how_long_every_trial_trains(exploding, steps, trial_steps, rerun):
     """Shorter or longer trials start from the same state and batches as the default ones; a profile of
     exactly their length is their unclipped reference, and longer ones draw batches past the profile's."""
-    trials = gradscope.diagnose(exploding_rnn(), steps=steps, seed=0, trial_steps=trial_steps
+    trials = gradscope.diagnose(exploding_rnn(), steps=steps, seed=0, trials=TrialOptions(steps=trial_steps)
                                 ).recommendation.evidence.trials
-    assert trials.steps == trial_steps and trials.reference_rerun is rerun
+    assert trials.steps == trial_steps and trials.reference_rerun is rerun and not trials.adaptive
     assert {t.losses[0] for t in (trials.reference, *trials.trials)} == {exploding.recommendation.evidence.trials
                                                                            .reference.losses[0]}
-    assert all(len(t.losses) <= trial_steps for t in trials.trials)
+    assert all(len(t.losses) <= trial_steps for t in trials.trials) and trials.longest == trial_steps
     assert any(len(t.losses) == trial_steps for t in trials.trials if t.stable)
     assert sum(len(t.losses) for t in trials.trials) <= 4 * trial_steps  # the budget is in trials' worth
 
 
-@pytest.mark.parametrize("trial_steps", [0, 9, 1001, 30.0])
-def test_a_trial_length_out_of_range_is_one_clear_error(trial_steps):
-    with pytest.raises(ExperimentError, match="trial_steps must be between 10 and 1000"):
-        gradscope.diagnose(exploding_rnn(), steps=5, trial_steps=trial_steps)
+@pytest.mark.parametrize("options, message", [
+    (dict(steps=0), "trial steps must be between 10 and 1000"), (dict(steps=9), "between 10 and 1000"),
+    (dict(steps=1001), "between 10 and 1000"), (dict(steps=30.0), "between 10 and 1000"),
+    (dict(most=-1), "0 to 100"), (dict(most=True), "0 to 100"), (dict(budget=0), "positive"),
+    (dict(budget=math.nan), "positive"), (dict(seconds=math.inf), "positive"), (dict(keep=0), "at least 1"),
+])
+def test_a_bad_trial_option_is_one_clear_error_when_the_options_are_made(options, message):
+    with pytest.raises(ExperimentError, match=message):
+        TrialOptions(**options)
+    with pytest.raises(ExperimentError, match="0 to 100"):  # a number of trials is checked the same way
+        gradscope.diagnose(exploding_rnn(), steps=5, trials=-3)
 
 
 def test_an_unclipped_reference_trained_for_the_trials_counts_in_their_cost():
@@ -210,8 +360,10 @@ def test_an_unclipped_reference_trained_for_the_trials_counts_in_their_cost():
     trials = report.recommendation.evidence.trials
     assert trials.reference_rerun and trials.reference.losses
     assert trials.spent == sum(len(t.losses) for t in trials.trials) + len(trials.reference.losses)
-    assert report.to_dict()["recommendation"]["trials"]["trial_steps"] == trials.spent
-    assert f"({trials.spent} steps in all)" in report.render()
+    doc = report.to_dict()
+    assert doc["schema_version"] == 2 and doc["recommendation"]["trials"]["steps_spent"] == trials.spent
+    assert doc["recommendation"]["trials"]["first_steps"] == trials.steps == 30
+    assert f"({trials.spent} steps in all)" in " ".join(report.render().split())
 
 
 def test_a_profile_that_went_non_finite_is_the_unclipped_reference_a_rerun_would_repeat():
@@ -222,7 +374,8 @@ def test_a_profile_that_went_non_finite_is_the_unclipped_reference_a_rerun_would
     report = gradscope.diagnose(hot_resnet(20.0), steps=30, seed=0)
     trials, m = report.recommendation.evidence.trials, report.statistics.model
     assert m.steps < 30 and not math.isfinite(m.loss[-1])
-    assert not trials.reference_rerun and trials.spent == sum(len(t.losses) for t in trials.trials) <= 120
+    assert not trials.reference_rerun and trials.spent == sum(len(t.losses) for t in trials.trials)
+    assert trials.spent <= TrialOptions().budget_steps
     assert "non-finite" in trials.reference.unstable and trials.winner is not None
     rerun = gradscope.diagnose(hot_resnet(20.0), steps=20, seed=0).recommendation.evidence.trials
     assert rerun.reference_rerun and "blew up" in rerun.reference.unstable
@@ -317,3 +470,14 @@ def test_cli_rejects_bad_trial_options(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["diagnose", SAMPLE, *flag])
     assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_the_readme_trial_options_example_runs_as_written():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    example = next(b for b in blocks if "from gradscope import TrialOptions" in b)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["TrialOptions"] is TrialOptions and TrialOptions().budget == 13.0
+    assert TrialOptions(steps=120).first_steps == 120 and not TrialOptions(steps=120).adaptive

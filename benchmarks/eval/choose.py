@@ -23,7 +23,7 @@ from run import confirmed  # noqa: E402
 
 from gradscope import judge
 from gradscope.judge import Trial
-from gradscope.trials import BUDGET
+from gradscope.options import SEARCH_BUDGET as BUDGET
 
 Rule = Callable[[List[Trial], Trial, float], Optional[float]]
 
@@ -31,12 +31,19 @@ Rule = Callable[[List[Trial], Trial, float], Optional[float]]
 def trials_of(row: dict) -> Tuple[List[Trial], Trial, float]:
     start = row["trials"]["start_held_out"]
     runs = []
+    steps = row["trials"].get("steps", 30)
     for run in row["trials"]["runs"]:
         threshold = math.inf if run["threshold"] is None or run["threshold"] == math.inf else run["threshold"]
-        held = math.inf if run["held_out"] is None else run["held_out"]
-        verdict = judge.assess(run["losses"], run["norms"], held, start)
-        runs.append(Trial(threshold, tuple(run["losses"]), tuple(run["norms"]), held, verdict,
-                          held_out_batches=tuple(run.get("held_out_batches") or ())))
+        held, batches = run["held_out"], run.get("held_out_batches") or ()
+        losses, norms = run["losses"], run["norms"]
+        first = [c for c in run.get("checkpoints", []) if c[0] == steps]
+        if first:  # carried past the first rung: each trial as it stood there, the 30-step trial this compares
+            (_, held, batches), losses, norms = first[0], losses[:steps], norms[:steps]
+        elif run.get("checkpoints") or len(losses) > steps:
+            held, batches, losses, norms = math.inf, (), losses[:steps], norms[:steps]  # diverged before it
+        held = math.inf if held is None else held
+        verdict = judge.assess(losses, norms, held, start)
+        runs.append(Trial(threshold, tuple(losses), tuple(norms), held, verdict, held_out_batches=tuple(batches)))
     return runs[1:], runs[0], start
 
 

@@ -45,12 +45,13 @@ from scipy import stats as sps  # noqa: E402
 
 import gradscope  # noqa: E402
 from gradscope.judge import lattice  # noqa: E402
-from gradscope.trials import TRIAL_STEPS  # noqa: E402
+from gradscope.options import FIRST_STEPS, TrialOptions  # noqa: E402
 
 PROFILE_STEPS = 30
 BASELINES = ("fixed-1.0", "autoclip", "zclip")  # besides none
 GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades, as gradscope writes them
-EXHAUSTIVE = "GRADSCOPE_EVAL_EXHAUSTIVE"  # --exhaustive: every candidate is tried, for studying the choice rule
+EXHAUSTIVE = "GRADSCOPE_EVAL_EXHAUSTIVE"  # --exhaustive: every candidate is tried and every stable one carried to
+EXHAUSTIVE_STEPS = 240  # this horizon, for studying the choice rule and the schedule
 TRIAL_LENGTH = "GRADSCOPE_EVAL_TRIAL_STEPS"  # --trial-steps: diagnose's --trial-steps (default: its own)
 BLOWUP = 1e4  # a training loss this far above its first value has diverged: the run stops, scored as such
 Policy = Callable[[int, float, List[float]], Optional[float]]  # step, norm, history -> threshold
@@ -123,10 +124,10 @@ def profile(scenario: Scenario, seed: int) -> gradscope.Report:
     steps = iter(range(10 ** 9))
     experiment = gradscope.Experiment(setup.model, setup.optimizer, lambda: setup.train_batch(next(steps)),
                                       loss_fn=setup.loss_fn, name=scenario.name)
-    options = {"trials": 100, "trial_budget": 100.0} if os.environ.get(EXHAUSTIVE) else {}
-    if os.environ.get(TRIAL_LENGTH):
-        options["trial_steps"] = int(os.environ[TRIAL_LENGTH])
-    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, **options)
+    length = int(os.environ[TRIAL_LENGTH]) if os.environ.get(TRIAL_LENGTH) else None
+    options = TrialOptions(most=100, steps=length, budget=1000.0, keep=100) if os.environ.get(EXHAUSTIVE) else \
+        TrialOptions(steps=length)
+    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, trials=options)
 
 
 def _every_candidate(candidates, done, *args) -> Optional[float]:
@@ -135,10 +136,21 @@ def _every_candidate(candidates, done, *args) -> Optional[float]:
     return next((c for c in candidates if c not in tried), None)
 
 
+def _every_stable(trials, *args, **kwargs):
+    """--exhaustive's climb: every stable trial goes on, the horizon doubling, to EXHAUSTIVE_STEPS."""
+    from gradscope import judge
+    field = judge.final_field(trials)
+    if field.steps * judge.RUNG_GROWTH > EXHAUSTIVE_STEPS:
+        return [], f"{EXHAUSTIVE_STEPS} steps reached"
+    return [t.threshold for t in field.trials if t.stable], "exhaustive"
+
+
 def _exhaustive() -> None:
     if os.environ.get(EXHAUSTIVE):
-        from gradscope import judge
-        judge.next_candidate = _every_candidate  # gradscope.trials looks it up on the module at each trial
+        from gradscope import judge, options
+        judge.next_candidate = _every_candidate  # gradscope.schedule looks them up on the module each time
+        judge.promote = _every_stable
+        options.SEARCH_BUDGET = 1000.0  # the first rung's share, read when the search asks for it
 
 
 def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
@@ -149,7 +161,9 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
     norms = report.statistics.model.global_norm
     median = float(np.nanmedian(norms)) if np.isfinite(norms).any() else math.nan
     trials = report.recommendation.evidence.trials
-    tried = {t.threshold: t.held_out for t in trials.trials} if trials else {}
+    # each threshold's held-out loss at the first rung: the short-horizon ranking, whatever went on after it
+    tried = {t.threshold: next((c.held_out for c in t.checkpoints if c.steps == trials.steps), t.held_out)
+             for t in trials.trials} if trials else {}
     thresholds = set(GRID) | set(tried) | set(trials.untried if trials else ())
     if math.isfinite(median) and median > 0:
         centre = round(2 * math.log10(median))
@@ -191,10 +205,12 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
             "trials": None if trials is None else {
                 "steps": trials.steps, "start_held_out": trials.start_held_out, "winner": trials.winner,
-                "learned": trials.learned,
+                "learned": trials.learned, "longest": trials.longest, "stopped": trials.stopped,
                 "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
                           "held_out": t.held_out, "held_out_batches": list(t.held_out_batches),
-                          "unstable": t.unstable} for t in (trials.reference, *trials.trials)]},
+                          "unstable": t.unstable, "checkpoints": [[c.steps, c.held_out, list(c.held_out_batches)]
+                                                                  for c in t.checkpoints]}
+                         for t in (trials.reference, *trials.trials)]},
             "regret": {k: regret(v) for k, v in results.items()}, "loss": results}
 
 
@@ -256,7 +272,7 @@ def summarise(rows: List[Dict[str, object]]) -> str:
         ranks = [r["rank_correlation"] for r in explode if math.isfinite(r["rank_correlation"])]
         if ranks:
             # rows written before the length was recorded ran the default
-            horizon = sorted({r["trials"].get("steps", TRIAL_STEPS) for r in explode if r.get("trials")})
+            horizon = sorted({r["trials"].get("steps", FIRST_STEPS) for r in explode if r.get("trials")})
             lines.append(f"short-horizon bias: Spearman correlation of the trials' ranking "
                          f"({'/'.join(map(str, horizon))} steps) with the 300-step ranking, median "
                          f"{statistics.median(ranks):.2f} (min {min(ranks):.2f}, {len(ranks)} pairs)")

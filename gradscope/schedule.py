@@ -1,0 +1,88 @@
+"""The trials' schedule: which threshold trains next, and how far (pure: gradscope.trials runs it).
+
+The first rung is a range test: every candidate the search names trains ``options.first_steps``. The
+later rungs are successive halving: the contenders judge.promote names go on, the horizon doubling,
+until the ranking is settled, the budget has no room for another rung, or the longest horizon is
+reached. Written against the small :class:`Runner` interface, so the same schedule runs real trials
+(gradscope.trials) and replays recorded ones (benchmarks/eval).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Protocol, Sequence
+
+from . import judge
+from .judge import Trial
+from .options import TrialOptions
+
+MOST_STEPS = 960  # the longest horizon a contender is carried to: 30 doubled five times
+Progress = Callable[[int, int, str], None]
+
+
+class Runner(Protocol):
+    """What the schedule needs of whoever trains: the trials so far, judged, and the means to train more."""
+
+    options: TrialOptions
+    start_held_out: float
+    reference: Trial
+    spent: int  # steps trained so far, replays included
+
+    def judged(self) -> List[Trial]: ...
+    def advance(self, threshold: float, steps: int) -> None: ...
+    def cost(self, threshold: float, steps: int) -> int: ...
+    def keep(self, thresholds: Sequence[float]) -> None: ...
+    def out_of_time(self) -> bool: ...
+
+
+def run(runner: Runner, thresholds: Sequence[float], progress: Optional[Progress] = None) -> str:
+    """Run the whole schedule; why it stopped where it did (the first rung's limit, if it met one, and why
+    the climb ended)."""
+    stopped = search(runner, thresholds, progress)
+    if runner.options.adaptive:  # the first rung's share spent or its thresholds tried, the contenders go on
+        climbed = climb(runner, progress)
+        stopped = f"{stopped}; then {climbed}" if stopped else climbed
+    runner.keep(())
+    return stopped
+
+
+def search(runner: Runner, thresholds: Sequence[float], progress: Optional[Progress] = None) -> str:
+    """The first rung: decades down to the basin, then the half-decades beside the pick; why it ended early
+    (a limit), or "" when the search settled."""
+    options, steps = runner.options, runner.options.first_steps
+    while True:
+        trials = runner.judged()
+        threshold = judge.next_candidate(thresholds, trials, runner.start_held_out, runner.reference)
+        if threshold is None:
+            return ""
+        if len(trials) >= options.most:
+            return f"the first rung may try {options.most} thresholds"
+        if runner.spent + steps > options.search_steps:
+            return f"the first rung's share of the budget, {options.search_steps} steps, would run out"
+        if runner.out_of_time():
+            return f"another trial would pass the {options.seconds:g} s limit"
+        runner.advance(threshold, steps)
+        field = judge.final_field(runner.judged())
+        runner.keep([t.threshold for t in judge.contenders(field, runner.start_held_out, runner.reference)])
+        if progress is not None:
+            progress(len(trials) + 1, min(options.most, len(thresholds)), f"clip {threshold:g}")
+
+
+def climb(runner: Runner, progress: Optional[Progress] = None) -> str:
+    """The later rungs: the contenders go on, the horizon doubling; why the climb stopped."""
+    options = runner.options
+    while True:
+        trials = runner.judged()
+        ahead, why = judge.promote(trials, runner.start_held_out, runner.reference, most_steps=MOST_STEPS)
+        if not ahead:
+            return why
+        nxt = judge.final_field(trials).steps * judge.RUNG_GROWTH
+        while ahead and runner.spent + sum(runner.cost(c, nxt) for c in ahead) > options.budget_steps:
+            ahead = ahead[:-1]  # the least needed contender first
+        if len(ahead) < 2:
+            return f"{why}, and the budget, {options.budget_steps} steps, has no room for a rung of {nxt}"
+        if runner.out_of_time():
+            return f"{why}, and another rung would pass the {options.seconds:g} s limit"
+        runner.keep(ahead)
+        for done, threshold in enumerate(ahead, 1):
+            runner.advance(threshold, nxt)
+            if progress is not None:
+                progress(done, len(ahead), f"clip {threshold:g} to {nxt} steps")
