@@ -19,11 +19,13 @@ from .judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
 from .options import TrialOptions
 from .pipeline import build_report
+from .rates import LOOK_AHEAD, ahead
 from .recommend import method_for, recommend
-from .report import Report
+from .report import Report, ScheduleReach
 from .ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from .stats import rise
+from .schedule import MOST_STEPS
 from .trials import HELD_OUT_BATCHES, TrialBatches, run_reference, run_trials
 
 DEFAULT_STEPS = 30
@@ -61,7 +63,8 @@ def diagnose(
     When a finding calls for norm clipping, thresholds are then tried for real from the same start, as
     ``trials`` (a :class:`~gradscope.options.TrialOptions`; a number N is ``TrialOptions(most=N)``, 0 none)
     says: by default every candidate trains 30 steps and the contenders go on, the horizon doubling,
-    while their ranking is open, within 12 trials' worth of steps.
+    while their ranking is open, within 13 trials' worth of steps (and never past the end of a
+    learning-rate schedule that ends).
     With ``restore=True`` (the default) the model's weights and train/eval mode, the optimizer's state
     and the global RNG states (torch, numpy, random) are put back afterwards, so profiling leaves no trace.
     ``device`` ("cpu", "cuda" or "auto") moves the model and batches there; None leaves them where they are.
@@ -83,6 +86,7 @@ def diagnose(
     if target is not None:
         model.to(target)
     start = capture(experiment) if trying else None  # after seeding and the move: where every trial begins
+    rates = ahead(experiment)  # the schedule's rates from here on, to say how far towards its peak the run went
     scale = _update_scale(experiment) if trying else None
     # a short run: measure everything; each step's figures are read at once (to stop at a non-finite loss)
     monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1)
@@ -99,10 +103,14 @@ def diagnose(
                           extend=extend and distributed.context() is None)  # (ranks would have to agree)
         profile_seconds = time.perf_counter() - began
         if start is not None and method_for(report.findings) == "norm":
+            # a schedule that ends (OneCycleLR's total_steps) ends the run: no contender trains past its last step
+            most = min(MOST_STEPS, len(rates) - 1) if 0 < len(rates) < LOOK_AHEAD else MOST_STEPS
             trial_set = _trials(experiment, TrialBatches(seen, stream, options.first_steps), options, report, start,
-                                scale, dev, profile_seconds, trial_progress)
+                                scale, dev, profile_seconds, trial_progress, most)
             advice = recommend(report.statistics, report.findings, trial_set)
             report = dataclasses.replace(report, recommendation=advice)
+        if rates:
+            report = dataclasses.replace(report, schedule=_reach(rates, report))
     except KeyboardInterrupt:
         shield = interrupts.ignore()  # a second Ctrl-C must not lose the partial report being built
         partial = report if report is not None else _partial(monitor, "interrupted by Ctrl-C", meta)
@@ -162,7 +170,7 @@ def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], 
 
 def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, report: Report, start: Dict[str, Any],
             scale: Optional[float], device: torch.device, profile_seconds: float,
-            progress: Optional[TrialProgress]) -> TrialSet:
+            progress: Optional[TrialProgress], most_steps: int) -> TrialSet:
     """Run the trials, their first rung on the stream's first batches, judged on the HELD_OUT_BATCHES after them.
 
     The same batches whatever ``--steps`` the profile ran, so the advice does not depend on it. When the
@@ -183,11 +191,23 @@ def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, r
     else:
         reference = run_reference(experiment, start, data, steps, device)
     trial_set = run_trials(experiment, start, data, reference, candidates(m.global_norm, scale), options,
-                           device=device, profile_seconds=profile_seconds, reference_rerun=rerun, progress=progress)
+                           device=device, profile_seconds=profile_seconds, reference_rerun=rerun, progress=progress,
+                           most_steps=most_steps)
     if data.repeats():
         note = "Experiment.batches repeats within the trials, so the held-out batches were also trained on"
         trial_set = dataclasses.replace(trial_set, notes=(*trial_set.notes, note))
     return trial_set
+
+
+def _reach(rates: List[float], report: Report) -> ScheduleReach:
+    """How far towards the peak of ``rates`` (the schedule from the start) the profile and the trials went."""
+    peak = max(rates)
+    trials = report.recommendation.evidence.trials
+    profiled = report.statistics.model.steps
+    longest = trials.longest if trials is not None else 0
+    return ScheduleReach(peak_lr=peak, peak_step=rates.index(peak), looked_ahead=len(rates), profile_steps=profiled,
+                         profile_lr=max(rates[:max(profiled, 1)]), trial_steps=longest,
+                         trial_lr=max(rates[:longest]) if longest else 0.0)
 
 
 # An optimizer whose param groups hold one of these divides its step by a running statistic of the

@@ -16,7 +16,7 @@ from .evaluate import Finding
 from .gate import Verdict
 from .render import render_text
 from .report import Report
-from .wording import advice, fmt, plural
+from .wording import advice, fmt, plural, schedule_caveat
 
 TOOL_URI = "https://pypi.org/project/gradscope/"
 SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
@@ -156,6 +156,7 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
     out = [f"## gradscope: {report.model} ({state})", "",
            f"{m.steps} steps on {m.device}; measured: {m.measurement}."
            + (f" The profile went on: {report.extended}." if report.extended else "")
+           + (f" **Learning rate:** {schedule_caveat(report.schedule)}." if schedule_caveat(report.schedule) else "")
            + (f" **Partial report:** {report.stopped_reason}." if report.partial else ""),
            f"Gate: fail on {verdict.fail_on}; exit code {verdict.exit_code}."
            + (f" **The run did not finish:** {_md_cell(verdict.unfinished)}." if verdict.unfinished else ""), ""]

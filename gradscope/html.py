@@ -24,7 +24,7 @@ from .evaluate import Finding
 from .judge import TrialSet
 from .render import MARK, grouped, ordered_layers
 from .report import Report
-from .wording import advice, fmt, plural
+from .wording import advice, fmt, plural, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
 HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
@@ -58,6 +58,9 @@ def to_html(report: Report) -> str:
              f"<p class='verdict {state}'>{words}: {_e(advice(rec))}</p>"]
     if report.extended:
         parts.append(f"<p class=meta>The profile went on: {_e(report.extended)}.</p>")
+    caveat = schedule_caveat(report.schedule)
+    if caveat:
+        parts.append(f"<p class=warning>{_e(caveat[0].upper() + caveat[1:])}.</p>")
     if report.partial:
         parts.append(f"<p class=warning><b>Partial report:</b> {_e(report.stopped_reason or '')}</p>")
     parts += ["<h2>Global gradient norm</h2>", _figure(mpl, _norm_plot, report, _norm_caption(report))]

@@ -23,7 +23,7 @@ from .judge import TrialSet
 from .report import Report
 from .ruleset import SEVERITIES
 from .stats import LayerStats
-from .wording import SEVERITY_RANK, advice, fmt, fmt_count, plural, shorten_names
+from .wording import SEVERITY_RANK, advice, fmt, fmt_count, plural, schedule_caveat, shorten_names
 
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
@@ -120,6 +120,9 @@ def header(report: Report) -> RenderableType:
         steps += f" ({report.steps_requested} asked; the loss had not moved, so the profile went on)"
     line = Text(f"{steps} on {m.device}" + (f" · seed {report.seed}" if report.seed is not None else ""), "dim")
     lines = [title, line, Text(f"measured: {m.measurement}", "dim")]
+    caveat = schedule_caveat(report.schedule)
+    if caveat:
+        lines.append(Text(f"▲ {caveat}", "yellow"))
     if report.partial:
         lines.append(Text(f"PARTIAL REPORT: {report.stopped_reason}", "bold yellow"))
     return Group(*lines, Text(""))

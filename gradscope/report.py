@@ -18,6 +18,27 @@ SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they coun
 
 
 @dataclasses.dataclass(frozen=True)
+class ScheduleReach:
+    """How far towards its learning-rate schedule's peak a diagnose went: the peak within the steps read
+    ahead, and the highest rate the profile's and the trials' steps used."""
+
+    peak_lr: float
+    peak_step: int  # the first step (counted from 0) that uses the peak rate
+    looked_ahead: int  # steps of the schedule read
+    profile_steps: int
+    profile_lr: float
+    trial_steps: int = 0  # the longest horizon a trial reached (0: no trial ran)
+    trial_lr: float = 0.0
+
+    REACHED = 0.9  # a rate at this share of the peak counts as the peak
+
+    @property
+    def reached(self) -> bool:
+        """Whether the profile or a trial trained at the peak rate (within REACHED of it)."""
+        return max(self.profile_lr, self.trial_lr) >= self.REACHED * self.peak_lr
+
+
+@dataclasses.dataclass(frozen=True)
 class Report:
     model: str
     statistics: Statistics
@@ -28,6 +49,7 @@ class Report:
     seed: Optional[int] = None
     steps_requested: Optional[int] = None
     extended: Optional[str] = None  # why the profile ran past the steps asked for (diagnose's plateau rule)
+    schedule: Optional[ScheduleReach] = None  # with a learning-rate scheduler: how far towards its peak it went
 
     @property
     def healthy(self) -> bool:
@@ -73,6 +95,8 @@ class Report:
             "steps": m.steps,
             "steps_requested": self.steps_requested,
             "extended": self.extended,
+            "schedule": None if self.schedule is None else {**dataclasses.asdict(self.schedule),
+                                                            "reached": self.schedule.reached},
             "seed": self.seed,
             "measurement": m.measurement,
             "device": m.device,

@@ -25,6 +25,7 @@ class Runner(Protocol):
     start_held_out: float
     reference: Trial
     spent: int  # steps trained so far, replays included
+    most_steps: int  # the longest horizon a trial may reach (MOST_STEPS, or where the learning-rate schedule ends)
 
     def judged(self) -> List[Trial]: ...
     def advance(self, threshold: float, steps: int) -> None: ...
@@ -71,7 +72,7 @@ def climb(runner: Runner, progress: Optional[Progress] = None) -> str:
     options = runner.options
     while True:
         trials = runner.judged()
-        ahead, why = judge.promote(trials, runner.start_held_out, runner.reference, most_steps=MOST_STEPS)
+        ahead, why = judge.promote(trials, runner.start_held_out, runner.reference, most_steps=runner.most_steps)
         if not ahead:
             return why
         nxt = judge.final_field(trials).steps * judge.RUNG_GROWTH

@@ -80,9 +80,10 @@ class _Trials:
     """The runs of one diagnose, the steps they spent, and the states they keep."""
 
     def __init__(self, experiment: Experiment, start: Dict[str, Any], data: TrialBatches, options: TrialOptions,
-                 device: torch.device, start_held_out: float, reference: Trial, began: float) -> None:
+                 device: torch.device, start_held_out: float, reference: Trial, began: float, most_steps: int) -> None:
         self.experiment, self.start, self.data, self.options, self.device = experiment, start, data, options, device
         self.start_held_out, self.reference, self.began = start_held_out, reference, began
+        self.most_steps = most_steps
         self.runs: Dict[float, _Run] = {}
         self.spent = 0
 
@@ -136,7 +137,7 @@ class _Trials:
 def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches, reference: Trial,
                thresholds: Sequence[float], options: TrialOptions, *, device: torch.device, profile_seconds: float,
                progress: Optional[schedule.Progress] = None, notes: Sequence[str] = (),
-               reference_rerun: bool = False) -> TrialSet:
+               reference_rerun: bool = False, most_steps: int = schedule.MOST_STEPS) -> TrialSet:
     """Trials at ``thresholds`` (loosest first): the first rung's search, in the order judge.next_candidate
     gives, then, with the adaptive horizon, the contenders judge.promote names, rung after rung.
 
@@ -144,12 +145,13 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
     and whatever ``--steps`` the profile ran (the unclipped reference is outside it: it is the profile
     itself at the first rung's length or where the profile went non-finite within it, and trained for
     them otherwise, ``reference_rerun``); ``options.seconds`` optionally caps the wall-clock time as well.
+    ``most_steps`` caps the horizon: where the learning-rate schedule ends, a contender stops too.
     """
     began = time.perf_counter()
     restore(experiment, start)
     start_held_out = median_or_inf(held_out_losses(experiment, data.held_out, device))
     reference = _judged(reference, start_held_out)
-    work = _Trials(experiment, start, data, options, device, start_held_out, reference, began)
+    work = _Trials(experiment, start, data, options, device, start_held_out, reference, began, most_steps)
     first = options.first_steps
     stopped = schedule.run(work, thresholds, progress)
     restore(experiment, start)

@@ -21,6 +21,19 @@ def advice(rec: Recommendation) -> str:
     return "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
 
 
+def schedule_caveat(reach) -> Optional[str]:
+    """What the report says when the profile and the trials stopped short of the schedule's peak rate
+    (``reach`` is a report.ScheduleReach, or None without a scheduler); None when they reached it."""
+    if reach is None or reach.reached:
+        return None
+    went = f"the profile's {plural(reach.profile_steps, 'step')} reached {reach.profile_lr / reach.peak_lr:.0%} of it"
+    if reach.trial_steps:
+        went += f", the trials' {reach.trial_steps} {reach.trial_lr / reach.peak_lr:.0%}"
+    return (f"the learning-rate schedule peaks at {fmt(reach.peak_lr)} at step {reach.peak_step + 1}; {went}: "
+            "this advice has not seen the run at its peak rate. Diagnose a checkpoint from after the warm-up, "
+            "or watch the whole run with gradscope.Monitor")
+
+
 def fmt(value: Optional[float]) -> str:
     """A number in at most 7 characters: 1234, 12.3, 0.012, 4.4e-5, 3.9e10; '–' when unavailable."""
     if value is None or math.isnan(value):

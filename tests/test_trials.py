@@ -222,7 +222,7 @@ class _Scripted:
     def __init__(self, held, options):
         self.held, self.options = held, options
         self.start_held_out, self.reference = 1.0, _trial(math.inf, math.inf, "the loss blew up")
-        self.steps, self.kept, self.spent = {}, set(), 0
+        self.steps, self.kept, self.spent, self.most_steps = {}, set(), 0, schedule.MOST_STEPS
 
     def judged(self):
         out = []

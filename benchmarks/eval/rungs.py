@@ -64,6 +64,7 @@ class Replay:
         self.shown: Dict[float, int] = {}  # steps revealed per threshold
         self.kept: set = set()
         self.spent = 0
+        self.most_steps = schedule.MOST_STEPS
 
     def judged(self) -> List[Trial]:
         return [self._trial(c, n) for c, n in self.shown.items()]
