@@ -78,11 +78,11 @@ class Clipper:
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> None:
         if self.method == "norm":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.threshold)
+            clip_norm_(model.parameters(), self.threshold)
         elif self.safety_net is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.safety_net)
+            clip_norm_(model.parameters(), self.safety_net)
         elif self.method == "value":
-            torch.nn.utils.clip_grad_value_(model.parameters(), self.threshold)
+            clip_value_(model.parameters(), self.threshold)
         elif self.method == "agc":
             for p in _agc_parameters(model, self._excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
@@ -92,6 +92,39 @@ class Clipper:
             return self.exclude
         last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         return set(last[-1:])
+
+
+@torch.no_grad()
+def clip_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, also where some gradients are sparse (an ``nn.Embedding(...,
+    sparse=True)`` under SparseAdam), for which torch's raises: their coalesced values count in the global
+    norm, and they are scaled with the rest. Dense gradients alone go to torch's own, unchanged."""
+    params = [p for p in parameters if p.grad is not None]
+    sparse = [p.grad for p in params if p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dense = [p.grad for p in params if not p.grad.is_sparse]
+    device = sparse[0].device
+    norms = [torch.linalg.vector_norm(g.coalesce()._values().detach().float()) for g in sparse]
+    norms += [torch.linalg.vector_norm(g.detach()).float().to(device) for g in dense]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch's: 1e-6 keeps a zero gradient finite
+    for g in (*dense, *sparse):
+        g.mul_(scale.to(g.device))
+    return total
+
+
+@torch.no_grad()
+def clip_value_(parameters: Iterable[torch.Tensor], clip_value: float) -> None:
+    """``torch.nn.utils.clip_grad_value_``, also for sparse gradients (their values are capped)."""
+    params = [p for p in parameters if p.grad is not None]
+    dense = [p for p in params if not p.grad.is_sparse]
+    if dense:
+        torch.nn.utils.clip_grad_value_(dense, clip_value)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            p.grad._values().clamp_(-clip_value, clip_value)
 
 
 def _agc_parameters(model: nn.Module, excluded: Set[str]) -> List[nn.Parameter]:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from . import judge, schedule
+from .clipper import clip_norm_
 from .experiment import (Batch, Experiment, forward_backward, held_out_losses, median_or_inf, next_batch,
                          optimizer_step)
 from .judge import Checkpoint, Trial, TrialSet
@@ -184,7 +185,7 @@ def _train(experiment: Experiment, data: TrialBatches, run: _Run, steps: int, de
     first = len(run.losses)
     for step in range(first, steps):
         loss = forward_backward(experiment, data.train(step), step, device)
-        norm = torch.nn.utils.clip_grad_norm_(params, run.threshold)
+        norm = clip_norm_(params, run.threshold)  # torch's, and sparse gradients too
         wide = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
         value, norm_value = torch.stack([loss.detach().to(wide), norm.to(wide)]).tolist()  # one host sync
         run.losses.append(value)

@@ -127,3 +127,76 @@ def test_from_json_gives_the_same_clipper_as_from_report(tmp_path):
         Clipper.from_json(tmp_path / "other.json")
     with pytest.raises(GradscopeError, match="cannot read a gradscope report"):
         Clipper.from_json(tmp_path / "absent.json")
+
+
+# -- sparse gradients (nn.Embedding(..., sparse=True)), for which torch's clip_grad_norm_ raises --------------
+class Recommender(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.users = torch.nn.Embedding(50, 8, sparse=True)
+        self.items = torch.nn.Embedding(80, 8, sparse=True)
+        self.bias = torch.nn.Linear(8, 1)  # a dense parameter beside the sparse ones
+
+    def forward(self, users, items):
+        return (self.users(users) * self.items(items)).sum(-1) + self.bias(self.items(items)).squeeze(-1)
+
+
+def recommender_batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return lambda: (torch.randint(0, 50, (32,), generator=g), torch.randint(0, 80, (32,), generator=g),
+                    10 * torch.randn(32, generator=g))
+
+
+def recommender_loss(model, batch):
+    return torch.nn.functional.mse_loss(model(batch[0], batch[1]), batch[2])
+
+
+def sparse_grads():
+    torch.manual_seed(0)
+    model = Recommender()
+    recommender_loss(model, recommender_batches()()).backward()
+    assert model.users.weight.grad.is_sparse and not model.bias.weight.grad.is_sparse
+    return model
+
+
+def test_norm_clipping_with_sparse_gradients_matches_a_dense_reference():
+    model = sparse_grads()
+    dense = [p.grad.to_dense().clone() for p in model.parameters()]
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in dense))
+    Clipper("norm", 0.5)(model)
+    for p, g in zip(model.parameters(), dense):
+        assert p.grad.is_sparse == (p is not model.bias.weight and p is not model.bias.bias)
+        torch.testing.assert_close(p.grad.to_dense(), g * float(0.5 / (total + 1e-6)), rtol=1e-6, atol=1e-7)
+    again = sparse_grads()
+    assert float(gradscope.clipper.clip_norm_(again.parameters(), 1e9)) == pytest.approx(float(total), rel=1e-6)
+
+
+def test_value_clipping_caps_sparse_gradients_too():
+    model = sparse_grads()
+    dense = [p.grad.to_dense().clone() for p in model.parameters()]
+    Clipper("value", 0.05)(model)
+    for p, g in zip(model.parameters(), dense):
+        torch.testing.assert_close(p.grad.to_dense(), g.clamp(-0.05, 0.05))
+
+
+def test_dense_gradients_alone_are_clipped_by_torch_itself():
+    a, b = model_with_grads(), model_with_grads()
+    norm = gradscope.clipper.clip_norm_(a.parameters(), 0.1)
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1))
+    assert all(torch.equal(x, y) for x, y in zip(grads(a), grads(b)))
+
+
+def test_diagnose_runs_its_trials_on_a_model_with_sparse_gradients():
+    """SparseAdam at lr 1 on a recommender blows up; the trials (which clip at each candidate) used to
+    stop with torch's NotImplementedError for the SparseCPU backend."""
+    torch.manual_seed(0)
+    model = Recommender()
+    params = [model.users.weight, model.items.weight]
+    optimizer = torch.optim.SparseAdam(params, lr=1.0)
+    for p in model.bias.parameters():  # SparseAdam takes sparse gradients alone: the dense head stays frozen
+        p.requires_grad_(False)
+    experiment = gradscope.Experiment(model, optimizer, recommender_batches(), loss_fn=recommender_loss)
+    report = gradscope.diagnose(experiment, steps=30, seed=0)
+    trials = report.recommendation.evidence.trials
+    assert not report.healthy and trials is not None and len(trials.trials) >= 2
+    assert all(t.losses for t in trials.trials)  # every trial trained (and clipped) its sparse gradients
