@@ -295,6 +295,7 @@ class Field:
 
 
 def field_at(trials: Sequence[Trial], steps: int) -> Field:
+    """The field at ``steps``, with the thresholds left behind before it beside it."""
     here = standing(trials, steps)
     shown = {t.threshold for t in here}
     return Field(steps, here, sorted((t for t in trials if t.threshold not in shown), key=lambda t: -t.threshold))
