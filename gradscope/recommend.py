@@ -122,7 +122,7 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
     if trials is not None:  # trials ran, and none stayed stable
         basis = f"{trials.reason}. Fallback, {basis}"
     else:
-        basis += "; no trial ran (--trials off), so the threshold is not confirmed"
+        basis += "; no trial ran, so the threshold is not confirmed"  # off, several ranks, or a Monitor's report
     clipped = float(np.mean(~(norms <= threshold))) if len(norms) else 0.0  # NaN steps count as clipped
     return _make("norm", threshold, Evidence(clipped, basis, cosine=1.0, reasons=reasons, trials=trials))
 
