@@ -223,7 +223,8 @@ def _update_scale(experiment: Experiment) -> Optional[float]:
         return None  # adaptive steps do not scale with the gradient's norm
     lr_eff = group["lr"] / max(1.0 - float(group.get("momentum", 0.0) or 0.0), 1e-3)
     with torch.no_grad():
-        squares = [p.detach().float().pow(2).sum() for p in experiment.model.parameters() if p.requires_grad]
+        # abs(): a complex parameter's norm counts its imaginary part (a cast to float would drop it)
+        squares = [p.detach().abs().float().pow(2).sum() for p in experiment.model.parameters() if p.requires_grad]
         weight_norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
     return update_estimate(lr_eff, weight_norm)
 

@@ -481,3 +481,40 @@ def test_the_readme_trial_options_example_runs_as_written():
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["TrialOptions"] is TrialOptions and TrialOptions().budget == 13.0
     assert TrialOptions(steps=120).first_steps == 120 and not TrialOptions(steps=120).adaptive
+
+
+class _OddParameters(torch.nn.Module):
+    """The exploding RNN's task, with a complex gain, a zero-element parameter and a frozen layer beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.RNN(2, 32, batch_first=True, nonlinearity="tanh")
+        self.head = torch.nn.Linear(32, 1)
+        self.frozen = torch.nn.Linear(32, 1).requires_grad_(False)
+        self.gain = torch.nn.Parameter(torch.tensor(1.0 + 0.5j))
+        self.empty = torch.nn.Parameter(torch.empty(0))
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.mul_(4.0)  # a spectral radius well above 1: the gradients explode
+
+    def forward(self, x, target):
+        h = self.rnn(x)[0][:, -1]
+        out = self.head(h) * self.gain.abs() + 0.1 * self.frozen(h) + self.empty.sum()
+        return torch.nn.functional.mse_loss(out, target.reshape(out.shape))
+
+
+def test_trials_clip_complex_zero_element_and_frozen_parameters_as_the_profile_measures_them():
+    """Every trial starts where the profile did, on the same batch: its first pre-clip global norm is the
+    profile's, whatever kinds of parameter the model holds (a complex one counts |g|^2)."""
+    base = exploding_rnn()
+    torch.manual_seed(0)
+    model = _OddParameters()
+    experiment = gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=0.5), base.batches)
+    import warnings
+    with warnings.catch_warnings():  # a complex parameter cast to float ("discards the imaginary part") fails
+        warnings.simplefilter("error", UserWarning)
+        report = gradscope.diagnose(experiment, steps=30, seed=0)
+    trials = report.recommendation.evidence.trials
+    assert trials is not None and trials.trials, [f.rule_id for f in report.findings]
+    first = report.statistics.model.global_norm[0]
+    for t in trials.trials:
+        assert t.norms[0] == pytest.approx(first, rel=1e-5)
