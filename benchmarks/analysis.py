@@ -4,6 +4,10 @@ For each size, a model of L tiny Linear layers is observed for S steps with synt
 directly, no backward: only the analysis is timed), then report() is timed, best of three. Peak memory
 of the stored history is printed too: the series store thins itself past its capacity, so it stays
 bounded whatever S is.
+A second table takes real gradients: a model of 500 Linear+LayerNorm blocks (1,001 layers) trained with
+backward() and observed for S steps, where the first layers' norms underflow to 0 at some steps. It
+times report() and, side by side on the same norms, the vectorised trends against trend() column by
+column (what report() did for every column with such holes).
 Run: OMP_NUM_THREADS=1 python benchmarks/analysis.py [--quick]
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from gradscope import Monitor
+from gradscope.stats import trend, trends
 
 
 def observed(layers: int, steps: int) -> Monitor:
@@ -31,6 +36,48 @@ def observed(layers: int, steps: int) -> Monitor:
             g.normal_().mul_(scale)
         monitor.observe(torch.tensor(1.0 / scale))
     return monitor
+
+
+def observed_for_real(blocks: int, steps: int) -> Monitor:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(blocks):
+        layers += [nn.Linear(16, 16), nn.LayerNorm(16)]
+    model = nn.Sequential(*layers, nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    monitor = Monitor(model)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        monitor.observe(loss)
+        optimizer.step()
+    return monitor
+
+
+def best_of(runs: int, call) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def real_gradients(sizes) -> None:
+    print()
+    print("real gradients (500 Linear+LayerNorm blocks, backward() every step); best of 3")
+    print(f"{'layers':>7}{'steps':>7}{'report s':>10}{'holed':>7}{'trends s':>10}{'by column s':>13}{'ratio':>7}")
+    for blocks, steps in sizes:
+        monitor = observed_for_real(blocks, steps)
+        report_s = best_of(3, monitor.report)
+        profile = monitor.profile()
+        norms = profile.series["grad_norm"].reshape(-1, len(profile.active))
+        holed = int((~(np.isfinite(norms) & (norms > 0))).any(axis=0).sum())
+        fast = best_of(3, lambda: trends(profile.series_steps, norms))
+        slow = best_of(1, lambda: [trend(profile.series_steps, norms[:, k]) for k in range(norms.shape[1])])
+        print(f"{len(profile.active):>7}{steps:>7}{report_s:>10.3f}{holed:>7}{fast:>10.3f}{slow:>13.3f}"
+              f"{slow / fast:>7.1f}", flush=True)
 
 
 def history_bytes(monitor: Monitor) -> int:
@@ -55,6 +102,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         print(f"{layers:>7}{steps:>7}{min(times):>10.3f}{history_bytes(monitor) / 2**20:>13.1f}", flush=True)
     print("history: the per-step series kept for the statistics (thinned past 1024 rows, so it stops growing)")
+    real_gradients([(500, 300)] if args.quick else [(500, 300), (500, 1000)])
 
 
 if __name__ == "__main__":

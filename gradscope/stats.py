@@ -220,9 +220,12 @@ def trend(steps: np.ndarray, values: np.ndarray) -> Tuple[float, float]:
 def trends(steps: np.ndarray, values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`trend` of every column of a (steps x series) array, all at once.
 
-    Columns that are finite and positive throughout and have no tied values (the usual case) share one
-    set of step pairs, so their Theil-Sen slopes are one array operation and their interval one pair
-    of order statistics, exactly as scipy computes them; any other column goes through :func:`trend`.
+    Each column's finite, positive values are reduced to block medians as :func:`trend` reduces them;
+    the columns with holes (a layer whose norm underflows to 0 at some steps, a series measured on a
+    cadence) each have their own blocks, and all of them are found by one sort (:func:`_ragged_blocks`).
+    Columns with the same number of blocks and no tied values then get their Theil-Sen slopes as one
+    array operation and their interval as one pair of order statistics, exactly as scipy computes them;
+    a column with tied values goes to scipy with its blocks as they are.
     """
     values = np.asarray(values, dtype=np.float64)
     width = values.shape[1] if values.ndim == 2 else 0
@@ -231,27 +234,84 @@ def trends(steps: np.ndarray, values: np.ndarray) -> Tuple[np.ndarray, np.ndarra
         return growth, low
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(values)
-    clean = np.isfinite(logs).all(axis=0)
-    done = np.zeros(width, dtype=bool)
-    x, y = _blocks(np.asarray(steps, dtype=np.float64)), _blocks(logs[:, clean])
-    if clean.any() and len(x) >= 4 and np.ptp(x) > 0:
-        ordered = np.sort(y, axis=0)
-        tied = (ordered[1:] == ordered[:-1]).any(axis=0)
-        i, j = np.nonzero(x[:, None] > x[None, :])  # every pair with a later step, as scipy takes them
-        slopes = (y[i] - y[j]) / (x[i] - x[j])[:, None]
-        n, pairs = len(x), len(i)
-        _, x_repeats = np.unique(x, return_counts=True)
-        sigma = np.sqrt((n * (n - 1) * (2 * n + 5) - sum(k * (k - 1) * (2 * k + 5) for k in x_repeats)) / 18.0)
-        upper = min(int(np.round((pairs - _Z * sigma) / 2.0)), pairs - 1)
-        lower = max(int(np.round((pairs + _Z * sigma) / 2.0)) - 1, 0)
-        middle = [(pairs - 1) // 2, pairs // 2]
-        slopes.partition(sorted({lower, upper, *middle}), axis=0)
-        fast = np.flatnonzero(clean)[~tied]
-        growth[fast] = 10 ** (0.5 * (slopes[middle[0]] + slopes[middle[1]]))[~tied]
-        low[fast] = 10 ** slopes[lower][~tied]
-        done[fast] = True
-    for k in np.flatnonzero(~done):
-        growth[k], low[k] = trend(steps, values[:, k])
+    steps = np.asarray(steps, dtype=np.float64)
+    if len(steps) > 1 and not (np.diff(steps) > 0).all():  # tied steps: scipy's correction for them, column by column
+        for k in range(width):
+            growth[k], low[k] = trend(steps, values[:, k])
+        return growth, low
+    finite = np.isfinite(logs)
+    clean = finite.all(axis=0)
+    if clean.any():
+        x = _blocks(steps)
+        growth[clean], low[clean] = _theil_sen(np.repeat(x[:, None], clean.sum(), axis=1), _blocks(logs[:, clean]))
+    holed = np.flatnonzero(~clean)
+    if len(holed):
+        counts = finite[:, holed].sum(axis=0)
+        xs, ys = _ragged_blocks(steps, logs[:, holed], finite[:, holed])
+        for n in np.unique(np.minimum(counts, TREND_POINTS)):
+            cols = np.flatnonzero(np.minimum(counts, TREND_POINTS) == n)
+            if n >= 4:
+                x = np.stack([xs[k] for k in cols], axis=1)
+                growth[holed[cols]], low[holed[cols]] = _theil_sen(x, np.stack([ys[k] for k in cols], axis=1))
+    return growth, low
+
+
+def _ragged_blocks(steps: np.ndarray, logs: np.ndarray, finite: np.ndarray):
+    """For each column, the block medians of its finite values and of their steps, as :func:`_blocks` takes
+    them from that column's finite values alone: one lexsort over every value, not a median per block."""
+    col, row = np.nonzero(finite.T)  # column-major: each column's finite rows, in order
+    counts = finite.sum(axis=0)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(col)) - starts[col]
+    n = counts[col]
+    size, extra = n // TREND_POINTS, n % TREND_POINTS  # np.array_split: the first `extra` blocks hold one more
+    blocked = n > TREND_POINTS
+    head = extra * (size + 1)
+    block = np.where(~blocked, position,
+                     np.where(position < head, position // np.maximum(size + 1, 1),
+                              extra + (position - head) // np.maximum(size, 1)))
+    xs = _group_medians(col, block, steps[row], len(counts))
+    ys = _group_medians(col, block, logs[row, col], len(counts))
+    return xs, ys
+
+
+def _group_medians(col: np.ndarray, block: np.ndarray, v: np.ndarray, width: int):
+    """The median of ``v`` in every (column, block) group, as np.median takes it: the middle value, or the
+    mean of the two middle ones; a list over the columns of each column's medians, block by block."""
+    order = np.lexsort((v, block, col))
+    col, block, v = col[order], block[order], v[order]
+    first = np.flatnonzero(np.r_[True, (col[1:] != col[:-1]) | (block[1:] != block[:-1])])
+    size = np.diff(np.r_[first, len(v)])
+    medians = np.mean([v[first + (size - 1) // 2], v[first + size // 2]], axis=0)
+    owner = col[first]
+    return np.split(medians, np.searchsorted(owner, np.arange(1, width)))
+
+
+def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """10 ** the Theil-Sen slope of every column of ``y`` against the same column of ``x`` (blocks x columns,
+    each column's x strictly increasing), and 10 ** its TREND_ALPHA lower bound, as scipy's theilslopes."""
+    growth, low = np.full(y.shape[1], NAN), np.full(y.shape[1], NAN)
+    n = len(x)
+    spread = np.ptp(x, axis=0) > 0
+    if n < 4:
+        return growth, low
+    ordered = np.sort(y, axis=0)
+    tied = (ordered[1:] == ordered[:-1]).any(axis=0)
+    i, j = np.nonzero(np.arange(n)[:, None] > np.arange(n)[None, :])  # every pair with a later step
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slopes = (y[i] - y[j]) / (x[i] - x[j])
+    pairs = len(i)
+    sigma = np.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)  # no tied steps: block medians of increasing steps
+    upper = min(int(np.round((pairs - _Z * sigma) / 2.0)), pairs - 1)
+    lower = max(int(np.round((pairs + _Z * sigma) / 2.0)) - 1, 0)
+    middle = [(pairs - 1) // 2, pairs // 2]
+    slopes.partition(sorted({lower, upper, *middle}), axis=0)
+    fast = spread & ~tied
+    growth[fast] = (10 ** (0.5 * (slopes[middle[0]] + slopes[middle[1]])))[fast]
+    low[fast] = (10 ** slopes[lower])[fast]
+    for k in np.flatnonzero(spread & tied):  # scipy's own handling of ties, on the same blocks
+        slope, _, bound, _ = sps.theilslopes(y[:, k], x[:, k], alpha=TREND_ALPHA)
+        growth[k], low[k] = 10 ** slope, 10 ** bound
     return growth, low
 
 

@@ -116,6 +116,32 @@ def test_trends_of_many_series_equal_trend_of_each():
         np.testing.assert_allclose(low, expected[:, 1], rtol=1e-14, atol=0, equal_nan=True)
 
 
+def test_trends_of_series_with_holes_equal_trend_of_each():
+    """Layers whose norm underflows to 0 at some steps (a deep net's first layers) each keep their own
+    finite steps: the vectorised blocks give what trend() gives one series at a time, whatever the count
+    of finite steps (under 4, under the block count, above it)."""
+    import numpy as np
+
+    from gradscope.stats import TREND_POINTS, trends
+    rng = np.random.default_rng(1)
+    for n in (30, 64, 200, 1000):
+        steps = np.arange(n) * 3 + 7  # increasing, not 0..n-1
+        values = np.exp(rng.normal(0, 1, (n, 40))) * (1.01 ** np.arange(n))[:, None]
+        for k in range(40):  # a different number of holes in each column, from none to nearly all
+            holes = rng.choice(n, size=min(n - 1, int(k / 40 * n)), replace=False)
+            values[holes, k] = 0.0 if k % 2 else np.nan
+        values[:, 39] = 0.0  # no finite step at all
+        growth, low = trends(steps, values)
+        expected = np.array([trend(steps, values[:, k]) for k in range(40)])
+        np.testing.assert_allclose(growth, expected[:, 0], rtol=1e-14, atol=0, equal_nan=True)
+        np.testing.assert_allclose(low, expected[:, 1], rtol=1e-14, atol=0, equal_nan=True)
+        counts = (np.isfinite(values) & (values > 0)).sum(axis=0)
+        assert (counts < 4).any() and ((counts > TREND_POINTS).any() or n <= TREND_POINTS)
+    tied = np.array([0, 1, 1, 2, 3, 4, 5, 6], dtype=float)  # repeated steps: scipy's correction, as trend()
+    values = np.exp(rng.normal(0, 1, (8, 3)))
+    np.testing.assert_allclose(trends(tied, values)[0], [trend(tied, values[:, k])[0] for k in range(3)])
+
+
 def test_column_medians_equal_numpys_nanmedian_of_the_finite_values():
     import warnings
 
