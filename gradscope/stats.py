@@ -278,6 +278,8 @@ def _ragged_blocks(steps: np.ndarray, logs: np.ndarray, finite: np.ndarray):
 def _group_medians(col: np.ndarray, block: np.ndarray, v: np.ndarray, width: int):
     """The median of ``v`` in every (column, block) group, as np.median takes it: the middle value, or the
     mean of the two middle ones; a list over the columns of each column's medians, block by block."""
+    if not len(v):  # no column has a finite value
+        return [np.empty(0) for _ in range(width)]
     order = np.lexsort((v, block, col))
     col, block, v = col[order], block[order], v[order]
     first = np.flatnonzero(np.r_[True, (col[1:] != col[:-1]) | (block[1:] != block[:-1])])

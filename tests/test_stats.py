@@ -137,6 +137,9 @@ def test_trends_of_series_with_holes_equal_trend_of_each():
         np.testing.assert_allclose(low, expected[:, 1], rtol=1e-14, atol=0, equal_nan=True)
         counts = (np.isfinite(values) & (values > 0)).sum(axis=0)
         assert (counts < 4).any() and ((counts > TREND_POINTS).any() or n <= TREND_POINTS)
+    nothing = np.zeros((50, 3))
+    nothing[10, 1] = np.nan  # not one finite, positive value in any column
+    assert np.isnan(trends(np.arange(50), nothing)).all()
     tied = np.array([0, 1, 1, 2, 3, 4, 5, 6], dtype=float)  # repeated steps: scipy's correction, as trend()
     values = np.exp(rng.normal(0, 1, (8, 3)))
     np.testing.assert_allclose(trends(tied, values)[0], [trend(tied, values[:, k])[0] for k in range(3)])
