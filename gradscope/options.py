@@ -12,9 +12,9 @@ MIN_TRIAL_STEPS = 10  # fewer cannot judge a trial: a blow-up is read past the s
 MAX_TRIAL_STEPS = 1000  # longer keeps too many batches in memory (the trials keep every batch they train on)
 MOST_TRIALS = 8  # thresholds tried at most: decades first, then the half-decade steps beside the pick
 SEARCH_BUDGET = 4.0  # the first rung's search trains at most this many trials' worth of steps
-BUDGET = 13.0  # all rungs together, in first-rung trials' worth: the first rung's 4, then three contenders
-# carried to 60 steps (3) and on to 120 (6); with the 30-step profile and an unclipped reference trained for
-# the trials, diagnose costs at most (1 + 13 + 1) = 15x its profile in steps
+BUDGET = 13.0  # all rungs together, in first-rung trials' worth: the first rung's 4, two contenders carried to
+# 60 steps (2) and three on to 120 (6), with room to spare; with the 30-step profile and an unclipped reference
+# trained for the trials, diagnose costs at most (1 + 13 + 1) = 15x its profile in steps
 KEEP = 3  # contenders whose training state is kept at once, to continue without replaying their first steps
 MOST_TRIALS_ALLOWED = 100
 
