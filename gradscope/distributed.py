@@ -97,7 +97,18 @@ def agree(error: Optional[BaseException]) -> None:
         raise GradscopeError(f"ranks did not all report within {2 * timeout_s() + 10:g}s"
                              + (f" (this rank failed: {mine})" if mine else ""),
                              f"a rank may have died; raise ${TIMEOUT_ENV} if startup is slow") from error
-    words = [json.loads(store.get(key)) for key in keys]
+    try:
+        words = [json.loads(store.get(key)) for key in keys]
+        # Rank 0 hosts the store: it must not leave (and take the store with it) before every rank has
+        # read every word, or a slower rank's read fails with a connection error instead of this verdict.
+        store.set(f"gradscope/agree/read/{ctx.rank}", "1")
+        if ctx.rank == 0:
+            store.wait([f"gradscope/agree/read/{rank}" for rank in range(ctx.world)],
+                       timedelta(seconds=timeout_s()))
+    except RuntimeError as exc:  # the store went away or a rank stopped reading: say so, no traceback
+        raise GradscopeError("ranks could not exchange whether they failed: " + str(exc).splitlines()[0]
+                             + (f" (this rank failed: {mine})" if mine else ""),
+                             f"a rank may have died; raise ${TIMEOUT_ENV} if startup is slow") from error
     failed = sorted((word["time"], rank, word["error"]) for rank, word in enumerate(words) if word["error"])
     if failed:
         _, rank, message = failed[0]

@@ -58,6 +58,26 @@ def fails_on_rank_1() -> gradscope.Experiment:
     return ddp()
 
 
+def fails_on_rank_1_and_reads_slowly() -> gradscope.Experiment:
+    """Rank 1 fails and then reads the other ranks' words a second late: rank 0, which hosts the store,
+    must still be there to answer."""
+    if dist.get_rank() == 1:
+        import time
+        c10d = dist.distributed_c10d
+        store = c10d._get_default_store()
+
+        class Slow:
+            def __getattr__(self, name):
+                return getattr(store, name)
+
+            def get(self, key):
+                time.sleep(1.0)
+                return store.get(key)
+        c10d._get_default_store = Slow
+        raise RuntimeError("rank one cannot build its model")
+    return single()
+
+
 def raises_midway_on_rank_1() -> gradscope.Experiment:
     calls = itertools.count()
 

@@ -86,6 +86,13 @@ def test_a_rank_that_fails_to_build_stops_every_rank_naming_it(tmp_path):
     assert not output.exists()
 
 
+def test_the_rank_that_hosts_the_store_waits_until_every_rank_has_read_the_verdict(tmp_path):
+    codes, results, _ = run_ranks("fails_on_rank_1_and_reads_slowly", tmp_path, timeout_s=8)
+    assert codes == [2, 2], results
+    for _, err in results:
+        assert "rank 1 failed" in err and "rank one cannot build its model" in err and "Traceback" not in err
+
+
 def test_a_rank_that_raises_midway_does_not_hang(tmp_path):
     start = time.monotonic()
     codes, results, _ = run_ranks("raises_midway_on_rank_1", tmp_path, timeout_s=8)
