@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Clipper": "clipper", "DEFAULT_STEPS": "diagnose", "diagnose": "diagnose", "GradscopeError": "errors",
     "Experiment": "experiment", "Monitor": "monitor", "Report": "report", "RuleSet": "ruleset",
-    "load_rules": "ruleset", "TrialOptions": "options",
+    "load_rules": "ruleset", "TrialOptions": "options", "Skip": "guards",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,17 +1,21 @@
-"""Apply the advice: clip a model's gradients exactly as a Recommendation says (norm, value or AGC)."""
+"""Apply the advice: clip a model's gradients exactly as a Recommendation says (norm, value, AGC or adaptive),
+with the skip-step guard where it says so."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import GradscopeError
+from .guards import Adaptive, GuardState, Skip, total_norm
 from .report import Report
 
-METHODS = ("norm", "value", "agc", "none")
+METHODS = ("norm", "value", "agc", "adaptive", "none")
+STATE_KEY = "gradscope_clipper"  # the Clipper's state inside an attached optimizer's state dict
 
 
 class Clipper:
@@ -23,11 +27,19 @@ class Clipper:
     is rescaled to at most ``threshold`` x max(‖unit weight‖, ``eps``). As in that paper, the final
     linear layer is left out unless ``exclude`` names other modules (``exclude=()`` clips every layer).
     ``none`` clips nothing unless ``safety_net`` is given: then the global norm is clipped at that
-    generous threshold, which only a blow-up reaches.
+    generous threshold, which only a blow-up reaches. ``adaptive`` is ZClip's norm threshold that follows
+    the running norm (see ``gradscope.guards.Adaptive``); its ``threshold`` is the z-score (2.5 in ZClip).
+
+    ``skip=Skip()`` arms the skip-step guard beside any method: a step whose global norm, or loss when
+    ``clipper(model, loss=loss)`` is given it, is more than ``z`` standard deviations above the last
+    ``window`` steps gets a zero gradient. Guarded and adaptive steps make no host sync; ``counts()``
+    reads what they did, and ``state_dict()`` (or ``attach(optimizer)``, which rides in the optimizer's
+    state dict) saves it for a resumed run.
     """
 
     def __init__(self, method: str, threshold: Optional[float], *, eps: float = 1e-3,
-                 exclude: Optional[Iterable[str]] = None, safety_net: Optional[float] = None) -> None:
+                 exclude: Optional[Iterable[str]] = None, safety_net: Optional[float] = None,
+                 skip: Optional[Skip] = None, alpha: float = 0.97, warmup: int = 25) -> None:
         if method not in METHODS:
             raise GradscopeError(f"unknown clipping method {method!r}", f"use one of {', '.join(METHODS)}")
         if method != "none" and not (threshold is not None and threshold > 0):
@@ -36,9 +48,15 @@ class Clipper:
         if safety_net is not None and not safety_net > 0:
             raise GradscopeError(f"the safety net must be a positive norm, got {safety_net!r}",
                                  "pass the recommendation's evidence.safety_net, or None")
+        if skip is not None and not isinstance(skip, Skip):
+            raise GradscopeError(f"skip must be a gradscope.Skip, got {skip!r}", "pass skip=gradscope.Skip(z=6, window=128)")
         self.method, self.threshold, self.eps = method, threshold, eps
         self.safety_net = safety_net if method == "none" else None
         self.exclude = None if exclude is None else set(exclude)
+        self.skip = skip
+        self.adaptive = Adaptive(z=threshold, alpha=alpha, warmup=warmup) if method == "adaptive" else None
+        self._guards: Optional[GuardState] = None
+        self._pending_state: Optional[Mapping[str, torch.Tensor]] = None
 
     @classmethod
     def from_report(cls, report: Report, *, safety_net: bool = True, **options) -> "Clipper":
@@ -71,13 +89,23 @@ class Clipper:
         return cls(advice["method"], advice.get("threshold"), safety_net=net, **options)
 
     def __repr__(self) -> str:
+        guard = "" if self.skip is None else f", skip={self.skip!r}"
         if self.method == "none":
-            return f"Clipper('none', safety_net={self.safety_net!r})"
-        return f"Clipper({self.method!r}, {self.threshold!r})"
+            return f"Clipper('none', safety_net={self.safety_net!r}{guard})"
+        return f"Clipper({self.method!r}, {self.threshold!r}{guard})"
+
+    @property
+    def guarded(self) -> bool:
+        """Whether this Clipper keeps state across steps (a skip guard, or adaptive clipping)."""
+        return self.skip is not None or self.adaptive is not None
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> None:
-        if self.method == "norm":
+    def __call__(self, model: nn.Module, loss: Optional[torch.Tensor] = None) -> None:
+        """Clip ``model``'s gradients in place. ``loss`` (this step's, a tensor) is what the skip guard
+        also watches; other methods ignore it."""
+        if self.guarded:
+            self._guarded(model, loss)
+        elif self.method == "norm":
             clip_norm_(model.parameters(), self.threshold)
         elif self.safety_net is not None:
             clip_norm_(model.parameters(), self.safety_net)
@@ -86,6 +114,73 @@ class Clipper:
         elif self.method == "agc":
             for p in _agc_parameters(model, self._excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
+
+    def _guarded(self, model: nn.Module, loss: Optional[torch.Tensor]) -> None:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return
+        if any(p.grad.is_sparse for p in params):
+            raise GradscopeError("the skip guard and adaptive clipping need dense gradients",
+                                 "clip sparse gradients by norm or value, without a guard")
+        grads = [p.grad for p in params]
+        norm = total_norm(grads)
+        if self._guards is None:
+            self._guards = GuardState(self.skip, self.adaptive, norm.device)
+            if self._pending_state is not None:
+                self._guards.load_state_dict(self._pending_state)
+                self._pending_state = None
+        threshold = self.threshold if self.method == "norm" else self.safety_net if self.method == "none" else None
+        factor = self._guards.decide(norm, loss, threshold)
+        if self.method == "value":
+            clip_value_(params, self.threshold)
+        elif self.method == "agc":
+            for p in _agc_parameters(model, self._excluded(model)):
+                _clip_unitwise(p, self.threshold, self.eps)
+        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for g in grads:
+            local = distributed.local(g)
+            by_dtype.setdefault(local.dtype, []).append(local)
+        for dtype, group in by_dtype.items():  # one multiply per dtype: the scale, or 0 for a skipped step
+            torch._foreach_mul_(group, factor.to(dtype))
+
+    def counts(self) -> Dict[str, Any]:
+        """What the guards did so far: steps seen, skipped and clipped, the mean scale of a clipped step, and
+        the first events (step, norm, z, scale). One copy to the host; empty before the first guarded step."""
+        return {} if self._guards is None else self._guards.counts()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The guards' running statistics and counters, for a checkpoint (empty without a guard)."""
+        if self._guards is not None:
+            return self._guards.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        if not self.guarded:
+            raise GradscopeError("this Clipper has no guard to load a state into",
+                                 "make it with the same skip= or adaptive method as the one that was saved")
+        if self._guards is None:  # applied at the first step, once the device is known
+            self._pending_state = dict(state)
+        else:
+            self._guards.load_state_dict(state)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Clipper":
+        """Carry this Clipper's state in ``optimizer.state_dict()`` (under ``"gradscope_clipper"``), and
+        restore it on ``optimizer.load_state_dict()``: a run resumed from its optimizer checkpoint guards
+        as the uninterrupted one would."""
+        def save(_optimizer, state):
+            state[STATE_KEY] = self.state_dict()
+            return state
+
+        def load(_optimizer, state):
+            if STATE_KEY in state:
+                state = dict(state)
+                self.load_state_dict(state.pop(STATE_KEY))
+            return state
+        optimizer.register_state_dict_post_hook(save)
+        optimizer.register_load_state_dict_pre_hook(load)
+        return self
 
     def _excluded(self, model: nn.Module) -> Set[str]:
         if self.exclude is not None:

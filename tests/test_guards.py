@@ -1,0 +1,211 @@
+"""The skip-step guard and adaptive clipping: their decisions against a host-side reference, no host read
+on any step, and a state that survives a save and a load."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradscope
+from gradscope import Clipper, Skip
+from gradscope.errors import GradscopeError
+
+from test_distributed import free_port
+from test_monitor import _HostReads
+
+
+def _run(clipper, steps=120, spikes=(40, 41, 90), seed=0, model=None, make_loss=False):
+    """Train a small regression MLP whose batches at ``spikes`` have targets x50; returns the norms seen
+    before the guard acted and the gradient norm the optimizer got after it."""
+    torch.manual_seed(seed)
+    model = model or nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 1, generator=g)
+    before, after = [], []
+    for step in range(steps):
+        x = torch.randn(32, 8, generator=g)
+        y = x @ w * (50.0 if step in spikes else 1.0)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        before.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()))
+        clipper(model, loss=loss if make_loss else None)
+        after.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()))
+        opt.step()
+    return before, after
+
+
+def _reference_skips(norms, z=6.0, window=128, min_history=16):
+    """The rule written plainly on the host: skipped values stay out of the window."""
+    kept, skipped = [], []
+    for step, n in enumerate(norms):
+        recent = kept[-window:]
+        if len(recent) >= min_history:
+            mean, std = np.mean(recent), np.std(recent, ddof=1)
+            if (n - mean) / max(std, 1e-12) > z:
+                skipped.append(step)
+                continue
+        kept.append(n)
+    return skipped
+
+
+def test_skip_zeroes_exactly_the_steps_a_plain_z_score_rule_skips():
+    clipper = Clipper("none", None, skip=Skip())
+    before, after = _run(clipper)
+    skipped = [s for s, n in enumerate(after) if n == 0.0]
+    assert skipped == _reference_skips(before) and 40 in skipped and 90 in skipped
+    assert all(a == pytest.approx(b, rel=1e-6) for s, (b, a) in enumerate(zip(before, after)) if s not in skipped)
+    counts = clipper.counts()
+    assert counts["steps"] == 120 and counts["skipped"] == len(skipped) and counts["clipped"] == 0
+    assert [e["step"] for e in counts["events"]] == skipped
+    assert all(e["scale"] == 0.0 and e["z"] > 6 for e in counts["events"])
+
+
+def test_skip_watches_the_loss_when_given_it():
+    with_loss = Clipper("none", None, skip=Skip())
+    _run(with_loss, make_loss=True)
+    assert with_loss.counts()["skipped"] >= 2
+    events = with_loss.counts()["events"]
+    assert {40, 90} <= {e["step"] for e in events}
+
+
+def test_clip_plus_skip_clips_ordinary_steps_and_zeroes_the_outliers():
+    clipper = Clipper("norm", 0.5, skip=Skip())
+    before, after = _run(clipper)
+    skipped = _reference_skips(before)
+    for step, (b, a) in enumerate(zip(before, after)):
+        expected = 0.0 if step in skipped else min(b, 0.5 * b / (b + 1e-6))
+        assert a == pytest.approx(expected, rel=1e-5, abs=1e-7), step
+    counts = clipper.counts()
+    assert counts["clipped"] == sum(b > 0.5 for s, b in enumerate(before) if s not in skipped)
+    assert 0 < counts["mean_clip_scale"] < 1
+
+
+def _reference_zclip(norms, z=2.5, alpha=0.97, warmup=25):
+    out, mean, var = [], None, None
+    for step, n in enumerate(norms):
+        if step < warmup:
+            out.append(n)
+            continue
+        if mean is None:
+            mean, var = float(np.mean(norms[:warmup])), float(np.var(norms[:warmup]))
+        limit = mean + z * math.sqrt(var)
+        used = min(n, limit)
+        out.append(used)
+        delta = used - mean
+        mean += (1 - alpha) * delta
+        var = alpha * (var + (1 - alpha) * delta * delta)
+    return out
+
+
+def test_adaptive_clips_as_zclip_does():
+    clipper = Clipper("adaptive", 2.5)
+    before, after = _run(clipper)
+    expected = _reference_zclip(before)
+    assert after == pytest.approx(expected, rel=1e-4)
+    assert clipper.counts()["clipped"] == sum(e < b * (1 - 1e-5) for b, e in zip(before, expected)) > 0
+    assert clipper.counts()["adaptive_threshold"] > 0
+
+
+def _guarded_step(model, x):
+    model.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("make", [lambda: Clipper("norm", 1.0, skip=Skip()), lambda: Clipper("adaptive", 2.5),
+                                  lambda: Clipper("value", 0.1, skip=Skip(min_history=2))])
+def test_no_host_read_on_any_guarded_step(make):
+    """On the meta device any read of a value would raise; and none is counted."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).to("meta")
+    clipper = make()
+    with _HostReads() as counter:
+        for _ in range(30):
+            loss = _guarded_step(model, torch.randn(16, 64, device="meta"))
+            clipper(model, loss=loss)
+    assert counter.count == 0
+    with pytest.raises(NotImplementedError, match="meta"):
+        clipper.counts()  # reading the counts is the one copy to the host
+
+
+def test_state_survives_a_save_and_a_load_through_the_optimizer():
+    """A run stopped at step 60 and resumed from the optimizer's state dict skips as the unbroken one."""
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, Clipper("norm", 1.0, skip=Skip()).attach(opt)
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 1, generator=g)
+    batches = [(x, x @ w * (60.0 if s in (70, 95) else 1.0)) for s in range(120)
+               for x in [torch.randn(32, 8, generator=g)]]
+
+    def train(model, opt, clipper, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            clipper(model, loss=loss)
+            opt.step()
+
+    model, opt, clipper = fresh()
+    train(model, opt, clipper, batches)
+    unbroken = clipper.counts()
+    assert unbroken["skipped"] >= 2
+
+    model, opt, clipper = fresh()
+    train(model, opt, clipper, batches[:60])
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    assert "gradscope_clipper" in saved[1]
+    model, opt, clipper = fresh()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])  # the Clipper's state goes back with the optimizer's
+    train(model, opt, clipper, batches[60:])
+    assert clipper.counts() == unbroken
+
+    model, opt, clipper = fresh()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict({k: v for k, v in saved[1].items() if k != "gradscope_clipper"})
+    train(model, opt, clipper, batches[60:])
+    assert clipper.counts() != unbroken  # without the state, the window starts empty: the check can fail
+
+
+def test_bad_guard_settings_are_clear_errors():
+    with pytest.raises(GradscopeError, match="z must be a positive"):
+        Skip(z=0)
+    with pytest.raises(GradscopeError, match="min_history"):
+        Skip(window=8, min_history=16)
+    with pytest.raises(GradscopeError, match="skip must be a gradscope.Skip"):
+        Clipper("norm", 1.0, skip=6)
+    with pytest.raises(GradscopeError, match="no guard"):
+        Clipper("norm", 1.0).load_state_dict({"step": torch.zeros(())})
+    assert gradscope.Skip is Skip
+
+
+def test_the_skip_decision_is_the_same_on_two_ddp_ranks_as_in_one_process(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    script = Path(__file__).resolve().parent / "dist_guard.py"
+    alone = tmp_path / "alone.json"
+    subprocess.run([sys.executable, str(script), str(alone)], check=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"})
+    port, ranked = free_port(), tmp_path / "ranked.json"
+    procs = [subprocess.Popen([sys.executable, str(script), str(ranked)],
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    one, two = json.loads(alone.read_text()), json.loads(ranked.read_text())
+    assert one["skipped"] and {30, 75} <= set(one["skipped"])
+    assert two == one
