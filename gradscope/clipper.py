@@ -11,7 +11,8 @@ from torch import nn
 
 from . import distributed
 from .errors import GradscopeError
-from .guards import Adaptive, GuardState, Skip, total_norm
+from .guard_state import GuardState, total_norm
+from .guards import Adaptive, Skip
 from .report import Report
 
 METHODS = ("norm", "value", "agc", "adaptive", "none")
@@ -62,9 +63,12 @@ class Clipper:
     def from_report(cls, report: Report, *, safety_net: bool = True, **options) -> "Clipper":
         """The recommendation as a Clipper. Where it is ``none``, the safety net it states (norm clipping
         at 10x the largest global norm profiled, which clipped no profiled step) is armed, so a blow-up
-        after the profile is still caught; ``safety_net=False`` clips nothing."""
+        after the profile is still caught; ``safety_net=False`` clips nothing. Where it arms the skip-step
+        guard, so does the Clipper (``skip=None`` leaves it off)."""
         advice = report.recommendation
         net = advice.evidence.safety_net if safety_net else None
+        if advice.guard is not None:
+            options.setdefault("skip", advice.guard.skip)
         return cls(advice.method, advice.threshold, safety_net=net, **options)
 
     @classmethod
@@ -86,6 +90,10 @@ class Clipper:
                                  "write one with: gradscope diagnose TARGET --format json --output FILE")
         evidence = advice.get("evidence") if isinstance(advice.get("evidence"), Mapping) else {}
         net = evidence.get("safety_net") if safety_net else None
+        guard = advice.get("guard")
+        if isinstance(guard, Mapping) and guard.get("kind") == "skip":
+            options.setdefault("skip", Skip(z=float(guard["z"]), window=int(guard["window"]),
+                                            min_history=int(guard["min_history"])))
         return cls(advice["method"], advice.get("threshold"), safety_net=net, **options)
 
     def __repr__(self) -> str:

@@ -13,8 +13,8 @@ import torch
 
 from . import distributed, interrupts
 from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
-from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf, next_batch,
-                         optimizer_step)
+from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, is_adaptive, median_or_inf,
+                         next_batch, optimizer_step)
 from .judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
 from .monitor import Monitor
 from .options import TrialOptions
@@ -90,7 +90,8 @@ def diagnose(
     scale = _update_scale(experiment) if trying else None
     # a short run: measure everything; each step's figures are read at once (to stop at a non-finite loss)
     monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1)
-    meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps)
+    meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps,
+                adaptive_optimizer=is_adaptive(experiment.optimizer))
     report: Optional[Report] = None
     shield = None
     try:
@@ -210,16 +211,10 @@ def _reach(rates: List[float], report: Report) -> ScheduleReach:
                          trial_lr=max(rates[:longest]) if longest else 0.0)
 
 
-# An optimizer whose param groups hold one of these divides its step by a running statistic of the
-# gradient (Adam's family: betas and eps; RMSprop, Adagrad, Adadelta: eps; Rprop: the sign, etas), so
-# its step does not scale with the gradient's norm. SGD (and ASGD) hold none of them.
-ADAPTIVE_KEYS = ("betas", "eps", "etas")
-
-
 def _update_scale(experiment: Experiment) -> Optional[float]:
     """For an SGD-style optimizer, the threshold that bounds a step to UPDATE_RATIO of the weights' norm."""
     group = experiment.optimizer.param_groups[0]
-    if any(key in group for key in ADAPTIVE_KEYS) or "lr" not in group or not isinstance(group["lr"], (int, float)):
+    if is_adaptive(experiment.optimizer) or "lr" not in group or not isinstance(group["lr"], (int, float)):
         return None  # adaptive steps do not scale with the gradient's norm
     lr_eff = group["lr"] / max(1.0 - float(group.get("momentum", 0.0) or 0.0), 1e-3)
     with torch.no_grad():

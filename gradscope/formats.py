@@ -179,9 +179,11 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
         where = "the winning trial's steps" if rec.evidence.trials is not None and rec.evidence.trials.winner \
             else "the profiled steps"
         out.append(f"It would have clipped {rec.evidence.clip_fraction:.0%} of {where}.")
+    if rec.guard is not None:
+        out.append(f"The skip-step guard ({', '.join(rec.guard.reasons)}): {rec.guard.basis}.")
     if rec.snippets:
-        out += ["", "```python"] + [f"{code}  # {name}" if name != "timm" else f"# timm: {code}"
-                                    for name, code in rec.snippets.items()] + ["```"]
+        out += ["", "```python"] + [f"# {name}\n{code}" if "\n" in code else f"{code}  # {name}" if name != "timm"
+                                    else f"# timm: {code}" for name, code in rec.snippets.items()] + ["```"]
     return "\n".join(out) + "\n"
 
 

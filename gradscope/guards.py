@@ -17,19 +17,19 @@ and read (one copy) only when asked, by ``counts()``.
 
 Under DDP every rank holds the same averaged gradient and so takes the same decision; under FSDP2 the
 norm of the local shards is summed over ranks by one all-reduce (a collective, not a host sync).
+
+This module holds the settings and the rule replayed on the host over recorded steps (what the advice
+counts); ``gradscope.guard_state`` keeps them on the device during training.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional, Sequence
 
-import torch
+import numpy as np
 
-from . import distributed
 from .errors import GradscopeError
-
-EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,142 +62,25 @@ class Adaptive:
                                  "ZClip's settings are z=2.5, alpha=0.97, warmup=25")
 
 
-def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of dense gradients, in float32 on their device: one ``_foreach_norm``; the local
-    shards of DTensor gradients are summed over ranks by one all-reduce."""
-    sharded = [g for g in grads if distributed.is_sharded(g)]
-    whole = [g for g in grads if not distributed.is_sharded(g)]
-    device = distributed.local(grads[0]).device
-    squares = torch.zeros((), dtype=torch.float32, device=device)
-    if whole:
-        norms = torch._foreach_norm([distributed.local(g) for g in whole])
-        squares = squares + torch.stack([n.float() for n in norms]).square().sum()
-    if sharded:
-        norms = torch._foreach_norm([distributed.local(g) for g in sharded])
-        part = torch.stack([n.float() for n in norms]).square().sum()
-        squares = squares + distributed.all_reduce_sum(part)
-    return squares.sqrt()
-
-
-class GuardState:
-    """The device-side state of one Clipper's guards and counters; created at the first guarded step."""
-
-    def __init__(self, skip: Optional[Skip], adaptive: Optional[Adaptive], device: torch.device) -> None:
-        self.skip, self.adaptive = skip, adaptive
-        f = dict(dtype=torch.float32, device=device)
-        i = dict(dtype=torch.int64, device=device)
-        width = skip.window if skip else 1
-        self.tensors: Dict[str, torch.Tensor] = {
-            "step": torch.zeros((), **i),
-            "window": torch.zeros(2, width, **f),  # rows: norm, loss
-            "accepted": torch.zeros((), **i),  # values pushed into the window
-            "skipped": torch.zeros((), **i),
-            "clipped": torch.zeros((), **i),
-            "scale_log_sum": torch.zeros((), **f),  # sum of log(scale) over clipped steps: how much
-            "ema": torch.zeros(2, **f),  # adaptive: mean, variance (sums over the warm-up until it ends)
-            "events": torch.zeros(EVENTS, 4, **f),  # step, norm, z (norm's, or the loss's if larger), scale
-            "logged": torch.zeros((), **i),
-        }
-        self._slots = torch.arange(width, device=device)
-
-    def decide(self, norm: torch.Tensor, loss: Optional[torch.Tensor], threshold: Optional[float]) -> torch.Tensor:
-        """The factor every gradient is multiplied by this step: 0 to skip, else the clipping scale (<= 1)."""
-        t = self.tensors
-        scale = torch.ones((), dtype=torch.float32, device=norm.device)
-        limit = None
-        if threshold is not None:
-            limit = torch.full((), float(threshold), dtype=torch.float32, device=norm.device)
-        if self.adaptive is not None:
-            limit = self._adaptive_limit(norm)
-        if limit is not None:
-            scale = torch.where(norm > limit, limit / (norm + 1e-6), scale).clamp(max=1.0)
-        skip = torch.zeros((), dtype=torch.bool, device=norm.device)
-        z = torch.zeros((), dtype=torch.float32, device=norm.device)
-        if self.skip is not None:
-            skip, z = self._skip(norm, loss)
-        clipped = (scale < 1.0) & ~skip
-        factor = torch.where(skip, torch.zeros_like(scale), scale)
-        self._log(skip | clipped, norm, z, factor)
-        t["skipped"] += skip.long()
-        t["clipped"] += clipped.long()
-        t["scale_log_sum"] += torch.where(clipped, scale.clamp(min=1e-30).log(), torch.zeros_like(scale))
-        t["step"] += 1
-        return factor
-
-    def _adaptive_limit(self, norm: torch.Tensor) -> torch.Tensor:
-        a, t = self.adaptive, self.tensors
-        ema = t["ema"]
-        warming = t["step"] < a.warmup
-        finite = torch.isfinite(norm)
-        safe = torch.where(finite, norm, torch.zeros_like(norm))
-        n = float(a.warmup)
-        # during the warm-up the two slots hold the sum and the sum of squares; at its end, mean and variance
-        mean = ema[0] / n
-        seeded = torch.stack([mean, (ema[1] / n - mean.square()).clamp(min=0.0)])
-        ending = t["step"] == a.warmup
-        ema.copy_(torch.where(ending, seeded, ema))
-        limit = ema[0] + a.z * ema[1].sqrt()
-        limit = torch.where(warming, torch.full_like(limit, math.inf), limit)
-        used = torch.minimum(safe, limit)
-        delta = used - ema[0]
-        updated = torch.stack([ema[0] + (1 - a.alpha) * delta, a.alpha * (ema[1] + (1 - a.alpha) * delta.square())])
-        summed = ema + torch.stack([safe, safe.square()])
-        ema.copy_(torch.where(warming, summed, torch.where(finite, updated, ema)))
-        return limit
-
-    def _skip(self, norm: torch.Tensor, loss: Optional[torch.Tensor]):
-        s, t = self.skip, self.tensors
-        values = torch.stack([norm, norm if loss is None else loss.detach().float().reshape(())])
-        n = t["accepted"].clamp(max=s.window)
-        valid = (self._slots < n).float()
-        count = n.clamp(min=1).float()
-        mean = (t["window"] * valid).sum(dim=1) / count
-        var = (((t["window"] - mean[:, None]) * valid).square()).sum(dim=1) / (count - 1).clamp(min=1.0)
-        zs = (values - mean) / var.sqrt().clamp(min=1e-12)
-        if loss is None:
-            zs = zs[:1]
-        z = zs.max()
-        judged = n >= s.min_history
-        finite = torch.isfinite(values).all()
-        skip = ~finite | (judged & (z > s.z))
-        # an accepted step enters the window at the next slot of the ring; a skipped one does not
-        slot = (t["accepted"] % s.window).reshape(1)
-        column = t["window"].index_select(1, slot)
-        t["window"].index_copy_(1, slot, torch.where(skip, column, values.reshape(2, 1)))
-        t["accepted"] += (~skip).long()
-        return skip, torch.where(judged, z, torch.zeros_like(z))
-
-    def _log(self, event: torch.Tensor, norm: torch.Tensor, z: torch.Tensor, factor: torch.Tensor) -> None:
-        t = self.tensors
-        slot = t["logged"].clamp(max=EVENTS - 1).reshape(1)
-        row = torch.stack([t["step"].float(), norm, z, factor]).reshape(1, 4)
-        kept = t["events"].index_select(0, slot)
-        # written only for an event, and only while there is room (the last slot is not overwritten)
-        write = event & (t["logged"] < EVENTS)
-        t["events"].index_copy_(0, slot, torch.where(write, row, kept))
-        t["logged"] += write.long()
-
-    def counts(self) -> Dict[str, object]:
-        """What the guards did so far (one copy to the host)."""
-        host = {k: v.detach().cpu() for k, v in self.tensors.items()}
-        clipped = int(host["clipped"])
-        events = host["events"][: int(host["logged"])].tolist()
-        ema = host["ema"]
-        return {
-            "steps": int(host["step"]), "skipped": int(host["skipped"]), "clipped": clipped,
-            "mean_clip_scale": math.exp(float(host["scale_log_sum"]) / clipped) if clipped else 1.0,
-            "events": [{"step": int(e[0]), "norm": e[1], "z": e[2], "scale": e[3]} for e in events],
-            "adaptive_threshold": (float(ema[0] + self.adaptive.z * ema[1].clamp(min=0).sqrt())
-                                   if self.adaptive and int(host["step"]) > self.adaptive.warmup else None),
-        }
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.tensors.items()}
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(state)
-        if missing or state["window"].shape != self.tensors["window"].shape:
-            raise GradscopeError("the saved guard state does not match this Clipper's guards",
-                                 "load it into a Clipper made with the same skip window")
-        for key, value in self.tensors.items():
-            value.copy_(state[key].to(value.device))
+def replay_skips(norms: Sequence[float], losses: Optional[Sequence[float]], skip: Skip) -> List[int]:
+    """The steps the skip guard would have skipped over a recorded run (its rule, on the host): a step is
+    judged once ``min_history`` accepted steps are in the window, and a skipped one stays out of it."""
+    norms = np.asarray(norms, dtype=np.float64)
+    series = [norms] if losses is None else [norms, np.asarray(losses, dtype=np.float64)]
+    kept: List[List[float]] = [[] for _ in series]
+    skipped = []
+    for step in range(len(norms)):
+        values = [s[step] for s in series]
+        out = not all(math.isfinite(v) for v in values)
+        if not out and len(kept[0]) >= skip.min_history:
+            for v, history in zip(values, kept):
+                recent = np.asarray(history[-skip.window:])
+                std = float(np.std(recent, ddof=1))
+                if (v - float(np.mean(recent))) / max(std, 1e-12) > skip.z:
+                    out = True
+        if out:
+            skipped.append(step)
+            continue
+        for v, history in zip(values, kept):
+            history.append(v)
+    return skipped

@@ -76,6 +76,8 @@ def to_html(report: Report) -> str:
         parts += ["<h2>Trials</h2>", _figure(mpl, _trials_plot, report, _trials_caption(rec.evidence.trials)),
                   _trials_table(rec.evidence.trials)]
     parts += ["<h2>Recommendation</h2>", f"<p><b>{_e(advice(rec))}</b>. {_e(rec.evidence.basis)}.</p>"]
+    if rec.guard is not None:
+        parts.append(f"<p>The skip-step guard ({_e(', '.join(rec.guard.reasons))}): {_e(rec.guard.basis)}.</p>")
     if rec.snippets:
         parts.append("<pre>" + _e("\n".join(f"# {name}\n{code}" for name, code in rec.snippets.items())) + "</pre>")
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"

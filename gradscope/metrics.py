@@ -59,6 +59,8 @@ _MODEL = {
     "loss_nonfinite": "1 if the loss was inf or NaN at some step, else 0",
     "amp_skipped_steps": "steps the GradScaler skipped for inf/NaN gradients (kept out of every other metric)",
     "amp_skipped_fraction": "amp_skipped_steps over the steps observed",
+    "adaptive_optimizer": "1 if the optimizer divides its step by a running second moment of the gradient (Adam's "
+                          "family), 0 if not (SGD); unknown (NaN) in a Monitor's report",
     "loss_first": "loss at the first step",
     "loss_last": "loss at the last finite step",
     "loss_rise": "median loss of the last quarter of steps over that of the first quarter (positive losses only)",

@@ -19,6 +19,7 @@ from . import distributed
 from . import histogram as hist
 from .buckets import Bucket, HostRow, StepSums, pack_row, to_host, weight_change_sq
 from .errors import ExperimentError
+from .experiment import is_adaptive
 from .ledger import Ledger
 from .layers import class_source, group_parameters, module_class, unwrap
 from .pipeline import build_report
@@ -52,6 +53,9 @@ class Monitor:
     :class:`Observation`, ``report()``, ``profile()``, ``flush()`` and an enabled GradScaler flush at once.
     The figures are the same whatever ``flush_every`` is.
 
+    ``optimizer``, when given, tells the report whether the optimizer keeps a second moment of the
+    gradient (Adam's family), for which the advice arms the skip-step guard, as diagnose's does.
+
     What it leaves on your model: it registers one gradient hook per parameter for the first backward
     only (to learn the backward order), and removes them at the first ``observe()`` or at ``close()``.
     It never changes weights, gradients, modes or ``requires_grad``. It keeps one copy of the weights
@@ -60,11 +64,13 @@ class Monitor:
 
     def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
                  histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
-                 flush_every: int = FLUSH_EVERY) -> None:
+                 flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every) < 1:
             raise ExperimentError("accumulation_steps, update_every, histogram_sample, histogram_every and "
                                   "flush_every must be at least 1", "1 measures (or flushes) every call or step")
         self.model = model
+        # what the report can say of the optimizer (whether it keeps a second moment; see the rules)
+        self.adaptive_optimizer = None if optimizer is None else is_adaptive(optimizer)
         self.accumulation_steps = accumulation_steps
         self._calls = 0
         tracked = None if parameters is None else {id(p) for p in parameters}
@@ -284,6 +290,7 @@ class Monitor:
             measurement=self.measurement, device=str(self.device),
             model_source=class_source(module_class(unwrap(self.model))),
             ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets),
+            adaptive_optimizer=self.adaptive_optimizer,
         )
 
     def _histograms(self) -> np.ndarray:

@@ -5,6 +5,7 @@ collected.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,9 +19,12 @@ from .ruleset import RuleSet, load_rules
 
 def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = None, model_name: str = "model",
                  stopped_reason: Optional[str] = None, seed: Optional[int] = None,
-                 steps_requested: Optional[int] = None) -> Report:
-    """Statistics → findings → recommendation for one Profile."""
+                 steps_requested: Optional[int] = None, adaptive_optimizer: Optional[bool] = None) -> Report:
+    """Statistics → findings → recommendation for one Profile. ``adaptive_optimizer`` says what the caller
+    knows of the optimizer that the Profile does not (see Profile.adaptive_optimizer)."""
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
+    if adaptive_optimizer is not None:
+        profile = dataclasses.replace(profile, adaptive_optimizer=adaptive_optimizer)
     statistics = stats.compute(profile)
     findings = evaluate(statistics, rule_set)
     return Report(model=model_name, statistics=statistics, findings=findings,

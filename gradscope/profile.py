@@ -51,3 +51,6 @@ class Profile:
     amp_skipped_steps: Tuple[int, ...] = ()  # steps whose inf/NaN gradients made the GradScaler skip them
     ranks: int = 1  # processes in the group the figures were reduced over
     sharded: bool = False  # some parameters were DTensor shards (FSDP2)
+    # whether the optimizer divides its step by a running second moment of the gradient (Adam's family);
+    # None where it is not known (a Monitor is not given the optimizer)
+    adaptive_optimizer: Optional[bool] = None

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import histogram as hist
 from .evaluate import Finding
+from .guards import Skip, replay_skips
 from .judge import TrialSet
 from .ruleset import SEVERITIES
 from .snippets import snippets
@@ -39,16 +40,29 @@ class Evidence:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuardAdvice:
+    """The skip-step guard, armed beside the clipping: its settings and what it would have done."""
+    skip: Skip
+    reasons: Tuple[str, ...]  # rule ids of the findings that call for it (remedy: skip)
+    steps: int  # profiled steps it was replayed on
+    judged: int  # profiled (and winning-trial) steps the rule could judge: past min_history
+    would_skip: Tuple[int, ...]  # the profiled steps it would have skipped
+    trial_skips: Optional[int]  # the winning trial's steps it would have skipped (None: no trial)
+    basis: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Recommendation:
     method: str  # "norm", "value", "agc" or "none", as timm and Lightning name them
     threshold: Optional[float]
     evidence: Evidence
     snippets: Mapping[str, str]
+    guard: Optional[GuardAdvice] = None  # the skip-step guard, where a finding calls for it
 
 
 def calls(findings: Sequence[Finding]) -> Tuple[Finding, ...]:
-    """The findings that call for clipping: a remedy, at warning or error severity."""
-    return tuple(f for f in findings if f.remedy != "none" and f.severity != "info")
+    """The findings that call for clipping: a clipping remedy, at warning or error severity."""
+    return tuple(f for f in findings if f.remedy not in ("none", "skip") and f.severity != "info")
 
 
 def method_for(findings: Sequence[Finding]) -> str:
@@ -64,9 +78,38 @@ def method_for(findings: Sequence[Finding]) -> str:
 def recommend(statistics: Statistics, findings: Tuple[Finding, ...],
               trials: Optional[TrialSet] = None) -> Recommendation:
     rec = _recommend(statistics, findings, trials)
-    if statistics.model.sharded and rec.method == "norm":
-        rec = dataclasses.replace(rec, snippets=snippets(rec.method, rec.threshold, sharded=True))
+    guard = guard_for(statistics, findings, trials)
+    if guard is not None or (statistics.model.sharded and rec.method == "norm"):
+        rec = dataclasses.replace(rec, guard=guard, snippets=snippets(
+            rec.method, rec.threshold, sharded=statistics.model.sharded,
+            safety_net=rec.evidence.safety_net, skip=guard.skip if guard else None))
     return rec
+
+
+def guard_for(statistics: Statistics, findings: Sequence[Finding], trials: Optional[TrialSet]) -> Optional[GuardAdvice]:
+    """The skip-step guard when a finding names it as its remedy (at any severity: it is insurance, and
+    leaves every ordinary step alone), with the steps it would have skipped in the profile and in the
+    winning trial."""
+    reasons = tuple(dict.fromkeys(f.rule_id for f in findings if f.remedy == "skip"))
+    if not reasons:
+        return None
+    skip = Skip()
+    m = statistics.model
+    skipped = tuple(replay_skips(m.global_norm, m.loss, skip))
+    judged = max(0, len(m.global_norm) - skip.min_history)
+    winner = None if trials is None or trials.winner is None else \
+        next(t for t in trials.trials if t.threshold == trials.winner)
+    trial_skips = None
+    if winner is not None:
+        trial_skips = len(replay_skips(winner.norms, winner.losses, skip))
+        judged += max(0, len(winner.norms) - skip.min_history)
+    where = f" (step{'s' if len(skipped) != 1 else ''} {', '.join(map(str, skipped))})" if skipped else ""
+    basis = (f"a step whose loss or global norm lies more than {skip.z:g} standard deviations above the mean of "
+             f"the last {skip.window} steps is skipped; over the {m.steps} profiled steps it would have skipped "
+             f"{len(skipped)}{where}" + ("" if trial_skips is None else
+                                         f", and {trial_skips} of the winning trial's {len(winner.norms)}")
+             + f". It judges a step once {skip.min_history} steps are in its window")
+    return GuardAdvice(skip, reasons, m.steps, judged, skipped, trial_skips, basis)
 
 
 def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Optional[TrialSet]) -> Recommendation:

@@ -23,7 +23,7 @@ from .judge import TrialSet
 from .report import Report
 from .ruleset import SEVERITIES
 from .stats import LayerStats
-from .wording import SEVERITY_RANK, advice, fmt, fmt_count, plural, schedule_caveat, shorten_names
+from .wording import SEVERITY_RANK, advice, fmt, fmt_count, guard_summary, guard_words, plural, schedule_caveat, shorten_names
 
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
@@ -216,7 +216,8 @@ def recommendation_block(report: Report) -> RenderableType:
     rec = report.recommendation
     ev = rec.evidence
     if rec.method == "none":
-        title = Text.assemble(("recommendation: ", "bold"), ("no clipping needed", "bold green"))
+        title = Text.assemble(("recommendation: ", "bold"), ("no clipping needed", "bold green"),
+                              (guard_words(rec), "bold magenta"))
     else:
         title = Text.assemble(("recommendation: ", "bold"), (advice(rec), "bold magenta"))
     grid = Table.grid(padding=(0, 2))
@@ -231,8 +232,10 @@ def recommendation_block(report: Report) -> RenderableType:
             figures += f"; caps {ev.element_fraction:.2%} of elements"
         grid.add_row("evidence", figures)
     grid.add_row("basis", Text(ev.basis, "dim"))
+    if rec.guard is not None:
+        grid.add_row("guard", Text(guard_summary(rec.guard), "dim"))
     for name, code in rec.snippets.items():
-        grid.add_row(name, code)
+        grid.add_row(name, Text(code))  # code, not markup: a list's brackets must print
     return Group(title, Padding(grid, (0, 0, 0, 2)), Text(""))
 
 

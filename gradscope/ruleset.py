@@ -24,7 +24,7 @@ SEVERITIES = ("info", "warning", "error")
 SCOPES = ("layer", "model")
 OPERATORS = (">", ">=", "<", "<=", "==", "!=")
 RULE_KEYS = {"id", "severity", "scope", "when", "message", "params", "match", "enabled", "description", "remedy"}
-REMEDIES = ("none", "norm", "value", "agc")  # clipping modes as timm and Lightning name them
+REMEDIES = ("none", "norm", "value", "agc", "skip")  # clipping modes as timm and Lightning name them; skip: the guard
 REMEDY_ALIASES = {"clip": "norm"}  # older rule files: "clip" meant norm clipping
 REQUIRED_KEYS = ("id", "severity", "scope", "when", "message")
 MAX_FILE_BYTES = 1 << 20
@@ -235,7 +235,7 @@ def _check_types(raw: Mapping[str, Any], rule_id: str, where: str) -> None:
             fail(f"'{key}' must be text", "quote it")
     if "remedy" in raw and raw["remedy"] not in REMEDIES and raw["remedy"] not in REMEDY_ALIASES:
         fail(f"unknown remedy {_shorten(repr(raw['remedy']))}",
-             "use norm, value or agc (the clipping mode that addresses it), or none")
+             "use norm, value or agc (the clipping mode that addresses it), skip (the skip-step guard), or none")
     if "enabled" in raw and not isinstance(raw["enabled"], bool):
         fail("'enabled' must be true or false", "write enabled: false to turn a rule off")
     params = raw.get("params", {})

@@ -1,15 +1,24 @@
 """Ready-to-paste clipping code for plain PyTorch, Lightning, Hugging Face and timm, per method."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
+
+if TYPE_CHECKING:
+    from .guards import Skip
 
 
-def snippets(method: str, threshold: Optional[float], sharded: bool = False) -> Dict[str, str]:
+def snippets(method: str, threshold: Optional[float], sharded: bool = False, *, safety_net: Optional[float] = None,
+             skip: Optional["Skip"] = None) -> Dict[str, str]:
     """One line (or a short block) per framework; frameworks that lack the method say what to do instead.
 
     The norm threshold is a global norm: under FSDP it is the norm that FSDP's clip_grad_norm_ and
     torch.nn.utils.clip_grad_norm_ on DTensor parameters compute across ranks, and ``sharded`` says so.
+    With ``skip`` (the skip-step guard) every framework applies gradscope's Clipper, which clips and
+    guards in one pass: through a callback in Lightning and the Hugging Face Trainer, whose own clipping
+    is then switched off so the guard sees the unclipped norm.
     """
+    if skip is not None:
+        return guarded(method, threshold, safety_net, skip)
     if method == "none" or threshold is None:
         return {}
     t = f"{threshold:.3g}"
@@ -42,3 +51,22 @@ def snippets(method: str, threshold: Optional[float], sharded: bool = False) -> 
             "timm": f"--clip-grad {t} --clip-mode agc",
         }
     raise ValueError(f"unknown clipping method {method!r}")
+
+
+def guarded(method: str, threshold: Optional[float], safety_net: Optional[float], skip: "Skip") -> Dict[str, str]:
+    """The Clipper that clips as advised and arms the skip guard, made once (the torch lines) and handed to
+    Lightning's and the Trainer's callbacks; timm's scripts have no hook for it."""
+    guard = "skip=gradscope.Skip()" if skip == type(skip)() else \
+        f"skip=gradscope.Skip(z={skip.z:g}, window={skip.window}, min_history={skip.min_history})"
+    if method == "none" or threshold is None:
+        net = f", safety_net={safety_net:.3g}" if safety_net is not None else ""
+        make = f'gradscope.Clipper("none", None{net}, {guard})'
+    else:
+        make = f'gradscope.Clipper("{method}", {threshold:.3g}, {guard})'
+    return {
+        "torch": f"clipper = {make}.attach(optimizer)  # then clipper(model, loss=loss) before each optimizer.step()",
+        "lightning": "Trainer(callbacks=[ClipperCallback(clipper)])  # gradscope.integrations.lightning; no "
+                     "gradient_clip_val",
+        "huggingface": "Trainer(..., callbacks=[ClipperTrainerCallback(clipper)])  # max_grad_norm=0; "
+                       "gradscope.integrations.transformers",
+    }

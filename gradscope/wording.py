@@ -17,8 +17,23 @@ ELLIPSIS = "…"
 
 
 def advice(rec: Recommendation) -> str:
-    """The advice in a few words: 'clip by norm at 0.32', or 'no clipping needed'."""
-    return "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
+    """The advice in a few words: 'clip by norm at 0.32', or 'no clipping needed', and the guard if armed."""
+    words = "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
+    return words + guard_words(rec)
+
+
+def guard_summary(guard) -> str:
+    """The guard's evidence in one line (``guard`` is a recommend.GuardAdvice)."""
+    where = f" (step{'s' if len(guard.would_skip) != 1 else ''} {', '.join(map(str, guard.would_skip[:5]))}" \
+        f"{', ...' if len(guard.would_skip) > 5 else ''})" if guard.would_skip else ""
+    trial = "" if guard.trial_skips is None else f", {guard.trial_skips} of the winning trial's"
+    return (f"skip a step {guard.skip.z:g} std above the last {guard.skip.window} steps' mean (loss or norm): "
+            f"{len(guard.would_skip)} of {guard.steps} profiled steps{where}{trial}")
+
+
+def guard_words(rec: Recommendation) -> str:
+    """', with the skip-step guard' where the advice arms it, else ''."""
+    return "" if rec.guard is None else ", with the skip-step guard"
 
 
 def schedule_caveat(reach) -> Optional[str]:

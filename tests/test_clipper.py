@@ -6,6 +6,7 @@ import torch
 
 import gradscope
 from gradscope.clipper import Clipper
+from gradscope.guards import Skip
 from gradscope.errors import GradscopeError
 
 from models import MLP, exploding_rnn, mse, regression_batches
@@ -100,7 +101,8 @@ def test_a_none_recommendation_arms_its_safety_net():
     assert report.recommendation.method == "none"
     net = report.recommendation.evidence.safety_net
     clipper = Clipper.from_report(report)
-    assert clipper.safety_net == net and repr(clipper) == f"Clipper('none', safety_net={net!r})"
+    assert clipper.safety_net == net and repr(clipper) == f"Clipper('none', safety_net={net!r}, skip={Skip()!r})"
+    assert clipper.skip == report.recommendation.guard.skip  # Adam: the skip guard is armed with the net
     model = model_with_grads(scale=1e6)  # a blow-up far above anything profiled
     grads = [p.grad for p in model.parameters()]
     assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) > net

@@ -144,6 +144,13 @@ def recurrent_high() -> gradscope.Experiment:
     return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-6), batch, loss_fn=mse)
 
 
+def healthy_sgd() -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = MLP()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
+                                regression_batches(), loss_fn=mse)
+
+
 TRIPS = {
     "nonfinite-gradients": nonfinite_gradients,
     "nonfinite-loss": nonfinite_loss,
@@ -162,8 +169,10 @@ TRIPS = {
     "recurrent-norm-high": recurrent_high,
     "amp-skipped-steps": lambda: amp_overflow(backoff=0.5),
     "amp-skipping-often": lambda: amp_overflow(backoff=0.95),
+    "adaptive-optimizer-outliers": healthy_mlp,  # Adam: the guard's rule is about the optimizer, not a symptom
 }
 HEALTHY = {rule_id: (healthy_lstm if rule_id.startswith("recurrent") else healthy_mlp) for rule_id in TRIPS}
+HEALTHY["adaptive-optimizer-outliers"] = healthy_sgd
 
 
 def test_every_default_rule_has_fixtures():

@@ -163,7 +163,8 @@ def test_monitor_report_equals_diagnose_report():
     from gradscope.diagnose import seed_everything
     from gradscope.experiment import batch_stream
     seed_everything(1)
-    monitor = gradscope.Monitor(exp.model, update_every=1, histogram_sample=1, histogram_every=1)
+    monitor = gradscope.Monitor(exp.model, update_every=1, histogram_sample=1, histogram_every=1,
+                                optimizer=exp.optimizer)
     stream = batch_stream(exp.batches)
     for _ in range(6):
         exp.optimizer.zero_grad(set_to_none=True)

@@ -114,3 +114,48 @@ def test_fail_on_error_fails_the_fit():
     module = Regressor(lr=5.0)  # SGD at lr 5 on this net diverges
     with pytest.raises(GradientHealthError, match="gradient health check failed"):
         trainer(GradscopeCallback(fail_on="error"), max_steps=20).fit(module, loader(n=320))
+
+
+class SpikyAdam(Regressor):
+    """Adam, with the gradients the optimizer gets recorded after every callback has acted."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def on_before_optimizer_step(self, optimizer):  # Lightning calls this after the callbacks' hook
+        self.reference.append(float(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).norm()))
+
+
+def spiky_loader(n: int = 320, spike: int = 30):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    y[spike * 8:(spike + 1) * 8] *= 100.0  # batch 30's targets
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_the_clipper_callback_skips_the_outlier_batch_and_checkpoints_its_state(tmp_path):
+    from gradscope import Clipper, Skip
+    from gradscope.integrations.lightning import ClipperCallback
+    torch.manual_seed(0)
+    module = SpikyAdam()
+    callback = ClipperCallback(Clipper("none", None, skip=Skip()))
+    fit = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[callback], max_steps=40, default_root_dir=tmp_path)
+    fit.fit(module, spiky_loader())
+    counts = callback.clipper.counts()
+    assert counts["steps"] == 40 and [e["step"] for e in counts["events"]] == [30] and counts["skipped"] == 1
+    assert module.reference[30] == 0.0 and all(n > 0 for k, n in enumerate(module.reference) if k != 30)
+    path = tmp_path / "last.ckpt"
+    fit.save_checkpoint(path)
+    saved = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "ClipperCallback" in k)
+    restored = ClipperCallback(Clipper("none", None, skip=Skip()))
+    restored.load_state_dict(saved)
+    assert int(restored.clipper.state_dict()["skipped"]) == 1 and int(restored.clipper.state_dict()["step"]) == 40
+
+
+def test_the_clipper_callback_refuses_a_second_clip(tmp_path):
+    from gradscope import Clipper, GradscopeError
+    from gradscope.integrations.lightning import ClipperCallback
+    with pytest.raises(GradscopeError, match="gradient_clip_val"):
+        trainer(ClipperCallback(Clipper("norm", 1.0)), max_steps=2, gradient_clip_val=0.5).fit(Regressor(), loader())

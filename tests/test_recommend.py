@@ -7,7 +7,8 @@ import pytest
 import gradscope
 
 from models import exploding_rnn, healthy_mlp
-from test_default_rules import dominating_layer, spiky_batches
+from test_default_rules import dominating_layer, healthy_sgd, spiky_batches
+
 
 
 def run(experiment, steps=30, **options):
@@ -15,11 +16,33 @@ def run(experiment, steps=30, **options):
 
 
 def test_healthy_model_gets_none_with_a_generous_safety_net():
-    report = run(healthy_mlp())
+    report = run(healthy_sgd())
     rec = report.recommendation
-    assert rec.method == "none" and rec.threshold is None and rec.snippets == {}
+    assert rec.method == "none" and rec.threshold is None and rec.snippets == {} and rec.guard is None
     assert rec.evidence.safety_net >= 5 * report.statistics.model.metrics["global_norm_max"]
     assert rec.evidence.clip_fraction == 0.0
+
+
+def test_a_healthy_adam_run_gets_the_skip_guard_beside_its_safety_net():
+    report = run(healthy_mlp())
+    rec = report.recommendation
+    assert report.healthy and rec.method == "none" and rec.threshold is None
+    assert rec.guard is not None and rec.guard.reasons == ("adaptive-optimizer-outliers",)
+    assert rec.guard.skip == gradscope.Skip() and rec.guard.would_skip == () and rec.guard.judged == 30 - 16
+    assert f'Clipper("none", None, safety_net={rec.evidence.safety_net:.3g}, skip=gradscope.Skip()).attach(optimizer)' \
+        in rec.snippets["torch"]
+    assert "ClipperCallback(clipper)" in rec.snippets["lightning"] and "max_grad_norm=0" in rec.snippets["huggingface"]
+    assert "no clipping needed, with the skip-step guard" in report.render()
+    assert "0 of 30 profiled steps" in " ".join(report.render().split())
+    doc = report.to_dict()["recommendation"]["guard"]
+    assert doc["kind"] == "skip" and doc["z"] == 6 and doc["window"] == 128 and doc["would_skip"] == []
+
+
+def test_the_guard_counts_the_profiled_steps_it_would_have_skipped():
+    """Step 20's batch has targets 300x: the guard, replayed on the profile, names that step."""
+    report = run(spiky_batches(), trials=0)  # under Adam
+    assert report.recommendation.guard.would_skip == (20,)
+    assert "would have skipped 1 (step 20)" in report.recommendation.guard.basis
 
 
 def test_advice_scales_with_the_model_norm():
@@ -79,7 +102,7 @@ def test_a_rule_that_names_agc_at_warning_makes_the_advice_agc(tmp_path):
     assert "layer-dominates" in rec.evidence.reasons
     assert rec.method == "agc" and 0 < rec.threshold <= 1
     assert "hidden.0" in rec.evidence.basis
-    assert "--clip-mode agc" in rec.snippets["timm"]
+    assert 'gradscope.Clipper("agc", ' in rec.snippets["torch"]  # Adam: AGC beside the skip guard, in one Clipper
 
 
 def test_rule_params_change_the_advice_not_only_the_findings(tmp_path):

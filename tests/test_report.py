@@ -114,8 +114,8 @@ def test_long_model_goldens_fit_their_width(model, width, request, golden):
     golden(f"{model}_8_steps_{width}.txt", text)
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= width and all(line == line.rstrip() for line in lines)
-    if width == 80:
-        assert len(lines) <= 50, f"{len(lines)} lines at 80 columns"
+    if width == 80:  # the skip-step guard (Adam's family) adds its finding, its row and its snippets' lines
+        assert len(lines) <= 50 + 6 * (report.recommendation.guard is not None), f"{len(lines)} lines at 80 columns"
     header = next(line for line in lines if re.match(r"layer( |$)", line))
     assert header.split()[-7:] == ["params", "norm", "p50", "max", "g/w", "upd/w", "norm/step"], "a header was cut"
     table = text[text.index("layers, worst first"):text.index("findings")]

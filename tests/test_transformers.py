@@ -84,3 +84,31 @@ def test_diagnose_steps_a_hugging_face_warm_up_schedule_and_puts_it_back():
     assert schedule.last_epoch == 0 and optimizer.param_groups[0]["lr"] == 0.0  # the warm-up's start
     gradscope.diagnose(experiment, steps=6, extend=False, restore=False)
     assert schedule.last_epoch == 6 and optimizer.param_groups[0]["lr"] == pytest.approx(6e-4)
+
+
+def test_the_clipper_callback_clips_and_guards_inside_the_trainer(tmp_path):
+    from gradscope.integrations.transformers import ClipperTrainerCallback
+    clipper = gradscope.Clipper("norm", 0.01, skip=gradscope.Skip())
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-3,
+        max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(),
+                                   callbacks=[ClipperTrainerCallback(clipper)])
+    trainer.train()
+    logged = [float(e["grad_norm"]) for e in trainer.state.log_history if "grad_norm" in e]  # pre-clip norms
+    counts = clipper.counts()
+    assert counts["steps"] == 5 and counts["clipped"] == 5 and counts["skipped"] == 0
+    expected = torch.tensor([0.01 / (n + 1e-6) for n in logged]).log().mean().exp().item()
+    assert counts["mean_clip_scale"] == pytest.approx(expected, rel=1e-4)
+    assert "gradscope_clipper" in trainer.optimizer.state_dict()  # saved with each checkpoint's optimizer.pt
+
+
+def test_the_clipper_callback_refuses_to_clip_after_the_trainer_has(tmp_path):
+    from gradscope.integrations.transformers import ClipperTrainerCallback
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, max_grad_norm=1.0,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(),
+                                   callbacks=[ClipperTrainerCallback(gradscope.Clipper("norm", 0.5))])
+    with pytest.raises(gradscope.GradscopeError, match="max_grad_norm=0"):
+        trainer.train()

@@ -16,9 +16,12 @@ the held-out loss at least 5% below l0 and the unclipped run throws at least hal
 Besides R, it reports gradscope's cost in training steps and in time over its profiling time, and the
 short-horizon bias: the Spearman correlation between the ranking of the thresholds by the trials
 (30 steps) and by the full runs (300 steps, 10x the horizon).
-Run: python benchmarks/eval/run.py [--quick] [--jobs 2] [--set heldout] [--scenarios NAME ...] [--json FILE]
-       [--trial-steps N] [--exhaustive]
+Run: python benchmarks/eval/run.py [--quick] [--jobs 2] [--set heldout|long] [--scenarios NAME ...] [--json FILE]
+       [--trial-steps N] [--exhaustive] [--reuse FILE]
 (``--set heldout`` scores the scenarios of heldout.py, on which no choice in the advice was made;
+``--set long`` the whole runs of long.py, 1,500 steps under a warm-up and a cosine decay, against the
+baselines above and the skip-step guard (z > 6 over 128 steps, on the loss and the norm), alone and
+beside norm clipping at 1.0, scored by final held-out loss, R and loss spikes (see ``run_long``);
 ``--trial-steps`` runs diagnose with trials of that length instead of its default 30.)
 """
 from __future__ import annotations
@@ -39,11 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import HELDOUT  # noqa: E402
+from long import LONG, LONG_STEPS  # noqa: E402
 from scenarios import SCENARIOS, Scenario, Setup  # noqa: E402
 
 from scipy import stats as sps  # noqa: E402
 
 import gradscope  # noqa: E402
+from gradscope import Skip  # noqa: E402
 from gradscope.judge import lattice  # noqa: E402
 from gradscope.options import FIRST_STEPS, TrialOptions  # noqa: E402
 
@@ -106,7 +111,7 @@ def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[grads
             return math.inf
         loss.backward()
         if clipper is not None:
-            clipper(setup.model)
+            clipper(setup.model, loss=loss.detach())
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(params, math.inf))
             threshold = policy(step, norm, history) if policy is not None else None
@@ -114,6 +119,8 @@ def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[grads
                 torch.nn.utils.clip_grad_norm_(params, threshold)
             history.append(norm)
         setup.optimizer.step()
+        if setup.scheduler is not None:
+            setup.scheduler.step()
         if checkpoints is not None and step + 1 in checkpoints:
             checkpoints[step + 1] = eval_loss(setup)
     return eval_loss(setup)
@@ -123,7 +130,7 @@ def profile(scenario: Scenario, seed: int) -> gradscope.Report:
     setup = scenario.build(seed)
     steps = iter(range(10 ** 9))
     experiment = gradscope.Experiment(setup.model, setup.optimizer, lambda: setup.train_batch(next(steps)),
-                                      loss_fn=setup.loss_fn, name=scenario.name)
+                                      loss_fn=setup.loss_fn, name=scenario.name, scheduler=setup.scheduler)
     length = int(os.environ[TRIAL_LENGTH]) if os.environ.get(TRIAL_LENGTH) else None
     options = TrialOptions(most=100, steps=length, budget=1000.0, keep=100) if os.environ.get(EXHAUSTIVE) else \
         TrialOptions(steps=length)
@@ -214,14 +221,149 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "regret": {k: regret(v) for k, v in results.items()}, "loss": results}
 
 
-SETS = {"main": SCENARIOS, "heldout": HELDOUT}
+SETS = {"main": SCENARIOS, "heldout": HELDOUT, "long": LONG}
 
 
 def _run_pair(job) -> Dict[str, object]:
-    registry, name, seed = job
+    registry, name, seed, reuse = job
     torch.set_num_threads(1)
     _exhaustive()
+    if registry == "long":
+        return run_long(SETS[registry][name], seed, reuse)
     return run_one(SETS[registry][name], seed)
+
+
+# -- the long set: whole runs under a warm-up and a cosine decay -------------------------------------------
+CHECK_EVERY = 50  # held-out checkpoints along a long run, for counting spikes
+SPIKE_SHARE = 0.1  # a spike: a checkpoint that gives back this share of the progress made so far
+LONG_GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades
+
+
+def spikes(curve: List[float], l0: float) -> int:
+    """Loss spikes along a run: held-out checkpoints (every CHECK_EVERY steps) whose loss exceeds the lowest
+    of the earlier ones by more than SPIKE_SHARE of the progress made (l0 minus that lowest); a diverged
+    run's non-finite checkpoint counts as one."""
+    count, best = 0, l0
+    for value in curve:
+        if not math.isfinite(value) or value > best + SPIKE_SHARE * (l0 - best):
+            count += 1
+        if math.isfinite(value):
+            best = min(best, value)
+    return count
+
+
+def _skip_clipper(threshold: Optional[float] = None) -> gradscope.Clipper:
+    if threshold is None:
+        return gradscope.Clipper("none", None, skip=Skip())
+    return gradscope.Clipper("norm", threshold, skip=Skip())
+
+
+LONG_BASELINES = ("none", "fixed-1.0", "autoclip", "zclip", "skip", "clip+skip")
+
+
+def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Every method and every grid threshold over the whole run from the same start, with held-out
+    checkpoints; gradscope diagnoses at the start (its 30-step profile inside the warm-up, then its
+    trials) and its advice is applied as ``Clipper.from_report`` applies it. With ``reuse``, a row of an
+    earlier run of the same scenario and seed, only the gradscope arm is trained again."""
+    marks = list(range(CHECK_EVERY, LONG_STEPS + 1, CHECK_EVERY))
+
+    def go(policy=None, clipper=None):
+        points = {m: None for m in marks}
+        final = train(scenario.build(seed), policy, clipper=clipper, checkpoints=points)
+        curve = [math.inf if points[m] is None else points[m] for m in marks]
+        cut = next((i for i, m in enumerate(marks) if points[m] is None), None)
+        return final, curve if cut is None else curve[:cut] + [math.inf]
+    l0 = eval_loss(scenario.build(seed))
+    began = time.perf_counter()
+    report = profile(scenario, seed)
+    diagnose_seconds = time.perf_counter() - began
+    clipper = gradscope.Clipper.from_report(report)
+    if reuse is not None:
+        runs = {k: tuple(v) for k, v in reuse["runs"].items() if k != "gradscope"}
+    else:
+        runs = {f"grid {t:g}": go(fixed(t)) for t in LONG_GRID}
+        runs.update({"none": go(), "autoclip": go(autoclip()), "zclip": go(zclip()), "skip": go(clipper=_skip_clipper()),
+                     "clip+skip": go(clipper=_skip_clipper(1.0))})
+        runs["fixed-1.0"] = runs["grid 1"]
+    runs["gradscope"] = go(clipper=clipper)
+    grid = {t: runs[f"grid {t:g}"][0] for t in LONG_GRID}
+    best_threshold = min(grid, key=grid.get)
+    star = grid[best_threshold]
+    loss = {k: v[0] for k, v in runs.items()}
+
+    def regret(value: float) -> float:
+        return 0.0 if not l0 > star else (min(value, l0) - star) / (l0 - star)
+    trials = report.recommendation.evidence.trials
+    return {"scenario": scenario.name, "label": scenario.label, "seed": seed, "l0": l0,
+            "flagged": not report.healthy, "method": report.recommendation.method,
+            "threshold": report.recommendation.threshold, "advice": repr(clipper),
+            "guard_evidence": report.recommendation.evidence.basis,
+            "schedule_reached": None if report.schedule is None else report.schedule.reached,
+            "profile_steps": report.statistics.model.steps, "trial_steps": trials.spent if trials else 0,
+            "diagnose_seconds": diagnose_seconds, "best_threshold": best_threshold,
+            "runs": {k: [v[0], v[1]] for k, v in runs.items()}, "loss": loss,
+            "spikes": {k: spikes(v[1], l0) for k, v in runs.items()},
+            "regret": {k: regret(v) for k, v in loss.items()}}
+
+
+def long_confirmed(row: Dict[str, object]) -> bool:
+    """An explode label holds where some threshold trains the model (l* at least GAIN x |l0| below l0) and
+    unclipped training or a fixed 1.0 spikes, or gives back at least a tenth of the grid's progress."""
+    l0, star = row["l0"], min(v for k, v in row["loss"].items() if k.startswith("grid"))
+    suffers = any(row["spikes"][m] > 0 or row["regret"][m] >= 0.1 for m in ("none", "fixed-1.0"))
+    return l0 - star >= GAIN * abs(l0) and suffers
+
+
+def long_healthy(row: Dict[str, object]) -> bool:
+    """A healthy label holds where unclipped training has no spike and ends within 0.05 of the grid's best in R."""
+    return row["spikes"]["none"] == 0 and row["regret"]["none"] <= 0.05
+
+
+def summarise_long(rows: List[Dict[str, object]]) -> str:
+    methods = ["gradscope", *LONG_BASELINES]
+    lines = ["| scenario | label | advice | " + " | ".join(f"R {m}" for m in methods) + " | spikes "
+             + "/".join(methods) + " |", "|---|---|---|" + "---|" * len(methods) + "---|"]
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        mine = [r for r in rows if r["scenario"] == name]
+        advice = ", ".join(sorted({r["advice"] for r in mine}))
+        cells = [f"{statistics.mean(r['regret'][m] for r in mine):.3f}" for m in methods]
+        spike_cells = "/".join(str(sum(r["spikes"][m] for r in mine)) for m in methods)
+        lines.append(f"| {name} | {mine[0]['label']} | {advice} | " + " | ".join(cells) + f" | {spike_cells} |")
+    lines.append("")
+    lines.append(f"R: normalised regret of the final held-out loss against the best of the grid {LONG_GRID} (mean "
+                 f"over seeds); spikes: held-out checkpoints every {CHECK_EVERY} steps that give back more than "
+                 f"{SPIKE_SHARE:.0%} of the progress made so far, summed over seeds")
+    explode = [r for r in rows if r["label"] == "explode"]
+    unconfirmed = [f"{r['scenario']} seed {r['seed']}" for r in explode if not long_confirmed(r)]
+    wrong = [f"{r['scenario']} seed {r['seed']}" for r in rows if r["label"] == "healthy" and not long_healthy(r)]
+    if unconfirmed or wrong:
+        lines.append(f"labels the grid does not confirm: {', '.join(unconfirmed + wrong)}")
+    scored = [r for r in rows if (r["label"] == "explode" and long_confirmed(r))
+              or (r["label"] == "healthy" and long_healthy(r))]
+    wins = [r for r in scored if r["loss"]["gradscope"] <= min(r["loss"][m] for m in LONG_BASELINES) * (1 + TIE)
+            or r["loss"]["gradscope"] - min(r["loss"][m] for m in LONG_BASELINES) <= 1e-12]
+    lines.append(f"gradscope's final held-out loss at most the best baseline's (within {TIE:.0%}) in "
+                 f"{len(wins)}/{len(scored)} scenario-seed pairs; lost: "
+                 + (", ".join(f"{r['scenario']} seed {r['seed']} ({r['loss']['gradscope']:.4g} vs "
+                              f"{min(r['loss'][m] for m in LONG_BASELINES):.4g})" for r in scored if r not in wins)
+                    or "none"))
+    diverged = [f"{r['scenario']} seed {r['seed']}" for r in rows if not math.isfinite(r["loss"]["gradscope"])]
+    lines.append(f"gradscope diverged in {len(diverged)} of {len(rows)} runs" + (f": {', '.join(diverged)}" if diverged
+                                                                                else ""))
+    confirmed_rows = [r for r in explode if long_confirmed(r)]
+    if confirmed_rows:
+        for m in methods:
+            lines.append(f"  mean R over {len(confirmed_rows)} confirmed explode pairs, {m}: "
+                         f"{statistics.mean(r['regret'][m] for r in confirmed_rows):.3f}")
+    healthy = [r for r in rows if r["label"] == "healthy"]
+    if healthy:
+        worst = max(r["loss"]["gradscope"] / r["loss"]["none"] for r in healthy)
+        lines.append(f"healthy: gradscope's final held-out loss over unclipped, worst {worst:.4f}")
+    reached = [r for r in rows if r.get("schedule_reached") is False]
+    lines.append(f"profile or trials short of the schedule's peak learning rate (said so in the report): "
+                 f"{len(reached)} of {len(rows)} pairs")
+    return "\n".join(lines)
 
 
 TIE = 0.01  # a pair where gradscope's R is within this of the best baseline's is a tie, and a tie counts as a win
@@ -356,13 +498,23 @@ def main() -> None:
                         help="diagnose's --trial-steps (default: the adaptive horizon): fixed-length trials, and cost")
     parser.add_argument("--summarise", metavar="FILE", help="print the summary of the rows a --json run wrote, "
                                                             "training nothing")
+    parser.add_argument("--reuse", metavar="FILE", help="--set long: take every baseline and grid run from the rows "
+                                                        "a --json run wrote, and train only gradscope's arm again")
     args = parser.parse_args()
     if args.summarise:
         rows = json.loads(Path(args.summarise).read_text())
+        if rows and "runs" in rows[0]:
+            print(summarise_long(rows))
+            return
         print(summarise(rows))
         print()
         print(placement(rows))
         return
+    reuse = {}
+    if args.reuse:
+        if args.set != "long":
+            parser.error("--reuse applies to --set long")
+        reuse = {(r["scenario"], r["seed"]): r for r in json.loads(Path(args.reuse).read_text())}
     if args.exhaustive:
         os.environ[EXHAUSTIVE] = "1"  # inherited by the worker processes
     if args.trial_steps is not None:
@@ -373,7 +525,7 @@ def main() -> None:
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"not in --set {args.set}: {', '.join(unknown)}")
-    jobs = [(args.set, name, seed) for name in names for seed in seeds]
+    jobs = [(args.set, name, seed, reuse.get((name, seed))) for name in names for seed in seeds]
     rows = []
     start = time.perf_counter()
     if args.jobs > 1:
@@ -383,18 +535,26 @@ def main() -> None:
                 rows.append(row)
                 _progress(row, start)
     else:
-        _exhaustive()
-        for _, name, seed in jobs:
-            rows.append(run_one(registry[name], seed))
+        for job in jobs:
+            rows.append(_run_pair(job))
             _progress(rows[-1], start)
-    print(summarise(rows))
-    print()
-    print(placement(rows))
+    if args.set == "long":
+        print(summarise_long(rows))
+    else:
+        print(summarise(rows))
+        print()
+        print(placement(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float) + "\n")
 
 
 def _progress(row: Dict[str, object], start: float) -> None:
+    if "runs" in row:
+        print(f"  {row['scenario']} seed {row['seed']}: advice {row['advice']}, best grid {row['best_threshold']}, "
+              f"R {row['regret']['gradscope']:.3f}, loss {row['loss']['gradscope']:.4g} against the best baseline's "
+              f"{min(row['loss'][m] for m in LONG_BASELINES):.4g} ({time.perf_counter() - start:.0f}s)",
+              file=sys.stderr, flush=True)
+        return
     print(f"  {row['scenario']} seed {row['seed']}: advice {row['method']} {row['threshold']}, best grid "
           f"{row['best_threshold']}, R {row['regret']['gradscope']:.3f} ({time.perf_counter() - start:.0f}s)",
           file=sys.stderr, flush=True)

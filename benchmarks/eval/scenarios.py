@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ class Setup:
     eval_batches: List[Batch]
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor]
     steps: int
+    scheduler: Optional[object] = None  # stepped after every optimizer step (the long set's warm-up and decay)
 
 
 @dataclasses.dataclass(frozen=True)

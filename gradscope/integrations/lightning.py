@@ -13,12 +13,14 @@ from typing import Any, Dict, List, Optional, Union
 import lightning.pytorch as pl
 import torch
 
+from ..clipper import Clipper
+from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
 from ..ruleset import RuleSet
 from .common import GradientHealthError, ReportSink
 
-__all__ = ["GradscopeCallback", "GradientHealthError"]
+__all__ = ["ClipperCallback", "GradscopeCallback", "GradientHealthError"]
 
 
 class GradscopeCallback(pl.Callback):
@@ -38,7 +40,7 @@ class GradscopeCallback(pl.Callback):
         self.reports: List[Report] = []
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.monitors = {id(opt): Monitor(pl_module, parameters=_parameters(opt), **self.monitor_options)
+        self.monitors = {id(opt): Monitor(pl_module, parameters=_parameters(opt), optimizer=opt, **self.monitor_options)
                          for opt in trainer.optimizers}
         self.reports = []
 
@@ -66,6 +68,37 @@ class GradscopeCallback(pl.Callback):
         if trainer.is_global_zero:
             self.sink.emit(self.reports)
         self.sink.check(self.reports)
+
+
+class ClipperCallback(pl.Callback):
+    """Apply a :class:`~gradscope.Clipper` (the advice, with its skip guard) at every optimizer step.
+
+    It acts in ``on_before_optimizer_step``, where the gradients are whole and unscaled and Lightning has
+    not clipped them yet: leave ``gradient_clip_val`` unset, or Lightning would clip again after it. The
+    guard also watches the loss of the step's last backward pass. Its state (window, counters) is saved
+    in Lightning's checkpoints with the callback's, so a resumed fit guards as the unbroken one would.
+    """
+
+    def __init__(self, clipper: Clipper) -> None:
+        self.clipper = clipper
+        self._loss: Optional[torch.Tensor] = None
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.gradient_clip_val:
+            raise GradscopeError("ClipperCallback clips, and the Trainer has gradient_clip_val set as well",
+                                      "leave gradient_clip_val unset: the Clipper applies the advised clipping")
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        self.clipper(pl_module, loss=self._loss)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"clipper": self.clipper.state_dict()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.clipper.load_state_dict(state_dict.get("clipper", {}))
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:

@@ -16,12 +16,14 @@ from typing import Any, List, Optional, Union
 import torch
 from transformers import TrainerCallback
 
+from ..clipper import Clipper
+from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
 from ..ruleset import RuleSet
 from .common import GradientHealthError, ReportSink
 
-__all__ = ["GradscopeTrainerCallback", "GradientHealthError"]
+__all__ = ["ClipperTrainerCallback", "GradscopeTrainerCallback", "GradientHealthError"]
 
 
 class GradscopeTrainerCallback(TrainerCallback):
@@ -43,7 +45,7 @@ class GradscopeTrainerCallback(TrainerCallback):
         self._losses: List[torch.Tensor] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        self.monitor = Monitor(model, **self.monitor_options)
+        self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), **self.monitor_options)
         self._model = model
         self._accumulation = max(int(args.gradient_accumulation_steps), 1)
         self._steps_in_epoch = _length(train_dataloader)
@@ -85,6 +87,30 @@ class GradscopeTrainerCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.sink.emit([self.report])
         self.sink.check([self.report])
+
+
+class ClipperTrainerCallback(TrainerCallback):
+    """Apply a :class:`~gradscope.Clipper` (the advice, with its skip guard) before every optimizer step.
+
+    It acts in ``on_pre_optimizer_step``, which the Trainer calls after its own clipping: set
+    ``TrainingArguments(max_grad_norm=0)`` so that the Clipper sees the unclipped norm (it raises
+    otherwise). The guard watches the norm (no callback event carries the loss). Its state rides in the
+    optimizer's state dict, which the Trainer saves with each checkpoint; the Trainer loads a checkpoint
+    before callbacks start, so on resuming the window refills over its first ``min_history`` steps.
+    """
+
+    def __init__(self, clipper: Clipper) -> None:
+        self.clipper = clipper
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if args.max_grad_norm:
+            raise GradscopeError(f"ClipperTrainerCallback clips, and max_grad_norm={args.max_grad_norm} clips "
+                                      "before it", "pass TrainingArguments(max_grad_norm=0)")
+        if optimizer is not None:
+            self.clipper.attach(getattr(optimizer, "optimizer", optimizer))  # accelerate wraps it
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.clipper(model)
 
 
 def _length(loader: Any) -> Optional[int]:
