@@ -145,8 +145,9 @@ class Clipper:
             for p in _agc_parameters(model, self._excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
         by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        plain = all(type(g) is torch.Tensor for g in grads)
         for g in grads:
-            local = distributed.local(g)
+            local = g if plain else distributed.local(g)
             by_dtype.setdefault(local.dtype, []).append(local)
         for dtype, group in by_dtype.items():  # one multiply per dtype: the scale, or 0 for a skipped step
             torch._foreach_mul_(group, factor.to(dtype))

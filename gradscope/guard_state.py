@@ -17,6 +17,11 @@ EVENTS = 256  # the first this many skipped or clipped steps are kept with their
 def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of dense gradients, in float32 on their device: one ``_foreach_norm``; the local
     shards of DTensor gradients are summed over ranks by one all-reduce."""
+    if all(type(g) is torch.Tensor for g in grads):  # the common case, without a per-tensor check
+        norms = torch._foreach_norm(grads)
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.float() for n in norms]
+        return torch.stack(norms).float().square().sum().sqrt()
     sharded = [g for g in grads if distributed.is_sharded(g)]
     whole = [g for g in grads if not distributed.is_sharded(g)]
     device = distributed.local(grads[0]).device

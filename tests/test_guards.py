@@ -209,3 +209,28 @@ def test_the_skip_decision_is_the_same_on_two_ddp_ranks_as_in_one_process(tmp_pa
     one, two = json.loads(alone.read_text()), json.loads(ranked.read_text())
     assert one["skipped"] and {30, 75} <= set(one["skipped"])
     assert two == one
+
+
+def test_the_advice_counts_with_the_rule_the_clipper_applies():
+    """replay_skips (what a report counts, on the host) names the steps the Clipper skips on the device."""
+    from gradscope.guards import replay_skips
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    clipper = Clipper("none", None, skip=Skip(min_history=8))
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 1, generator=g)
+    norms, losses = [], []
+    for step in range(80):
+        x = torch.randn(32, 8, generator=g)
+        y = x @ w * (20.0 if step in (25, 60) else 1.0)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        norms.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()))
+        losses.append(float(loss.detach()))
+        clipper(model, loss=loss)
+        opt.step()
+    skipped = [e["step"] for e in clipper.counts()["events"]]
+    assert {25, 60} <= set(skipped)
+    assert replay_skips(norms, losses, Skip(min_history=8)) == skipped

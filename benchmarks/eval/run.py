@@ -235,17 +235,20 @@ def _run_pair(job) -> Dict[str, object]:
 
 # -- the long set: whole runs under a warm-up and a cosine decay -------------------------------------------
 CHECK_EVERY = 50  # held-out checkpoints along a long run, for counting spikes
-SPIKE_SHARE = 0.1  # a spike: a checkpoint that gives back this share of the progress made so far
+SPIKE_SHARE = 0.1  # a spike: a checkpoint that gives back this share of the run's progress
 LONG_GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades
 
 
 def spikes(curve: List[float], l0: float) -> int:
     """Loss spikes along a run: held-out checkpoints (every CHECK_EVERY steps) whose loss exceeds the lowest
-    of the earlier ones by more than SPIKE_SHARE of the progress made (l0 minus that lowest); a diverged
-    run's non-finite checkpoint counts as one."""
+    of the earlier ones by more than SPIKE_SHARE of the run's progress (l0 minus its lowest checkpoint: a
+    scale-free bar that the noise of a run still near l0 does not clear); a diverged run's non-finite
+    checkpoint counts as one."""
+    finite = [v for v in curve if math.isfinite(v)]
+    bar = SPIKE_SHARE * max(l0 - min(finite, default=l0), 0.0)
     count, best = 0, l0
     for value in curve:
-        if not math.isfinite(value) or value > best + SPIKE_SHARE * (l0 - best):
+        if not math.isfinite(value) or value > best + bar:
             count += 1
         if math.isfinite(value):
             best = min(best, value)
@@ -280,13 +283,16 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
     diagnose_seconds = time.perf_counter() - began
     clipper = gradscope.Clipper.from_report(report)
     if reuse is not None:
-        runs = {k: tuple(v) for k, v in reuse["runs"].items() if k != "gradscope"}
+        runs = {k: tuple(v) for k, v in reuse["runs"].items() if k not in ("gradscope", "unguarded")}
     else:
         runs = {f"grid {t:g}": go(fixed(t)) for t in LONG_GRID}
         runs.update({"none": go(), "autoclip": go(autoclip()), "zclip": go(zclip()), "skip": go(clipper=_skip_clipper()),
                      "clip+skip": go(clipper=_skip_clipper(1.0))})
         runs["fixed-1.0"] = runs["grid 1"]
     runs["gradscope"] = go(clipper=clipper)
+    counts = clipper.counts()
+    # the same advice without the skip guard: what the guard adds (the advice before it was armed)
+    runs["unguarded"] = go(clipper=gradscope.Clipper.from_report(report, skip=None))
     grid = {t: runs[f"grid {t:g}"][0] for t in LONG_GRID}
     best_threshold = min(grid, key=grid.get)
     star = grid[best_threshold]
@@ -303,6 +309,7 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
             "profile_steps": report.statistics.model.steps, "trial_steps": trials.spent if trials else 0,
             "diagnose_seconds": diagnose_seconds, "best_threshold": best_threshold,
             "runs": {k: [v[0], v[1]] for k, v in runs.items()}, "loss": loss,
+            "guard": {k: counts.get(k) for k in ("steps", "skipped", "clipped")} if counts else None,
             "spikes": {k: spikes(v[1], l0) for k, v in runs.items()},
             "regret": {k: regret(v) for k, v in loss.items()}}
 
@@ -321,19 +328,22 @@ def long_healthy(row: Dict[str, object]) -> bool:
 
 
 def summarise_long(rows: List[Dict[str, object]]) -> str:
-    methods = ["gradscope", *LONG_BASELINES]
+    for row in rows:  # from the curves, so that a summary of saved rows counts spikes as defined here
+        row["spikes"] = {k: spikes(v[1], row["l0"]) for k, v in row["runs"].items()}
+    methods = ["gradscope", *LONG_BASELINES] + (["unguarded"] if all("unguarded" in r["runs"] for r in rows) else [])
     lines = ["| scenario | label | advice | " + " | ".join(f"R {m}" for m in methods) + " | spikes "
              + "/".join(methods) + " |", "|---|---|---|" + "---|" * len(methods) + "---|"]
     for name in dict.fromkeys(r["scenario"] for r in rows):
         mine = [r for r in rows if r["scenario"] == name]
-        advice = ", ".join(sorted({r["advice"] for r in mine}))
+        advice = ", ".join(sorted({r["method"] + ("" if r["threshold"] is None else f" {r['threshold']:g}")
+                                   + (" + skip" if "skip=" in r["advice"] else "") for r in mine}))
         cells = [f"{statistics.mean(r['regret'][m] for r in mine):.3f}" for m in methods]
         spike_cells = "/".join(str(sum(r["spikes"][m] for r in mine)) for m in methods)
         lines.append(f"| {name} | {mine[0]['label']} | {advice} | " + " | ".join(cells) + f" | {spike_cells} |")
     lines.append("")
     lines.append(f"R: normalised regret of the final held-out loss against the best of the grid {LONG_GRID} (mean "
                  f"over seeds); spikes: held-out checkpoints every {CHECK_EVERY} steps that give back more than "
-                 f"{SPIKE_SHARE:.0%} of the progress made so far, summed over seeds")
+                 f"{SPIKE_SHARE:.0%} of the run's progress from its lowest checkpoint so far, summed over seeds")
     explode = [r for r in rows if r["label"] == "explode"]
     unconfirmed = [f"{r['scenario']} seed {r['seed']}" for r in explode if not long_confirmed(r)]
     wrong = [f"{r['scenario']} seed {r['seed']}" for r in rows if r["label"] == "healthy" and not long_healthy(r)]
@@ -360,6 +370,13 @@ def summarise_long(rows: List[Dict[str, object]]) -> str:
     if healthy:
         worst = max(r["loss"]["gradscope"] / r["loss"]["none"] for r in healthy)
         lines.append(f"healthy: gradscope's final held-out loss over unclipped, worst {worst:.4f}")
+    guarded = [r for r in rows if r.get("guard")]
+    for label in ("explode", "healthy"):
+        mine = [r for r in guarded if r["label"] == label]
+        if mine:
+            lines.append(f"the guard on {label} pairs: skipped " + ", ".join(
+                f"{r['guard']['skipped']}" for r in mine) + f" of {mine[0]['guard']['steps']} steps "
+                "(each pair, in the order above)")
     reached = [r for r in rows if r.get("schedule_reached") is False]
     lines.append(f"profile or trials short of the schedule's peak learning rate (said so in the report): "
                  f"{len(reached)} of {len(rows)} pairs")
