@@ -12,7 +12,12 @@ DistributedDataParallel and times gradscope's per-step collective on its own.
 With ``--device cuda`` the same runs on a GPU (each timed step, observe() and the floor end in a device
 sync, so device time is counted), with GPT-2 small at its real size (124M parameters) added and no DDP,
 and it also counts the CUDA kernels one observe() launches (torch.profiler, over 16 calls).
-Run: python benchmarks/overhead.py [--quick] [--device cuda]
+With ``--guards`` it times Clipper's guards instead, against plain ``clip_grad_norm_``: identical copies
+train under AdamW, each step ending in ``clip_grad_norm_(params, 1.0)`` (the reference),
+``Clipper("norm", 1.0, skip=Skip())`` (clip plus the skip-step guard, watching the loss and the norm)
+or ``Clipper("adaptive", 2.5)`` (ZClip's threshold), in rotating order; it prints each arm's median
+step time, its ratio to the reference, and the clipping call alone on the same gradients.
+Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards]
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from gradscope import Monitor
+from gradscope import Clipper, Monitor, Skip
 
 
 def mlp() -> Tuple[nn.Module, Callable[[], Tuple[torch.Tensor, ...]], Callable]:
@@ -194,6 +199,53 @@ def measure(name: str, pairs: int, device: torch.device) -> Dict[str, float]:
             "kernels": kernels_per_observe(monitor) if device.type == "cuda" else None}
 
 
+def guard_arms(model: torch.nn.Module) -> Dict[str, Callable[[torch.Tensor], object]]:
+    """One clipping hook per arm, each over its own copy of the model."""
+    skip, adaptive = Clipper("norm", 1.0, skip=Skip()), Clipper("adaptive", 2.5)
+    models = {k: copy.deepcopy(model) for k in ("clip_grad_norm_", "clip+skip", "adaptive")}
+    hooks = {
+        "clip_grad_norm_": lambda m: (lambda loss: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
+        "clip+skip": lambda m: (lambda loss: skip(m, loss=loss)),
+        "adaptive": lambda m: (lambda loss: adaptive(m, loss=loss)),
+    }
+    return {k: (models[k], hooks[k](models[k])) for k in models}
+
+
+def call_ms(model: torch.nn.Module, hook, loss: torch.Tensor, repeats: int = 50) -> float:
+    """The clipping call alone, on the gradients the last step left (a guard's window keeps filling)."""
+    device = next(model.parameters()).device
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        hook(loss)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def measure_guards(name: str, pairs: int, device: torch.device) -> Dict[str, Dict[str, float]]:
+    torch.manual_seed(0)
+    model, batch, loss_fn = on(device, name)
+    runs = guard_arms(model)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
+    times: Dict[str, list] = {k: [] for k in runs}
+    names = list(runs)
+    for i in range(-3, pairs):  # three warm-up rounds, untimed
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            m, hook = runs[k]
+            took = timed_step(m, opts[k], batch, loss_fn, hook)
+            if i >= 0:
+                times[k].append(took)
+    reference = statistics.median(times["clip_grad_norm_"])
+    out = {}
+    for k, (m, hook) in runs.items():
+        loss = loss_fn(m, batch()).detach()
+        out[k] = {"step_ms": statistics.median(times[k]) * 1e3, "ratio": statistics.median(times[k]) / reference,
+                  "call_ms": call_ms(m, hook, loss)}
+    return out
+
+
 def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
     """One rank of the DDP case: plain DDP steps alternate with observed ones; the collective is timed alone."""
     import os
@@ -260,10 +312,20 @@ def main() -> None:
                         help=f"default: {' '.join(CPU_MODELS)} (on cuda: all of {' '.join(MODELS)})")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda there is no DDP case")
+    parser.add_argument("--guards", action="store_true", help="time Clipper's skip guard and adaptive clipping "
+                                                              "against clip_grad_norm_ instead of the Monitor")
     args = parser.parse_args()
     device = torch.device(args.device)
     models = args.models or (list(MODELS) if device.type == "cuda" else CPU_MODELS)
     pairs = 4 if args.quick else args.pairs
+    if args.guards:
+        print(f"torch {torch.__version__}; {pairs} rounds of each arm in rotating order, AdamW")
+        print(f"{'model':<14}{'arm':<17}{'step ms':>9}{'/ clip_grad_norm_':>19}{'call ms':>10}")
+        for name in models:
+            for arm, row in measure_guards(name, pairs, device).items():
+                print(f"{name:<14}{arm:<17}{row['step_ms']:>9.2f}{row['ratio']:>19.3f}{row['call_ms']:>10.3f}",
+                      flush=True)
+        return
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; {pairs} rounds of a plain, an observed and a floor step in "
           "rotating order; Monitor at its defaults, observing every step")

@@ -67,7 +67,7 @@ class Clipper:
         guard, so does the Clipper (``skip=None`` leaves it off)."""
         advice = report.recommendation
         net = advice.evidence.safety_net if safety_net else None
-        if advice.guard is not None:
+        if advice.guard is not None and advice.guard.armed:
             options.setdefault("skip", advice.guard.skip)
         return cls(advice.method, advice.threshold, safety_net=net, **options)
 
@@ -91,7 +91,7 @@ class Clipper:
         evidence = advice.get("evidence") if isinstance(advice.get("evidence"), Mapping) else {}
         net = evidence.get("safety_net") if safety_net else None
         guard = advice.get("guard")
-        if isinstance(guard, Mapping) and guard.get("kind") == "skip":
+        if isinstance(guard, Mapping) and guard.get("kind") == "skip" and guard.get("armed", True):
             options.setdefault("skip", Skip(z=float(guard["z"]), window=int(guard["window"]),
                                             min_history=int(guard["min_history"])))
         return cls(advice["method"], advice.get("threshold"), safety_net=net, **options)

@@ -25,6 +25,12 @@ NORM_HEADROOM = 2.0  # spikes (warnings): clip at twice the typical norm, so ord
 RUNAWAY_FRACTION = 0.1  # a run-away (errors): a tenth of the start norm, so clipping binds on nearly every step
 SAFETY_NET_HEADROOM = 10.0  # healthy: a net an order of magnitude above anything seen
 VALUE_MIN_COSINE = 0.99  # value clipping only where it barely turns the gradient
+# The skip guard is for rare events. An outlier that recurs more often than this (in the profile and the
+# winning trial together, seen at least twice) is part of the data: at this rate k earlier outliers of the
+# same size among n steps leave the next one about sqrt(n / k) = 6 standard deviations out, so a window
+# that held them would no longer call it an outlier. Skipping it would throw data away; the clipping the
+# trials chose, with those steps in them, handles it.
+FREQUENT_OUTLIERS = 1 / 36
 METHOD_ORDER = ("norm", "agc", "value")  # ties between remedies go to the one that keeps the direction
 
 
@@ -43,6 +49,7 @@ class Evidence:
 class GuardAdvice:
     """The skip-step guard, armed beside the clipping: its settings and what it would have done."""
     skip: Skip
+    armed: bool  # False where the outliers it would skip recur too often to be anything but data
     reasons: Tuple[str, ...]  # rule ids of the findings that call for it (remedy: skip)
     steps: int  # profiled steps it was replayed on
     judged: int  # profiled (and winning-trial) steps the rule could judge: past min_history
@@ -82,7 +89,7 @@ def recommend(statistics: Statistics, findings: Tuple[Finding, ...],
     if guard is not None or (statistics.model.sharded and rec.method == "norm"):
         rec = dataclasses.replace(rec, guard=guard, snippets=snippets(
             rec.method, rec.threshold, sharded=statistics.model.sharded,
-            safety_net=rec.evidence.safety_net, skip=guard.skip if guard else None))
+            safety_net=rec.evidence.safety_net, skip=guard.skip if guard and guard.armed else None))
     return rec
 
 
@@ -104,12 +111,17 @@ def guard_for(statistics: Statistics, findings: Sequence[Finding], trials: Optio
         trial_skips = len(replay_skips(winner.norms, winner.losses, skip))
         judged += max(0, len(winner.norms) - skip.min_history)
     where = f" (step{'s' if len(skipped) != 1 else ''} {', '.join(map(str, skipped))})" if skipped else ""
+    seen = len(skipped) + (trial_skips or 0)
+    armed = not (seen >= 2 and seen / max(judged, 1) > FREQUENT_OUTLIERS)
     basis = (f"a step whose loss or global norm lies more than {skip.z:g} standard deviations above the mean of "
              f"the last {skip.window} steps is skipped; over the {m.steps} profiled steps it would have skipped "
              f"{len(skipped)}{where}" + ("" if trial_skips is None else
                                          f", and {trial_skips} of the winning trial's {len(winner.norms)}")
              + f". It judges a step once {skip.min_history} steps are in its window")
-    return GuardAdvice(skip, reasons, m.steps, judged, skipped, trial_skips, basis)
+    if not armed:
+        basis += (f". Not armed: those outliers came in {seen} of {judged} steps it judged, more often than 1 in "
+                  f"{1 / FREQUENT_OUTLIERS:.0f}: they are part of the data, and the clipping handles them")
+    return GuardAdvice(skip, armed, reasons, m.steps, judged, skipped, trial_skips, basis)
 
 
 def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Optional[TrialSet]) -> Recommendation:

@@ -126,7 +126,8 @@ class Report:
                 "snippets": dict(rec.snippets),
                 "trials": None if rec.evidence.trials is None else trials_dict(rec.evidence.trials),
                 "guard": None if rec.guard is None else {
-                    "kind": "skip", **dataclasses.asdict(rec.guard.skip), "reasons": list(rec.guard.reasons),
+                    "kind": "skip", **dataclasses.asdict(rec.guard.skip), "armed": rec.guard.armed,
+                    "reasons": list(rec.guard.reasons),
                     "profiled_steps": rec.guard.steps, "judged_steps": rec.guard.judged, "would_skip": list(rec.guard.would_skip),
                     "trial_skips": rec.guard.trial_skips, "basis": rec.guard.basis},
             },

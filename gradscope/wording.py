@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
-from .recommend import Recommendation
+from .recommend import FREQUENT_OUTLIERS, Recommendation
 from .ruleset import SEVERITIES
 
 METHOD_WORDS = {"norm": "clip by norm", "value": "clip by value", "agc": "adaptive gradient clipping (AGC)"}
@@ -27,13 +27,16 @@ def guard_summary(guard) -> str:
     where = f" (step{'s' if len(guard.would_skip) != 1 else ''} {', '.join(map(str, guard.would_skip[:5]))}" \
         f"{', ...' if len(guard.would_skip) > 5 else ''})" if guard.would_skip else ""
     trial = "" if guard.trial_skips is None else f", {guard.trial_skips} of the winning trial's"
+    if not guard.armed:
+        return (f"not armed: it would skip {len(guard.would_skip)} profiled steps{where}{trial}, too often for "
+                f"outliers (more than 1 in {1 / FREQUENT_OUTLIERS:.0f}): they are data")
     return (f"skip a step {guard.skip.z:g} std above the last {guard.skip.window} steps' mean (loss or norm): "
             f"{len(guard.would_skip)} of {guard.steps} profiled steps{where}{trial}")
 
 
 def guard_words(rec: Recommendation) -> str:
     """', with the skip-step guard' where the advice arms it, else ''."""
-    return "" if rec.guard is None else ", with the skip-step guard"
+    return "" if rec.guard is None or not rec.guard.armed else ", with the skip-step guard"
 
 
 def schedule_caveat(reach) -> Optional[str]:

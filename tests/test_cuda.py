@@ -122,3 +122,36 @@ def test_diagnose_with_trials_on_the_gpu():
     assert report.statistics.model.device.startswith("cuda")
     assert report.recommendation.method == "norm" and report.recommendation.threshold > 0
     assert any(f.severity == "error" for f in report.findings)
+
+
+@pytest.mark.parametrize("make", [lambda: Clipper("norm", 1.0, skip=gradscope.Skip(min_history=4)),
+                                  lambda: Clipper("adaptive", 2.5, warmup=4)])
+def test_no_sync_on_any_guarded_step(make):
+    """The skip guard and adaptive clipping decide on the device: CUDA's sync debug mode sees no wait."""
+    torch.manual_seed(0)
+    model = ManyTensors(False).to("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    clipper = make()
+    x, y = torch.randn(32, 300, device="cuda"), torch.randn(32, 1, device="cuda")
+    syncs = []
+    for step in range(24):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y * (50.0 if step == 20 else 1.0))
+        loss.backward()
+        with _Syncs() as seen:
+            clipper(model, loss=loss)
+        syncs.append(seen.stacks)
+        opt.step()
+    assert syncs == [[]] * 24, "\n".join(s for step in syncs for s in step)
+    with _Syncs() as seen:
+        counts = clipper.counts()
+    assert seen.stacks, "counts() copies to the host: the check must see it (or it sees nothing)"
+    assert counts["steps"] == 24 and (counts["skipped"] + counts["clipped"]) >= 1
+
+
+def test_guarded_clipper_on_the_gpu_decides_as_on_the_cpu():
+    from test_guards import _run
+    cpu_before, cpu_after = _run(Clipper("norm", 0.5, skip=gradscope.Skip()))
+    gpu_before, gpu_after = _run(Clipper("norm", 0.5, skip=gradscope.Skip()), device="cuda")
+    assert [a == 0.0 for a in cpu_after] == [a == 0.0 for a in gpu_after]
+    assert gpu_after == pytest.approx(cpu_after, rel=1e-4, abs=1e-6)

@@ -113,3 +113,30 @@ def test_rule_params_change_the_advice_not_only_the_findings(tmp_path):
     assert default.recommendation.method == "norm" and "gradient-spike" in default.recommendation.evidence.reasons
     assert "gradient-spike" not in {f.rule_id for f in relaxed.findings}
     assert relaxed.recommendation.method == "none"
+
+
+def test_outliers_that_recur_often_are_data_and_the_guard_stays_off(tmp_path):
+    """From step 20 on, one batch in 8 with targets x300 under Adam: the guard would skip one step in 8,
+    far more than 1 in 36, so it is not armed; the report says why, and the Clipper leaves it off."""
+    import torch
+    from models import MLP, mse, regression_batches
+    torch.manual_seed(0)
+    model = MLP()
+    plain = regression_batches()
+    steps = iter(range(10 ** 6))
+
+    def batch():
+        x, y = plain()
+        step = next(steps)
+        return (x, y * 300) if step >= 20 and step % 8 == 4 else (x, y)
+    experiment = gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, loss_fn=mse)
+    report = gradscope.diagnose(experiment, steps=50, seed=0, trials=0)
+    guard = report.recommendation.guard
+    assert guard is not None and not guard.armed and len(guard.would_skip) >= 2
+    assert "Not armed" in guard.basis and "with the skip-step guard" not in report.render()
+    assert gradscope.Clipper.from_report(report).skip is None
+    assert "Skip" not in " ".join(report.recommendation.snippets.values())
+    path = tmp_path / "r.json"
+    path.write_text(report.to_json())
+    assert report.to_dict()["recommendation"]["guard"]["armed"] is False
+    assert gradscope.Clipper.from_json(path).skip is None
