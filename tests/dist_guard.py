@@ -1,5 +1,5 @@
 """Train with a skip guard alone or as one of the ranks torchrun's environment describes; write the steps
-the guard skipped. Run by test_guards.py: python dist_guard.py OUTPUT.json"""
+the guard skipped. Run by test_guards.py: python dist_guard.py OUTPUT.json [ddp|fsdp]"""
 import json
 import os
 import sys
@@ -13,15 +13,21 @@ from gradscope import Clipper, Skip
 GLOBAL_BATCH, STEPS, SPIKES = 32, 100, (30, 31, 75)
 
 
-def main(output: str) -> None:
+def main(output: str, strategy: str = "ddp") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-    if world > 1:
+    if world > 1 and strategy == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
+    elif world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     clipper = Clipper("norm", 1.0, skip=Skip(min_history=8))
     g = torch.Generator().manual_seed(0)
@@ -36,7 +42,8 @@ def main(output: str) -> None:
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         clipper(model)
-        if all(float(p.grad.abs().max()) == 0.0 for p in model.parameters()):
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+        if all(float(g.abs().max()) == 0.0 for g in grads):
             skipped.append(step)
         opt.step()
     counts = clipper.counts()
@@ -49,4 +56,4 @@ def main(output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

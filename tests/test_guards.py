@@ -193,7 +193,8 @@ def test_bad_guard_settings_are_clear_errors():
     assert gradscope.Skip is Skip
 
 
-def test_the_skip_decision_is_the_same_on_two_ddp_ranks_as_in_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_skip_decision_is_the_same_on_two_ranks_as_in_one_process(tmp_path, strategy):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     script = Path(__file__).resolve().parent / "dist_guard.py"
@@ -201,7 +202,7 @@ def test_the_skip_decision_is_the_same_on_two_ddp_ranks_as_in_one_process(tmp_pa
     subprocess.run([sys.executable, str(script), str(alone)], check=True, timeout=120,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"})
     port, ranked = free_port(), tmp_path / "ranked.json"
-    procs = [subprocess.Popen([sys.executable, str(script), str(ranked)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(ranked), strategy],
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
              for r in range(2)]
