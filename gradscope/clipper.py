@@ -153,8 +153,10 @@ class Clipper:
             torch._foreach_mul_(group, factor.to(dtype))
 
     def counts(self) -> Dict[str, Any]:
-        """What the guards did so far: steps seen, skipped and clipped, the mean scale of a clipped step, and
-        the first events (step, norm, z, scale). One copy to the host; empty before the first guarded step."""
+        """What the guards did so far: steps seen, skipped, and clipped (scaled down by the norm threshold, the
+        safety net or the adaptive bound; value and AGC clipping are not counted), the mean scale of a
+        clipped step, and the first events (step, norm, z, scale). One copy to the host; empty before the
+        first guarded step."""
         return {} if self._guards is None else self._guards.counts()
 
     def state_dict(self) -> Dict[str, Any]:
