@@ -36,8 +36,6 @@ def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
     return squares.sqrt()
 
 
-
-
 class GuardState:
     """The device-side state of one Clipper's guards and counters; created at the first guarded step."""
 
