@@ -8,14 +8,16 @@ about to use, batches the arithmetic on the device and keeps one row of figures 
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, outputs, recorder
 from . import histogram as hist
 from .buckets import Bucket, HostRow, StepSums, pack_row, to_host, weight_change_sq
 from .errors import ExperimentError
@@ -56,6 +58,11 @@ class Monitor:
     ``optimizer``, when given, tells the report whether the optimizer keeps a second moment of the
     gradient (Adam's family), for which the advice arms the skip-step guard, as diagnose's does.
 
+    ``output`` (a path; its suffix picks the format, as the callbacks' does) makes it a flight
+    recorder: ``with Monitor(model, output="gradscope.json") as monitor:`` writes the report (under
+    ``rules``) when the block ends, whole after a normal end and marked partial, with the reason and the
+    last step, when the loop raised, was interrupted, or got SIGTERM (see ``gradscope.recorder``).
+
     What it leaves on your model: it registers one gradient hook per parameter for the first backward
     only (to learn the backward order), and removes them at the first ``observe()`` or at ``close()``.
     It never changes weights, gradients, modes or ``requires_grad``. It keeps one copy of the weights
@@ -64,10 +71,15 @@ class Monitor:
 
     def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
                  histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
-                 flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None,
+                 output: Optional[Union[str, Path]] = None, rules=None) -> None:
         if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every) < 1:
             raise ExperimentError("accumulation_steps, update_every, histogram_sample, histogram_every and "
                                   "flush_every must be at least 1", "1 measures (or flushes) every call or step")
+        if output is not None:
+            outputs.check(output, "report")  # a destination that cannot be written fails now, not at the end
+        self.output, self.rules = output, rules
+        self._sigterm = None
         self.model = model
         # what the report can say of the optimizer (whether it keeps a second moment; see the rules)
         self.adaptive_optimizer = None if optimizer is None else is_adaptive(optimizer)
@@ -310,10 +322,11 @@ class Monitor:
             self._sampled_all = np.asarray(sampled, dtype=np.float64)
         return self._sampled_all
 
-    def report(self, rules=None, *, name: Optional[str] = None):
-        """Statistics, findings and a recommendation for everything observed: a :class:`Report`."""
-
-        return build_report(self.profile(), rules=rules, model_name=name or type(unwrap(self.model)).__name__)
+    def report(self, rules=None, *, name: Optional[str] = None, stopped_reason: Optional[str] = None):
+        """Statistics, findings and a recommendation for everything observed: a :class:`Report`
+        (``stopped_reason`` marks it partial: why the run ended early)."""
+        return build_report(self.profile(), rules=rules, model_name=name or type(unwrap(self.model)).__name__,
+                            stopped_reason=stopped_reason)
 
     def close(self) -> None:
         """Remove any hook still on the model and free the gradient copies (steps not yet on the host are kept)."""
@@ -324,10 +337,25 @@ class Monitor:
             b.snapshot, b.snapshot_views = None, []
 
     def __enter__(self) -> "Monitor":
+        if self.output is not None:
+            self._sigterm = recorder.arm()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """Remove the hooks; with ``output``, write the report however the block ended (see
+        ``gradscope.recorder``): a failure to write it is one line on stderr, and the run's own
+        exception goes on."""
         self._remove_hooks()
+        recorder.disarm(self._sigterm)
+        self._sigterm = None
+        if self.output is None:
+            return
+        try:
+            recorder.record(self, self.output, self.rules, exc_type, exc)
+        except Exception as error:
+            if exc_type is None:
+                raise
+            sys.stderr.write(f"gradscope: the report could not be written to {self.output}: {error}\n")
 
 
 class _Pending(NamedTuple):
