@@ -159,3 +159,22 @@ def test_the_clipper_callback_refuses_a_second_clip(tmp_path):
     from gradscope.integrations.lightning import ClipperCallback
     with pytest.raises(GradscopeError, match="gradient_clip_val"):
         trainer(ClipperCallback(Clipper("norm", 1.0)), max_steps=2, gradient_clip_val=0.5).fit(Regressor(), loader())
+
+
+class DiesAtStep5(Regressor):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 5:
+            raise RuntimeError("a corrupt shard")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_raises_leaves_a_partial_report(tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "report.json"
+    callback = GradscopeCallback(output=out)
+    with pytest.raises(RuntimeError, match="a corrupt shard"):
+        trainer(callback, max_steps=20).fit(DiesAtStep5(), loader())
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["steps"] == 5
+    assert doc["stopped_reason"] == "the training loop raised RuntimeError: a corrupt shard, after 5 observed steps"
+    assert doc["gate"]["exit_code"] == 2

@@ -112,3 +112,25 @@ def test_the_clipper_callback_refuses_to_clip_after_the_trainer_has(tmp_path):
                                    callbacks=[ClipperTrainerCallback(gradscope.Clipper("norm", 0.5))])
     with pytest.raises(gradscope.GradscopeError, match="max_grad_norm=0"):
         trainer.train()
+
+
+def test_a_train_that_raises_inside_recording_leaves_a_partial_report(tmp_path):
+    import json
+
+    class Dies(GradscopeTrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("out of memory (simulated)")
+    out = tmp_path / "report.json"
+    callback = Dies(output=out)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with callback.recording():
+            trainer.train()
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["steps"] == 3
+    assert doc["stopped_reason"] == ("the training loop raised RuntimeError: out of memory (simulated), "
+                                     "after 3 observed steps")

@@ -9,7 +9,8 @@ from rich.console import Console
 
 from ..errors import GradscopeError
 from ..formats import FORMATS, findings_table, format_for
-from ..gate import decide
+from .. import interrupts, outputs, recorder
+from ..gate import decide, unfinished
 from ..render import render
 from ..report import Report
 from ..ruleset import RuleSet, load_rules
@@ -35,17 +36,25 @@ class ReportSink:
         self.output = output
         self.fail_on = fail_on
 
-    def emit(self, reports: List[Report]) -> None:
+    def emit(self, reports: List[Report], failure: Optional[BaseException] = None) -> None:
+        """Print or write the reports; after ``failure`` (the fit raised) they are partial reports, whose
+        verdict carries the failure, and the file is written shielded from a second Ctrl-C."""
         if self.output is None:
             console = Console(highlight=False)
             for report in reports:
                 console.print(render(report))
             return
         kind = format_for(str(self.output))
-        texts = [FORMATS[kind](r, decide(r, self.fail_on or "never")) for r in reports]
+
+        def verdict(r: Report):
+            if failure is None:
+                return decide(r, self.fail_on or "never")
+            return unfinished(r, self.fail_on or "never", r.stopped_reason or "", recorder.exit_code(type(failure)))
+        texts = [FORMATS[kind](r, verdict(r)) for r in reports]
         if kind == "json" and len(texts) > 1:  # one document: a list of reports
             texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
-        Path(self.output).write_text("".join(texts), encoding="utf-8")
+        with interrupts.shielded():
+            outputs.write(self.output, "".join(texts), "report")
 
     def check(self, reports: List[Report]) -> None:
         failing = [r for r in reports if self.fail_on and not decide(r, self.fail_on).passed]

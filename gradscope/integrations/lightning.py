@@ -15,6 +15,7 @@ import torch
 
 from ..clipper import Clipper
 from ..errors import GradscopeError
+from .. import recorder
 from ..monitor import Monitor
 from ..report import Report
 from ..ruleset import RuleSet
@@ -57,6 +58,23 @@ class GradscopeCallback(pl.Callback):
             for monitor in self.monitors.values():
                 if monitor.steps:
                     monitor.note_loss(loss)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """The fit raised (or was interrupted): write what was observed, marked partial with the reason. Under
+        several processes nothing is written, since building the report takes collectives."""
+        if trainer.world_size > 1:
+            return
+        name = type(pl_module).__name__
+        reports = []
+        for k, monitor in enumerate(self.monitors.values()):
+            if monitor.steps:
+                label = name if len(self.monitors) == 1 else f"{name} (optimizer {k})"
+                why = recorder.reason(type(exception), exception, monitor.steps)
+                reports.append(monitor.report(self.sink.rules, name=label, stopped_reason=why))
+            monitor.close()
+        self.reports = reports
+        if reports:
+            self.sink.emit(reports, failure=exception)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         name = type(pl_module).__name__

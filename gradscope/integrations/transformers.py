@@ -10,13 +10,16 @@ Losses come from a forward hook on the model (``output.loss``), averaged over th
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Union
 
 import torch
 from transformers import TrainerCallback
 
+from .. import recorder
 from ..clipper import Clipper
+from ..distributed import context as dist_context
 from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
@@ -87,6 +90,29 @@ class GradscopeTrainerCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.sink.emit([self.report])
         self.sink.check([self.report])
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """``with callback.recording(): trainer.train()``: the Trainer has no callback event for a run that
+        raises, so this block is where a partial report is written when ``train()`` raises, is
+        interrupted, or gets SIGTERM (which then ends the process with 143), marked with the reason and
+        the last step observed. Single process only (the report takes collectives under several)."""
+        previous = recorder.arm()
+        try:
+            yield
+        except BaseException as exc:
+            monitor = self.monitor
+            if monitor is not None and monitor.steps and self.report is None and not dist_context():
+                for handle in self._handles:
+                    handle.remove()
+                self._handles = []
+                why = recorder.reason(type(exc), exc, monitor.steps)
+                self.report = monitor.report(self.sink.rules, name=type(self._model).__name__, stopped_reason=why)
+                monitor.close()
+                self.sink.emit([self.report], failure=exc)
+            raise
+        finally:
+            recorder.disarm(previous)
 
 
 class ClipperTrainerCallback(TrainerCallback):
