@@ -3,6 +3,8 @@ with the skip-step guard where it says so."""
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
@@ -43,10 +45,10 @@ class Clipper:
                  skip: Optional[Skip] = None, alpha: float = 0.97, warmup: int = 25) -> None:
         if method not in METHODS:
             raise GradscopeError(f"unknown clipping method {method!r}", f"use one of {', '.join(METHODS)}")
-        if method != "none" and not (threshold is not None and threshold > 0):
+        if method != "none" and not _positive(threshold):
             raise GradscopeError(f"clipping by {method} needs a positive threshold, got {threshold!r}",
                                  "pass the threshold of the recommendation")
-        if safety_net is not None and not safety_net > 0:
+        if safety_net is not None and not _positive(safety_net):
             raise GradscopeError(f"the safety net must be a positive norm, got {safety_net!r}",
                                  "pass the recommendation's evidence.safety_net, or None")
         if skip is not None and not isinstance(skip, Skip):
@@ -92,8 +94,13 @@ class Clipper:
         net = evidence.get("safety_net") if safety_net else None
         guard = advice.get("guard")
         if isinstance(guard, Mapping) and guard.get("kind") == "skip" and guard.get("armed", True):
-            options.setdefault("skip", Skip(z=float(guard["z"]), window=int(guard["window"]),
-                                            min_history=int(guard["min_history"])))
+            try:
+                skip = Skip(z=float(guard["z"]), window=int(guard["window"]), min_history=int(guard["min_history"]))
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise GradscopeError("the report's skip guard is malformed: it needs numbers z, window and "
+                                     "min_history", "write the report again with: gradscope diagnose TARGET "
+                                     "--format json --output FILE") from None
+            options.setdefault("skip", skip)
         return cls(advice["method"], advice.get("threshold"), safety_net=net, **options)
 
     def __repr__(self) -> str:
@@ -231,6 +238,11 @@ def clip_value_(parameters: Iterable[torch.Tensor], clip_value: float) -> None:
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
             p.grad._values().clamp_(-clip_value, clip_value)
+
+
+def _positive(value: Any) -> bool:
+    """A finite positive real number (a bool or a string is not a threshold)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _agc_parameters(model: nn.Module, excluded: Set[str]) -> List[nn.Parameter]:

@@ -283,3 +283,35 @@ def test_a_second_ctrl_c_while_the_partial_report_is_saved_loses_nothing(tmp_pat
     doc = json.loads(out)
     assert doc["partial"] is True and doc["steps"] == 4
     assert handed_back is signal.default_int_handler  # handed back afterwards
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recommendation=st.dictionaries(st.sampled_from(["method", "threshold", "evidence", "guard"]),
+                                      JSON_VALUES | st.sampled_from(["norm", "none", "value", "agc", "adaptive"]),
+                                      max_size=4),
+       guard=st.dictionaries(st.sampled_from(["kind", "z", "window", "min_history", "armed"]),
+                             JSON_VALUES | st.sampled_from(["skip", 6, 128, 16, 0, -1]), max_size=5))
+def test_fuzzed_json_reports_make_a_clipper_or_give_a_gradscope_error(tmp_path, recommendation, guard):
+    from gradscope import Clipper
+    if "guard" in recommendation and isinstance(recommendation["guard"], dict):
+        recommendation["guard"] = guard
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"recommendation": recommendation}, allow_nan=True))
+    try:
+        clipper = Clipper.from_json(path)
+    except GradscopeError:
+        return
+    assert clipper.method in ("norm", "value", "agc", "adaptive", "none")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=60))
+def test_fuzzed_target_strings_give_a_gradscope_error(text):
+    """No file or module by these names exists in the test's folder, so every one is refused in one line."""
+    from gradscope.target import load_experiment
+    try:
+        load_experiment("gradscope_no_such_" + text)
+    except GradscopeError as exc:
+        assert exc.problem  # any other exception, or a target that loads, fails the test
+        return
+    pytest.fail("a target that names nothing loaded")
