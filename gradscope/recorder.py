@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from . import distributed, interrupts, outputs
+from . import interrupts, outputs  # no torch here: the callbacks' display side imports this module
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 PathLike = Union[str, Path]
@@ -74,6 +74,7 @@ def exit_code(exc_type: Optional[type]) -> int:
 
 def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type], exc: Optional[BaseException]) -> None:
     """Write ``monitor``'s report to ``output`` in the format its suffix names (see ``formats.format_for``)."""
+    from . import distributed
     from .formats import FORMATS, format_for
     from .gate import decide, unfinished
     ctx = distributed.context()
