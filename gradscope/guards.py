@@ -8,9 +8,11 @@ and read (one copy) only when asked, by ``counts()``.
   the mean of the last ``window`` accepted steps is skipped: its gradient is zeroed before the optimizer
   sees it, so the outlier enters neither the weights nor the optimizer's moments. (The optimizer still
   takes its step: momentum carries on and decoupled weight decay applies, as in a step with a zero
-  gradient.) Skipped values stay out of the window, so one spike cannot hide the next. This is the
-  guard of OLMo-core's ``SkipStepOptimizer`` and Megatron-LM's ``grad_norm_skip_threshold``; nothing is
-  judged before ``min_history`` steps are in the window.
+  gradient.) This is the rule of OLMo-core's ``SkipStepOptimizer`` (z 6 over 128 steps), with two
+  differences: skipped values stay out of the window, so a large spike cannot hide a smaller one after
+  it (OLMo-core keeps them in), and judging starts once ``min_history`` (16) steps are in the window
+  (OLMo-core waits for half the window). Outliers that recur often are data, not corruption: the advice
+  does not arm the guard where the profile shows them (``recommend.FREQUENT_OUTLIERS``).
 - ``Adaptive``: ZClip (Kumar et al. 2025): an exponential moving mean and variance of the global norm
   (``alpha``), seeded by the first ``warmup`` steps, which are not clipped; afterwards a norm above
   mean + ``z`` std is clipped to that bound, and the moving statistics take the clipped norm.
