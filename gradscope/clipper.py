@@ -138,7 +138,8 @@ class Clipper:
             raise GradscopeError("the skip guard and adaptive clipping need dense gradients",
                                  "clip sparse gradients by norm or value, without a guard")
         grads = [p.grad for p in params]
-        norm = total_norm(grads)
+        plain = all(type(g) is torch.Tensor for g in grads)  # no DTensor shard among them
+        norm = total_norm(grads, plain)
         if self._guards is None:
             self._guards = GuardState(self.skip, self.adaptive, norm.device)
             if self._pending_state is not None:
@@ -152,7 +153,6 @@ class Clipper:
             for p in _agc_parameters(model, self._excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
         by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-        plain = all(type(g) is torch.Tensor for g in grads)
         for g in grads:
             local = g if plain else distributed.local(g)
             by_dtype.setdefault(local.dtype, []).append(local)

@@ -14,10 +14,11 @@ from .guards import Adaptive, Skip
 EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z
 
 
-def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+def total_norm(grads: List[torch.Tensor], plain: bool) -> torch.Tensor:
     """The global L2 norm of dense gradients, in float32 on their device: one ``_foreach_norm``; the local
-    shards of DTensor gradients are summed over ranks by one all-reduce."""
-    if all(type(g) is torch.Tensor for g in grads):  # the common case, without a per-tensor check
+    shards of DTensor gradients are summed over ranks by one all-reduce. ``plain``: every gradient is a
+    plain tensor (no DTensor), the common case, which needs no per-tensor check."""
+    if plain:
         norms = torch._foreach_norm(grads)
         if len({n.dtype for n in norms}) > 1:
             norms = [n.float() for n in norms]
