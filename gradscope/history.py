@@ -1,4 +1,5 @@
-"""Per-step records in bounded memory: a decimating series store and online spike statistics."""
+"""Per-step records in bounded memory: a decimating series store, a ring of the latest steps and online spike
+statistics."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -39,6 +40,39 @@ class SeriesStore:
         """The stored rows of one field, stacked: shape (rows,) or (rows, layers)."""
         rows = self.fields.get(name, [])
         return np.stack(rows) if rows else np.empty((0,))
+
+
+class RecentSteps:
+    """The per-layer figures of the latest ``capacity`` steps, in a ring: a flight recorder's black box.
+
+    ``SeriesStore`` thins old steps out once it is full; this keeps every one of the last few, so that the
+    steps just before a failure are whole however long the run was. Memory: ``capacity`` rows of each field.
+    """
+
+    FIELDS = ("grad_norm", "grad_abs_max", "nonfinite")
+
+    def __init__(self, capacity: int, width: int) -> None:
+        self.capacity = capacity
+        self.rows = {name: np.full((capacity, width), np.nan) for name in self.FIELDS}
+        self.global_norm = np.full(capacity, np.nan)
+        self.steps = np.full(capacity, -1, dtype=np.int64)
+        self.count = 0
+
+    def append(self, step: int, global_norm: float, **values: np.ndarray) -> None:
+        if self.capacity == 0:
+            return
+        at = self.count % self.capacity
+        self.steps[at], self.global_norm[at] = step, global_norm
+        for name in self.FIELDS:
+            self.rows[name][at] = values[name]
+        self.count += 1
+
+    def snapshot(self) -> Dict[str, np.ndarray]:
+        """The kept steps, oldest first, as copies: ``steps``, ``global_norm`` and each field (steps × layers)."""
+        n = min(self.count, self.capacity)
+        order = (np.arange(n) + self.count - n) % max(self.capacity, 1)
+        return {"steps": self.steps[order].copy(), "global_norm": self.global_norm[order].copy(),
+                **{name: self.rows[name][order].copy() for name in self.FIELDS}}
 
 
 class SpikeTracker:

@@ -2,12 +2,13 @@
 
 Plots: the global norm over the steps on a log axis with the advised threshold and the steps it would
 clip; a layers x steps heatmap of the gradient norm, worst layers first; the |g| histograms of the worst
-layers, with a value threshold where one is advised; the trials' loss curves when trials ran. Then the
+layers, with a value threshold where one is advised; when a gradient went non-finite, the worst layers'
+norms over the steps just before it; the trials' loss curves when trials ran. Then the
 findings, grouped by rule, and the advice with its snippets.
 
 matplotlib is an optional extra (``pip install gradscope[html]``) and is imported only when a report is
 drawn, so ``import gradscope`` stays light. Each plotted element carries an SVG id (``global-norm``,
-``threshold``, ``clipped``, ``heatmap``, ``histogram-N``, ``trial-N``) so tests and tools can find it.
+``threshold``, ``clipped``, ``heatmap``, ``histogram-N``, ``before-nonfinite-N``, ``trial-N``) so tests and tools can find it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .wording import advice, fmt, plural, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
 HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
+BLACK_BOX_LAYERS = 6  # layers drawn over the steps before the first non-finite gradient
 TAIL = 1e-4  # a histogram's x axis starts where this share of the smallest |g| is left out
 COLOURS = {"error": "#c62828", "warning": "#b26a00", "info": "#1565c0"}
 CSS = """
@@ -71,6 +73,15 @@ def to_html(report: Report) -> str:
         parts.append(_figure(mpl, _histograms, report,
                              "|g| histograms of the worst layers, pooled over the steps."
                              + (" The dashed line is the advised value threshold." if rec.method == "value" else "")))
+    if m.before_nonfinite is not None and len(m.before_nonfinite["steps"]):
+        box = m.before_nonfinite
+        parts += ["<h2>Before the first non-finite gradient</h2>",
+                  _figure(mpl, _before_nonfinite_plot, report,
+                          f"Gradient norm of the layers that went non-finite, or grew the most, over the last "
+                          f"{plural(len(box['steps']), 'step')} up to step {int(box['steps'][-1])}, where the "
+                          f"{'gradient' if m.first_nonfinite else 'global norm'} first went non-finite"
+                          + (f" (first in backward order: {m.first_nonfinite[1]})" if m.first_nonfinite else "")
+                          + ". Crosses mark a layer's non-finite step; every layer's figures are in the JSON.")]
     parts += ["<h2>Findings</h2>", _findings(report.findings, report)]
     if rec.evidence.trials is not None:
         parts += ["<h2>Trials</h2>", _figure(mpl, _trials_plot, report, _trials_caption(rec.evidence.trials)),
@@ -154,6 +165,33 @@ def _histograms(fig, report: Report) -> None:
         ax.set_xlabel("|g|", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_yticks([])
+
+
+def _before_nonfinite_plot(fig, report: Report) -> None:
+    """The black box: per-layer norms over the kept steps; the layers that went non-finite first, then the
+    ones whose norm grew the most from the first kept step to its largest."""
+    box = report.statistics.model.before_nonfinite
+    steps, norms, bad = box["steps"], np.asarray(box["grad_norm"], dtype=np.float64), box["nonfinite"][-1] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        finite = np.where(np.isfinite(norms) & (norms > 0), norms, np.nan)
+        growth = np.nan_to_num(np.nanmax(finite, axis=0) / finite[0], nan=0.0) if len(finite) else np.zeros(len(bad))
+    order = sorted(range(len(box["layers"])), key=lambda k: (not bad[k], -growth[k]))[:BLACK_BOX_LAYERS]
+    ax = fig.add_subplot()
+    for n, (k, colour) in enumerate(zip(order, _palette(len(order)))):
+        ok = np.isfinite(finite[:, k])
+        ax.plot(steps[ok], finite[ok, k], color=colour, marker="o", markersize=3, linewidth=1.2,
+                gid=f"before-nonfinite-{n}", label=box["layers"][k] + (" (non-finite)" if bad[k] else ""))
+        gone = box["nonfinite"][:, k] > 0
+        if gone.any():
+            last = np.nanmax(finite[:, k]) if ok.any() else 1.0
+            ax.plot(steps[gone], np.full(int(gone.sum()), last), linestyle="none", marker="x", markersize=8,
+                    color=colour)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("layer gradient norm")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8, frameon=False)
 
 
 def _trials_plot(fig, report: Report) -> None:

@@ -10,20 +10,24 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .history import SeriesStore, SpikeTracker
+from .history import RecentSteps, SeriesStore, SpikeTracker
 
 if TYPE_CHECKING:  # the row is unpacked by buckets.py, which needs torch; the ledger does not
     from .buckets import HostRow
 
 
 class Ledger:
-    """Per-step records of ``n_groups`` layers with ``numel`` elements each."""
+    """Per-step records of ``n_groups`` layers with ``numel`` elements each; the last ``recent`` steps'
+    per-layer figures are kept whole, and frozen at the first step whose gradient or global norm is not
+    finite (``before_nonfinite``)."""
 
-    def __init__(self, numel: np.ndarray, history: int) -> None:
+    def __init__(self, numel: np.ndarray, history: int, recent: int = 0) -> None:
         n_groups = len(numel)
         self.numel = np.asarray(numel, dtype=np.float64)
         self.step = 0
         self.series = SeriesStore(history)
+        self.recent = RecentSteps(recent, n_groups)
+        self.before_nonfinite: Optional[Dict[str, np.ndarray]] = None
         self.layer_spikes = SpikeTracker(n_groups)
         self.global_spikes = SpikeTracker(1)
         self.update_max = np.full(n_groups, np.nan)
@@ -73,6 +77,10 @@ class Ledger:
             nonfinite=nonfinite, update_ratio=np.full(len(numel), np.nan),
             global_norm=np.array(global_norm), cosine=np.array(cosine), loss=np.array(loss),
         )
+        if self.before_nonfinite is None and self.recent.capacity:
+            self.recent.append(step, global_norm, grad_norm=grad_norm, grad_abs_max=row.max_abs, nonfinite=nonfinite)
+            if nonfinite.any() or not np.isfinite(global_norm):
+                self.before_nonfinite = self.recent.snapshot()  # the black box: frozen at the first failure
         self.layer_spikes.update(step, grad_norm)
         self.global_spikes.update(step, np.array([global_norm]))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
@@ -118,5 +126,5 @@ class Ledger:
             global_spike_step=int(self.global_spikes.max_z_step[0]),
             update_ratio_max=self.update_max.copy(), nonfinite_steps=tuple(self.nonfinite_steps),
             first_nonfinite=self.first_nonfinite, loss_nonfinite_step=self.loss_nonfinite_step,
-            amp_skipped_steps=tuple(self.amp_skipped),
+            amp_skipped_steps=tuple(self.amp_skipped), before_nonfinite=self.before_nonfinite,
         )

@@ -34,6 +34,9 @@ MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients 
 # 1,000-layer model are about 1 MB of device memory, and a report, a figure read off an Observation or
 # a GradScaler (which syncs each step itself) flushes at once, so nothing waits longer than it must.
 FLUSH_EVERY = 16
+# Steps whose per-layer figures are kept whole before the first non-finite gradient: a ring of this many
+# rows of three figures per layer (32 × 1,000 layers × 3 × 8 bytes = 768 kB), frozen at the failure.
+NONFINITE_WINDOW = 32
 
 
 class Monitor:
@@ -58,6 +61,10 @@ class Monitor:
     ``optimizer``, when given, tells the report whether the optimizer keeps a second moment of the
     gradient (Adam's family), for which the advice arms the skip-step guard, as diagnose's does.
 
+    ``nonfinite_window``: when a gradient or the global norm first goes non-finite, the report keeps the
+    per-layer norms, max |g| and non-finite counts of that step and the ``nonfinite_window - 1`` before
+    it, every one of them however long the run was (0 keeps none).
+
     ``output`` (a path; its suffix picks the format, as the callbacks' does) makes it a flight
     recorder: ``with Monitor(model, output="gradscope.json") as monitor:`` writes the report (under
     ``rules``) when the block ends, whole after a normal end and marked partial, with the reason and the
@@ -72,10 +79,13 @@ class Monitor:
     def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
                  histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
                  flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None,
-                 output: Optional[Union[str, Path]] = None, rules=None) -> None:
+                 output: Optional[Union[str, Path]] = None, rules=None, nonfinite_window: int = NONFINITE_WINDOW) -> None:
         if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every) < 1:
             raise ExperimentError("accumulation_steps, update_every, histogram_sample, histogram_every and "
                                   "flush_every must be at least 1", "1 measures (or flushes) every call or step")
+        if not isinstance(nonfinite_window, int) or nonfinite_window < 0:
+            raise ExperimentError(f"nonfinite_window must be a whole number of steps, not {nonfinite_window!r}",
+                                  "pass 0 to keep no steps before a non-finite gradient, or a count such as 32")
         if output is not None:
             outputs.check(output, "report")  # a destination that cannot be written fails now, not at the end
         self.output, self.rules = output, rules
@@ -117,7 +127,7 @@ class Monitor:
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
         self._step_hist: Optional[torch.Tensor] = None  # one step's counts, under a GradScaler that may skip it
         self._all_present: Optional[torch.Tensor] = None
-        self._ledger = Ledger(self._numel, history)  # everything kept on the host, step by step
+        self._ledger = Ledger(self._numel, history, nonfinite_window)  # everything kept on the host, step by step
         self.flush_every = flush_every
         self.histogram_every = histogram_every
         self._pending: List[_Pending] = []  # rows still on the device, oldest first

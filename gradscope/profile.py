@@ -54,3 +54,7 @@ class Profile:
     # whether the optimizer divides its step by a running second moment of the gradient (Adam's family);
     # None where it is not known (a Monitor is not given the optimizer)
     adaptive_optimizer: Optional[bool] = None
+    # the last steps' per-layer figures up to and including the first step whose gradient or global norm
+    # was not finite: ``steps``, ``global_norm`` (steps,), and ``grad_norm``, ``grad_abs_max``, ``nonfinite``
+    # (steps × active layers); None where every step was finite or the Monitor kept none
+    before_nonfinite: Optional[Mapping[str, np.ndarray]] = None

@@ -49,11 +49,18 @@ def disarm(previous: Optional[Any]) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def terminated(exc_type: Optional[type]) -> bool:
+    """Whether the run ended on SIGTERM: our :class:`Terminated`, or Lightning's ``SIGTERMException``, which
+    its loops raise after its own SIGTERM handler has run (matched by name: no Lightning import here)."""
+    return exc_type is not None and (issubclass(exc_type, Terminated) or
+                                     any(k.__name__ == "SIGTERMException" for k in exc_type.__mro__))
+
+
 def reason(exc_type: Optional[type], exc: Optional[BaseException], steps: int) -> Optional[str]:
     """Why the run stopped, in words (None after a normal end)."""
     if exc_type is None:
         return None
-    if issubclass(exc_type, Terminated):
+    if terminated(exc_type):
         why = "terminated by SIGTERM"
     elif issubclass(exc_type, KeyboardInterrupt):
         why = "interrupted by Ctrl-C"
@@ -65,7 +72,7 @@ def reason(exc_type: Optional[type], exc: Optional[BaseException], steps: int) -
 
 def exit_code(exc_type: Optional[type]) -> int:
     """The exit code a partial report's verdict carries: the process's own, as far as it is known."""
-    if exc_type is not None and issubclass(exc_type, Terminated):
+    if terminated(exc_type):
         return 128 + signal.SIGTERM
     if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
         return EXIT_INTERRUPTED

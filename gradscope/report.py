@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -111,6 +111,7 @@ class Report:
                 "summary": dict(m.metrics),
                 "first_nonfinite": None if m.first_nonfinite is None else
                 {"step": m.first_nonfinite[0], "layer": m.first_nonfinite[1]},
+                "before_nonfinite": _before_nonfinite(m.before_nonfinite),
             },
             "layers": [
                 {"name": l.name, "kind": l.kind, "params": l.params, "frozen_params": l.frozen_params,
@@ -152,6 +153,15 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
             "reason": trials.reason, "learned": trials.learned, "steps_spent": trials.spent,
             "untried": list(trials.untried), "stopped": trials.stopped or None, "notes": list(trials.notes),
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
+
+
+def _before_nonfinite(box: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The black box as JSON: the steps, the global norm, and each layer's figures over those steps."""
+    if box is None:
+        return None
+    return {"steps": box["steps"].tolist(), "global_norm": box["global_norm"].tolist(),
+            "layers": {name: {field: box[field][:, k].tolist() for field in ("grad_norm", "grad_abs_max", "nonfinite")}
+                       for k, name in enumerate(box["layers"])}}
 
 
 def _clean(value: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from statistics import NormalDist
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 from scipy import stats as sps
@@ -52,6 +52,9 @@ class ModelStats:
     source: Optional[Tuple[str, int]] = None
     ranks: int = 1
     sharded: bool = False
+    # the steps up to the first non-finite one, whole: ``steps``, ``global_norm``, ``layers`` (names) and
+    # ``grad_norm``, ``grad_abs_max``, ``nonfinite`` (steps × layers); see ``Profile.before_nonfinite``
+    before_nonfinite: Optional[Mapping[str, Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +195,8 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         histogram=pooled, first_nonfinite=profile.first_nonfinite, loss_nonfinite_step=profile.loss_nonfinite_step,
         global_spike_step=profile.global_spike_step, measurement=profile.measurement, device=profile.device, metrics=m,
         source=profile.model_source, ranks=profile.ranks, sharded=profile.sharded,
+        before_nonfinite=None if profile.before_nonfinite is None else
+        {**profile.before_nonfinite, "layers": tuple(profile.layers[i].name for i in profile.active)},
     )
 
 

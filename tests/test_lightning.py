@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -166,6 +168,35 @@ class DiesAtStep5(Regressor):
         if batch_idx == 5:
             raise RuntimeError("a corrupt shard")
         return super().training_step(batch, batch_idx)
+
+
+class SignalledAtStep5(Regressor):
+    def __init__(self, signum) -> None:
+        super().__init__()
+        self.signum = signum
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 5:
+            os.kill(os.getpid(), self.signum)  # a scheduler's preemption, or Ctrl-C
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("signum, words, code", [(signal.SIGTERM, "terminated by SIGTERM, after 6", 143),
+                                                 (signal.SIGINT, "interrupted by Ctrl-C, after 5", 130)])
+def test_a_fit_stopped_by_a_signal_leaves_a_partial_report(tmp_path, signum, words, code):
+    # SIGTERM: Lightning's own handler notes it and its loop raises SIGTERMException after the step ends
+    # (6 steps); SIGINT: KeyboardInterrupt inside step 5, then Lightning exits 1 (and ignores SIGINT).
+    torch.manual_seed(0)
+    out = tmp_path / "report.json"
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            trainer(GradscopeCallback(output=out), max_steps=20).fit(SignalledAtStep5(signum), loader())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["stopped_reason"].startswith(words + " observed steps")
+    assert doc["gate"]["exit_code"] == code
 
 
 def test_a_fit_that_raises_leaves_a_partial_report(tmp_path):

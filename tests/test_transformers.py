@@ -1,6 +1,9 @@
 """GradscopeTrainerCallback with a real Trainer and a tiny GPT-2 built from its config (no downloads)."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -134,3 +137,28 @@ def test_a_train_that_raises_inside_recording_leaves_a_partial_report(tmp_path):
     assert doc["partial"] is True and doc["steps"] == 3
     assert doc["stopped_reason"] == ("the training loop raised RuntimeError: out of memory (simulated), "
                                      "after 3 observed steps")
+
+
+@pytest.mark.parametrize("signum, words, exc", [(signal.SIGTERM, "terminated by SIGTERM", SystemExit),
+                                                (signal.SIGINT, "interrupted by Ctrl-C", KeyboardInterrupt)])
+def test_a_train_stopped_by_a_signal_inside_recording_leaves_a_partial_report(tmp_path, signum, words, exc):
+    import json
+
+    class Signalled(GradscopeTrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signum)  # a scheduler's preemption, or Ctrl-C
+    out = tmp_path / "report.json"
+    callback = Signalled(output=out)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    with pytest.raises(exc) as raised:
+        with callback.recording():
+            trainer.train()
+    if signum == signal.SIGTERM:
+        assert raised.value.code == 143  # the process ends as the signal would, once the report is written
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["stopped_reason"] == f"{words}, after 3 observed steps"
+    assert doc["gate"]["exit_code"] == (143 if signum == signal.SIGTERM else 130)
