@@ -116,6 +116,36 @@ def agree(error: Optional[BaseException]) -> None:
         raise GradscopeError(f"rank {rank} failed: {message}", hint or "fix the error on that rank") from error
 
 
+STOPPED_KEY = "gradscope/stopped/{rank}"
+
+
+def post_stopped(ctx: Context, why: str) -> None:
+    """Leave word in the process group's store that this rank's run stopped, and why, for rank 0's report
+    to name. Best effort and bounded: the store may already be gone with a dead rank 0."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(STOPPED_KEY.format(rank=ctx.rank), json.dumps({"time": time.time(), "why": why}))
+    except Exception:  # noqa: BLE001 - the run is already failing; its own error is the one to see
+        pass
+
+
+def stopped_peers(ctx: Context, wait_s: float = 2.0) -> list:
+    """``(time, rank, why)`` for every other rank that left word that it stopped, waiting at most ``wait_s``
+    for a rank whose failure is what broke this one's collective (its word is set before it exits)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        keys = {rank: STOPPED_KEY.format(rank=rank) for rank in range(ctx.world) if rank != ctx.rank}
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = [(word["time"], rank, word["why"]) for rank, key in keys.items() if store.check([key])
+                     for word in [json.loads(store.get(key))]]
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store is gone too: nothing more can be learnt
+        return []
+
+
 def timeout_s() -> float:
     return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 

@@ -1,4 +1,5 @@
-"""Ctrl-C while a partial report is being saved: a second press must not lose what the first one kept."""
+"""Ctrl-C (or SIGTERM) while a partial report is being saved: a second signal must not lose what the first
+one kept."""
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,16 @@ def restore(previous: Optional[Any]) -> None:
 
 
 @contextlib.contextmanager
-def shielded() -> Iterator[None]:
+def shielded(*, sigterm: bool = False) -> Iterator[None]:
+    """Ignore SIGINT (and SIGTERM, with ``sigterm``: a scheduler or torchrun that already sent one follows
+    it with SIGKILL after a grace period, so the report is written first) for the block's length."""
     previous = ignore()
+    term = None
+    if sigterm and threading.current_thread() is threading.main_thread():
+        term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         yield
     finally:
         restore(previous)
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)

@@ -134,6 +134,8 @@ class Monitor:
         self._seen_in_backward: set = set()
         self._pending_loss: Optional[torch.Tensor] = None
         self._sampled_all: Optional[np.ndarray] = None
+        if self._dist is not None:  # now, while every rank is here: after a failure no collective is safe
+            self._sampled_total()
         self._pending_count = 0
         self._backward_order: List[int] = []
         self._hooks = [
@@ -299,15 +301,24 @@ class Monitor:
         return self.layers[self._active[int(np.argmax(mask))]].name
 
     # -- results --------------------------------------------------------------------------------------
-    def profile(self) -> Profile:
-        """Everything measured so far, as plain data."""
+    def profile(self, *, alone: bool = False) -> Profile:
+        """Everything measured so far, as plain data.
+
+        ``alone``: take no collective, for a rank whose peers may be dead (after a failure under several
+        ranks). The steps recorded are whole, as each was reduced over the ranks when it was observed; the
+        histograms are this rank's sample, the last step's update is left out, and on an accelerator the
+        steps still waiting on the device are dropped (their collective may never have completed).
+        """
+        if alone and self.device.type != "cpu":
+            self._pending.clear()
         self.flush()
-        self._record_last_update()
+        if not alone:
+            self._record_last_update()
         if self._pending_loss is not None:
             self._ledger.amend_loss(self.steps - 1, float(self._take_pending_loss()[0]))
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
-            histograms=self._histograms(),
+            histograms=self._histograms(alone),
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device),
             model_source=class_source(module_class(unwrap(self.model))),
@@ -315,13 +326,15 @@ class Monitor:
             adaptive_optimizer=self.adaptive_optimizer,
         )
 
-    def _histograms(self) -> np.ndarray:
-        """Pooled |g| counts per layer, summed over ranks and scaled up from the sample to every element."""
+    def _histograms(self, alone: bool = False) -> np.ndarray:
+        """Pooled |g| counts per layer, summed over ranks (this rank's only, ``alone``) and scaled up from the
+        sample to every element."""
         counts = self._hist.clone()
-        if self._dist is not None:
+        if self._dist is not None and not alone:
             counts = distributed.all_reduce_sum(counts)
         grid = counts.view(self._n_groups, hist.N_BINS).cpu().numpy()
-        return grid * (self._numel / self._sampled_total())[:, None]
+        sampled = np.asarray(self._sampled, dtype=np.float64) if alone else self._sampled_total()
+        return grid * (self._numel / np.maximum(sampled, 1))[:, None]
 
     def _sampled_total(self) -> np.ndarray:
         """Sampled elements per layer and step, over all ranks (a collective, computed once)."""
@@ -332,10 +345,11 @@ class Monitor:
             self._sampled_all = np.asarray(sampled, dtype=np.float64)
         return self._sampled_all
 
-    def report(self, rules=None, *, name: Optional[str] = None, stopped_reason: Optional[str] = None):
+    def report(self, rules=None, *, name: Optional[str] = None, stopped_reason: Optional[str] = None,
+               alone: bool = False):
         """Statistics, findings and a recommendation for everything observed: a :class:`Report`
-        (``stopped_reason`` marks it partial: why the run ended early)."""
-        return build_report(self.profile(), rules=rules, model_name=name or type(unwrap(self.model)).__name__,
+        (``stopped_reason`` marks it partial: why the run ended early; ``alone``: see ``profile``)."""
+        return build_report(self.profile(alone=alone), rules=rules, model_name=name or type(unwrap(self.model)).__name__,
                             stopped_reason=stopped_reason)
 
     def close(self) -> None:

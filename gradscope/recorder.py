@@ -5,8 +5,10 @@ the whole report after a normal end, and a partial one, marked with the reason a
 observed, when the loop raised, was interrupted by Ctrl-C, or was sent SIGTERM (as a scheduler does on
 preemption; inside the block SIGTERM raises :class:`Terminated`, which exits 143 once the report is
 written). The file is replaced atomically, and a second Ctrl-C while it is written does not lose it.
-Under several ranks every rank builds the report after a normal end and rank 0 writes it; after a
-failure nothing is written there, since building it takes collectives a dead rank would never join.
+Under several ranks every rank builds the report after a normal end and rank 0 writes it. After a
+failure no rank can count on the others joining a collective: a rank other than 0 leaves its reason in
+the process group's store, and rank 0 builds its report alone (the steps observed so far were reduced
+over the ranks as they went; see ``Monitor.profile(alone=True)``), naming every rank that stopped.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from . import interrupts, outputs  # no torch here: the callbacks' display side 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 PathLike = Union[str, Path]
+MESSAGE_CHARS = 160  # an error's first line is kept to this length in the stopped reason
 
 
 class Terminated(SystemExit):
@@ -66,6 +69,7 @@ def reason(exc_type: Optional[type], exc: Optional[BaseException], steps: int) -
         why = "interrupted by Ctrl-C"
     else:
         message = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+        message = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 1].rstrip() + "…"
         why = f"the training loop raised {exc_type.__name__}" + (f": {message}" if message else "")
     return f"{why}, after {steps} observed step{'s' if steps != 1 else ''}"
 
@@ -79,18 +83,43 @@ def exit_code(exc_type: Optional[type]) -> int:
     return EXIT_USAGE
 
 
+def partial_report(monitor: Any, rules: Any, exc_type: type, exc: Optional[BaseException],
+                   name: Optional[str] = None) -> Optional[Any]:
+    """The report of a run that ``exc`` ended, marked partial with the reason; None where this process
+    writes none: under several ranks, a rank other than 0 leaves its reason in the store for rank 0,
+    which builds its report alone (no collective: a peer may be dead) and names every rank that stopped."""
+    import time
+
+    from . import distributed
+    ctx = distributed.context()
+    why = reason(exc_type, exc, monitor.steps)
+    if ctx is not None and ctx.rank != 0:
+        distributed.post_stopped(ctx, why)
+        return None
+    if ctx is not None:  # every rank that stopped, the first first: usually the cause of the others' errors
+        stopped = sorted([(time.time(), 0, why), *distributed.stopped_peers(ctx)])
+        why = "; then ".join(f"rank {rank}{' stopped first' if k == 0 else ''}: {words}"
+                             for k, (_, rank, words) in enumerate(stopped))
+    return monitor.report(rules, name=name, stopped_reason=why, alone=ctx is not None)
+
+
 def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type], exc: Optional[BaseException]) -> None:
     """Write ``monitor``'s report to ``output`` in the format its suffix names (see ``formats.format_for``)."""
     from . import distributed
     from .formats import FORMATS, format_for
     from .gate import decide, unfinished
-    ctx = distributed.context()
-    why = reason(exc_type, exc, monitor.steps)
-    if monitor.steps == 0 or (ctx is not None and why is not None):
+    if monitor.steps == 0:
         return
-    with interrupts.shielded():  # the run is over; what it measured is saved whatever is pressed now
-        report = monitor.report(rules, stopped_reason=why)
-        if ctx is not None and ctx.rank != 0:
-            return
-        verdict = decide(report, "never") if why is None else unfinished(report, "never", why, exit_code(exc_type))
+    with interrupts.shielded(sigterm=True):  # the run is over; what it measured is saved whatever is sent now
+        if exc_type is None:
+            report = monitor.report(rules)  # every rank builds it (collectives); rank 0 writes it
+            ctx = distributed.context()
+            if ctx is not None and ctx.rank != 0:
+                return
+            verdict = decide(report, "never")
+        else:
+            report = partial_report(monitor, rules, exc_type, exc)
+            if report is None:
+                return
+            verdict = unfinished(report, "never", report.stopped_reason, exit_code(exc_type))
         outputs.write(output, FORMATS[format_for(str(output))](report, verdict), "report")

@@ -100,3 +100,24 @@ def test_a_rank_that_raises_midway_does_not_hang(tmp_path):
     assert "rank 1: the forward pass or loss raised at step 2" in results[1][1]
     assert results[0][1].startswith("gradscope: error: rank 0:") or "rank 0:" in results[0][1]
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("dying", [1, 0])
+def test_a_rank_that_dies_under_torchrun_is_named_in_rank_0s_partial_report(tmp_path, dying):
+    # A plain DDP loop under the real torchrun; one rank raises at step 5. The others fail inside DDP's
+    # all-reduce (or get torchrun's SIGTERM); rank 0 writes the report without collectives, naming both.
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(HERE / "dist_recorder.py"), str(out), str(dying), "5"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "could not be written" not in done.stderr, done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["steps"] == 5 and doc["ranks"] == 2
+    first = f"rank {dying} stopped first: the training loop raised RuntimeError: a corrupt shard on rank {dying}, " \
+            "after 5 observed steps"
+    if dying == 1:  # rank 1 left its word before it exited; rank 0 failed in the all-reduce after it
+        assert doc["stopped_reason"].startswith(first + "; then rank 0: the training loop raised")
+    else:  # rank 0 wrote first, while rank 1 still waited in the all-reduce
+        assert doc["stopped_reason"] == first
+    assert doc["gate"]["exit_code"] == 2 and len(doc["layers"]) == 4

@@ -53,7 +53,7 @@ class ReportSink:
         texts = [FORMATS[kind](r, verdict(r)) for r in reports]
         if kind == "json" and len(texts) > 1:  # one document: a list of reports
             texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
-        with interrupts.shielded():
+        with interrupts.shielded(sigterm=True):
             outputs.write(self.output, "".join(texts), "report")
 
     def check(self, reports: List[Report]) -> None:

@@ -61,16 +61,16 @@ class GradscopeCallback(pl.Callback):
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         """The fit raised (or was interrupted): write what was observed, marked partial with the reason. Under
-        several processes nothing is written, since building the report takes collectives."""
-        if trainer.world_size > 1:
-            return
+        several processes rank 0 writes it, built without collectives, and names every rank that stopped
+        (see ``gradscope.recorder.partial_report``)."""
         name = type(pl_module).__name__
         reports = []
         for k, monitor in enumerate(self.monitors.values()):
             if monitor.steps:
                 label = name if len(self.monitors) == 1 else f"{name} (optimizer {k})"
-                why = recorder.reason(type(exception), exception, monitor.steps)
-                reports.append(monitor.report(self.sink.rules, name=label, stopped_reason=why))
+                report = recorder.partial_report(monitor, self.sink.rules, type(exception), exception, name=label)
+                if report is not None:
+                    reports.append(report)
             monitor.close()
         self.reports = reports
         if reports:

@@ -19,7 +19,6 @@ from transformers import TrainerCallback
 
 from .. import recorder
 from ..clipper import Clipper
-from ..distributed import context as dist_context
 from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
@@ -96,20 +95,23 @@ class GradscopeTrainerCallback(TrainerCallback):
         """``with callback.recording(): trainer.train()``: the Trainer has no callback event for a run that
         raises, so this block is where a partial report is written when ``train()`` raises, is
         interrupted, or gets SIGTERM (which then ends the process with 143), marked with the reason and
-        the last step observed. Single process only (the report takes collectives under several)."""
+        the last step observed. Under several processes rank 0 writes it, built without collectives, and
+        names every rank that stopped (see ``gradscope.recorder.partial_report``)."""
         previous = recorder.arm()
         try:
             yield
         except BaseException as exc:
             monitor = self.monitor
-            if monitor is not None and monitor.steps and self.report is None and not dist_context():
+            if monitor is not None and monitor.steps and self.report is None:
                 for handle in self._handles:
                     handle.remove()
                 self._handles = []
-                why = recorder.reason(type(exc), exc, monitor.steps)
-                self.report = monitor.report(self.sink.rules, name=type(self._model).__name__, stopped_reason=why)
+                report = recorder.partial_report(monitor, self.sink.rules, type(exc), exc,
+                                                 name=type(self._model).__name__)
                 monitor.close()
-                self.sink.emit([self.report], failure=exc)
+                if report is not None:
+                    self.report = report
+                    self.sink.emit([report], failure=exc)
             raise
         finally:
             recorder.disarm(previous)
