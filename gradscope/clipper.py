@@ -152,12 +152,12 @@ class Clipper:
         elif self.method == "agc":
             for p in _agc_parameters(model, self._excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
-        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        by_kind: Dict[tuple, List[torch.Tensor]] = {}
         for g in grads:
             local = g if plain else distributed.local(g)
-            by_dtype.setdefault(local.dtype, []).append(local)
-        for dtype, group in by_dtype.items():  # one multiply per dtype: the scale, or 0 for a skipped step
-            torch._foreach_mul_(group, factor.to(dtype))
+            by_kind.setdefault((local.device, local.dtype), []).append(local)
+        for (device, dtype), group in by_kind.items():  # one multiply per device and dtype: the scale, or 0
+            torch._foreach_mul_(group, factor.to(device, dtype))
 
     def counts(self) -> Dict[str, Any]:
         """What the guards did so far: steps seen, skipped, and clipped (scaled down by the norm threshold, the
@@ -229,15 +229,19 @@ def clip_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
 
 @torch.no_grad()
 def clip_value_(parameters: Iterable[torch.Tensor], clip_value: float) -> None:
-    """``torch.nn.utils.clip_grad_value_``, also for sparse gradients (their values are capped)."""
+    """``torch.nn.utils.clip_grad_value_``, also for sparse gradients (their values are capped) and complex
+    ones, for which torch's raises: an element's modulus |g| is capped at ``clip_value`` and its phase kept,
+    as the profile measures a complex gradient by its modulus."""
     params = [p for p in parameters if p.grad is not None]
-    dense = [p for p in params if not p.grad.is_sparse]
+    dense = [p for p in params if not p.grad.is_sparse and not p.grad.is_complex()]
     if dense:
         torch.nn.utils.clip_grad_value_(dense, clip_value)
     for p in params:
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
             p.grad._values().clamp_(-clip_value, clip_value)
+        elif p.grad.is_complex():
+            p.grad.mul_((clip_value / p.grad.abs().clamp(min=1e-30)).clamp(max=1.0))
 
 
 def _positive(value: Any) -> bool:

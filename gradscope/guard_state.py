@@ -15,13 +15,15 @@ EVENTS = 256  # the first this many skipped or clipped steps are kept with their
 
 
 def total_norm(grads: List[torch.Tensor], plain: bool) -> torch.Tensor:
-    """The global L2 norm of dense gradients, in float32 on their device: one ``_foreach_norm``; the local
-    shards of DTensor gradients are summed over ranks by one all-reduce. ``plain``: every gradient is a
-    plain tensor (no DTensor), the common case, which needs no per-tensor check."""
+    """The global L2 norm of dense gradients, in float32 on the first one's device: one ``_foreach_norm``;
+    the local shards of DTensor gradients are summed over ranks by one all-reduce. ``plain``: every
+    gradient is a plain tensor (no DTensor), the common case, which needs no per-tensor check. Gradients
+    spread over devices (a model split by hand) have their norms gathered on the first one's."""
     if plain:
         norms = torch._foreach_norm(grads)
-        if len({n.dtype for n in norms}) > 1:
-            norms = [n.float() for n in norms]
+        if len({(n.dtype, n.device) for n in norms}) > 1:
+            device = norms[0].device
+            norms = [n.float().to(device) for n in norms]
         return torch.stack(norms).float().square().sum().sqrt()
     sharded = [g for g in grads if distributed.is_sharded(g)]
     whole = [g for g in grads if not distributed.is_sharded(g)]
@@ -29,10 +31,10 @@ def total_norm(grads: List[torch.Tensor], plain: bool) -> torch.Tensor:
     squares = torch.zeros((), dtype=torch.float32, device=device)
     if whole:
         norms = torch._foreach_norm([distributed.local(g) for g in whole])
-        squares = squares + torch.stack([n.float() for n in norms]).square().sum()
+        squares = squares + torch.stack([n.float().to(device) for n in norms]).square().sum()
     if sharded:
         norms = torch._foreach_norm([distributed.local(g) for g in sharded])
-        part = torch.stack([n.float() for n in norms]).square().sum()
+        part = torch.stack([n.float().to(device) for n in norms]).square().sum()
         squares = squares + distributed.all_reduce_sum(part)
     return squares.sqrt()
 

@@ -39,9 +39,14 @@ def capture(experiment: Experiment, to_cpu: bool = False) -> Dict[str, Any]:
 def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
     """Put back what :func:`capture` took."""
     model = experiment.model
-    first = next(iter(saved["devices"].values()), None)
-    if first is not None:
-        model.to(first)
+    devices = set(saved["devices"].values())
+    if len(devices) == 1:  # put the model back where it was (diagnose may have moved it)
+        model.to(next(iter(devices)))
+    else:  # spread over devices by hand (a pipeline split): each parameter goes back to its own
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.device != saved["devices"][name]:
+                    p.data = p.data.to(saved["devices"][name])
     model.load_state_dict(saved["model"])
     with torch.no_grad():
         for name, b in model.named_buffers():

@@ -191,3 +191,31 @@ def tiny_bert(layers: int = 3):
         ids = torch.randint(1, 64, (4, 16), generator=g)
         return {"input_ids": ids, "labels": ids}
     return gradscope.Experiment(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, name="tiny_bert")
+
+
+class EveryKind(nn.Module):
+    """Parameters of every kind the trials and the Clipper must take: a complex one, a zero-element one, a
+    frozen layer, besides plain ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.phase = nn.Parameter(torch.randn(16, dtype=torch.cfloat))
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.b = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (torch.tanh(self.a(x)) * self.phase).abs() + self.empty.sum()
+        return self.b(self.frozen(h))
+
+
+def every_kind(lr: float = 1.0) -> gradscope.Experiment:
+    """EveryKind under SGD at a rate that blows up within 30 steps, so that the trials run."""
+    torch.manual_seed(0)
+    model = EveryKind()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=g) * 3, torch.randn(16, 1, generator=g) * 3) for _ in range(200)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return gradscope.Experiment(model, torch.optim.SGD(trainable, lr=lr), batches, loss_fn=mse, name="every_kind")

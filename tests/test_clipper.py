@@ -202,3 +202,35 @@ def test_diagnose_runs_its_trials_on_a_model_with_sparse_gradients():
     trials = report.recommendation.evidence.trials
     assert not report.healthy and trials is not None and len(trials.trials) >= 2
     assert all(t.losses for t in trials.trials)  # every trial trained (and clipped) its sparse gradients
+
+
+@pytest.mark.parametrize("method, threshold", [("norm", 0.5), ("value", 0.05), ("agc", 0.01), ("adaptive", 2.5)])
+@pytest.mark.parametrize("guarded", [False, True])
+def test_every_parameter_kind_is_clipped(method, threshold, guarded):
+    """Complex, zero-element and frozen parameters beside plain ones, against a naive reference: the
+    norm counts a complex element by its modulus, and value clipping caps the modulus, keeping the phase."""
+    from models import every_kind
+    experiment = every_kind()
+    model, batch = experiment.model, experiment.batches[0]
+    clipper = Clipper(method, threshold, skip=gradscope.Skip() if guarded else None)
+    mse(model, batch).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    clipper(model)
+    assert model.frozen.weight.grad is None
+    total = torch.sqrt(sum(g.abs().double().square().sum() for g in grads.values()))
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = grads[name]
+        if method == "norm" or (method == "adaptive" and not guarded):
+            expected = g * min(1.0, threshold / (float(total) + 1e-6)) if method == "norm" else g  # adaptive: warm-up
+        elif method == "value":
+            expected = g * (threshold / g.abs().clamp(min=1e-30)).clamp(max=1.0) if g.is_complex() \
+                else g.clamp(-threshold, threshold)
+        else:
+            expected = None
+        if expected is not None:
+            assert torch.allclose(p.grad, expected, rtol=1e-5, atol=1e-8), name
+    if method == "value":
+        assert model.phase.grad.abs().max() <= threshold * (1 + 1e-6)
+        assert torch.allclose(torch.angle(model.phase.grad), torch.angle(grads["phase"]), atol=1e-5)

@@ -155,3 +155,48 @@ def test_guarded_clipper_on_the_gpu_decides_as_on_the_cpu():
     gpu_before, gpu_after = _run(Clipper("norm", 0.5, skip=gradscope.Skip()), device="cuda")
     assert [a == 0.0 for a in cpu_after] == [a == 0.0 for a in gpu_after]
     assert gpu_after == pytest.approx(cpu_after, rel=1e-4, abs=1e-6)
+
+
+class SplitOverDevices(nn.Module):
+    """A model split by hand: its first layer on the GPU, its head on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 32).cuda()
+        self.b = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.cuda())).cpu())
+
+
+def split_experiment(lr: float = 2.0) -> gradscope.Experiment:
+    torch.manual_seed(0)
+    model = SplitOverDevices()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=g) * 3, torch.randn(16, 1, generator=g) * 3) for _ in range(200)]
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=lr), batches, loss_fn=mse,
+                                name="split")
+
+
+@pytest.mark.parametrize("make", [lambda: Clipper("norm", 0.5), lambda: Clipper("value", 0.05),
+                                  lambda: Clipper("agc", 0.01), lambda: Clipper("norm", 0.5, skip=gradscope.Skip()),
+                                  lambda: Clipper("adaptive", 2.5, warmup=1)])
+def test_a_model_split_over_devices_is_clipped(make):
+    experiment = split_experiment()
+    model = experiment.model
+    mse(model, experiment.batches[0]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    total = float(torch.sqrt(sum(g.double().square().sum().cpu() for g in grads)))
+    clipper = make()
+    clipper(model)
+    if clipper.method == "norm":
+        for g, p in zip(grads, model.parameters()):
+            assert torch.allclose(p.grad, g * min(1.0, 0.5 / (total + 1e-6)), rtol=1e-5), p.device
+    assert model.a.weight.grad.is_cuda and not model.b.weight.grad.is_cuda
+
+
+def test_trials_put_a_split_model_back_on_its_devices():
+    experiment = split_experiment()
+    report = gradscope.diagnose(experiment, steps=30, trials=4)
+    assert report.recommendation.evidence.trials is not None
+    assert experiment.model.a.weight.is_cuda and not experiment.model.b.weight.is_cuda

@@ -518,3 +518,16 @@ def test_trials_clip_complex_zero_element_and_frozen_parameters_as_the_profile_m
     first = report.statistics.model.global_norm[0]
     for t in trials.trials:
         assert t.norms[0] == pytest.approx(first, rel=1e-5)
+
+
+def test_complex_empty_and_frozen_parameters_reach_the_trials():
+    from models import every_kind
+    experiment = every_kind()
+    model = experiment.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = gradscope.diagnose(experiment, steps=30, trials=4)
+    assert report.recommendation.evidence.trials is not None and report.recommendation.method == "norm"
+    assert report.recommendation.evidence.trials.winner is not None
+    for name, p in model.named_parameters():  # put back as found: values, dtype, no gradient on the frozen
+        assert p.dtype == before[name].dtype and torch.equal(p.detach(), before[name]), name
+    assert model.frozen.weight.grad is None and model.phase.dtype == torch.cfloat
