@@ -24,7 +24,8 @@ class SeriesStore:
             return
         self.steps.append(step)
         for name, value in values.items():
-            self.fields.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
+            # a copy: a view would pin the whole flushed batch of rows it was cut from
+            self.fields.setdefault(name, []).append(np.array(value, dtype=np.float64))
         if len(self.steps) > self.capacity:
             self.stride *= 2
             keep = [i for i, s in enumerate(self.steps) if s % self.stride == 0]
@@ -34,7 +35,7 @@ class SeriesStore:
     def amend(self, step: int, name: str, value: np.ndarray) -> None:
         """Overwrite one field of the row for ``step``, if that row is the latest one kept."""
         if self.steps and self.steps[-1] == step and name in self.fields:
-            self.fields[name][-1] = np.asarray(value, dtype=np.float64)
+            self.fields[name][-1] = np.array(value, dtype=np.float64)
 
     def array(self, name: str) -> np.ndarray:
         """The stored rows of one field, stacked: shape (rows,) or (rows, layers)."""

@@ -1,10 +1,20 @@
-"""Shared fixtures: the golden-file comparison and single-threaded, seeded torch."""
+"""Shared fixtures: the golden-file comparison and single-threaded, seeded torch; the Hypothesis profiles."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# The property-based suites (rules, baselines, [tool.gradscope], TARGET strings, Clipper.from_json) set
+# their own example counts. "ci" (chosen when $CI is set, as .ci/run sets it) derandomizes them: the same
+# examples every run, so CI fails only on a change to the code. "dev" draws new examples each run, to go
+# on finding cases; a case it finds is kept with @example. $HYPOTHESIS_PROFILE picks one by name.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 GOLDEN = Path(__file__).parent / "golden"
 

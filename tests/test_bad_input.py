@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gradscope.baseline import load_baseline
@@ -291,6 +291,9 @@ def test_a_second_ctrl_c_while_the_partial_report_is_saved_loses_nothing(tmp_pat
                                       max_size=4),
        guard=st.dictionaries(st.sampled_from(["kind", "z", "window", "min_history", "armed"]),
                              JSON_VALUES | st.sampled_from(["skip", 6, 128, 16, 0, -1]), max_size=5))
+# what Hypothesis found, kept: both raised TypeError before Clipper checked its numbers
+@example(recommendation={"method": "norm", "threshold": "1.0"}, guard={})
+@example(recommendation={"method": "norm", "threshold": 1.0, "guard": {}}, guard={"kind": "skip", "z": "6"})
 def test_fuzzed_json_reports_make_a_clipper_or_give_a_gradscope_error(tmp_path, recommendation, guard):
     from gradscope import Clipper
     if "guard" in recommendation and isinstance(recommendation["guard"], dict):
