@@ -17,7 +17,10 @@ train under AdamW, each step ending in ``clip_grad_norm_(params, 1.0)`` (the ref
 ``Clipper("norm", 1.0, skip=Skip())`` (clip plus the skip-step guard, watching the loss and the norm)
 or ``Clipper("adaptive", 2.5)`` (ZClip's threshold), in rotating order; it prints each arm's median
 step time, its ratio to the reference, and the clipping call alone on the same gradients.
-Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards]
+With ``--clip`` (``1.0``, ``value:0.01`` or ``agc:0.01``) a fourth arm's Monitor is told of the loop's
+clipping (``Monitor(clip=...)``), to price watching it: its step ratio and observe() alone are printed
+beside the plain observed arm's.
+Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC]
 """
 from __future__ import annotations
 
@@ -167,19 +170,25 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn,
     return time.perf_counter() - start
 
 
-def measure(name: str, pairs: int, device: torch.device) -> Dict[str, float]:
-    """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), ``pairs``
-    times in rotating order, after a warm-up of each."""
+def measure(name: str, pairs: int, device: torch.device, clip=None) -> Dict[str, float]:
+    """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), and with
+    ``clip`` a step observed by a Monitor told of that clipping, ``pairs`` times in rotating order, after
+    a warm-up of each."""
     torch.manual_seed(0)
     plain_model, batch, loss_fn = on(device, name)
     observed_model, floor_model = copy.deepcopy(plain_model), copy.deepcopy(plain_model)
     monitor = Monitor(observed_model)
     arms = {"plain": (plain_model, None), "observed": (observed_model, monitor.observe),
             "floor": (floor_model, floor_hook(floor_model))}
+    if clip is not None:
+        watched_model = copy.deepcopy(plain_model)
+        watcher = Monitor(watched_model, clip=clip)
+        arms["watched"] = (watched_model, watcher.observe)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in arms.items()}
     times: Dict[str, list] = {k: [] for k in arms}
+    n = len(arms)
     for i in range(-3, pairs):  # three warm-up rounds, untimed
-        order = list(arms)[i % 3:] + list(arms)[:i % 3]  # none always goes first
+        order = list(arms)[i % n:] + list(arms)[:i % n]  # none always goes first
         for k in order:
             model, hook = arms[k]
             took = timed_step(model, opts[k], batch, loss_fn, hook)
@@ -196,7 +205,10 @@ def measure(name: str, pairs: int, device: torch.device) -> Dict[str, float]:
             "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor,
             "observe_mean_ms": alone_mean,
             "mean_over_floor": alone_mean / floor,
-            "kernels": kernels_per_observe(monitor) if device.type == "cuda" else None}
+            "kernels": kernels_per_observe(monitor) if device.type == "cuda" else None,
+            **({} if clip is None else {
+                "watched_ratio": statistics.median(times["watched"]) / p,
+                "watched_observe_ms": observe_ms(watched_model, watcher)[0]})}
 
 
 def guard_arms(model: torch.nn.Module) -> Dict[str, Callable[[torch.Tensor], object]]:
@@ -312,10 +324,17 @@ def main() -> None:
                         help=f"default: {' '.join(CPU_MODELS)} (on cuda: all of {' '.join(MODELS)})")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda there is no DDP case")
+    parser.add_argument("--clip", default=None,
+                        help="also time a Monitor told of the loop's clipping: a norm threshold (1.0), value:0.01 "
+                             "or agc:0.01")
     parser.add_argument("--guards", action="store_true", help="time Clipper's skip guard and adaptive clipping "
                                                               "against clip_grad_norm_ instead of the Monitor")
     args = parser.parse_args()
     device = torch.device(args.device)
+    clip = None
+    if args.clip is not None:
+        method, _, value = args.clip.rpartition(":")
+        clip = (method, float(value)) if method else float(value)
     models = args.models or (list(MODELS) if device.type == "cuda" else CPU_MODELS)
     pairs = 4 if args.quick else args.pairs
     if args.guards:
@@ -333,7 +352,7 @@ def main() -> None:
           f"{'floor step':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []
     for name in models:
-        r = measure(name, pairs, device)
+        r = measure(name, pairs, device, clip)
         results.append((name, r))
         print(f"{name:<14}{r['params']:>12,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_step_ratio']:>11.3f}"
@@ -345,6 +364,10 @@ def main() -> None:
           "copy; floor step: median step with only the floor in it / median plain step (the least any exact\n"
           "per-step norm costs); observe: observe() alone on the same gradients, median then mean (the mean\n"
           "carries the work of every 4th and 16th step); /floor: over the floor. All side by side in this run.")
+    if clip is not None:
+        print(f"with Monitor(clip={clip!r}), side by side in the same run: " + "; ".join(
+            f"{name} step ratio {r['watched_ratio']:.3f} (observed {r['ratio']:.3f}), observe() "
+            f"{r['watched_observe_ms']:.2f} ms (observed {r['observe_ms']:.2f})" for name, r in results))
     if device.type == "cuda":
         print("CUDA kernels per observe() (torch.profiler, mean of 16 calls): "
               + ", ".join(f"{name} {r['kernels']:.0f}" for name, r in results))

@@ -166,6 +166,28 @@ class Bucket:
         self.current = 1 - self.current
         return present
 
+    def clip_sums(self, method: str, threshold: float, eps: float, inverse_scale: Optional[torch.Tensor],
+                  out: torch.Tensor, excluded: frozenset = frozenset()) -> None:
+        """Add this bucket's share of the user's clipping sums to ``out`` (see ``gradscope.clipping``): the
+        elements (value) or units (AGC, timm's ``adaptive_clip_grad``) capped, the post-clip squared norm,
+        and the dot product of the clipped with the unclipped gradient; parameters in ``excluded`` (ids)
+        are AGC's, left alone. Only when the user's loop clips that way; a fixed number of batched ops
+        whatever the number of tensors, on the device, no wait."""
+        index, grads = self.gradients()
+        if not grads:
+            return
+        if grads[0].dtype in (torch.float16, torch.bfloat16):
+            grads = [g.float() for g in grads]
+        if inverse_scale is not None:
+            grads = torch._foreach_mul(grads, inverse_scale.to(grads[0].device))
+        dtype = out.dtype
+        if method == "value":
+            sums = _value_sums(grads, threshold, dtype)
+        else:
+            params = [distributed.local(self.params[i]).detach() for i in index]
+            sums = _agc_sums(grads, params, [id(self.params[i]) in excluded for i in index], threshold, eps, dtype)
+        out.add_(sums.to(out.device), alpha=self.share)
+
     def _count_small_nonfinite(self, acc: "StepSums", buffer: torch.Tensor, tops: torch.Tensor) -> None:
         """The whole parameters' inf/NaN counts on a step without a histogram; as in ``_direct``, a CPU
         counts only when a slice's max is not finite, an accelerator every step rather than sync."""
@@ -303,31 +325,35 @@ class StepSums:
     dot: torch.Tensor
     zeros: torch.Tensor  # sampled elements in the histogram's zero bin
     nonfinite: torch.Tensor  # inf and NaN elements, exact (counts: float64 where the device has it)
+    clip: torch.Tensor  # the three sums of the user's value or AGC clipping (see gradscope.clipping); zeros else
 
     @classmethod
     def zeros_like_groups(cls, groups: int, device: torch.device, count_dtype: torch.dtype) -> "StepSums":
         vectors = torch.zeros(5, groups, dtype=torch.float32, device=device)
         counts = torch.zeros(2, groups, dtype=count_dtype, device=device)
-        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device), *counts)
+        return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device), *counts,
+                   torch.zeros(CLIP_SUMS, dtype=count_dtype, device=device))
 
 
 # -- the per-step row: packed on the device, unpacked on the host; the layout is defined here alone ----------
 # [norm_sq G | grad_sum G | weight_sq G | update_sq G | sampled_zeros G | nonfinite G | dot | loss | noted loss
-#  | present G (under a process group only) | max_abs G]
+#  | clip 3 | present G (under a process group only) | max_abs G]
 # The first part is summed over ranks, max_abs is maxed; ``present`` rides in the summed part.
-SUMMED_FIELDS = 6  # G-wide fields before the three scalars
+SUMMED_FIELDS = 6  # G-wide fields before the scalars
+CLIP_SUMS = 3  # see gradscope.clipping
+SCALARS = 3 + CLIP_SUMS
 
 
 def summed_width(groups: int, present: bool = False) -> int:
     """The length of a row's summed part."""
-    return (SUMMED_FIELDS + present) * groups + 3
+    return (SUMMED_FIELDS + present) * groups + SCALARS
 
 
 def pack_row(acc: StepSums, loss: torch.Tensor, noted: torch.Tensor, dtype: torch.dtype,
              present: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The step's summed part and its maxima, as the device holds them before any reduction."""
     parts = [acc.norm_sq, acc.grad_sum, acc.weight_sq, acc.update_sq, acc.zeros, acc.nonfinite, acc.dot,
-             loss.reshape(1), noted.reshape(1)] + ([present] if present is not None else [])
+             loss.reshape(1), noted.reshape(1), acc.clip] + ([present] if present is not None else [])
     return torch.cat([t.to(dtype) for t in parts]), acc.max_abs
 
 
@@ -339,7 +365,8 @@ class HostRow:
         fields = [row[i * G:(i + 1) * G] for i in range(n)]
         self.norm_sq, self.grad_sum, self.weight_sq, self.update_sq, self.sampled_zeros, self.nonfinite = fields
         self.dot, self.loss, self.noted = row[n * G:n * G + 3]
-        rest = row[n * G + 3:]
+        self.clip = row[n * G + 3:n * G + SCALARS]
+        rest = row[n * G + SCALARS:]
         self.present = rest[:G] if len(rest) == 2 * G else None
         self.max_abs = rest[-G:]
 
@@ -350,6 +377,68 @@ def to_host(rows: List[Tuple[torch.Tensor, torch.Tensor]], G: int) -> List[HostR
     both = torch.cat([summed, torch.stack([m for _, m in rows]).to(summed.dtype)], dim=1)
     host = both.cpu().numpy().astype(np.float64)
     return [HostRow(row, G) for row in host]
+
+
+def _squares(norms: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the squares of per-tensor norms (a ``_foreach_norm``'s result), in ``dtype``."""
+    return torch.stack(norms).to(dtype).square().sum()
+
+
+def _value_sums(grads: List[torch.Tensor], v: float, dtype: torch.dtype) -> torch.Tensor:
+    """Clipping by value at ``v``: elements capped, post-clip squared norm, clipped-unclipped dot product.
+
+    With a = |g|, c = min(a, v) and e = a - c (the excess, v short of a where capped): the post-clip
+    squared norm is sum c^2, the dot product sum a*c = sum c^2 + v * sum e, and the elements capped are
+    e's non-zeros. Three foreach norms (L2, L1, L0) over two lists; nothing is a difference of large sums
+    (the post-clip norm of a gradient mostly capped is small: subtracted out of the pre-clip norm, it
+    would be lost to rounding)."""
+    a = torch._foreach_abs(grads)
+    c = torch._foreach_clamp_max(a, v)
+    post_sq = _squares(torch._foreach_norm(c), dtype)
+    torch._foreach_sub_(a, c)
+    excess = torch.stack(torch._foreach_norm(a, 1)).to(dtype).sum()
+    capped = torch.stack(torch._foreach_norm(a, 0)).to(dtype).sum()
+    return torch.stack([capped, post_sq, post_sq + v * excess])
+
+
+def _unit_norms(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """timm's unitwise norms of every tensor, flattened in order: a bias or gain is one unit (its norm),
+    a weight's rows are its units. Tensors of one shape are stacked and reduced in one op."""
+    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    vectors = [i for i, t in enumerate(tensors) if t.ndim <= 1]
+    if vectors:
+        for i, n in zip(vectors, torch._foreach_norm([tensors[i] for i in vectors])):
+            out[i] = n.reshape(1)
+    by_shape: dict = {}
+    for i, t in enumerate(tensors):
+        if t.ndim > 1:
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+    for shape, members in by_shape.items():
+        rows = torch.linalg.vector_norm(torch.stack([tensors[i] for i in members]), dim=tuple(range(2, len(shape) + 1)))
+        for i, row in zip(members, rows):
+            out[i] = row
+    return torch.cat(out)
+
+
+def _agc_sums(grads: List[torch.Tensor], weights: List[torch.Tensor], excluded: List[bool], factor: float,
+              eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """AGC at ``factor`` (each unit's gradient capped at factor * max(|w_unit|, eps)): units capped, post-clip
+    squared norm, clipped-unclipped dot product; ``excluded`` tensors are left alone."""
+    weights = [w.float() if w.dtype in (torch.float16, torch.bfloat16) else w for w in weights]
+    g_norm, w_norm = _unit_norms(grads).to(dtype), _unit_norms(weights).to(dtype)
+    scale = (w_norm.clamp(min=eps) * factor / g_norm.clamp(min=1e-6)).clamp(max=1.0)
+    if any(excluded):
+        units = [1 if g.ndim <= 1 else g.shape[0] for g in grads]
+        keep = torch.repeat_interleave(torch.tensor([not e for e in excluded], device=scale.device),
+                                       torch.tensor(units, device=scale.device))
+        scale = torch.where(keep, scale, torch.ones_like(scale))
+    sq = g_norm.square()
+    return torch.stack([(scale < 1).sum().to(dtype), (scale.square() * sq).sum(), (scale * sq).sum()])
+
+
+def agc_units(param: torch.Tensor) -> int:
+    """Units AGC clips one by one: 1 for a bias or gain, a weight's rows otherwise."""
+    return 1 if param.ndim <= 1 else int(param.shape[0])
 
 
 def sample_dot(b: Bucket) -> torch.Tensor:

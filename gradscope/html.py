@@ -2,13 +2,15 @@
 
 Plots: the global norm over the steps on a log axis with the advised threshold and the steps it would
 clip; a layers x steps heatmap of the gradient norm, worst layers first; the |g| histograms of the worst
-layers, with a value threshold where one is advised; when a gradient went non-finite, the worst layers'
+layers, with a value threshold where one is advised; the run's own clipping (pre- and post-clip norm,
+and its clip rate over the run) where gradscope was told of it; when a gradient went non-finite, the worst layers'
 norms over the steps just before it; the trials' loss curves when trials ran. Then the
 findings, grouped by rule, and the advice with its snippets.
 
 matplotlib is an optional extra (``pip install gradscope[html]``) and is imported only when a report is
 drawn, so ``import gradscope`` stays light. Each plotted element carries an SVG id (``global-norm``,
-``threshold``, ``clipped``, ``heatmap``, ``histogram-N``, ``before-nonfinite-N``, ``trial-N``) so tests and tools can find it.
+``threshold``, ``clipped``, ``heatmap``, ``histogram-N``, ``before-nonfinite-N``, ``pre-clip-norm``,
+``post-clip-norm``, ``clip-threshold``, ``clip-rate``, ``trial-N``) so tests and tools can find it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from .evaluate import Finding
 from .judge import TrialSet
 from .render import MARK, grouped, ordered_layers
 from .report import Report
-from .wording import advice, fmt, plural, schedule_caveat
+from .clipping import rate_windows
+from .wording import advice, clip_summary, fmt, plural, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
 HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
@@ -66,6 +69,12 @@ def to_html(report: Report) -> str:
     if report.partial:
         parts.append(f"<p class=warning><b>Partial report:</b> {_e(report.stopped_reason or '')}</p>")
     parts += ["<h2>Global gradient norm</h2>", _figure(mpl, _norm_plot, report, _norm_caption(report))]
+    if m.clip is not None and len(m.clip.blocks):
+        parts += ["<h2>Your clipping</h2>", f"<p>{_e(clip_summary(m.clip, m.metrics))}.</p>",
+                  _figure(mpl, _clipping_plot, report,
+                          "Top: the global norm before and after your clipping"
+                          + (", and its threshold" if m.clip.spec.method == "norm" else "")
+                          + ". Bottom: the share of steps it acted on, window by window over the run.")]
     if report.statistics.active_layers:
         parts += ["<h2>Layers</h2>", _figure(mpl, _heatmap, report,
                                              "Gradient norm per layer and step (log colour scale); worst layers "
@@ -165,6 +174,34 @@ def _histograms(fig, report: Report) -> None:
         ax.set_xlabel("|g|", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_yticks([])
+
+
+def _clipping_plot(fig, report: Report) -> None:
+    """The run's own clipping: pre- and post-clip global norm over the steps, and the clip rate per window."""
+    m = report.statistics.model
+    record = m.clip
+    fig.set_size_inches(9, 4.2)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    steps = m.series_steps
+    pre, post = np.asarray(m.global_norm, dtype=np.float64), np.asarray(m.post_clip_norm, dtype=np.float64)
+    ok = np.isfinite(pre) & (pre > 0)
+    top.plot(steps[ok], pre[ok], color="#1565c0", linewidth=1.0, gid="pre-clip-norm", label="pre-clip norm")
+    if len(post) == len(steps):
+        good = np.isfinite(post) & (post > 0)
+        top.plot(steps[good], post[good], color="#2e7d32", linewidth=1.2, gid="post-clip-norm", label="post-clip norm")
+    if record.spec.method == "norm":
+        top.axhline(record.spec.threshold, color="#c62828", linestyle="--", linewidth=1.0, gid="clip-threshold",
+                    label=f"threshold {fmt(record.spec.threshold)}")
+    top.set_yscale("log")
+    top.set_ylabel("global norm")
+    top.grid(True, which="major", alpha=0.3)
+    top.legend(loc="best", fontsize=8, frameon=False)
+    first, width, rate = rate_windows(record)
+    bottom.bar(first, rate, width=width, align="edge", color="#b26a00", alpha=0.8, gid="clip-rate")
+    bottom.set_ylim(0, 1.05)
+    bottom.set_ylabel("clip rate")
+    bottom.set_xlabel("step")
+    bottom.grid(True, axis="y", alpha=0.3)
 
 
 def _before_nonfinite_plot(fig, report: Report) -> None:

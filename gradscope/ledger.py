@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .clipping import ClipRecord, ClipSpec, ClipTally
 from .history import RecentSteps, SeriesStore, SpikeTracker
 
 if TYPE_CHECKING:  # the row is unpacked by buckets.py, which needs torch; the ledger does not
@@ -21,13 +22,16 @@ class Ledger:
     per-layer figures are kept whole, and frozen at the first step whose gradient or global norm is not
     finite (``before_nonfinite``)."""
 
-    def __init__(self, numel: np.ndarray, history: int, recent: int = 0) -> None:
+    def __init__(self, numel: np.ndarray, history: int, recent: int = 0, clip: Optional[ClipSpec] = None,
+                 clip_capacity: float = 0.0) -> None:
         n_groups = len(numel)
         self.numel = np.asarray(numel, dtype=np.float64)
         self.step = 0
         self.series = SeriesStore(history)
         self.recent = RecentSteps(recent, n_groups)
         self.before_nonfinite: Optional[Dict[str, np.ndarray]] = None
+        self.clip = None if clip is None else ClipTally(clip)  # what the user's own clipping did
+        self.clip_capacity = clip_capacity
         self.layer_spikes = SpikeTracker(n_groups)
         self.global_spikes = SpikeTracker(1)
         self.update_max = np.full(n_groups, np.nan)
@@ -76,13 +80,18 @@ class Ledger:
             weight_norm=weight_norm, grad_to_weight=grad_to_weight, zero_fraction=zeros / numel,
             nonfinite=nonfinite, update_ratio=np.full(len(numel), np.nan),
             global_norm=np.array(global_norm), cosine=np.array(cosine), loss=np.array(loss),
+            **({} if self.clip is None else {"post_clip_norm": np.array(np.nan), "clip_cosine": np.array(np.nan)}),
         )
         if self.before_nonfinite is None and self.recent.capacity:
             self.recent.append(step, global_norm, grad_norm=grad_norm, grad_abs_max=row.max_abs, nonfinite=nonfinite)
             if nonfinite.any() or not np.isfinite(global_norm):
                 self.before_nonfinite = self.recent.snapshot()  # the black box: frozen at the first failure
         self.layer_spikes.update(step, grad_norm)
-        self.global_spikes.update(step, np.array([global_norm]))
+        z = self.global_spikes.update(step, np.array([global_norm]))[0]
+        if self.clip is not None:
+            effect = self.clip.record(step, global_norm, row.clip, self.clip_capacity, z)
+            self.series.amend(step, "post_clip_norm", np.array(effect["post_clip_norm"]))
+            self.series.amend(step, "clip_cosine", np.array(effect["clip_cosine"]))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
         self.step += 1
         return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
@@ -112,6 +121,10 @@ class Ledger:
         self.series.amend(step, "loss", np.array(value))
         if not np.isfinite(value) and self.loss_nonfinite_step is None:
             self.loss_nonfinite_step = step
+
+    def clip_record(self, guard: Optional[Dict[str, object]] = None) -> Optional[ClipRecord]:
+        """What the user's clipping did, with the Clipper's own counts where it clipped; None unwatched."""
+        return None if self.clip is None else self.clip.record_of(guard)
 
     def profile_fields(self) -> Dict[str, object]:
         """The Profile's fields that this ledger owns, as copies."""

@@ -72,6 +72,21 @@ _MODEL = {
     "max_layer_share": "largest grad_norm_share of any layer",
     "active_layers": "layers with trainable parameters",
     "unused_layers": "layers with trainable parameters that never received a gradient",
+    # the user's own clipping (Monitor(clip=...), gradient_clip_val, max_grad_norm); NaN where not told
+    "clip_threshold": "the threshold the run clips at (norm, value or AGC factor)",
+    "clip_steps": "steps whose clipping was judged (a finite pre-clip norm)",
+    "clip_rate": "share of those steps the clipping acted on (0..1)",
+    "clip_rate_window": "highest clip rate over any window of 100 steps or more (the whole run where shorter)",
+    "clip_window_steps": "the steps that window spans",
+    "clip_scale_mean": "geometric mean, over the steps it clipped, of post-clip over pre-clip global norm",
+    "clip_capped_fraction": "by value: share of gradient elements capped; AGC: share of units capped",
+    "clip_cosine_min": "smallest cosine between a step's clipped and unclipped gradient (1 for norm clipping)",
+    "clip_reference_norm": "pre-clip global norm where the threshold was set: the gradscope report's median, "
+                           "else the geometric mean over the run's first 10%",
+    "clip_recent_norm": "geometric mean pre-clip global norm over the run's last 10%",
+    "clip_norm_drift": "how far the norms moved from the reference: the larger of recent/reference and its inverse",
+    "clip_headroom": "clip threshold over the largest finite pre-clip global norm (norm clipping)",
+    "clip_spikes": "spike steps (z >= 6) that the clipping cut, or the Clipper's guard skipped",
 }
 
 LAYER_METRICS: Dict[str, Metric] = {k: Metric("layer", v) for k, v in _LAYER.items()}
@@ -79,7 +94,8 @@ MODEL_METRICS: Dict[str, Metric] = {k: Metric("model", v) for k, v in _MODEL.ite
 
 # Text a message template may also name; never usable in a condition.
 LAYER_CONTEXT = ("layer", "kind")
-MODEL_CONTEXT = ("model", "first_nonfinite_layer", "first_nonfinite_step", "spike_step", "loss_nonfinite_step")
+MODEL_CONTEXT = ("model", "first_nonfinite_layer", "first_nonfinite_step", "spike_step", "loss_nonfinite_step",
+                 "clip_method", "clip_source", "clip_spike_steps", "clip_drift_direction")
 
 
 def condition_names(scope: str) -> tuple:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, outputs, recorder
+from . import clipping, distributed, outputs, recorder
 from . import histogram as hist
-from .buckets import Bucket, HostRow, StepSums, pack_row, to_host, weight_change_sq
+from .buckets import Bucket, HostRow, StepSums, agc_units, pack_row, to_host, weight_change_sq
 from .errors import ExperimentError
 from .experiment import is_adaptive
 from .ledger import Ledger
@@ -65,6 +65,12 @@ class Monitor:
     per-layer norms, max |g| and non-finite counts of that step and the ``nonfinite_window - 1`` before
     it, every one of them however long the run was (0 keeps none).
 
+    ``clip``: how your loop clips, to report what it did over the run (see ``gradscope.clipping``): a
+    number (a norm threshold, as ``clip_grad_norm_(params, 1.0)`` or ``max_grad_norm``), a pair such as
+    ``("value", 0.5)`` or ``("agc", 0.01)``, or the :class:`~gradscope.Clipper` that clips (whose guard's
+    counts join the report). The Monitor still measures the gradients before clipping: the post-clip
+    norm, the clip rate and, by value or AGC, the share capped and the cosine follow from them.
+
     ``output`` (a path; its suffix picks the format, as the callbacks' does) makes it a flight
     recorder: ``with Monitor(model, output="gradscope.json") as monitor:`` writes the report (under
     ``rules``) when the block ends, whole after a normal end and marked partial, with the reason and the
@@ -79,7 +85,8 @@ class Monitor:
     def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
                  histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
                  flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None,
-                 output: Optional[Union[str, Path]] = None, rules=None, nonfinite_window: int = NONFINITE_WINDOW) -> None:
+                 output: Optional[Union[str, Path]] = None, rules=None, nonfinite_window: int = NONFINITE_WINDOW,
+                 clip=None) -> None:
         if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every) < 1:
             raise ExperimentError("accumulation_steps, update_every, histogram_sample, histogram_every and "
                                   "flush_every must be at least 1", "1 measures (or flushes) every call or step")
@@ -127,7 +134,11 @@ class Monitor:
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
         self._step_hist: Optional[torch.Tensor] = None  # one step's counts, under a GradScaler that may skip it
         self._all_present: Optional[torch.Tensor] = None
-        self._ledger = Ledger(self._numel, history, nonfinite_window)  # everything kept on the host, step by step
+        self.clip = clipping.parse(clip)
+        self._clipper = clip if self.clip is not None and self.clip.source == "Clipper" else None
+        self._clip_excluded, self._clip_capacity = self._clip_layout(inner, params)
+        # everything kept on the host, step by step
+        self._ledger = Ledger(self._numel, history, nonfinite_window, self.clip, self._clip_capacity)
         self.flush_every = flush_every
         self.histogram_every = histogram_every
         self._pending: List[_Pending] = []  # rows still on the device, oldest first
@@ -204,6 +215,10 @@ class Monitor:
         for b in self._buckets:
             present |= b.measure(acc, inverse_scale, histogram, dot=step > 0)
             b.measure_weights(acc, measure, snapshot)
+        if self.clip is not None and self.clip.method in ("value", "agc"):  # the user's clipping, by element or unit
+            for b in self._buckets:
+                b.clip_sums(self.clip.method, self.clip.threshold, self.clip.eps, inverse_scale, acc.clip,
+                            self._clip_excluded)
         if snapshot:
             self._snapshot_step = step
         loss_value = torch.full((1,), float("nan"), device=dev, dtype=row_dtype) if loss is None else \
@@ -221,6 +236,20 @@ class Monitor:
         if amp or len(self._pending) >= self.flush_every:  # a GradScaler syncs every step anyway
             self.flush()
         return result
+
+    def _clip_layout(self, inner: nn.Module, params: List[nn.Parameter]) -> Tuple[frozenset, float]:
+        """The parameters the user's AGC leaves alone (a Clipper's excluded head), and what the clip sums
+        count over: every element (value), or every unit AGC clips."""
+        if self.clip is None or self.clip.method not in ("value", "agc"):
+            return frozenset(), 0.0
+        if self.clip.method == "value":
+            return frozenset(), float(self._numel.sum())
+        skipped = set()
+        if self._clipper is not None:
+            names = self._clipper._excluded(inner)
+            skipped = {id(p) for name, m in inner.named_modules() if name in names for p in m.parameters(recurse=False)}
+        units = sum(agc_units(p) for p in params if id(p) not in skipped)
+        return frozenset(skipped), float(units)
 
     def _fresh_step_histogram(self) -> torch.Tensor:
         if self._step_hist is None:
@@ -324,6 +353,7 @@ class Monitor:
             model_source=class_source(module_class(unwrap(self.model))),
             ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets),
             adaptive_optimizer=self.adaptive_optimizer,
+            clip=self._ledger.clip_record(self._clipper.counts() if self._clipper is not None else None),
         )
 
     def _histograms(self, alone: bool = False) -> np.ndarray:

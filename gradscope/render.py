@@ -17,13 +17,15 @@ from rich.table import Table
 from rich.text import Text
 
 from .baseline import Comparison
+from .clipping import rate_windows
 from .evaluate import Finding
 from .gate import Verdict
 from .judge import TrialSet
 from .report import Report
 from .ruleset import SEVERITIES
 from .stats import LayerStats
-from .wording import SEVERITY_RANK, advice, fmt, fmt_count, guard_summary, guard_words, plural, schedule_caveat, shorten_names
+from .wording import (SEVERITY_RANK, advice, clip_rate_words, clip_summary, fmt, fmt_count, guard_summary, guard_words,
+                      plural, schedule_caveat, shorten_names)
 
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
@@ -140,6 +142,12 @@ def global_line(report: Report) -> RenderableType:
                  f"trend x{fmt(mm['global_norm_growth'])}/step")
     if np.isfinite(m.loss).any() or len(m.loss):
         grid.add_row("loss", sparkline(m.loss, log=False), f"first {fmt(mm['loss_first'])} · last {fmt(mm['loss_last'])}")
+    if m.clip is not None:  # the run's own clipping, where gradscope was told of it
+        grid.add_row("post-clip" if m.clip.spec.per_step else "clipping",
+                     sparkline(m.post_clip_norm) if m.clip.spec.per_step else Text(""), clip_summary(m.clip, mm))
+        _, _, rates = rate_windows(m.clip)
+        if len(rates):
+            grid.add_row("clip rate", sparkline(rates, log=False, bounds=(0.0, 1.0)), clip_rate_words(mm))
     return Group(grid, Text(""))
 
 
@@ -282,8 +290,10 @@ def layer_severity(findings: Sequence[Finding]) -> Dict[str, str]:
     return worst
 
 
-def sparkline(values: np.ndarray, width: int = SPARK_WIDTH, log: bool = True) -> Text:
-    """Bars for a series on a log scale, averaged down to ``width`` buckets; ✕ marks a non-finite bucket."""
+def sparkline(values: np.ndarray, width: int = SPARK_WIDTH, log: bool = True,
+              bounds: Optional[tuple] = None) -> Text:
+    """Bars for a series on a log scale, averaged down to ``width`` buckets; ✕ marks a non-finite bucket.
+    ``bounds`` fixes the scale's ends (a rate from 0 to 1) rather than the series' own range."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size == 0:
         return Text("")
@@ -299,6 +309,8 @@ def sparkline(values: np.ndarray, width: int = SPARK_WIDTH, log: bool = True) ->
     arr = np.array(out)
     ok = np.isfinite(arr)
     lo, hi = (arr[ok].min(), arr[ok].max()) if ok.any() else (0.0, 0.0)
+    if bounds is not None:
+        lo, hi = bounds
     text = Text()
     for value, bad in zip(arr, marks):
         if bad:

@@ -12,7 +12,8 @@ from .evaluate import Finding, worst_severity
 from .judge import Trial, TrialSet
 from .recommend import Recommendation
 from .ruleset import RuleSet
-from .stats import Statistics
+from .clipping import rate_windows
+from .stats import CLIP_METRICS, Statistics
 
 SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)
 
@@ -113,6 +114,7 @@ class Report:
                 {"step": m.first_nonfinite[0], "layer": m.first_nonfinite[1]},
                 "before_nonfinite": _before_nonfinite(m.before_nonfinite),
             },
+            "clipping": _clipping(m),
             "layers": [
                 {"name": l.name, "kind": l.kind, "params": l.params, "frozen_params": l.frozen_params,
                  "status": l.status, "param_names": list(l.param_names), "grad_norm": l.norm_series.tolist(),
@@ -153,6 +155,23 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
             "reason": trials.reason, "learned": trials.learned, "steps_spent": trials.spent,
             "untried": list(trials.untried), "stopped": trials.stopped or None, "notes": list(trials.notes),
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
+
+
+def _clipping(m) -> Optional[Dict[str, Any]]:
+    """The run's own clipping (see gradscope.clipping), or None where gradscope was not told of it."""
+    if m.clip is None:
+        return None
+    record, mm = m.clip, m.metrics
+    first, steps, rate = rate_windows(record)
+    return {
+        "method": record.spec.method, "threshold": record.spec.threshold, "source": record.spec.source,
+        "steps": record.steps, "clipped": record.clipped,
+        **{key[len("clip_"):]: mm[key] for key in CLIP_METRICS if key not in ("clip_threshold", "clip_steps")},
+        "spike_steps": list(record.spikes),
+        "windows": {"first_step": first.astype(int).tolist(), "steps": steps.astype(int).tolist(), "rate": rate.tolist()},
+        "post_clip_norm": m.post_clip_norm.tolist(), "cosine": m.clip_cosine.tolist(),
+        "guard": None if record.guard is None else {k: v for k, v in record.guard.items()},
+    }
 
 
 def _before_nonfinite(box: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import stats as sps
 
 from . import histogram as hist
+from .clipping import levels, longest_rate
 from .profile import Profile
 
 START_STEPS = 3  # the first steps give the level a run starts at, before it can have blown up
@@ -55,6 +56,11 @@ class ModelStats:
     # the steps up to the first non-finite one, whole: ``steps``, ``global_norm``, ``layers`` (names) and
     # ``grad_norm``, ``grad_abs_max``, ``nonfinite`` (steps × layers); see ``Profile.before_nonfinite``
     before_nonfinite: Optional[Mapping[str, Any]] = None
+    # the user's own clipping: what it did (gradscope.clipping.ClipRecord), and the post-clip global
+    # norm and the clipped-unclipped cosine at the series' steps; None / empty where not watched
+    clip: Optional[Any] = None
+    post_clip_norm: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
+    clip_cosine: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +195,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
                                default=NAN),
         "active_layers": float(sum(1 for layer in layers if layer.status == "active")),
         "unused_layers": float(sum(1 for layer in layers if layer.status == "unused")),
+        **clip_metrics(profile.clip, _finite_max(global_norm)),
     }
     return ModelStats(
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm, cosine=cosine, loss=loss,
@@ -197,7 +204,47 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         source=profile.model_source, ranks=profile.ranks, sharded=profile.sharded,
         before_nonfinite=None if profile.before_nonfinite is None else
         {**profile.before_nonfinite, "layers": tuple(profile.layers[i].name for i in profile.active)},
+        clip=profile.clip, post_clip_norm=s.get("post_clip_norm", np.empty(0)).reshape(-1),
+        clip_cosine=s.get("clip_cosine", np.empty(0)).reshape(-1),
     )
+
+
+CLIP_METRICS = ("clip_threshold", "clip_steps", "clip_rate", "clip_rate_window", "clip_window_steps",
+                "clip_scale_mean", "clip_capped_fraction", "clip_cosine_min", "clip_reference_norm",
+                "clip_recent_norm", "clip_norm_drift", "clip_headroom", "clip_spikes")
+
+
+def clip_metrics(record: Any, norm_max: float) -> Dict[str, float]:
+    """The user's clipping over the run, as model metrics (all NaN where the Monitor was not told of it).
+    Where the Clipper clipped adaptively, its own counts give the rate."""
+    out = dict.fromkeys(CLIP_METRICS, NAN)
+    if record is None:
+        return out
+    spec = record.spec
+    out["clip_threshold"] = spec.threshold if spec.threshold is not None else NAN
+    guard = record.guard or {}
+    if not spec.per_step:  # adaptive: the Clipper counted what it did
+        steps = float(guard.get("steps", 0))
+        out.update(clip_steps=steps, clip_rate=guard.get("clipped", 0) / steps if steps else NAN,
+                   clip_scale_mean=float(guard.get("mean_clip_scale", NAN)), clip_spikes=float(len(record.spikes)))
+        return out
+    window, span = longest_rate(record)
+    reference, recent = levels(record)
+    reference = spec.reference_norm or reference
+    drift = recent / reference if reference > 0 else NAN
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out.update(
+            clip_steps=float(record.steps), clip_rate=record.rate(), clip_rate_window=window,
+            clip_window_steps=float(span),
+            clip_scale_mean=float(np.exp(record.log_scale_sum / record.clipped)) if record.clipped else 1.0,
+            clip_capped_fraction=record.capped_sum / record.capped_total if record.capped_total else NAN,
+            clip_cosine_min=record.cosine_min if spec.method != "norm" else 1.0,
+            clip_reference_norm=reference, clip_recent_norm=recent,
+            clip_norm_drift=max(drift, 1 / drift) if drift > 0 else NAN,
+            clip_headroom=spec.threshold / norm_max if spec.method == "norm" and norm_max > 0 else NAN,
+            clip_spikes=float(len(record.spikes)),
+        )
+    return {k: float(v) for k, v in out.items()}
 
 
 def _rows(series: Mapping[str, np.ndarray], name: str, width: int) -> np.ndarray:

@@ -39,6 +39,43 @@ def guard_words(rec: Recommendation) -> str:
     return "" if rec.guard is None or not rec.guard.armed else ", with the skip-step guard"
 
 
+def clip_summary(record, metrics: Dict[str, float]) -> str:
+    """What the run's own clipping did, in one line (``record`` a clipping.ClipRecord, ``metrics`` the
+    model metrics): 'norm clipping at 1 (max_grad_norm): acted on 97% of 500 steps, post/pre 0.31x'."""
+    spec = record.spec
+    at = "" if spec.threshold is None else f" at z {fmt(spec.threshold)}" if spec.method == "adaptive" \
+        else f" at {fmt(spec.threshold)}"
+    head = f"{spec.method} clipping{at}, set in the {spec.source}"
+    steps = metrics.get("clip_steps", math.nan)
+    if not steps == steps or steps == 0:
+        return head + ": no step judged yet"
+    words = [f"acted on {metrics['clip_rate']:.0%} of {fmt_count(int(steps))} steps"]
+    if metrics.get("clip_rate", 0) > 0 and math.isfinite(metrics.get("clip_scale_mean", math.nan)):
+        words.append(f"post/pre norm {fmt(metrics['clip_scale_mean'])}x when it acted")
+    if math.isfinite(metrics.get("clip_capped_fraction", math.nan)):
+        what = "elements" if spec.method == "value" else "units"
+        words.append(f"{metrics['clip_capped_fraction']:.1%} of {what} capped")
+    if spec.method != "norm" and math.isfinite(metrics.get("clip_cosine_min", math.nan)):
+        words.append(f"cosine to the unclipped gradient ≥ {fmt(metrics['clip_cosine_min'])}")
+    guard = record.guard or {}
+    if guard.get("skipped"):
+        words.append(f"the guard skipped {plural(int(guard['skipped']), 'step')}")
+    return head + ": " + ", ".join(words)
+
+
+def clip_rate_words(metrics: Dict[str, float]) -> str:
+    """The clip rate's shape over the run: its highest over a long window, and the norms' drift."""
+    window, span = metrics.get("clip_rate_window", math.nan), metrics.get("clip_window_steps", math.nan)
+    if not math.isfinite(window):
+        return ""
+    drift = metrics.get("clip_norm_drift", math.nan)
+    words = f"highest {window:.0%} over {fmt_count(int(span))} steps in a row"
+    if math.isfinite(drift):
+        words += (f" · pre-clip norm from {fmt(metrics['clip_reference_norm'])} to "
+                  f"{fmt(metrics['clip_recent_norm'])} ({fmt(drift)}x)")
+    return words
+
+
 def schedule_caveat(reach) -> Optional[str]:
     """What the report says when the profile and the trials stopped short of the schedule's peak rate
     (``reach`` is a report.ScheduleReach, or None without a scheduler); None when they reached it."""

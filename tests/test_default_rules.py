@@ -151,6 +151,24 @@ def healthy_sgd() -> gradscope.Experiment:
                                 regression_batches(), loss_fn=mse)
 
 
+def watched_run(clip: float, steps: int = 60, scale=lambda step: 1.0, spike=None) -> gradscope.Report:
+    """A plain loop that clips by norm at ``clip`` and tells its Monitor so; its loss scaled by
+    ``scale(step)``, and step ``spike``'s targets 300x their size. The norms run 2.3 to 12 (p10 to max)."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    batches = regression_batches()
+    monitor = gradscope.Monitor(model, clip=clip)
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batches()
+        (scale(step) * mse(model, (x, y * (300 if step == spike else 1)))).backward()
+        monitor.observe()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return monitor.report()
+
+
 TRIPS = {
     "nonfinite-gradients": nonfinite_gradients,
     "nonfinite-loss": nonfinite_loss,
@@ -170,9 +188,16 @@ TRIPS = {
     "amp-skipped-steps": lambda: amp_overflow(backoff=0.5),
     "amp-skipping-often": lambda: amp_overflow(backoff=0.95),
     "adaptive-optimizer-outliers": healthy_mlp,  # Adam: the guard's rule is about the optimizer, not a symptom
+    "clipping-every-step": lambda: watched_run(0.01),
+    "clipping-never-acts": lambda: watched_run(1e6),
+    "clipping-stale": lambda: watched_run(1.0, scale=lambda step: 0.93 ** step),  # the norms fall 77x
+    "clipping-cut-spikes": lambda: watched_run(17.0, spike=40),
 }
 HEALTHY = {rule_id: (healthy_lstm if rule_id.startswith("recurrent") else healthy_mlp) for rule_id in TRIPS}
 HEALTHY["adaptive-optimizer-outliers"] = healthy_sgd
+for rule_id in TRIPS:  # a threshold near the norms' 80th percentile: it acts on some steps, not all
+    if rule_id.startswith("clipping-"):
+        HEALTHY[rule_id] = lambda: watched_run(6.5)
 
 
 def test_every_default_rule_has_fixtures():

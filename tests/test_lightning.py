@@ -209,3 +209,32 @@ def test_a_fit_that_raises_leaves_a_partial_report(tmp_path):
     assert doc["partial"] is True and doc["steps"] == 5
     assert doc["stopped_reason"] == "the training loop raised RuntimeError: a corrupt shard, after 5 observed steps"
     assert doc["gate"]["exit_code"] == 2
+
+
+class Annealed(Regressor):
+    """Its loss is scaled down 10% a step: the pre-clip norms fall about 500x over 60 steps."""
+
+    def training_step(self, batch, batch_idx):
+        return 0.9 ** self.global_step * super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("clip_val, algorithm, module, rule", [
+    (1e-3, "norm", Regressor, "clipping-every-step"),
+    (1e6, "norm", Regressor, "clipping-never-acts"),
+    (0.5, "norm", Annealed, "clipping-stale"),
+    (1e-3, "value", Regressor, "clipping-every-step"),
+])
+def test_the_fits_own_clipping_is_reported(tmp_path, clip_val, algorithm, module, rule):
+    torch.manual_seed(0)
+    callback = GradscopeCallback(output=tmp_path / "report.json")
+    model = module()
+    trainer(callback, max_steps=60, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm).fit(model, loader())
+    doc = json.loads((tmp_path / "report.json").read_text())
+    clip = doc["clipping"]
+    assert clip["method"] == algorithm and clip["threshold"] == clip_val
+    assert clip["source"] == "Trainer's gradient_clip_val" and clip["steps"] == 60
+    assert clip["rate"] == pytest.approx(0.0 if rule == "clipping-never-acts" else clip["clipped"] / 60, rel=1e-5)
+    if algorithm == "norm":  # Lightning's own record of the pre-clip norm, clipped as clip_grad_norm_ does
+        expected = [n * min(1.0, clip_val / (n + 1e-6)) for n in model.reference]
+        assert clip["post_clip_norm"] == pytest.approx(expected, rel=1e-5)
+    assert rule in [f["rule_id"] for f in doc["findings"]]

@@ -13,9 +13,10 @@ import gradscope  # noqa: E402
 from gradscope.integrations.transformers import GradscopeTrainerCallback  # noqa: E402
 
 
-def tiny_gpt2():
+def tiny_gpt2(initializer_range: float = 0.02):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32,
+                                     initializer_range=initializer_range)
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -31,13 +32,13 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5):
+def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5, model=None):
     callback = GradscopeTrainerCallback(output=tmp_path / "report.txt", update_every=1, histogram_sample=1)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
         max_grad_norm=max_grad_norm, gradient_accumulation_steps=accumulation, logging_steps=1,
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    trainer = transformers.Trainer(model=model or tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
     trainer.train()
     history = [entry for entry in trainer.state.log_history if "grad_norm" in entry]
     return callback.report, [float(e["grad_norm"]) for e in history], [float(e["loss"]) for e in history]
@@ -162,3 +163,20 @@ def test_a_train_stopped_by_a_signal_inside_recording_leaves_a_partial_report(tm
     doc = json.loads(out.read_text())
     assert doc["partial"] is True and doc["stopped_reason"] == f"{words}, after 3 observed steps"
     assert doc["gate"]["exit_code"] == (143 if signum == signal.SIGTERM else 130)
+
+
+def test_the_trainers_own_clipping_is_reported(tmp_path):
+    # initializer_range 0.5: pre-clip norms of 10 to 24 under the Trainer's default max_grad_norm=1.0
+    report, logged, _ = train(tmp_path, 1.0, steps=24, model=tiny_gpt2(initializer_range=0.5))
+    m = report.statistics.model
+    assert min(logged) > 5 and m.clip.spec.source == "Trainer's max_grad_norm" and m.clip.spec.threshold == 1.0
+    assert m.metrics["clip_rate"] == 1.0 and m.metrics["clip_steps"] == 24
+    assert m.post_clip_norm.tolist() == pytest.approx([n / (n + 1e-6) for n in logged], rel=1e-5)
+    fired = [f for f in report.findings if f.rule_id == "clipping-every-step"]
+    assert fired and "acted on 100% of 24 steps in a row" in fired[0].message
+
+
+def test_a_threshold_the_trainer_never_reaches_is_reported(tmp_path):
+    report, logged, _ = train(tmp_path, 100.0, steps=24)
+    assert max(logged) < 100 and report.statistics.model.metrics["clip_rate"] == 0.0
+    assert [f.rule_id for f in report.findings if f.rule_id.startswith("clipping-")] == ["clipping-never-acts"]

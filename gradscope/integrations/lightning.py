@@ -14,8 +14,9 @@ import lightning.pytorch as pl
 import torch
 
 from ..clipper import Clipper
-from ..errors import GradscopeError
 from .. import recorder
+from ..clipping import ClipSpec
+from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
 from ..ruleset import RuleSet
@@ -31,17 +32,28 @@ class GradscopeCallback(pl.Callback):
     is printed or written at the end of fit, and findings at ``fail_on`` raise
     :class:`GradientHealthError`. ``update_every`` and ``histogram_sample`` go to each
     :class:`~gradscope.Monitor`.
+
+    The report says what the fit's own clipping did (the clip rate over the run, the post-clip norm, and
+    the findings that it acts on every step, never, or no longer fits): from ``gradient_clip_val`` and
+    ``gradient_clip_algorithm``, or from ``clip`` (as ``Monitor``'s: the :class:`~gradscope.Clipper` a
+    :class:`ClipperCallback` applies, say).
     """
 
     def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
-                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4) -> None:
+                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None) -> None:
+        self.clip = clip
         self.sink = ReportSink(rules, output, fail_on)
         self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample}
         self.monitors: Dict[int, Monitor] = {}
         self.reports: List[Report] = []
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.monitors = {id(opt): Monitor(pl_module, parameters=_parameters(opt), optimizer=opt, **self.monitor_options)
+        clip = self.clip
+        if clip is None and trainer.gradient_clip_val:  # Lightning clips after on_before_optimizer_step, where the Monitor reads
+            algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+            clip = ClipSpec(algorithm, float(trainer.gradient_clip_val), "Trainer's gradient_clip_val")
+        self.monitors = {id(opt): Monitor(pl_module, parameters=_parameters(opt), optimizer=opt, clip=clip,
+                                          **self.monitor_options)
                          for opt in trainer.optimizers}
         self.reports = []
 

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from .. import recorder
 from ..clipper import Clipper
+from ..clipping import ClipSpec
 from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
@@ -33,10 +34,15 @@ class GradscopeTrainerCallback(TrainerCallback):
 
     ``output`` and ``fail_on`` are as in :class:`~gradscope.integrations.common.ReportSink`.
     ``update_every`` and ``histogram_sample`` go to the :class:`~gradscope.Monitor`.
+
+    The report says what the run's own clipping did (the clip rate over the run, the post-clip norm, and
+    the findings that it acts on every step, never, or no longer fits): from ``max_grad_norm`` (1.0
+    unless set), or from ``clip`` (as ``Monitor``'s: the Clipper a ``ClipperTrainerCallback`` applies).
     """
 
     def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
-                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4) -> None:
+                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None) -> None:
+        self.clip = clip
         self.sink = ReportSink(rules, output, fail_on)
         self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample}
         self.monitor: Optional[Monitor] = None
@@ -47,7 +53,11 @@ class GradscopeTrainerCallback(TrainerCallback):
         self._losses: List[torch.Tensor] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), **self.monitor_options)
+        clip = self.clip
+        if clip is None and args.max_grad_norm and args.max_grad_norm > 0:
+            clip = ClipSpec("norm", float(args.max_grad_norm), "Trainer's max_grad_norm")
+        self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), clip=clip,
+                               **self.monitor_options)
         self._model = model
         self._accumulation = max(int(args.gradient_accumulation_steps), 1)
         self._steps_in_epoch = _length(train_dataloader)
