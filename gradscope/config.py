@@ -37,10 +37,10 @@ def load_config(start: Optional[Path] = None) -> "Config":
     tool = document.get("tool", {})
     if not isinstance(tool, dict):
         raise GradscopeError(f"{path}: 'tool' must be a table, not a {type(tool).__name__}",
-                             "write [tool.gradscope] as a table; see README: configuration")
+                             "write [tool.gradscope] as a table; see [tool.gradscope] in docs/usage.md")
     table = tool.get("gradscope", {})
     if not isinstance(table, dict):
-        raise GradscopeError(f"{path}: [tool.gradscope] must be a table", "see README: configuration")
+        raise GradscopeError(f"{path}: [tool.gradscope] must be a table", "see [tool.gradscope] in docs/usage.md")
     unknown = set(table) - set(KEYS)
     if unknown:
         raise GradscopeError(f"{path}: unknown key(s) in [tool.gradscope]: {', '.join(sorted(unknown))}",
@@ -48,7 +48,7 @@ def load_config(start: Optional[Path] = None) -> "Config":
     for key, kind in KEYS.items():
         if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
             raise GradscopeError(f"{path}: [tool.gradscope] {key} must be a{'n integer' if kind is int else ' string'}",
-                                 "see README: configuration")
+                                 "see [tool.gradscope] in docs/usage.md")
     config = Config(table, source=str(path))
     for key in ("rules", "baseline"):
         if key in config:

@@ -151,7 +151,7 @@ def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, A
         data = yaml.safe_load(text)
     except RecursionError:  # the composer recurses once per level of [[[...]]]
         raise RuleError(f"{filename}: rule file is nested too deeply (over {MAX_DEPTH} levels)",
-                        "a rule file is a list of flat rules; see README: rule files") from None
+                        "a rule file is a list of flat rules; see docs/rules.md") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -161,7 +161,7 @@ def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, A
     if data is None:
         data = {"rules": []}
     if not isinstance(data, dict):
-        raise RuleError(f"{filename}: the top level must be a mapping with a 'rules' list", "see README: rule files")
+        raise RuleError(f"{filename}: the top level must be a mapping with a 'rules' list", "see docs/rules.md")
     unknown = set(data) - {"version", "rules"}
     if unknown:
         raise RuleError(f"{filename}: unknown top-level key(s) {sorted(map(str, unknown))}", "allowed: version, rules")
@@ -316,7 +316,7 @@ def _condition(node: Any, scope: str, params: Mapping[str, float], rule_id: str,
         raise RuleError(f"{where}: rule {rule_id}: {problem}", hint)
 
     if depth > MAX_DEPTH or not isinstance(node, dict) or len(node) == 0:
-        fail("a condition must be a mapping: {metric, op, value}, or all/any/not", "see README: rule files")
+        fail("a condition must be a mapping: {metric, op, value}, or all/any/not", "see docs/rules.md")
     keys = set(node)
     if keys in ({"all"}, {"any"}):
         key = keys.pop()

@@ -99,13 +99,13 @@ def test_malformed_rule_files_name_file_line_and_rule(tmp_path, text, expected):
         load_rules(write(tmp_path, text))
 
 
-def test_the_readme_rule_example_loads_and_its_message_names_a_param(tmp_path):
+def test_the_documented_rule_example_loads_and_its_message_names_a_param(tmp_path):
     import re
 
     import gradscope
     from models import exploding_rnn
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    example = re.search(r"A rule file looks like:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text(encoding="utf-8")
+    example = re.search(r"A rule file looks like:\n\n```yaml\n(.*?)```", page, re.S).group(1)
     report = gradscope.diagnose(exploding_rnn(), steps=12, seed=0, rules=str(write(tmp_path, example)), trials=0)
     finding = next(f for f in report.findings if f.rule_id == "big-global-norm")
     assert re.fullmatch(r"global norm reached \S+ \(limit 100\)", finding.message), finding.message

@@ -472,13 +472,13 @@ def test_cli_rejects_bad_trial_options(flag, capsys):
     assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
 
 
-def test_the_readme_trial_options_example_runs_as_written():
+def test_the_documented_trial_options_example_runs_as_written():
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
     example = next(b for b in blocks if "from gradscope import TrialOptions" in b)
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(example, "docs/python-api.md", "exec"), namespace)
     assert namespace["TrialOptions"] is TrialOptions and TrialOptions().budget == 13.0
     assert TrialOptions(steps=120).first_steps == 120 and not TrialOptions(steps=120).adaptive
 
