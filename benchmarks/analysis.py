@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradscope import Monitor
-from gradscope.stats import trend, trends
+from gradscope.analyse.stats import trend, trends
 
 
 def observed(layers: int, steps: int) -> Monitor:

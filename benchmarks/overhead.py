@@ -263,8 +263,8 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
     import os
 
     import torch.distributed as dist
-    from gradscope import distributed
-    from gradscope.buckets import summed_width
+    from gradscope.collect import distributed
+    from gradscope.collect.buckets import summed_width
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -10,9 +10,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 _PUBLIC = {
-    "Clipper": "clipper", "DEFAULT_STEPS": "diagnose", "diagnose": "diagnose", "GradscopeError": "errors",
-    "Experiment": "experiment", "Monitor": "monitor", "Report": "report", "RuleSet": "ruleset",
-    "load_rules": "ruleset", "TrialOptions": "options", "Skip": "guards",
+    "Clipper": "run.clipper", "DEFAULT_STEPS": "run.diagnose", "diagnose": "run.diagnose", "GradscopeError": "errors",
+    "Experiment": "run.experiment", "Monitor": "collect.monitor", "Report": "report", "RuleSet": "analyse.ruleset",
+    "load_rules": "analyse.ruleset", "TrialOptions": "run.options", "Skip": "run.guards",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import outputs
 from .errors import GradscopeError
-from .evaluate import Finding
+from .analyse.evaluate import Finding
 from .report import Report
-from .ruleset import SEVERITIES
+from .analyse.ruleset import SEVERITIES
 
 BASELINE_KIND = "gradscope-baseline"
 BASELINE_VERSION = 1

@@ -12,19 +12,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from . import __version__, distributed, interrupts, outputs
+from . import __version__, interrupts, outputs
+from .collect import distributed
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
-from .diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everything
+from .run.diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everything
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
-from .formats import FORMATS, html_available, to_markdown
+from .present.formats import FORMATS, html_available, to_markdown
 from .gate import FAIL_ON, Verdict, decide, unfinished
-from .metrics import LAYER_METRICS, MODEL_METRICS
-from .render import MAX_LAYER_ROWS, render, render_text
+from .analyse.metrics import LAYER_METRICS, MODEL_METRICS
+from .present.render import MAX_LAYER_ROWS, render, render_text
 from .report import Report
-from .ruleset import RuleSet, condition_lines, condition_metrics, load_rules
-from .target import DEFAULT_CALLABLE, load_experiment
-from .options import BUDGET, FIRST_STEPS, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TrialOptions
+from .analyse.ruleset import RuleSet, condition_lines, condition_metrics, load_rules
+from .run.target import DEFAULT_CALLABLE, load_experiment
+from .run.options import BUDGET, FIRST_STEPS, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TrialOptions
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
 

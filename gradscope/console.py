@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if owned:
             signal.signal(signal.SIGINT, previous)
     code = run(argv)
-    from . import distributed
+    from .collect import distributed
     if distributed.left_group:  # see distributed.left_group: skip the shutdown that can abort a clean run
         sys.stdout.flush()
         sys.stderr.flush()

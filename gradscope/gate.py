@@ -6,9 +6,9 @@ from typing import Optional, Tuple
 
 from .baseline import Comparison
 from .errors import EXIT_FINDINGS, EXIT_OK
-from .evaluate import Finding
+from .analyse.evaluate import Finding
 from .report import Report
-from .ruleset import SEVERITIES
+from .analyse.ruleset import SEVERITIES
 
 FAIL_ON = ("error", "warning", "never")
 

@@ -9,12 +9,12 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
-from . import stats
-from .evaluate import evaluate
-from .profile import Profile
-from .recommend import recommend
+from .analyse import stats
+from .analyse.evaluate import evaluate
+from .analyse.profile import Profile
+from .advise.recommend import recommend
 from .report import Report
-from .ruleset import RuleSet, load_rules
+from .analyse.ruleset import RuleSet, load_rules
 
 
 def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = None, model_name: str = "model",

@@ -16,7 +16,7 @@ def gradscope_report(request):
     from gradscope.testing import report_text, run_diagnosis
 
     def make(experiment_or_target, steps=None, rules=None, seed=0):
-        from gradscope.diagnose import DEFAULT_STEPS
+        from gradscope.run.diagnose import DEFAULT_STEPS
 
         report = run_diagnosis(experiment_or_target, steps=steps or DEFAULT_STEPS, rules=rules, seed=seed)
         request.node.add_report_section("call", f"gradscope {report.model}", report_text(report))

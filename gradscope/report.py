@@ -8,12 +8,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .evaluate import Finding, worst_severity
-from .judge import Trial, TrialSet
-from .recommend import Recommendation
-from .ruleset import RuleSet
-from .clipping import rate_windows
-from .stats import CLIP_METRICS, Statistics
+from .analyse.evaluate import Finding, worst_severity
+from .advise.judge import Trial, TrialSet
+from .advise.recommend import Recommendation
+from .analyse.ruleset import RuleSet
+from .collect.clipping import rate_windows
+from .analyse.stats import CLIP_METRICS, Statistics
 
 SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)
 
@@ -68,7 +68,7 @@ class Report:
     # The display layer imports this module, so these import it lazily: the types stay free of rendering.
     def render(self, width: int = 100, *, all_layers: bool = False) -> str:
         """The terminal report as plain text at ``width`` columns (what ``print(report)`` shows at 100)."""
-        from .render import render_text
+        from .present.render import render_text
         return render_text(self, width, all_layers=all_layers)
 
     def __str__(self) -> str:
@@ -76,12 +76,12 @@ class Report:
 
     def _repr_html_(self) -> str:
         """Jupyter shows the HTML report, plots included (needs the html extra: matplotlib)."""
-        from .html import to_html
+        from .present.html import to_html
         return to_html(self)
 
     def __rich__(self):
         """``rich.print(report)`` and a rich Console show the report in colour at the console's width."""
-        from .render import render
+        from .present.render import render
         return render(self)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -158,7 +158,7 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
 
 
 def _clipping(m) -> Optional[Dict[str, Any]]:
-    """The run's own clipping (see gradscope.clipping), or None where gradscope was not told of it."""
+    """The run's own clipping (see gradscope.collect.clipping), or None where gradscope was not told of it."""
     if m.clip is None:
         return None
     record, mm = m.clip, m.metrics

@@ -4,14 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from .diagnose import DEFAULT_STEPS, diagnose, seed_everything
-from .experiment import Experiment
+from .run.diagnose import DEFAULT_STEPS, diagnose, seed_everything
+from .run.experiment import Experiment
 from .gate import decide
-from .formats import findings_table
-from .render import render_text
+from .present.formats import findings_table
+from .present.render import render_text
 from .report import Report
-from .ruleset import RuleSet
-from .target import load_experiment
+from .analyse.ruleset import RuleSet
+from .run.target import load_experiment
 
 
 def run_diagnosis(experiment_or_target: Union[Experiment, str], steps: int = DEFAULT_STEPS,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.target import load_experiment
+from gradscope.run.target import load_experiment
 
 
 class MLP(nn.Module):

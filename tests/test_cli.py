@@ -206,7 +206,7 @@ def test_rules_and_metrics_listings(capsys):
 
 
 def test_rules_verbose_explains_every_rule(capsys):
-    from gradscope.ruleset import load_rules
+    from gradscope.analyse.ruleset import load_rules
     code, out, _ = run(["rules", "--verbose"], capsys)
     rules = load_rules(None).rules
     assert code == 0 and out.count("fires when:") == len(rules)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import gradscope
-from gradscope.clipper import Clipper
-from gradscope.guards import Skip
+from gradscope.run.clipper import Clipper
+from gradscope.run.guards import Skip
 from gradscope.errors import GradscopeError
 
 from models import MLP, exploding_rnn, mse, regression_batches
@@ -170,7 +170,7 @@ def test_norm_clipping_with_sparse_gradients_matches_a_dense_reference():
         assert p.grad.is_sparse == (p is not model.bias.weight and p is not model.bias.bias)
         torch.testing.assert_close(p.grad.to_dense(), g * float(0.5 / (total + 1e-6)), rtol=1e-6, atol=1e-7)
     again = sparse_grads()
-    assert float(gradscope.clipper.clip_norm_(again.parameters(), 1e9)) == pytest.approx(float(total), rel=1e-6)
+    assert float(gradscope.run.clipper.clip_norm_(again.parameters(), 1e9)) == pytest.approx(float(total), rel=1e-6)
 
 
 def test_value_clipping_caps_sparse_gradients_too():
@@ -183,7 +183,7 @@ def test_value_clipping_caps_sparse_gradients_too():
 
 def test_dense_gradients_alone_are_clipped_by_torch_itself():
     a, b = model_with_grads(), model_with_grads()
-    norm = gradscope.clipper.clip_norm_(a.parameters(), 0.1)
+    norm = gradscope.run.clipper.clip_norm_(a.parameters(), 0.1)
     assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1))
     assert all(torch.equal(x, y) for x, y in zip(grads(a), grads(b)))
 

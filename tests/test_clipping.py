@@ -13,8 +13,8 @@ from torch import nn
 
 import gradscope
 from gradscope import Clipper, Monitor
-from gradscope.clipper import _clip_unitwise
-from gradscope.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClipSpec, ClipTally, levels, longest_rate, parse
+from gradscope.run.clipper import _clip_unitwise
+from gradscope.collect.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClipSpec, ClipTally, levels, longest_rate, parse
 from gradscope.errors import GradscopeError
 
 from models import MLP, regression_batches
@@ -153,11 +153,11 @@ def test_the_terminal_and_html_reports_show_the_clipping(tmp_path):
     report, _ = watched(0.5, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
     text = gradscope.render_text(report, width=100) if hasattr(gradscope, "render_text") else None
     if text is None:
-        from gradscope.render import render_text
+        from gradscope.present.render import render_text
         text = render_text(report, width=100)
     assert "post-clip" in text and "clip rate" in text and "norm clipping at 0.5, set in the Monitor" in text
     pytest.importorskip("matplotlib")
-    from gradscope.html import to_html
+    from gradscope.present.html import to_html
     page = to_html(report)
     assert "Your clipping" in page and 'id="clip-rate"' in page and 'id="post-clip-norm"' in page
 
@@ -175,7 +175,7 @@ def test_no_clip_no_clipping_section():
 
 
 def test_an_adaptive_clipper_is_reported_from_its_own_counts():
-    from gradscope.render import render_text
+    from gradscope.present.render import render_text
     clipper = Clipper("adaptive", 2.0, warmup=5)
     torch.manual_seed(0)
     model = MLP()

@@ -13,7 +13,7 @@ from torch import nn
 
 import gradscope
 from gradscope.errors import ExperimentError
-from gradscope.experiment import batch_stream, compute_loss
+from gradscope.run.experiment import batch_stream, compute_loss
 
 from models import MLP, exploding_rnn, healthy_mlp
 
@@ -160,8 +160,8 @@ def test_monitor_report_equals_diagnose_report():
     """The Monitor in a user's own loop gives the same Report as diagnose on the same steps."""
     first = gradscope.diagnose(healthy_mlp(), steps=6, seed=1, restore=False)
     exp = healthy_mlp()
-    from gradscope.diagnose import seed_everything
-    from gradscope.experiment import batch_stream
+    from gradscope.run.diagnose import seed_everything
+    from gradscope.run.experiment import batch_stream
     seed_everything(1)
     monitor = gradscope.Monitor(exp.model, update_every=1, histogram_sample=1, histogram_every=1,
                                 optimizer=exp.optimizer)

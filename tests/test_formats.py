@@ -11,7 +11,7 @@ import pytest
 
 import gradscope
 from gradscope.cli import main
-from gradscope.formats import FORMATS, SUFFIXES, _gh_data, _gh_property, format_for
+from gradscope.present.formats import FORMATS, SUFFIXES, _gh_data, _gh_property, format_for
 from gradscope.gate import decide
 
 from models import exploding_rnn

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradscope import histogram as hist
+from gradscope.analyse import histogram as hist
 
 
 def counts_of(values: np.ndarray) -> np.ndarray:

@@ -57,15 +57,19 @@ def test_the_version_is_the_package_metadata(capsys):
     assert capsys.readouterr().out.strip() == f"gradscope {gradscope.__version__}"
 
 
-DISPLAY = ["gradscope.render", "gradscope.formats", "gradscope.html", "gradscope.wording", "gradscope.report",
-           "gradscope.pipeline", "gradscope.integrations.common"]
+PACKAGE = Path(__file__).resolve().parents[1] / "gradscope"
+PURE_FOLDERS = ("analyse", "advise", "present")  # a folder rule: nothing under these imports torch or runs training
+DISPLAY = [f"gradscope.{folder}.{path.stem}" for folder in PURE_FOLDERS
+           for path in sorted((PACKAGE / folder).glob("*.py")) if path.stem != "__init__"]
+DISPLAY += ["gradscope.report", "gradscope.pipeline", "gradscope.integrations.common"]
 
 
-@pytest.mark.parametrize("module", [*DISPLAY, "gradscope.ledger"])
+@pytest.mark.parametrize("module", [*DISPLAY, "gradscope.collect.ledger", "gradscope.collect.clipping",
+                                    "gradscope.collect.history"])
 def test_the_display_layer_stands_alone(module):
-    """Renderers and the Profile -> Report pipeline import no torch, and nothing that trains; nor does the
-    Monitor's host-side ledger, which keeps what the device measured."""
+    """Every module under analyse/, advise/ and present/, and the Profile -> Report pipeline, imports no torch
+    and nothing that trains; nor do the Monitor's host-side ledger, history and clipping tally."""
     code = (f"import sys, {module}; "
-            "bad = {'torch', 'gradscope.diagnose', 'gradscope.monitor', 'gradscope.trials', 'gradscope.experiment', "
-            "'matplotlib'} & set(sys.modules); assert not bad, bad")
+            "bad = {'torch', 'gradscope.run.diagnose', 'gradscope.collect.monitor', 'gradscope.run.trials', "
+            "'gradscope.run.experiment', 'matplotlib'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -8,7 +8,7 @@ from torch import nn
 
 import gradscope
 from gradscope.cli import main
-from gradscope.diagnose import EXTEND
+from gradscope.run.diagnose import EXTEND
 
 from models import healthy_mlp
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import gradscope
-from gradscope.formats import to_markdown
+from gradscope.present.formats import to_markdown
 from gradscope.gate import decide
-from gradscope.rates import ahead
+from gradscope.run.rates import ahead
 
 from models import healthy_mlp, noise_targets
 
@@ -60,7 +60,7 @@ def test_a_profile_inside_the_warm_up_says_it_never_saw_the_peak_rate():
     assert doc["schedule"]["reached"] is False and doc["schedule"]["peak_step"] == 100
     assert "**Learning rate:**" in to_markdown(report, decide(report, "error"))
     pytest.importorskip("matplotlib")
-    from gradscope.formats import FORMATS
+    from gradscope.present.formats import FORMATS
     assert "The learning-rate schedule peaks at 0.01" in FORMATS["html"](report, decide(report, "error"))
 
 

@@ -9,10 +9,10 @@ import pytest
 from rich.console import Console
 
 import gradscope
-from gradscope.metrics import LAYER_METRICS, MODEL_METRICS
-from gradscope.render import render, render_text
+from gradscope.analyse.metrics import LAYER_METRICS, MODEL_METRICS
+from gradscope.present.render import render, render_text
 from gradscope.report import SCHEMA_VERSION
-from gradscope.wording import shorten_names
+from gradscope.present.wording import shorten_names
 
 from models import exploding_rnn, healthy_mlp, hot_resnet, tiny_bert
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradscope.errors import GradscopeError, RuleError
-from gradscope.ruleset import Compare, RuleSet, load_rules, parse_rules_text
+from gradscope.analyse.ruleset import Compare, RuleSet, load_rules, parse_rules_text
 
 GOOD = """
 version: 1
@@ -167,7 +167,7 @@ def test_fuzzed_raw_text_gives_a_rule_set_or_a_gradscope_error(text):
 
 
 def test_a_missing_multiple_reads_n_a_not_n_ax():
-    from gradscope.evaluate import render_message
+    from gradscope.analyse.evaluate import render_message
     template = "peak {ratio:.3g}x its median, {count} steps"
     assert render_message(template, {"ratio": float("nan"), "count": 3}) == "peak n/a its median, 3 steps"
     assert render_message(template, {"ratio": 12.5, "count": 3}) == "peak 12.5x its median, 3 steps"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradscope.segments import Segments, order
+from gradscope.collect.segments import Segments, order
 
 
 def laid_out(lengths, seed=0, start=5):

@@ -6,9 +6,9 @@ import pytest
 from scipy import stats as sps
 
 import gradscope
-from gradscope.history import SPIKE_STD_FLOOR, SPIKE_WARMUP, SeriesStore, SpikeTracker
-from gradscope.metrics import LAYER_METRICS, MODEL_METRICS
-from gradscope.stats import trend
+from gradscope.collect.history import SPIKE_STD_FLOOR, SPIKE_WARMUP, SeriesStore, SpikeTracker
+from gradscope.analyse.metrics import LAYER_METRICS, MODEL_METRICS
+from gradscope.analyse.stats import trend
 
 from models import healthy_mlp
 
@@ -82,7 +82,7 @@ def test_kept_rows_own_their_memory():
 
 
 def test_recent_steps_keep_the_last_rows_in_order():
-    from gradscope.history import RecentSteps
+    from gradscope.collect.history import RecentSteps
     ring = RecentSteps(3, 2)
     for step in range(7):
         ring.append(step, float(step), grad_norm=np.array([step, -step]), grad_abs_max=np.zeros(2),
@@ -100,7 +100,7 @@ def test_thinned_theil_sen_stays_close_to_the_exact_estimator():
     import numpy as np
     from scipy import stats as sps
 
-    from gradscope.stats import TREND_ALPHA, TREND_POINTS, trend
+    from gradscope.analyse.stats import TREND_ALPHA, TREND_POINTS, trend
     steps = np.arange(1000)
     worst, worst_low, worst_picked = 0.0, 0.0, 0.0
     for seed in range(20):
@@ -123,7 +123,7 @@ def test_trends_of_many_series_equal_trend_of_each():
     including series with a NaN, an inf, ties and a constant, which take the scalar path."""
     import numpy as np
 
-    from gradscope.stats import trends
+    from gradscope.analyse.stats import trends
     rng = np.random.default_rng(0)
     for n in (3, 5, 30, 64, 65, 300, 1000):
         steps = np.arange(n)
@@ -146,7 +146,7 @@ def test_trends_of_series_with_holes_equal_trend_of_each():
     of finite steps (under 4, under the block count, above it)."""
     import numpy as np
 
-    from gradscope.stats import TREND_POINTS, trends
+    from gradscope.analyse.stats import TREND_POINTS, trends
     rng = np.random.default_rng(1)
     for n in (30, 64, 200, 1000):
         steps = np.arange(n) * 3 + 7  # increasing, not 0..n-1
@@ -174,7 +174,7 @@ def test_column_medians_equal_numpys_nanmedian_of_the_finite_values():
 
     import numpy as np
 
-    from gradscope.stats import _finite_median
+    from gradscope.analyse.stats import _finite_median
     rng = np.random.default_rng(0)
     for trial in range(300):
         a = rng.normal(size=(int(rng.integers(1, 40)), int(rng.integers(1, 6))))

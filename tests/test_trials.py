@@ -10,12 +10,13 @@ import torch
 from rich.console import Console
 
 import gradscope
-from gradscope import judge, schedule
+from gradscope.advise import judge
+from gradscope.run import schedule
 from gradscope.cli import main
 from gradscope.errors import ExperimentError
-from gradscope.judge import Checkpoint, Trial
-from gradscope.options import TrialOptions
-from gradscope.render import trials_table
+from gradscope.advise.judge import Checkpoint, Trial
+from gradscope.run.options import TrialOptions
+from gradscope.present.render import trials_table
 
 from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet, noise_targets
 
@@ -217,7 +218,7 @@ def test_the_climb_stops_once_the_pick_holds_over_a_doubling_and_goes_on_when_it
 
 
 class _Scripted:
-    """gradscope.schedule's Runner over held-out losses given as a function of (threshold, steps)."""
+    """gradscope.run.schedule's Runner over held-out losses given as a function of (threshold, steps)."""
 
     def __init__(self, held, options):
         self.held, self.options = held, options
@@ -402,7 +403,7 @@ def test_the_winner_trains_where_unclipped_training_diverges(exploding):
 ])
 def test_only_an_sgd_style_optimizer_gets_an_update_ratio_estimate(make, adaptive):
     """The estimate bounds lr_eff x threshold; an optimizer that normalises its step has no such bound."""
-    from gradscope.diagnose import _update_scale
+    from gradscope.run.diagnose import _update_scale
     experiment = healthy_mlp()
     experiment.optimizer = make(experiment.model.parameters())
     scale = _update_scale(experiment)

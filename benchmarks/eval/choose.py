@@ -2,7 +2,7 @@
 
 `python benchmarks/eval/run.py --exhaustive --json rows.json` tries every candidate threshold for 30
 steps and also trains every candidate for the full 300 steps (the grid). This script replays the
-trials through gradscope's own judge (gradscope.judge) under variants of the choice rule (margin or
+trials through gradscope's own judge (gradscope.advise.judge) under variants of the choice rule (margin or
 not, tie tolerance, budget and early stop) and scores each variant by the normalised regret R of the
 threshold it would have picked, over every explode scenario and seed. It trains nothing.
 
@@ -21,9 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import confirmed  # noqa: E402
 
-from gradscope import judge
-from gradscope.judge import Trial
-from gradscope.options import SEARCH_BUDGET as BUDGET
+from gradscope.advise import judge
+from gradscope.advise.judge import Trial
+from gradscope.run.options import SEARCH_BUDGET as BUDGET
 
 Rule = Callable[[List[Trial], Trial, float], Optional[float]]
 
@@ -60,7 +60,7 @@ def budgeted(trials: List[Trial], budget: float, steps: int = 30) -> List[Trial]
 def coarse_to_fine(trials: List[Trial], start: float, budget: float, steps: int = 30,
                    reference: Optional[Trial] = None) -> List[Trial]:
     """Decades first (every other lattice step, loosest first), then the half-decade step beside the best
-    decade, on the side of its better neighbour: what gradscope.trials does by default."""
+    decade, on the side of its better neighbour: what gradscope.run.trials does by default."""
     by_threshold = {t.threshold: t for t in trials}
     order = [t.threshold for t in trials]
     done: List[Trial] = []

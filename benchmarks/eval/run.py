@@ -49,8 +49,8 @@ from scipy import stats as sps  # noqa: E402
 
 import gradscope  # noqa: E402
 from gradscope import Skip  # noqa: E402
-from gradscope.judge import lattice  # noqa: E402
-from gradscope.options import FIRST_STEPS, TrialOptions  # noqa: E402
+from gradscope.advise.judge import lattice  # noqa: E402
+from gradscope.run.options import FIRST_STEPS, TrialOptions  # noqa: E402
 
 PROFILE_STEPS = 30
 BASELINES = ("fixed-1.0", "autoclip", "zclip")  # besides none
@@ -145,7 +145,7 @@ def _every_candidate(candidates, done, *args) -> Optional[float]:
 
 def _every_stable(trials, *args, **kwargs):
     """--exhaustive's climb: every stable trial goes on, the horizon doubling, to EXHAUSTIVE_STEPS."""
-    from gradscope import judge
+    from gradscope.advise import judge
     field = judge.final_field(trials)
     if field.steps * judge.RUNG_GROWTH > EXHAUSTIVE_STEPS:
         return [], f"{EXHAUSTIVE_STEPS} steps reached"
@@ -154,8 +154,9 @@ def _every_stable(trials, *args, **kwargs):
 
 def _exhaustive() -> None:
     if os.environ.get(EXHAUSTIVE):
-        from gradscope import judge, options
-        judge.next_candidate = _every_candidate  # gradscope.schedule looks them up on the module each time
+        from gradscope.advise import judge
+        from gradscope.run import options
+        judge.next_candidate = _every_candidate  # gradscope.run.schedule looks them up on the module each time
         judge.promote = _every_stable
         options.SEARCH_BUDGET = 1000.0  # the first rung's share, read when the search asks for it
 

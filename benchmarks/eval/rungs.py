@@ -3,10 +3,10 @@
 `python benchmarks/eval/run.py --exhaustive --json rows.json` tries every candidate threshold and
 carries every stable one on, the horizon doubling, to 240 steps, with the held-out loss recorded at
 30, 60, 120 and 240; it also trains every candidate for the full 300 steps (the grid). This script
-runs gradscope's own schedule (gradscope.schedule, with gradscope.judge) over those records instead
+runs gradscope's own schedule (gradscope.run.schedule, with gradscope.advise.judge) over those records instead
 of over real training: each trial is revealed as far as the schedule asks, and what the schedule
 would have paid is counted in steps (a contender whose state the schedule let go is replayed from
-the start, and that is counted, as gradscope.trials counts it). Each schedule is scored by the
+the start, and that is counted, as gradscope.run.trials counts it). Each schedule is scored by the
 normalised regret R of its pick against the grid and by its cost, over every confirmed explode pair.
 It trains nothing.
 
@@ -26,9 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import PROFILE_STEPS, confirmed  # noqa: E402
 
-from gradscope import judge, schedule  # noqa: E402
-from gradscope.judge import Checkpoint, Trial  # noqa: E402
-from gradscope.options import TrialOptions  # noqa: E402
+from gradscope.advise import judge  # noqa: E402
+from gradscope.run import schedule  # noqa: E402
+from gradscope.advise.judge import Checkpoint, Trial  # noqa: E402
+from gradscope.run.options import TrialOptions  # noqa: E402
 
 
 def _inf(value) -> float:
@@ -46,7 +47,7 @@ class Record:
 
 
 class Replay:
-    """gradscope.schedule's Runner over recorded trials: training is revealing the record up to a step."""
+    """gradscope.run.schedule's Runner over recorded trials: training is revealing the record up to a step."""
 
     def __init__(self, row: dict, options: TrialOptions) -> None:
         runs = row["trials"]["runs"]
@@ -177,7 +178,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, (options, replaced) in SCHEDULES.items():
         shipped = {k: getattr(judge, k) for k in replaced}
-        for k, v in replaced.items():  # gradscope.schedule and judge look these up on the module when they run
+        for k, v in replaced.items():  # gradscope.run.schedule and judge look these up on the module when they run
             setattr(judge, k, v)
         results = []
         for row in scored:

@@ -8,12 +8,13 @@ from typing import List, Optional, Union
 from rich.console import Console
 
 from ..errors import GradscopeError
-from ..formats import FORMATS, findings_table, format_for
-from .. import interrupts, outputs, recorder
+from ..present.formats import FORMATS, findings_table, format_for
+from .. import interrupts, outputs
+from ..collect import recorder
 from ..gate import decide, unfinished
-from ..render import render
+from ..present.render import render
 from ..report import Report
-from ..ruleset import RuleSet, load_rules
+from ..analyse.ruleset import RuleSet, load_rules
 
 
 class GradientHealthError(GradscopeError):

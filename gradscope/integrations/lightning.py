@@ -13,13 +13,13 @@ from typing import Any, Dict, List, Optional, Union
 import lightning.pytorch as pl
 import torch
 
-from ..clipper import Clipper
-from .. import recorder
-from ..clipping import ClipSpec
+from ..run.clipper import Clipper
+from ..collect import recorder
+from ..collect.clipping import ClipSpec
 from ..errors import GradscopeError
-from ..monitor import Monitor
+from ..collect.monitor import Monitor
 from ..report import Report
-from ..ruleset import RuleSet
+from ..analyse.ruleset import RuleSet
 from .common import GradientHealthError, ReportSink
 
 __all__ = ["ClipperCallback", "GradscopeCallback", "GradientHealthError"]
@@ -74,7 +74,7 @@ class GradscopeCallback(pl.Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         """The fit raised (or was interrupted): write what was observed, marked partial with the reason. Under
         several processes rank 0 writes it, built without collectives, and names every rank that stopped
-        (see ``gradscope.recorder.partial_report``)."""
+        (see ``gradscope.collect.recorder.partial_report``)."""
         name = type(pl_module).__name__
         reports = []
         for k, monitor in enumerate(self.monitors.values()):

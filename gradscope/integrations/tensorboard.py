@@ -10,7 +10,7 @@ from typing import Union
 
 import numpy as np
 
-from .. import histogram as hist
+from ..analyse import histogram as hist
 from ..errors import GradscopeError
 from ..report import Report
 

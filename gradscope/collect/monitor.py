@@ -4,7 +4,7 @@
 ``backward()`` and before clipping and ``optimizer.step()``; it reads the gradients the optimizer is
 about to use, batches the arithmetic on the device and keeps one row of figures there. Every
 ``flush_every`` steps (and whenever a figure is asked for) the rows move to the host in one copy.
-``profile()`` returns the plain :class:`~gradscope.profile.Profile` that the statistics are computed from.
+``profile()`` returns the plain :class:`~gradscope.analyse.profile.Profile` that the statistics are computed from.
 """
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import clipping, distributed, outputs, recorder
-from . import histogram as hist
+from . import clipping, distributed, recorder
+from .. import outputs
+from ..analyse import histogram as hist
 from .buckets import Bucket, HostRow, StepSums, agc_units, pack_row, to_host, weight_change_sq
-from .errors import ExperimentError
-from .experiment import is_adaptive
+from ..errors import ExperimentError
+from ..run.experiment import is_adaptive
 from .ledger import Ledger
 from .layers import class_source, group_parameters, module_class, unwrap
-from .pipeline import build_report
-from .profile import Profile
+from ..pipeline import build_report
+from ..analyse.profile import Profile
 
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
 MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients unscaled from the GradScaler's scale")
@@ -65,7 +66,7 @@ class Monitor:
     per-layer norms, max |g| and non-finite counts of that step and the ``nonfinite_window - 1`` before
     it, every one of them however long the run was (0 keeps none).
 
-    ``clip``: how your loop clips, to report what it did over the run (see ``gradscope.clipping``): a
+    ``clip``: how your loop clips, to report what it did over the run (see ``gradscope.collect.clipping``): a
     number (a norm threshold, as ``clip_grad_norm_(params, 1.0)`` or ``max_grad_norm``), a pair such as
     ``("value", 0.5)`` or ``("agc", 0.01)``, or the :class:`~gradscope.Clipper` that clips (whose guard's
     counts join the report). The Monitor still measures the gradients before clipping: the post-clip
@@ -74,7 +75,7 @@ class Monitor:
     ``output`` (a path; its suffix picks the format, as the callbacks' does) makes it a flight
     recorder: ``with Monitor(model, output="gradscope.json") as monitor:`` writes the report (under
     ``rules``) when the block ends, whole after a normal end and marked partial, with the reason and the
-    last step, when the loop raised, was interrupted, or got SIGTERM (see ``gradscope.recorder``).
+    last step, when the loop raised, was interrupted, or got SIGTERM (see ``gradscope.collect.recorder``).
 
     What it leaves on your model: it registers one gradient hook per parameter for the first backward
     only (to learn the backward order), and removes them at the first ``observe()`` or at ``close()``.
@@ -397,7 +398,7 @@ class Monitor:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         """Remove the hooks; with ``output``, write the report however the block ended (see
-        ``gradscope.recorder``): a failure to write it is one line on stderr, and the run's own
+        ``gradscope.collect.recorder``): a failure to write it is one line on stderr, and the run's own
         exception goes on."""
         self._remove_hooks()
         recorder.disarm(self._sigterm)

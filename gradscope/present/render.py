@@ -16,14 +16,14 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from .baseline import Comparison
-from .clipping import rate_windows
-from .evaluate import Finding
-from .gate import Verdict
-from .judge import TrialSet
-from .report import Report
-from .ruleset import SEVERITIES
-from .stats import LayerStats
+from ..baseline import Comparison
+from ..collect.clipping import rate_windows
+from ..analyse.evaluate import Finding
+from ..gate import Verdict
+from ..advise.judge import TrialSet
+from ..report import Report
+from ..analyse.ruleset import SEVERITIES
+from ..analyse.stats import LayerStats
 from .wording import (SEVERITY_RANK, advice, clip_rate_words, clip_summary, fmt, fmt_count, guard_summary, guard_words,
                       plural, schedule_caveat, shorten_names)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import USER_ERRORS, ExperimentError, GradscopeError, describe_exception
+from ..errors import USER_ERRORS, ExperimentError, GradscopeError, describe_exception
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]

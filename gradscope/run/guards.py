@@ -21,7 +21,7 @@ Under DDP every rank holds the same averaged gradient and so takes the same deci
 norm of the local shards is summed over ranks by one all-reduce (a collective, not a host sync).
 
 This module holds the settings and the rule replayed on the host over recorded steps (what the advice
-counts); ``gradscope.guard_state`` keeps them on the device during training.
+counts); ``gradscope.run.guard_state`` keeps them on the device during training.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import GradscopeError
+from ..errors import GradscopeError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The guards' state on the device: the skip-step window, the adaptive threshold's moving statistics and the
-counters, updated by tensor operations alone (no host sync); see ``gradscope.guards`` for the rules."""
+counters, updated by tensor operations alone (no host sync); see ``gradscope.run.guards`` for the rules."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import distributed
-from .errors import GradscopeError
+from ..collect import distributed
+from ..errors import GradscopeError
 from .guards import Adaptive, Skip
 
 EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z

@@ -8,7 +8,7 @@ import re
 from fnmatch import fnmatchcase
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .clipping import levels
+from ..collect.clipping import levels
 from .ruleset import AllOf, Compare, Condition, Not, Rule, RuleSet, SEVERITIES, TEMPLATE_FIELD
 from .stats import LayerStats, Statistics
 

@@ -2,7 +2,7 @@
 
 The method is the remedy the rules name: a finding at warning or error severity whose rule names
 ``remedy: norm`` (or value, agc) calls for that kind of clipping. A norm threshold comes from trials
-(:mod:`gradscope.trials`) when they ran; without them it is an estimate from the observed norms.
+(:mod:`gradscope.run.trials`) when they ran; without them it is an estimate from the observed norms.
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import histogram as hist
-from .evaluate import Finding
-from .guards import Skip, replay_skips
+from ..analyse import histogram as hist
+from ..analyse.evaluate import Finding
+from ..run.guards import Skip, replay_skips
 from .judge import TrialSet
-from .ruleset import SEVERITIES
+from ..analyse.ruleset import SEVERITIES
 from .snippets import snippets
-from .stats import Statistics, start_level
+from ..analyse.stats import Statistics, start_level
 
 # Estimates, used only when no trial ran (--trials off, under torchrun) or none stayed stable:
 NORM_HEADROOM = 2.0  # spikes (warnings): clip at twice the typical norm, so ordinary steps pass untouched

@@ -17,8 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from . import interrupts, outputs  # no torch here: the callbacks' display side imports this module
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE
+from .. import interrupts, outputs  # no torch here: the callbacks' display side imports this module
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 PathLike = Union[str, Path]
 MESSAGE_CHARS = 160  # an error's first line is kept to this length in the stopped reason
@@ -106,8 +106,8 @@ def partial_report(monitor: Any, rules: Any, exc_type: type, exc: Optional[BaseE
 def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type], exc: Optional[BaseException]) -> None:
     """Write ``monitor``'s report to ``output`` in the format its suffix names (see ``formats.format_for``)."""
     from . import distributed
-    from .formats import FORMATS, format_for
-    from .gate import decide, unfinished
+    from ..present.formats import FORMATS, format_for
+    from ..gate import decide, unfinished
     if monitor.steps == 0:
         return
     with interrupts.shielded(sigterm=True):  # the run is over; what it measured is saved whatever is sent now

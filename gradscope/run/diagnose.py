@@ -11,20 +11,21 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from . import distributed, interrupts
-from .errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
+from ..collect import distributed
+from .. import interrupts
+from ..errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, is_adaptive, median_or_inf,
                          next_batch, optimizer_step)
-from .judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
-from .monitor import Monitor
+from ..advise.judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
+from ..collect.monitor import Monitor
 from .options import TrialOptions
-from .pipeline import build_report
+from ..pipeline import build_report
 from .rates import LOOK_AHEAD, ahead
-from .recommend import method_for, recommend
-from .report import Report, ScheduleReach
-from .ruleset import RuleSet, load_rules
+from ..advise.recommend import method_for, recommend
+from ..report import Report, ScheduleReach
+from ..analyse.ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
-from .stats import rise
+from ..analyse.stats import rise
 from .schedule import MOST_STEPS
 from .trials import HELD_OUT_BATCHES, TrialBatches, run_reference, run_trials
 
@@ -61,7 +62,7 @@ def diagnose(
     a run on a plateau can diverge right after it, and a loss that has not moved says nothing yet.
 
     When a finding calls for norm clipping, thresholds are then tried for real from the same start, as
-    ``trials`` (a :class:`~gradscope.options.TrialOptions`; a number N is ``TrialOptions(most=N)``, 0 none)
+    ``trials`` (a :class:`~gradscope.run.options.TrialOptions`; a number N is ``TrialOptions(most=N)``, 0 none)
     says: by default every candidate trains 30 steps and the contenders go on, the horizon doubling,
     while their ranking is open, within 13 trials' worth of steps (and never past the end of a
     learning-rate schedule that ends).

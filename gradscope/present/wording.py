@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
-from .recommend import FREQUENT_OUTLIERS, Recommendation
-from .ruleset import SEVERITIES
+from ..advise.recommend import FREQUENT_OUTLIERS, Recommendation
+from ..analyse.ruleset import SEVERITIES
 
 METHOD_WORDS = {"norm": "clip by norm", "value": "clip by value", "agc": "adaptive gradient clipping (AGC)"}
 SEVERITY_RANK = {s: i for i, s in enumerate(reversed(SEVERITIES))}  # 0 is the worst: error, warning, info

@@ -1,17 +1,17 @@
-"""The trials' schedule: which threshold trains next, and how far (pure: gradscope.trials runs it).
+"""The trials' schedule: which threshold trains next, and how far (pure: gradscope.run.trials runs it).
 
 The first rung is a range test: every candidate the search names trains ``options.first_steps``. The
 later rungs are successive halving: the contenders judge.promote names go on, the horizon doubling,
 until the ranking is settled, the budget has no room for another rung, or the longest horizon is
 reached. Written against the small :class:`Runner` interface, so the same schedule runs real trials
-(gradscope.trials) and replays recorded ones (benchmarks/eval).
+(gradscope.run.trials) and replays recorded ones (benchmarks/eval).
 """
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Protocol, Sequence
 
-from . import judge
-from .judge import Trial
+from ..advise import judge
+from ..advise.judge import Trial
 from .options import TrialOptions
 
 MOST_STEPS = 960  # the longest horizon a contender is carried to: 30 doubled five times

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from .errors import ExperimentError
+from ..errors import ExperimentError
 
 FIRST_STEPS = 30  # the first rung: every candidate trains this long before any is continued
 MIN_TRIAL_STEPS = 10  # fewer cannot judge a trial: a blow-up is read past the start level, a climb by quarters

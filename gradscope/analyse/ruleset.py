@@ -1,7 +1,7 @@
 """Rule files: read with ``yaml.safe_load``, validated in full on load, merged with user overrides.
 
 A rule is data: an id, a severity, a scope (``layer`` or ``model``), a condition tree over metric names
-from :mod:`gradscope.metrics`, an optional match on module kind or name, named ``params`` that the
+from :mod:`gradscope.analyse.metrics`, an optional match on module kind or name, named ``params`` that the
 condition's values may refer to, and a message template. Nothing in a rule file is evaluated as Python.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
-from .errors import RuleError
+from ..errors import RuleError
 from .metrics import condition_names, template_names
 
 SEVERITIES = ("info", "warning", "error")

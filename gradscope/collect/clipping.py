@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import ExperimentError
+from ..errors import ExperimentError
 
 METHODS = ("norm", "value", "agc", "adaptive")
 TORCH_EPS = 1e-6  # clip_grad_norm_'s: scale = threshold / (norm + 1e-6)

@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .profile import LayerInfo
+from ..analyse.profile import LayerInfo
 
 
 def class_source(cls: type) -> Optional[Tuple[str, int]]:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .errors import USER_ERRORS, GradscopeError, TargetError, describe_exception
+from ..errors import USER_ERRORS, GradscopeError, TargetError, describe_exception
 from .experiment import Experiment
 
 DEFAULT_CALLABLE = "experiment"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import distributed, segments
-from . import histogram as hist
+from ..analyse import histogram as hist
 
 SAMPLE_MIN = 1 << 16  # parameters at least this large have their histogram and cosine sampled
 SAMPLE_BLOCK = 1024
@@ -29,7 +29,7 @@ class Bucket:
     over it. The |g| histogram is counted on the sample and the step-to-step cosine is the dot product
     of this step's sample with the last one, large parameters' blocks weighted by ``sample``. A small
     parameter sits whole in the sample, so its exact figures (norm, max, sum, non-finite count) are
-    read off the buffer in a few batched ops (see :mod:`~gradscope.segments`); a large one's are read
+    read off the buffer in a few batched ops (see :mod:`~gradscope.collect.segments`); a large one's are read
     off its gradient, one tensor at a time, each a bandwidth-bound pass anyway.
     """
 
@@ -168,7 +168,7 @@ class Bucket:
 
     def clip_sums(self, method: str, threshold: float, eps: float, inverse_scale: Optional[torch.Tensor],
                   out: torch.Tensor, excluded: frozenset = frozenset()) -> None:
-        """Add this bucket's share of the user's clipping sums to ``out`` (see ``gradscope.clipping``): the
+        """Add this bucket's share of the user's clipping sums to ``out`` (see ``gradscope.collect.clipping``): the
         elements (value) or units (AGC, timm's ``adaptive_clip_grad``) capped, the post-clip squared norm,
         and the dot product of the clipped with the unclipped gradient; parameters in ``excluded`` (ids)
         are AGC's, left alone. Only when the user's loop clips that way; a fixed number of batched ops
@@ -325,7 +325,7 @@ class StepSums:
     dot: torch.Tensor
     zeros: torch.Tensor  # sampled elements in the histogram's zero bin
     nonfinite: torch.Tensor  # inf and NaN elements, exact (counts: float64 where the device has it)
-    clip: torch.Tensor  # the three sums of the user's value or AGC clipping (see gradscope.clipping); zeros else
+    clip: torch.Tensor  # the three sums of the user's value or AGC clipping (see gradscope.collect.clipping); zeros else
 
     @classmethod
     def zeros_like_groups(cls, groups: int, device: torch.device, count_dtype: torch.dtype) -> "StepSums":
@@ -340,7 +340,7 @@ class StepSums:
 #  | clip 3 | present G (under a process group only) | max_abs G]
 # The first part is summed over ranks, max_abs is maxed; ``present`` rides in the summed part.
 SUMMED_FIELDS = 6  # G-wide fields before the scalars
-CLIP_SUMS = 3  # see gradscope.clipping
+CLIP_SUMS = 3  # see gradscope.collect.clipping
 SCALARS = 3 + CLIP_SUMS
 
 

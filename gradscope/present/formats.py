@@ -11,11 +11,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import __version__
-from .evaluate import Finding
-from .gate import Verdict
+from .. import __version__
+from ..analyse.evaluate import Finding
+from ..gate import Verdict
 from .render import render_text
-from .report import Report
+from ..report import Report
 from .wording import advice, fmt, plural, schedule_caveat
 
 TOOL_URI = "https://pypi.org/project/gradscope/"

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .errors import GradscopeError
+from ..errors import GradscopeError
 
 TIMEOUT_ENV = "GRADSCOPE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 120

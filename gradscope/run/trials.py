@@ -6,7 +6,7 @@ weights, optimizer state and RNG state, trains on the same batches, and is score
 trains on. Many thresholds train briefly (the first rung); the contenders go on, the horizon doubling,
 continuing from where they stopped (their state is kept, at most ``TrialOptions.keep`` at once; one
 whose state was let go is replayed from the start, and that is counted), until the ranking is settled
-or the budget is spent. :mod:`gradscope.judge` says what to try, what counts as unstable, who goes on
+or the budget is spent. :mod:`gradscope.advise.judge` says what to try, what counts as unstable, who goes on
 and who wins.
 """
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import judge, schedule
+from ..advise import judge
+from . import schedule
 from .clipper import clip_norm_
 from .experiment import (Batch, Experiment, forward_backward, held_out_losses, median_or_inf, next_batch,
                          optimizer_step)
-from .judge import Checkpoint, Trial, TrialSet
+from ..advise.judge import Checkpoint, Trial, TrialSet
 from .options import TrialOptions
 from .state import capture, restore
 

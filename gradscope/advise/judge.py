@@ -1,6 +1,6 @@
 """Judge threshold trials: which thresholds to try, whether a trial stayed stable, and which one wins.
 
-Pure functions over plain data; :mod:`gradscope.trials` runs the trials. The principle (see
+Pure functions over plain data; :mod:`gradscope.run.trials` runs the trials. The principle (see
 docs/advice.md): try global-norm thresholds on a half-decade lattice, decades first and then the
 half-decade steps beside the pick; a trial that diverges, or whose loss (training or held-out) or
 gradient norm climbs, is unstable; the loosest stable trial within 5% of the best held-out improvement
@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .stats import START_STEPS, rise, start_level, trend
+from ..analyse.stats import START_STEPS, rise, start_level, trend
 
 LATTICE_STEP = 0.5  # decades between candidates: 1, 0.32, 0.1, 0.032, ...
 SPAN_ABOVE = 0.5  # decades above the first step's norm the candidates start from

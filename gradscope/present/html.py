@@ -21,13 +21,13 @@ from typing import List, Sequence
 
 import numpy as np
 
-from . import histogram as hist
-from .errors import GradscopeError
-from .evaluate import Finding
-from .judge import TrialSet
+from ..analyse import histogram as hist
+from ..errors import GradscopeError
+from ..analyse.evaluate import Finding
+from ..advise.judge import TrialSet
 from .render import MARK, grouped, ordered_layers
-from .report import Report
-from .clipping import rate_windows
+from ..report import Report
+from ..collect.clipping import rate_windows
 from .wording import advice, clip_summary, fmt, plural, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
