@@ -89,23 +89,27 @@ def test_agc_post_norm_and_cosine_match_a_unitwise_reference():
     assert 0 < clip["capped_fraction"] <= 1 and clip["rate"] > 0
 
 
-def test_a_clipper_that_clips_is_watched_with_its_guard_counts():
-    clipper = Clipper("norm", 0.5, skip=gradscope.Skip(z=3, min_history=8))
-    spike = 30
-
-    def apply(model):
-        clipper(model)
+def clipped_by(clipper, steps: int, spike=None) -> Monitor:
+    """A plain loop that clips with ``clipper`` and tells its Monitor so; step ``spike``'s loss 1e4x."""
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     batches = regression_batches()
     monitor = Monitor(model, clip=clipper)
-    for step in range(40):
+    for step in range(steps):
         opt.zero_grad()
-        (mse(model, batches()) * (1e4 if step == spike else 1.0)).backward()
-        monitor.observe()
+        loss = mse(model, batches()) * (1e4 if step == spike else 1.0)
+        loss.backward()
+        monitor.observe(loss)
         clipper(model)
         opt.step()
+    return monitor
+
+
+def test_a_clipper_that_clips_is_watched_with_its_guard_counts():
+    clipper = Clipper("norm", 0.5, skip=gradscope.Skip(z=3, min_history=8))
+    spike = 30
+    monitor = clipped_by(clipper, 40, spike)
     clip = clipping_json(monitor.report())
     assert clip["source"] == "Clipper" and clip["guard"]["skipped"] == 1
     assert spike in clip["spike_steps"]
@@ -177,19 +181,7 @@ def test_no_clip_no_clipping_section():
 def test_an_adaptive_clipper_is_reported_from_its_own_counts():
     from gradscope.present.render import render_text
     clipper = Clipper("adaptive", 2.0, warmup=5)
-    torch.manual_seed(0)
-    model = MLP()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    batches = regression_batches()
-    monitor = Monitor(model, clip=clipper)
-    for _ in range(30):
-        opt.zero_grad()
-        loss = mse(model, batches())
-        loss.backward()
-        monitor.observe(loss)
-        clipper(model)
-        opt.step()
-    report = monitor.report()
+    report = clipped_by(clipper, 30).report()
     counts = clipper.counts()
     assert report.statistics.model.metrics["clip_steps"] == counts["steps"] == 30
     assert report.statistics.model.metrics["clip_rate"] == pytest.approx(counts["clipped"] / 30)

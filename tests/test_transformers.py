@@ -118,6 +118,14 @@ def test_the_clipper_callback_refuses_to_clip_after_the_trainer_has(tmp_path):
         trainer.train()
 
 
+def eight_steps(tmp_path, callback):
+    """A Trainer of 8 steps of the tiny GPT-2 with ``callback``, its own clipping left at the default."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    return transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+
+
 def test_a_train_that_raises_inside_recording_leaves_a_partial_report(tmp_path):
     import json
 
@@ -127,10 +135,7 @@ def test_a_train_that_raises_inside_recording_leaves_a_partial_report(tmp_path):
                 raise RuntimeError("out of memory (simulated)")
     out = tmp_path / "report.json"
     callback = Dies(output=out)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    trainer = eight_steps(tmp_path, callback)
     with pytest.raises(RuntimeError, match="out of memory"):
         with callback.recording():
             trainer.train()
@@ -151,10 +156,7 @@ def test_a_train_stopped_by_a_signal_inside_recording_leaves_a_partial_report(tm
                 os.kill(os.getpid(), signum)  # a scheduler's preemption, or Ctrl-C
     out = tmp_path / "report.json"
     callback = Signalled(output=out)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    trainer = eight_steps(tmp_path, callback)
     with pytest.raises(exc) as raised:
         with callback.recording():
             trainer.train()
