@@ -328,11 +328,14 @@ class StepSums:
     clip: torch.Tensor  # the three sums of the user's value or AGC clipping (see gradscope.collect.clipping); zeros else
 
     @classmethod
-    def zeros_like_groups(cls, groups: int, device: torch.device, count_dtype: torch.dtype) -> "StepSums":
+    def zeros_like_groups(cls, groups: int, device: torch.device, count_dtype: torch.dtype,
+                          clip: Optional[torch.Tensor] = None) -> "StepSums":
+        """Fresh sums for one step. ``clip``: a zero vector to share while the user's clipping is not
+        watched by value or AGC (nothing adds to it), so that a step allocates no more for it."""
         vectors = torch.zeros(5, groups, dtype=torch.float32, device=device)
         counts = torch.zeros(2, groups, dtype=count_dtype, device=device)
         return cls(*vectors, torch.zeros(1, dtype=torch.float32, device=device), *counts,
-                   torch.zeros(CLIP_SUMS, dtype=count_dtype, device=device))
+                   clip if clip is not None else torch.zeros(CLIP_SUMS, dtype=count_dtype, device=device))
 
 
 # -- the per-step row: packed on the device, unpacked on the host; the layout is defined here alone ----------

@@ -20,7 +20,7 @@ from torch import nn
 from . import clipping, distributed, recorder
 from .. import outputs
 from ..analyse import histogram as hist
-from .buckets import Bucket, HostRow, StepSums, agc_units, pack_row, to_host, weight_change_sq
+from .buckets import CLIP_SUMS, Bucket, HostRow, StepSums, agc_units, pack_row, to_host, weight_change_sq
 from ..errors import ExperimentError
 from ..run.experiment import is_adaptive
 from .ledger import Ledger
@@ -136,6 +136,7 @@ class Monitor:
         self._step_hist: Optional[torch.Tensor] = None  # one step's counts, under a GradScaler that may skip it
         self._all_present: Optional[torch.Tensor] = None
         self.clip = clipping.parse(clip)
+        self._no_clip_sums: Optional[torch.Tensor] = None
         self._clipper = clip if self.clip is not None and self.clip.source == "Clipper" else None
         self._clip_excluded, self._clip_capacity = self._clip_layout(inner, params)
         # everything kept on the host, step by step
@@ -207,7 +208,10 @@ class Monitor:
         if amp:
             self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
         row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
-        acc = StepSums.zeros_like_groups(G, dev, row_dtype)
+        watched = self.clip is not None and self.clip.method in ("value", "agc")  # by element or unit
+        if not watched and self._no_clip_sums is None:
+            self._no_clip_sums = torch.zeros(CLIP_SUMS, dtype=row_dtype, device=dev)  # never written to
+        acc = StepSums.zeros_like_groups(G, dev, row_dtype, None if watched else self._no_clip_sums)
         counted = step % self.histogram_every == 0
         histogram = None if not counted else self._hist if not amp else self._fresh_step_histogram()
         present = np.zeros(G, dtype=bool)
@@ -216,7 +220,7 @@ class Monitor:
         for b in self._buckets:
             present |= b.measure(acc, inverse_scale, histogram, dot=step > 0)
             b.measure_weights(acc, measure, snapshot)
-        if self.clip is not None and self.clip.method in ("value", "agc"):  # the user's clipping, by element or unit
+        if watched:  # the user's clipping, by element or unit
             for b in self._buckets:
                 b.clip_sums(self.clip.method, self.clip.threshold, self.clip.eps, inverse_scale, acc.clip,
                             self._clip_excluded)
