@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       args, out)
         if args.debug:
             err.print_exception()
-        _print_error(err, exc)
+        _print_error(err, exc, args.debug)
         return exc.exit_code
     except KeyboardInterrupt:  # outside profiling (importing the target): nothing to report
         err.print("gradscope: interrupted", highlight=False)
@@ -314,10 +314,14 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _print_error(err: Console, exc: GradscopeError) -> None:
+def _print_error(err: Console, exc: GradscopeError, debug: bool = False) -> None:
     err.print(f"[bold red]gradscope: error:[/] {escape(exc.problem)}", highlight=False, soft_wrap=True)
-    if exc.hint:
-        err.print(f"  hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
+    hint = exc.hint
+    if not debug and exc.__cause__ is not None and not isinstance(exc.__cause__, GradscopeError):
+        # the user's code raised: the library's hint says what to fix, the flag is the command line's to name
+        hint = (hint + "; " if hint else "") + "--debug shows the traceback"
+    if hint:
+        err.print(f"  hint: {hint}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _rules_table(path: Optional[str]) -> Table:

@@ -123,6 +123,18 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert code == 2 and "Traceback" in err and "bad config" in err
 
 
+def test_the_debug_flag_is_named_by_the_cli_alone(tmp_path, capsys):
+    """The library's hint says what to fix; the command line adds its own flag where the user's code raised."""
+    path = target(tmp_path, "def experiment():\n    raise ValueError('bad config')\n")
+    code, _, err = run(["diagnose", path], capsys)
+    assert code == 2 and "--debug shows the traceback" in err and "Traceback" not in err
+    from gradscope.errors import GradscopeError
+    from gradscope.run.target import load_experiment
+    with pytest.raises(GradscopeError) as raised:
+        load_experiment(path)
+    assert "--" not in raised.value.hint and "bad config" in raised.value.problem
+
+
 def test_nan_at_step_0_is_a_report_with_the_finding_and_exit_1(tmp_path, capsys):
     body = """
     def experiment():

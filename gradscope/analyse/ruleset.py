@@ -116,7 +116,7 @@ def load_rules(path: Optional[Union[str, Path]] = None) -> RuleSet:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise RuleError(f"rule file not found: {path}", "check the --rules path")
+            raise RuleError(f"rule file not found: {path}", "check the path of the rule file")
         if path.stat().st_size > MAX_FILE_BYTES:
             raise RuleError(f"{path}: rule file is over {MAX_FILE_BYTES // 1024} KiB", "rule files are small YAML")
         user = _parse(path.read_text(encoding="utf-8", errors="replace"), str(path), defaults=False)

@@ -245,6 +245,6 @@ def resolve_device(device: Optional[str]) -> Optional[torch.device]:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ExperimentError(f"unknown device {device!r}", "use cpu, cuda or auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ExperimentError("--device cuda was asked for, but torch sees no CUDA GPU here",
-                              "use --device cpu (or auto), or install a CUDA build of torch on a GPU machine")
+        raise ExperimentError(f"the device {device!r} was asked for, but torch sees no CUDA GPU here",
+                              "ask for cpu (or auto), or install a CUDA build of torch on a GPU machine")
     return torch.device(device)

@@ -164,7 +164,7 @@ def next_batch(stream: Iterator[Batch], step: int) -> Batch:
         raise
     except USER_ERRORS as exc:
         raise ExperimentError(f"getting batch {step} raised {describe_exception(exc)}",
-                              "check Experiment.batches (re-run with --debug for the traceback)") from exc
+                              "check Experiment.batches") from exc
 
 
 def forward_backward(experiment: Experiment, batch: Batch, step: int, device: torch.device) -> torch.Tensor:
@@ -181,7 +181,7 @@ def forward_backward(experiment: Experiment, batch: Batch, step: int, device: to
         raise
     except USER_ERRORS as exc:
         raise ExperimentError(f"the forward pass or loss raised at step {step}: {describe_exception(exc)}",
-                              "run one step of your model by hand to debug, or re-run with --debug") from exc
+                              "run one step of your model by hand to see where it fails") from exc
     if not loss.requires_grad:
         raise ExperimentError("the loss does not depend on any trainable parameter, so every gradient is None",
                               "compute the loss from the model's output without .detach(), .item() or no_grad()")
@@ -189,7 +189,7 @@ def forward_backward(experiment: Experiment, batch: Batch, step: int, device: to
         loss.backward()
     except USER_ERRORS as exc:
         raise ExperimentError(f"backward() raised at step {step}: {describe_exception(exc)}",
-                              "run one step of your model by hand to debug, or re-run with --debug") from exc
+                              "run one step of your model by hand to see where it fails") from exc
     if step == 0 and all(p.grad is None for p in experiment.model.parameters() if p.requires_grad):
         raise ExperimentError("backward() produced no gradient for any parameter of the model",
                               "make the loss depend on Experiment.model's parameters")

@@ -44,7 +44,7 @@ def load_experiment(target: str) -> Experiment:
     except USER_ERRORS as exc:
         raise TargetError(
             f"{where}:{name}() raised {describe_exception(exc)}",
-            "run it by hand to debug, or re-run with --debug for the traceback",
+            "run it by hand to see where it fails",
         ) from exc
     if not isinstance(experiment, Experiment):
         raise TargetError(
@@ -95,4 +95,4 @@ def _import_hint(exc: BaseException) -> str:
         return f"install the missing module {exc.name!r} in this environment"
     if isinstance(exc, SyntaxError):
         return "fix the syntax error, then run again"
-    return "fix the error in the target module (re-run with --debug for the traceback)"
+    return "fix the error in the target module"
