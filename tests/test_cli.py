@@ -191,7 +191,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     code, _, err = run(["diagnose", target(tmp_path, GOOD), "--device", "cuda"], capsys)
     assert code == 2
-    assert_clean_error(err, "--device cuda", "no CUDA GPU")
+    assert_clean_error(err, "the device 'cuda' was asked for", "no CUDA GPU")
 
 
 def test_malformed_rule_file_names_file_and_line(tmp_path, capsys):
