@@ -8,7 +8,6 @@ import re
 from fnmatch import fnmatchcase
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from ..collect.clipping import levels
 from .ruleset import AllOf, Compare, Condition, Not, Rule, RuleSet, SEVERITIES, TEMPLATE_FIELD
 from .stats import LayerStats, Statistics
 
@@ -65,21 +64,19 @@ def _model_values(statistics: Statistics) -> Dict[str, object]:
         "first_nonfinite_step": first[0] if first else "none",
         "spike_step": m.global_spike_step,
         "loss_nonfinite_step": m.loss_nonfinite_step if m.loss_nonfinite_step is not None else "none",
-        **clip_context(m.clip),
+        **clip_context(m.clip, m.metrics),
     }
 
 
-def clip_context(record) -> Dict[str, object]:
+def clip_context(record, metrics: Mapping[str, float]) -> Dict[str, object]:
     """The words a clipping rule's message may name: the method, who set it, the spike steps, and whether
-    the norms fell or rose since the threshold was set."""
+    the norms fell or rose since the threshold was set (from the metrics the statistics already hold)."""
     if record is None:
         return {"clip_method": "none", "clip_source": "none", "clip_spike_steps": "none", "clip_drift_direction": "none"}
     spikes = ", ".join(str(s) for s in record.spikes[:8]) + (", ..." if len(record.spikes) > 8 else "")
-    reference, recent = levels(record)
-    reference = record.spec.reference_norm or reference
+    fell = metrics["clip_recent_norm"] < metrics["clip_reference_norm"]
     return {"clip_method": record.spec.method, "clip_source": record.spec.source,
-            "clip_spike_steps": spikes or "none",
-            "clip_drift_direction": "fell" if recent < reference else "rose"}
+            "clip_spike_steps": spikes or "none", "clip_drift_direction": "fell" if fell else "rose"}
 
 
 def _matches(rule: Rule, layer: LayerStats) -> bool:

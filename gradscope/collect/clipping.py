@@ -40,8 +40,8 @@ KEEP_SPIKES = 32  # spikes listed by step
 class ClipSpec:
     """How the run clips: ``method`` (``norm``, ``value``, ``agc`` or ``adaptive``) and ``threshold``;
     ``source`` says who told the Monitor (``Monitor(clip=...)``, Lightning's ``gradient_clip_val``, ...);
-    ``reference_norm``, where known, is the global norm the threshold was chosen against (a gradscope
-    report's median), else the run's own first steps serve; ``eps`` is AGC's floor on a weight's norm."""
+    ``reference_norm``, where given, is the global norm the threshold was chosen against, else the run's
+    own first 10% of steps serve; ``eps`` is AGC's floor on a weight's norm."""
 
     method: str
     threshold: Optional[float]
@@ -90,7 +90,6 @@ class ClipRecord:
     capped_sum: float  # value: elements capped; agc: units capped (summed over steps)
     capped_total: float  # elements (or units) over the same steps
     cosine_min: float
-    cosine_log_sum: float  # sum over steps of log(cosine), for the geometric mean
     blocks: np.ndarray  # (n, 4): first step, steps, clipped, sum of log10 pre-clip norm
     spikes: Tuple[int, ...]  # steps whose spike the clipping cut (or the guard skipped)
     guard: Optional[Dict[str, Any]] = None  # the Clipper's own counts, where it did the clipping
@@ -105,7 +104,7 @@ class ClipTally:
     def __init__(self, spec: ClipSpec) -> None:
         self.spec = spec
         self.steps = self.clipped = 0
-        self.log_scale_sum = self.capped_sum = self.capped_total = self.cosine_log_sum = 0.0
+        self.log_scale_sum = self.capped_sum = self.capped_total = 0.0
         self.cosine_min = math.inf
         self.width = FIRST_BLOCK
         self.blocks: List[List[float]] = []  # [first step, steps, clipped, sum of log10 norm]
@@ -128,9 +127,8 @@ class ClipTally:
             self.capped_sum += effect["capped"] * capacity
             self.capped_total += capacity
         cosine = effect["clip_cosine"]
-        if math.isfinite(cosine) and cosine > 0:
+        if math.isfinite(cosine):
             self.cosine_min = min(self.cosine_min, cosine)
-            self.cosine_log_sum += math.log(cosine)
         self._block(step, clipped, norm)
         if clipped and spike_z >= SPIKE_Z and len(self.spikes) < KEEP_SPIKES:
             self.spikes.append(step)
@@ -159,7 +157,7 @@ class ClipTally:
         return ClipRecord(
             spec=self.spec, steps=self.steps, clipped=self.clipped, log_scale_sum=self.log_scale_sum,
             capped_sum=self.capped_sum, capped_total=self.capped_total,
-            cosine_min=self.cosine_min if self.steps else math.nan, cosine_log_sum=self.cosine_log_sum,
+            cosine_min=self.cosine_min if self.steps else math.nan,
             blocks=np.array(self.blocks, dtype=np.float64).reshape(-1, 4),
             spikes=tuple(sorted(set(spikes)))[:KEEP_SPIKES], guard=guard,
         )

@@ -47,7 +47,7 @@ def clip_summary(record, metrics: Dict[str, float]) -> str:
         else f" at {fmt(spec.threshold)}"
     head = f"{spec.method} clipping{at}, set in the {spec.source}"
     steps = metrics.get("clip_steps", math.nan)
-    if not steps == steps or steps == 0:
+    if math.isnan(steps) or steps == 0:
         return head + ": no step judged yet"
     words = [f"acted on {metrics['clip_rate']:.0%} of {fmt_count(int(steps))} steps"]
     if metrics.get("clip_rate", 0) > 0 and math.isfinite(metrics.get("clip_scale_mean", math.nan)):
