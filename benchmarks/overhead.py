@@ -11,7 +11,8 @@ Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU) does 
 DistributedDataParallel and times gradscope's per-step collective on its own.
 With ``--device cuda`` the same runs on a GPU (each timed step, observe() and the floor end in a device
 sync, so device time is counted), with GPT-2 small at its real size (124M parameters) added and no DDP,
-and it also counts the CUDA kernels one observe() launches (torch.profiler, over 16 calls).
+and it counts the CUDA kernels one observe() launches (torch.profiler, over 16 calls); on the CPU it
+counts the top-level aten ops instead (each would be a kernel launch on a GPU), beside the floor's.
 With ``--guards`` it times Clipper's guards instead, against plain ``clip_grad_norm_``: identical copies
 train under AdamW, each step ending in ``clip_grad_norm_(params, 1.0)`` (the reference),
 ``Clipper("norm", 1.0, skip=Skip())`` (clip plus the skip-step guard, watching the loss and the norm)
@@ -137,16 +138,34 @@ def observe_ms(model: nn.Module, monitor: Monitor, repeats: int = 48) -> Tuple[f
     return statistics.median(times) * 1e3, statistics.mean(times) * 1e3
 
 
-def kernels_per_observe(monitor: Monitor, calls: int = 16) -> float:
-    """CUDA kernels launched per observe(), the mean over ``calls`` (16: its share of the histogram and
-    weight steps, every 4th, and of the flush, every 16th)."""
+def launches(call: Callable[[], object], device: torch.device) -> int:
+    """What one call launches: on CUDA its kernels, on the CPU its top-level aten ops (those not called
+    by another aten op: each would be a launch on an accelerator), counted by torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            monitor.observe()
-        torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    return sum(e.count for e in prof.key_averages() if e.device_type == cuda) / calls
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        sync(device)
+    if device.type == "cuda":
+        cuda = torch.autograd.DeviceType.CUDA
+        return sum(e.count for e in prof.key_averages() if e.device_type == cuda)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def launches_per_observe(model: nn.Module, monitor: Monitor, calls: int = 16) -> Dict[str, float]:
+    """Launches of observe() over ``calls`` consecutive calls (16: its share of the histogram and weight
+    steps, every 4th, and of the flush, every 16th): the most on a step that counts no histogram, the
+    most on one that does, the mean; and the floor's (one ``_foreach_norm``, a stack and a host copy)."""
+    device = next(model.parameters()).device
+    plain, counted = [], []
+    for _ in range(calls):
+        histogram = monitor.steps % monitor.histogram_every == 0
+        (counted if histogram else plain).append(launches(monitor.observe, device))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    floor = launches(lambda: torch.stack(torch._foreach_norm(grads)).cpu(), device)
+    return {"plain": max(plain), "histogram": max(counted), "mean": (sum(plain) + sum(counted)) / calls,
+            "floor": floor}
 
 
 def floor_hook(model: nn.Module) -> Callable[[torch.Tensor], None]:
@@ -205,7 +224,7 @@ def measure(name: str, pairs: int, device: torch.device, clip=None) -> Dict[str,
             "floor_ms": floor, "observe_ms": alone, "over_floor": alone / floor,
             "observe_mean_ms": alone_mean,
             "mean_over_floor": alone_mean / floor,
-            "kernels": kernels_per_observe(monitor) if device.type == "cuda" else None,
+            "launches": launches_per_observe(observed_model, monitor),
             **({} if clip is None else {
                 "watched_ratio": statistics.median(times["watched"]) / p,
                 "watched_observe_ms": observe_ms(watched_model, watcher)[0]})}
@@ -264,7 +283,6 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
 
     import torch.distributed as dist
     from gradscope.collect import distributed
-    from gradscope.collect.buckets import summed_width
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -277,11 +295,11 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
     observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
     monitor = Monitor(observed_model)
     ctx = distributed.context()
-    width = summed_width(len(monitor._active))  # the summed part of the per-step collective
+    width, tensors = monitor._layout.reduced_width, len(monitor._layout.groups)  # the per-step collective's parts
 
     def collective() -> float:
         start = time.perf_counter()
-        distributed.reduce_step(torch.zeros(width), torch.zeros(len(monitor._active)), ctx)
+        distributed.reduce_step(torch.zeros(width), torch.zeros(tensors), ctx)
         return time.perf_counter() - start
     for _ in range(3):
         timed_step(plain_model, plain_opt, batch, loss_fn)
@@ -368,9 +386,14 @@ def main() -> None:
         print(f"with Monitor(clip={clip!r}), side by side in the same run: " + "; ".join(
             f"{name} step ratio {r['watched_ratio']:.3f} (observed {r['ratio']:.3f}), observe() "
             f"{r['watched_observe_ms']:.2f} ms (observed {r['observe_ms']:.2f})" for name, r in results))
-    if device.type == "cuda":
-        print("CUDA kernels per observe() (torch.profiler, mean of 16 calls): "
-              + ", ".join(f"{name} {r['kernels']:.0f}" for name, r in results))
+    what = "CUDA kernels" if device.type == "cuda" else "top-level aten ops (each a launch on a GPU)"
+    print(f"\n{what} per observe(), torch.profiler over 16 calls:")
+    print(f"{'model':<14}{'no histogram (max)':>20}{'histogram (max)':>17}{'mean':>8}{'floor':>7}")
+    for name, r in results:
+        n = r["launches"]
+        print(f"{name:<14}{n['plain']:>20}{n['histogram']:>17}{n['mean']:>8.1f}{n['floor']:>7}")
+    print("no histogram: a step that counts no |g| histogram (its weights and the flush included); floor:\n"
+          "one _foreach_norm over every gradient, a stack and a host copy")
     if not args.no_ddp and device.type == "cpu":
         r = measure_ddp(pairs)
         print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank): plain "

@@ -20,7 +20,8 @@ from torch import nn
 from . import clipping, distributed, recorder
 from .. import outputs
 from ..analyse import histogram as hist
-from .buckets import CLIP_SUMS, Bucket, HostRow, StepSums, agc_units, pack_row, to_host, weight_change_sq
+from .buckets import Bucket, agc_units
+from .rows import HostCopy, HostRow, StepLayout, gather
 from ..errors import ExperimentError
 from ..run.experiment import is_adaptive
 from .ledger import Ledger
@@ -135,8 +136,18 @@ class Monitor:
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
         self._step_hist: Optional[torch.Tensor] = None  # one step's counts, under a GradScaler that may skip it
         self._all_present: Optional[torch.Tensor] = None
+        # Each step's per-tensor figures, laid out in one vector; an accelerator (which cannot look at the
+        # maxima without waiting) and a process group (whose ranks must agree on the layout) count every
+        # step's inf and NaN, a lone CPU only where a max is not finite.
+        self._layout = StepLayout(self._buckets, n_groups, count=self.device.type != "cpu" or self._dist is not None,
+                                  world=self._dist.world if self._dist else 1)
+        self._zero = torch.zeros((), device=self.device)  # what a missing figure reads as
+        self._to_host = HostCopy()
+        self._ring: Optional[torch.Tensor] = None  # the rows of the steps waiting on the device (see _row)
+        self._ring_rows: List[torch.Tensor] = []
+        self._ring_host: Optional[np.ndarray] = None
+        self._nan = torch.full((), float("nan"), device=self.device)  # a loss not given
         self.clip = clipping.parse(clip)
-        self._no_clip_sums: Optional[torch.Tensor] = None
         self._clipper = clip if self.clip is not None and self.clip.source == "Clipper" else None
         self._clip_excluded, self._clip_capacity = self._clip_layout(inner, params)
         # everything kept on the host, step by step
@@ -166,9 +177,10 @@ class Monitor:
         self._pending_count += 1
 
     def _take_pending_loss(self) -> torch.Tensor:
+        """The mean of the losses noted since the last step, as a 0-d tensor (NaN when none was)."""
         if self._pending_loss is None:
-            return torch.full((1,), float("nan"), device=self.device, dtype=wide(self.device))
-        mean = (self._pending_loss / self._pending_count).reshape(1)
+            return self._nan
+        mean = (self._pending_loss / self._pending_count).reshape(())
         self._pending_loss, self._pending_count = None, 0
         return mean
 
@@ -200,47 +212,87 @@ class Monitor:
                 self.note_loss(loss)
             if self._calls % self.accumulation_steps:
                 return Observation(None, self.steps, {"step": self.steps, "measured": 0.0})
-            loss = self._take_pending_loss()[0] if self._pending_loss is not None else None
+            loss = self._take_pending_loss() if self._pending_loss is not None else None
         self._remove_hooks()
-        G, dev, step = self._n_groups, self.device, self.steps
+        dev, step = self.device, self.steps
         inverse_scale = _inverse_scale(scaler, dev)
         amp = scaler is not None and scaler.is_enabled()
         if amp:
             self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
-        row_dtype = wide(dev)  # float64 where the device has it: a float64 loss past float32's range stays finite
-        watched = self.clip is not None and self.clip.method in ("value", "agc")  # by element or unit
-        if not watched and self._no_clip_sums is None:
-            self._no_clip_sums = torch.zeros(CLIP_SUMS, dtype=row_dtype, device=dev)  # never written to
-        acc = StepSums.zeros_like_groups(G, dev, row_dtype, None if watched else self._no_clip_sums)
         counted = step % self.histogram_every == 0
-        histogram = None if not counted else self._hist if not amp else self._fresh_step_histogram()
-        present = np.zeros(G, dtype=bool)
         measure = step > 0 and self._snapshot_step == step - 1  # weights were snapshot last time
         snapshot = step % self.update_every == 0
+        present = np.zeros(self._n_groups, dtype=bool)
+        vectors: List[torch.Tensor] = []
+        scalars: List[torch.Tensor] = []
         for b in self._buckets:
-            present |= b.measure(acc, inverse_scale, histogram, dot=step > 0)
-            b.measure_weights(acc, measure, snapshot)
-        if watched:  # the user's clipping, by element or unit
-            for b in self._buckets:
-                b.clip_sums(self.clip.method, self.clip.threshold, self.clip.eps, inverse_scale, acc.clip,
-                            self._clip_excluded)
-        if snapshot:
-            self._snapshot_step = step
-        loss_value = torch.full((1,), float("nan"), device=dev, dtype=row_dtype) if loss is None else \
-            loss.detach().reshape(1).to(dev, row_dtype)
-        noted = self._take_pending_loss()
-        received = None
-        if self._dist is not None:  # the losses are averaged over ranks; ``received``: a gradient on any rank
-            loss_value, noted = loss_value / self._dist.world, noted / self._dist.world
-            received = self._present_on_device(present)
-        sums, maxes = pack_row(acc, loss_value, noted, row_dtype, received)
+            present[b.measure(inverse_scale, self._layout.count, self._zero, vectors, scalars)] = True
+        if any(b.device != dev for b in self._buckets):  # a model over several devices: its figures meet here
+            vectors, scalars = [v.to(dev) for v in vectors], [v.to(dev) for v in scalars]
+        scalars += [self._loss_scalar(loss), self._take_pending_loss()]
+        row = self._row(len(self._pending))
+        if vectors:
+            torch.cat(vectors + [torch.stack(scalars)], out=row)
+        else:
+            torch.stack(scalars, out=row)
+        extras = self._extras(row, step, inverse_scale, amp, counted, measure, snapshot)
+        for b in self._buckets:
+            b.sample.flip()
         if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
-            sums, maxes = distributed.reduce_step(sums, maxes, self._dist)
+            summed, maxed = self._layout.for_reduce(row, extras, self._present_on_device(present))
+            tensors = list(distributed.reduce_step(summed, maxed, self._dist))
+        else:
+            tensors = [row] + [t for _, t in extras]
         result = Observation(self, step)
-        self._pending.append(_Pending(sums, maxes, present, measure, loss is not None, amp, counted, result))
+        self._pending.append(_Pending(tensors, [(name, t.numel()) for name, t in extras], present, measure,
+                                      loss is not None, amp, counted, result))
         if amp or len(self._pending) >= self.flush_every:  # a GradScaler syncs every step anyway
             self.flush()
         return result
+
+    def _extras(self, row: torch.Tensor, step: int, inverse_scale: Optional[torch.Tensor], amp: bool, counted: bool,
+                measure: bool, snapshot: bool) -> List[Tuple[str, torch.Tensor]]:
+        """What a step adds to its row beyond the per-step figures (see ``gradscope.collect.rows.EXTRAS``):
+        on the sampled cadence the histogram's zeros and the sums, the update and the weights; where a CPU
+        saw a non-finite max, the counts; and the sums of the user's clipping by value or AGC."""
+        extras: List[Tuple[str, torch.Tensor]] = []
+        if not self._layout.count and not np.isfinite(self._ring_host[len(self._pending)][self._layout.slots["max"]]).all():
+            # on a CPU the maxima are on the host already: reading them waits for nothing
+            extras += [("counts", torch.stack(b.count_nonfinite())) for b in self._buckets]
+        if counted:
+            histogram = self._hist if not amp else self._fresh_step_histogram()
+            for b in self._buckets:
+                zeros = b.sample.count(histogram) if b.counts_histogram else torch.zeros(self._n_groups, device=b.device)
+                extras.append(("zeros", zeros))
+            extras += [("sums", b.sums()) for b in self._buckets]
+        if measure:
+            extras += [("update_norms", b.update_norms()) for b in self._buckets]
+        if snapshot:
+            extras += [("weight_norms", b.take_snapshot()) for b in self._buckets]
+            self._snapshot_step = step
+        if self.clip is not None and self.clip.method in ("value", "agc"):  # the user's clipping, by element or unit
+            extras += [("clip", b.clip_sums(self.clip.method, self.clip.threshold, self.clip.eps, inverse_scale,
+                                            self._clip_excluded, row.dtype)) for b in self._buckets]
+        return [(name, t if t.device == self.device else t.to(self.device)) for name, t in extras]
+
+    def _row(self, k: int) -> torch.Tensor:
+        """The device row for the ``k``-th step waiting: rows of the layout's width, made once, so that a
+        step writes its figures in place (and a CPU reads its maxima with no op)."""
+        if self._ring is None or len(self._ring) < self.flush_every:
+            self._ring = torch.empty(self.flush_every, self._layout.width, dtype=wide(self.device), device=self.device)
+            self._ring_rows = list(self._ring.unbind(0))
+            self._ring_host = self._ring.numpy() if self.device.type == "cpu" else None
+        return self._ring_rows[k]
+
+    def _loss_scalar(self, loss) -> torch.Tensor:
+        """The step's loss as a 0-d tensor on the Monitor's device (NaN when none was given)."""
+        if loss is None:
+            return self._nan
+        if not isinstance(loss, torch.Tensor):
+            return torch.tensor(float(loss), device=self.device)
+        if loss.dim():
+            loss = loss.reshape(())
+        return loss if loss.device == self.device else loss.to(self.device)
 
     def _clip_layout(self, inner: nn.Module, params: List[nn.Parameter]) -> Tuple[frozenset, float]:
         """The parameters the user's AGC leaves alone (a Clipper's excluded head), and what the clip sums
@@ -273,14 +325,21 @@ class Monitor:
         """Move every step still on the device to the host (one copy) and record it."""
         if not self._pending:
             return
-        rows = to_host([(p.sums, p.maxes) for p in self._pending], self._n_groups)
-        for row in rows:
-            p = self._pending.pop(0)  # one leaves the device's queue as the ledger records it: steps holds
-            p.result._values = self._record(p, row)
+        arrays = self._to_host([t for p in self._pending for t in p.tensors])
+        at = 0
+        while self._pending:
+            p = self._pending[0]
+            mine, at = arrays[at:at + len(p.tensors)], at + len(p.tensors)
+            if self._dist is not None:
+                values, present = self._layout.arrays_of_reduced(mine[0], mine[1], p.extras)
+            else:
+                values = self._layout.arrays_of_step(mine[0], gather([name for name, _ in p.extras], mine[1:]))
+                present = p.present
+            self._pending.pop(0)  # one leaves the device's queue as the ledger records it: steps holds
+            p.result._values = self._record(p, self._layout.decode(values, present))
             p.result._monitor = None
 
     def _record(self, p: "_Pending", row: HostRow) -> Dict[str, float]:
-        present = row.present > 0 if row.present is not None else p.present
         self._ledger.amend_loss(self._ledger.step - 1, row.noted)
         if p.amp:
             if not np.isfinite(row.max_abs).all():
@@ -288,13 +347,13 @@ class Monitor:
             if p.counted:
                 self._hist += self._step_hist
         zeros = row.sampled_zeros * self._numel / self._sampled_total() if p.counted else None  # scaled up
-        return self._ledger.record(row, row.nonfinite, present, zeros, p.measured, p.loss_given,
+        return self._ledger.record(row, row.nonfinite, row.present, zeros, p.measured, p.loss_given,
                                    self._first_in_backward_order)
 
     def _record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
         for b in self._buckets:
-            b.current = 1 - b.current  # the next step compares with the last step that counted
+            b.sample.flip()  # the next step compares with the last step that counted
         return self._ledger.record_skip(row, measured)
 
     @torch.no_grad()
@@ -302,14 +361,10 @@ class Monitor:
         """Measure the last step's update (made after the last observe), if that step took a snapshot."""
         if self.steps == 0 or self._snapshot_step != self.steps - 1:
             return
-        dev = self.device
-        update_sq = torch.zeros(self._n_groups, dtype=torch.float32, device=dev)
-        for b in self._buckets:
-            change = weight_change_sq(b, b.weights(), True, False, keep=True)
-            update_sq.index_add_(0, b.weight_group.to(dev), change.to(dev), alpha=b.share)
+        change = torch.cat([b.update_norms(keep=True).to(self.device) for b in self._buckets]).to(wide(self.device)) ** 2
         if self._dist is not None:
-            update_sq = distributed.all_reduce_sum(update_sq)
-        values = update_sq.to(torch.float64).cpu().numpy()
+            change = distributed.all_reduce_sum(change)
+        values = self._layout.per_layer(change.to(torch.float64).cpu().numpy())
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
             self._ledger.record_update(self.steps - 1, values)
             self._snapshot_step = -1  # the snapshot is spent
@@ -349,7 +404,7 @@ class Monitor:
         if not alone:
             self._record_last_update()
         if self._pending_loss is not None:
-            self._ledger.amend_loss(self.steps - 1, float(self._take_pending_loss()[0]))
+            self._ledger.amend_loss(self.steps - 1, float(self._take_pending_loss()))
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
             histograms=self._histograms(alone),
@@ -392,8 +447,7 @@ class Monitor:
         self._remove_hooks()
         self.flush()
         for b in self._buckets:
-            b.buffers = b.dest = []
-            b.snapshot, b.snapshot_views = None, []
+            b.release()
 
     def __enter__(self) -> "Monitor":
         if self.output is not None:
@@ -420,8 +474,8 @@ class Monitor:
 class _Pending(NamedTuple):
     """A step whose row is still on the device, with what the host knew when it was observed."""
 
-    sums: torch.Tensor
-    maxes: torch.Tensor
+    tensors: List[torch.Tensor]  # the step's vector and its extras (under a process group: summed and maxed)
+    extras: List[Tuple[str, int]]  # the extras' names and lengths, in order
     present: np.ndarray
     measured: bool
     loss_given: bool

@@ -1,7 +1,8 @@
-"""Per-tensor reductions over tensors laid end to end in one flat buffer, in a few ops whatever their count.
+"""Per-tensor sums over tensors laid end to end in one flat buffer, in a few ops whatever their count.
 
-A Monitor copies hundreds of gradients into one buffer; reducing each slice with its own call costs
-a kernel launch (and microseconds of Python) per tensor. Here the slices are ordered so that slices of
+A Monitor copies hundreds of gradients into one buffer (see :mod:`~gradscope.collect.sample`), where they
+are laid out in :func:`order`; reducing each slice with its own call costs a kernel launch (and
+microseconds of Python) per tensor. Here the slices are ordered so that slices of
 equal length sit side by side: each such run is one 2-D view, reduced along its rows in one op. Real
 models repeat their blocks, so a 800-tensor model has a handful of distinct lengths. Small slices whose
 length no other slice has are reduced together with one scatter over an element-to-slice index; a
@@ -63,33 +64,6 @@ class Segments:
             parts.append(torch.zeros(self.ragged, dtype=dtype, device=flat.device)
                          .index_add_(0, self.ragged_index, self._tail(flat).to(dtype)))
         return self._cat(parts, flat)
-
-    def sum_sq(self, flat: torch.Tensor) -> torch.Tensor:
-        """Each slice's sum of squares (its squared 2-norm), accumulated in float32 at least."""
-        dtype = torch.promote_types(flat.dtype, torch.float32)
-        parts = [torch.linalg.vector_norm(v, 2, dim=1, dtype=dtype).square() for v in self._views(flat)]
-        if self.ragged:
-            tail = self._tail(flat).to(dtype)
-            parts.append(torch.zeros(self.ragged, dtype=dtype, device=flat.device)
-                         .index_add_(0, self.ragged_index, tail * tail))
-        return self._cat(parts, flat)
-
-    def max(self, flat: torch.Tensor) -> torch.Tensor:
-        """Each slice's maximum of non-negative values (0 for an empty slice); NaN wherever a slice has one."""
-        parts = [v.amax(1) for v in self._views(flat)]
-        if self.ragged:
-            parts.append(torch.zeros(self.ragged, dtype=flat.dtype, device=flat.device)
-                         .scatter_reduce_(0, self.ragged_index, self._tail(flat), "amax"))
-        return self._cat(parts, flat)
-
-    def count_nonfinite(self, flat: torch.Tensor) -> torch.Tensor:
-        """Each slice's count of inf and NaN elements (x - x is NaN exactly there), as int64."""
-        parts = [torch.count_nonzero(v - v, dim=1) for v in self._views(flat)]
-        if self.ragged:
-            tail = self._tail(flat)
-            parts.append(torch.zeros(self.ragged, dtype=torch.int64, device=flat.device)
-                         .index_add_(0, self.ragged_index, (tail - tail).ne(0).to(torch.int64)))
-        return self._cat(parts, flat, torch.int64)
 
     def _cat(self, parts: List[torch.Tensor], flat: torch.Tensor, empty: Optional[torch.dtype] = None) -> torch.Tensor:
         """The parts end to end; with no slices, an empty vector of ``empty`` (default: the sums' dtype)."""

@@ -1,0 +1,221 @@
+"""A bucket's flat float32 sample of its gradients, and the figures read off it.
+
+Each step one ``_foreach_copy_`` writes a fixed sample of every gradient into one of two float32
+buffers: all of a parameter under SAMPLE_MIN elements, and one block of SAMPLE_BLOCK elements in
+``sample`` of a larger one, spread evenly over it. The buffers and every view into them are made once,
+so a step builds no view but the large gradients' strided sources (their tensors are new each step).
+
+Off the sample, each step: the whole parameters' norms and max |g|, exact (they sit whole in it), and
+the two halves of the step-to-step dot product (this step's sample against the last). On the sampled
+cadence: the |g| histogram and the whole parameters' sums. Whole parameters of one length, when at
+least RUN_MIN of them share it, are one 2-D view reduced along its rows in one op; the rest are one
+foreach op over their views, however many there are.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from . import segments
+from ..analyse import histogram as hist
+
+SAMPLE_MIN = 1 << 16  # parameters at least this large have their histogram and cosine sampled
+SAMPLE_BLOCK = 1024
+# Whole parameters of one length reduced as one 2-D view when at least this many share it. Below it they
+# join one foreach op: a run is one op whatever its size, but every run adds one op to each step.
+RUN_MIN = 64
+
+
+class _Views(NamedTuple):
+    """The views of one buffer that a step reads: every parameter's slot, the runs (as |g| too), the
+    other whole parameters (as |g| too), and the two halves of the dot product."""
+
+    slots: List[torch.Tensor]
+    runs: List[torch.Tensor]
+    runs_abs: List[torch.Tensor]
+    rest: List[torch.Tensor]
+    rest_abs: List[torch.Tensor]
+    head: torch.Tensor  # the sampled blocks of large parameters (weighted by ``sample`` in the dot)
+    tail: torch.Tensor  # the whole parameters
+
+
+class Sample:
+    """The sample of gradients of ``shapes`` (``wide``: read no figure off it, only the histogram and the
+    cosine); ``groups`` numbers each parameter's layer, for the histogram's bins."""
+
+    def __init__(self, shapes: Sequence[torch.Size], groups: Sequence[int], sample: int, device: torch.device,
+                 wide: bool) -> None:
+        numels = [int(torch.Size(s).numel()) for s in shapes]
+        self.sample = sample
+        self.rows = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
+        self.sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.rows)]
+        blocked = [i for i, r in enumerate(self.rows) if r]
+        whole = [i for i, r in enumerate(self.rows) if not r]
+        whole = [whole[k] for k in segments.order([self.sizes[i] for i in whole])]
+        # Sampled blocks first (one region weighted by ``sample`` in the dot), then whole parameters, equal
+        # sizes side by side so that each run of them is one view.
+        starts, at = [0] * len(shapes), 0
+        for i in blocked + whole:
+            starts[i], at = at, at + self.sizes[i]
+        self.weighted = sum(self.sizes[i] for i in blocked)
+        self.small = [] if wide else [i for i in whole if self.sizes[i]]  # figures read off the sample
+        self.empty = [] if wide else [i for i in whole if not self.sizes[i]]  # a rank's empty shard: zeros
+        self.segments = segments.Segments([self.sizes[i] for i in self.small], self.weighted, device)
+        self.runs, self.rest = _split_runs(self.small, self.sizes)
+        self.bits = torch.empty(at, dtype=torch.int32, device=device)
+        self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
+        # the buffers' bits, for |g|: the sampled blocks' part and the whole parameters' part
+        self.ints = [(buf.view(torch.int32)[:self.weighted], buf.view(torch.int32)[self.weighted:])
+                     for buf in self.buffers]
+        self.bits_parts = (self.bits[:self.weighted], self.bits[self.weighted:])
+        self.views = [self._views(buf, starts, shapes) for buf in self.buffers]
+        base = torch.empty(at, dtype=torch.int32)
+        for i, g in enumerate(groups):  # each element's histogram bins start at its group's offset
+            base[starts[i]:starts[i] + self.sizes[i]] = g * hist.N_BINS
+        self.bin_base = base.to(device)
+        self.ones = torch.ones(1, dtype=torch.int64, device=device).expand(at)  # the histogram's increments
+        self.current = 0
+        self.ready = 0  # how much of ``bits`` holds this step's |g|: nothing, the whole parameters (1), all (2)
+
+    def _views(self, buf: torch.Tensor, starts: List[int], shapes: Sequence[torch.Size]) -> _Views:
+        magnitude = self.bits.view(torch.float32)
+        # A whole parameter's slot has the gradient's own shape, so the copy needs no per-step reshape.
+        slots = [buf[s:s + n].view((n // SAMPLE_BLOCK, SAMPLE_BLOCK) if r else shape)
+                 for s, n, r, shape in zip(starts, self.sizes, self.rows, shapes)]
+
+        def run_view(flat: torch.Tensor, members: List[int]) -> torch.Tensor:
+            s, n = starts[members[0]], self.sizes[members[0]]
+            return flat[s:s + n * len(members)].view(len(members), n)
+
+        def one(flat: torch.Tensor, i: int) -> torch.Tensor:
+            return flat[starts[i]:starts[i] + self.sizes[i]]
+
+        return _Views(slots, [run_view(buf, m) for m in self.runs], [run_view(magnitude, m) for m in self.runs],
+                      [one(buf, i) for i in self.rest], [one(magnitude, i) for i in self.rest],
+                      buf[:self.weighted], buf[self.weighted:])
+
+    @property
+    def order(self) -> List[int]:
+        """The whole parameters in the order their per-step figures come: each run's, then the rest's."""
+        return [i for members in self.runs for i in members] + self.rest
+
+    def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """The view of a gradient that the sample reads: whole, or every ``sample``-th block (one view op)."""
+        rows = self.rows[i]
+        if not rows:
+            return grad
+        if not grad.is_contiguous():  # rare (a channels-last gradient): the blocks of its flat copy
+            return grad.reshape(-1)[: rows * SAMPLE_BLOCK].view(rows, SAMPLE_BLOCK)[:: self.sample]
+        return grad.as_strided((self.sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK), (self.sample * SAMPLE_BLOCK, 1),
+                               grad.storage_offset())
+
+    def copy(self, index: List[int], grads: List[torch.Tensor], count: int,
+             inverse_scale: Optional[torch.Tensor]) -> None:
+        """Copy this step's gradients (those of parameters ``index``, of ``count``) into the current
+        buffer; a parameter with no gradient reads as zeros; then |g|'s bits into ``bits``."""
+        slots = self.views[self.current].slots
+        whole = len(index) == count
+        if not whole:
+            for i in set(range(count)) - set(index):
+                slots[i].zero_()
+        if grads:
+            sources = [self.source(i, g) if self.rows[i] else g for i, g in zip(index, grads)]
+            torch._foreach_copy_(slots if whole else [slots[i] for i in index], sources)
+        if inverse_scale is not None:
+            buffer = self.buffers[self.current]
+            buffer.mul_(inverse_scale.to(buffer.device))
+        self.ready = 0
+
+    def magnitudes(self, everything: bool = False) -> None:
+        """|g| of the current buffer into ``bits`` (the sign masked off), once per step: of the whole
+        parameters, what a CPU reads their max |g| off; with ``everything`` of the sampled blocks too,
+        for the histogram."""
+        head, tail = self.ints[self.current]
+        if self.ready < 1:
+            torch.bitwise_and(tail, hist.ABS_MASK, out=self.bits_parts[1])
+            self.ready = 1
+        if everything and self.ready < 2:
+            if self.weighted:
+                torch.bitwise_and(head, hist.ABS_MASK, out=self.bits_parts[0])
+            self.ready = 2
+
+    def run_figures(self, cpu: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The runs' norms and max |g|, one vector per run each, in ``order``. A CPU reads the maxima off
+        the magnitudes (see ``magnitudes``); an accelerator in one fused norm. NaN and inf carry through."""
+        v = self.views[self.current]
+        norms = [torch.linalg.vector_norm(r, 2, dim=1) for r in v.runs]
+        if not cpu:
+            return norms, [torch.linalg.vector_norm(r, float("inf"), dim=1) for r in v.runs]
+        if v.runs:
+            self.magnitudes()
+        return norms, [r.amax(1) for r in v.runs_abs]
+
+    def rest_views(self, magnitudes: bool) -> List[torch.Tensor]:
+        """The views of the whole parameters outside the runs (``magnitudes``: of their |g|, see
+        ``magnitudes``), for the Bucket to reduce with the large ones in one foreach op."""
+        v = self.views[self.current]
+        if magnitudes and v.rest:
+            self.magnitudes()
+        return v.rest_abs if magnitudes else v.rest
+
+    def dots(self, zero: torch.Tensor) -> List[torch.Tensor]:
+        """This step's sample dotted with the last one's: the sampled blocks' part (to be weighted by
+        ``sample``) and the whole parameters' part."""
+        now, before = self.views[self.current], self.views[1 - self.current]
+        head = torch.dot(now.head, before.head) if self.weighted else zero
+        tail = torch.dot(now.tail, before.tail) if now.tail.numel() else zero
+        return [head, tail]
+
+    def flip(self) -> None:
+        """The next step writes the other buffer (and compares with this one)."""
+        self.current = 1 - self.current
+
+    # -- the sampled cadence ------------------------------------------------------------------------
+    def count(self, histogram: torch.Tensor) -> torch.Tensor:
+        """Add the sample's |g| bins to ``histogram``; returns the zeros each group gained (sampled)."""
+        self.magnitudes(everything=True)
+        self.ready = 0  # the bits become bins
+        bins = histogram.view(-1, hist.N_BINS)
+        zeros_before = bins[:, 0].clone()
+        self.bits.bitwise_right_shift_(hist.SHIFT).add_(self.bin_base)  # bin = top bits of |g| + group offset
+        w = self.weighted
+        _add_counts(histogram, self.bits[w:], self.ones[w:])
+        if w:
+            _add_counts(histogram, self.bits[:w], self.ones[:w])
+        return bins[:, 0] - zeros_before
+
+    def sums(self) -> torch.Tensor:
+        """The whole parameters' sums (in ``small`` order), exact, off the current buffer."""
+        return self.segments.sum(self.buffers[self.current])
+
+    def release(self) -> None:
+        """Free the buffers (after ``Monitor.close``)."""
+        self.buffers, self.ints, self.views = [], [], []
+
+
+def _split_runs(small: List[int], sizes: List[int]) -> Tuple[List[List[int]], List[int]]:
+    """The whole parameters (in buffer order) as runs of at least RUN_MIN of one length, and the rest."""
+    runs: List[List[int]] = []
+    rest: List[int] = []
+    k = 0
+    while k < len(small):
+        j = k
+        while j < len(small) and sizes[small[j]] == sizes[small[k]]:
+            j += 1
+        if j - k >= RUN_MIN:
+            runs.append(small[k:j])
+        else:
+            rest.extend(small[k:j])
+        k = j
+    return runs, rest
+
+
+def _add_counts(histogram: torch.Tensor, bins: torch.Tensor, ones: torch.Tensor) -> None:
+    """Add one to ``histogram`` at each of ``bins``. A scatter into the running counts, except on a CPU
+    with many elements per bin, where counting into a fresh vector and adding it is faster (an
+    accelerator's ``bincount`` reads the largest bin back to the host first: a sync)."""
+    if bins.device.type == "cpu" and histogram.numel() * 8 <= bins.numel():
+        histogram.add_(torch.bincount(bins, minlength=histogram.numel()))
+    else:
+        histogram.index_add_(0, bins, ones)
