@@ -21,7 +21,8 @@ step time, its ratio to the reference, and the clipping call alone on the same g
 With ``--clip`` (``1.0``, ``value:0.01`` or ``agc:0.01``) a fourth arm's Monitor is told of the loop's
 clipping (``Monitor(clip=...)``), to price watching it: its step ratio and observe() alone are printed
 beside the plain observed arm's.
-Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC]
+With ``--every N ...`` an arm per N observes every N-th step (``Monitor(every=N)``), for the price of each.
+Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC] [--every N ...]
 """
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn,
     return time.perf_counter() - start
 
 
-def measure(name: str, pairs: int, device: torch.device, clip=None) -> Dict[str, float]:
+def measure(name: str, pairs: int, device: torch.device, clip=None, every=()) -> Dict[str, float]:
     """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), and with
     ``clip`` a step observed by a Monitor told of that clipping, ``pairs`` times in rotating order, after
     a warm-up of each."""
@@ -203,6 +204,9 @@ def measure(name: str, pairs: int, device: torch.device, clip=None) -> Dict[str,
         watched_model = copy.deepcopy(plain_model)
         watcher = Monitor(watched_model, clip=clip)
         arms["watched"] = (watched_model, watcher.observe)
+    for n in every:  # a Monitor observing every n-th step
+        sparse_model = copy.deepcopy(plain_model)
+        arms[f"every {n}"] = (sparse_model, Monitor(sparse_model, every=n).observe)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in arms.items()}
     times: Dict[str, list] = {k: [] for k in arms}
     n = len(arms)
@@ -225,6 +229,7 @@ def measure(name: str, pairs: int, device: torch.device, clip=None) -> Dict[str,
             "observe_mean_ms": alone_mean,
             "mean_over_floor": alone_mean / floor,
             "launches": launches_per_observe(observed_model, monitor),
+            "every": {n: statistics.median(times[f"every {n}"]) / p for n in every},
             **({} if clip is None else {
                 "watched_ratio": statistics.median(times["watched"]) / p,
                 "watched_observe_ms": observe_ms(watched_model, watcher)[0]})}
@@ -345,6 +350,8 @@ def main() -> None:
     parser.add_argument("--clip", default=None,
                         help="also time a Monitor told of the loop's clipping: a norm threshold (1.0), value:0.01 "
                              "or agc:0.01")
+    parser.add_argument("--every", type=int, nargs="*", default=[],
+                        help="also time a Monitor(every=N) per N given, side by side (4 16, say)")
     parser.add_argument("--guards", action="store_true", help="time Clipper's skip guard and adaptive clipping "
                                                               "against clip_grad_norm_ instead of the Monitor")
     args = parser.parse_args()
@@ -370,7 +377,7 @@ def main() -> None:
           f"{'floor step':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []
     for name in models:
-        r = measure(name, pairs, device, clip)
+        r = measure(name, pairs, device, clip, args.every)
         results.append((name, r))
         print(f"{name:<14}{r['params']:>12,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_step_ratio']:>11.3f}"
@@ -386,6 +393,10 @@ def main() -> None:
         print(f"with Monitor(clip={clip!r}), side by side in the same run: " + "; ".join(
             f"{name} step ratio {r['watched_ratio']:.3f} (observed {r['ratio']:.3f}), observe() "
             f"{r['watched_observe_ms']:.2f} ms (observed {r['observe_ms']:.2f})" for name, r in results))
+    if args.every:
+        print("with Monitor(every=N), side by side in the same run (median step / median plain step): " + "; ".join(
+            f"{name} " + ", ".join(f"every {n} {ratio:.3f}" for n, ratio in r["every"].items()) + f" (every 1 {r['ratio']:.3f})"
+            for name, r in results))
     what = "CUDA kernels" if device.type == "cuda" else "top-level aten ops (each a launch on a GPU)"
     print(f"\n{what} per observe(), torch.profiler over 16 calls:")
     print(f"{'model':<14}{'no histogram (max)':>20}{'histogram (max)':>17}{'mean':>8}{'floor':>7}")

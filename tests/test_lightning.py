@@ -80,6 +80,17 @@ def test_accumulation_is_observed_once_per_optimizer_step():
     assert callback.reports[0].statistics.model.steps == 4 == len(module.reference)
 
 
+def test_every_n_observes_every_nth_optimizer_step():
+    """``GradscopeCallback(every=3)``: steps 0, 3, 6 and 9 of ten, each the norm Lightning's own hook saw."""
+    torch.manual_seed(0)
+    module = Regressor()
+    callback = GradscopeCallback(every=3)
+    trainer(callback, max_steps=10).fit(module, loader())
+    model = callback.reports[0].statistics.model
+    assert model.steps == 4 and model.series_steps.tolist() == [0, 3, 6, 9]
+    assert model.global_norm == pytest.approx(module.reference[::3], rel=1e-5)
+
+
 class TwoOptimizers(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -252,14 +252,16 @@ class _HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_read_on_a_step_that_does_not_flush():
-    """On the meta device, the path an accelerator takes: any read of a value would raise, or be counted."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_no_host_read_on_a_step_that_does_not_flush(every):
+    """On the meta device, the path an accelerator takes: any read of a value would raise, or be counted.
+    With ``every``, the steps between observed ones read nothing either."""
     torch.manual_seed(0)
     model = MLP(width=300, d_in=300).to("meta")  # sampled and whole parameters
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = Monitor(model, flush_every=8)
+    monitor = Monitor(model, flush_every=8, every=every)
     reads = []
-    for _ in range(7):
+    for _ in range(7 * every - (every - 1)):
         opt.zero_grad()
         loss = model(torch.randn(16, 300, device="meta")).pow(2).mean()
         loss.backward()
@@ -267,9 +269,11 @@ def test_no_host_read_on_a_step_that_does_not_flush():
             result = monitor.observe(loss)
         reads.append(counter.count)
         opt.step()
-    assert reads == [0] * 7 and result.step == 6
+    assert reads == [0] * len(reads) and result.step == 6 * every and monitor.steps == 7
+    for _ in range(every - 1):
+        monitor.observe(loss)
     with _HostReads() as counter, pytest.raises(NotImplementedError, match="meta"):
-        monitor.observe(loss)  # the 8th step flushes: the one copy to the host, which meta cannot make
+        monitor.observe(loss)  # the 8th observed step flushes: the one copy to the host, which meta cannot make
     assert counter.count == 1
 
 
@@ -367,3 +371,69 @@ def test_a_step_without_histogram_issues_a_handful_of_ops_whatever_the_tensor_co
     plain = [c for k, c in enumerate(counts) if k % 4]
     assert max(plain) <= 20, counts
     assert max(counts) > max(plain)  # the histogram step does more: the cadence is on
+
+
+def test_every_n_observes_every_nth_step_with_the_meaning_of_every_figure_kept():
+    """``every=3``: the series holds steps 0, 3, 6, ...; at each, the norms and maxima are the reference's,
+    the cosine is with the step just before (exact at histogram_sample=1), the update ratio is that
+    step's own update, and the loss is that step's; the steps between are not in the report."""
+    torch.manual_seed(0)
+    model = MLP(width=64, d_in=300)
+    batches = regression_batches(d_in=300)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, every=3, update_every=1, histogram_sample=1, histogram_every=1)
+    refs, grads, weights, losses = [], [], [], []
+    for step in range(13):
+        opt.zero_grad()
+        loss = mse(model, batches())
+        loss.backward()
+        refs.append(naive_layer_figures(model))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
+        weights.append([p.detach().clone().double() for p in model.parameters()])
+        out = monitor.observe()
+        assert out.step == step and (out["measured"] == 1.0) == (step % 3 == 0)
+        opt.step()
+        monitor.note_loss(loss)  # seen after the step, as Lightning's loop does
+        losses.append(loss.item())
+    weights.append([p.detach().clone().double() for p in model.parameters()])
+    profile = monitor.profile()
+    observed = list(range(0, 13, 3))
+    assert profile.steps == len(observed) and profile.series_steps.tolist() == observed
+    assert "every 3 optimizer steps" in profile.measurement
+    names = [profile.layers[i].name for i in profile.active]
+    for row, step in enumerate(observed):
+        for k, name in enumerate(names):
+            norm, gmax, mean, _ = refs[step][name]
+            assert profile.series["grad_norm"][row][k] == pytest.approx(norm, rel=1e-5)
+            assert profile.series["grad_abs_max"][row][k] == pytest.approx(gmax, rel=1e-6)
+            assert profile.series["grad_mean"][row][k] == pytest.approx(mean, rel=1e-3, abs=1e-9 + 1e-6 * gmax)
+        g = grads[step]
+        assert profile.series["global_norm"][row] == pytest.approx(g.norm().item(), rel=1e-5)
+        if step:
+            h = grads[step - 1]
+            assert profile.series["cosine"][row] == pytest.approx((g @ h / (g.norm() * h.norm())).item(), abs=1e-5)
+        assert profile.series["loss"][row] == pytest.approx(losses[step], rel=1e-6)
+        update = torch.cat([(a - b).reshape(-1) for a, b in zip(weights[step + 1], weights[step])]).norm()
+        # the MLP is one layer per Linear: check the whole model's update through each layer's ratio
+        ratios = profile.series["update_ratio"][row]
+        assert np.all(np.isfinite(ratios))
+        per_layer = []
+        for name in names:
+            module = dict(model.named_modules())[name]
+            idx = [i for i, p in enumerate(model.parameters()) if any(p is q for q in module.parameters())]
+            du = torch.cat([(weights[step + 1][i] - weights[step][i]).reshape(-1) for i in idx]).norm()
+            w = torch.cat([weights[step][i].reshape(-1) for i in idx]).norm()
+            per_layer.append((du / w).item())
+        assert ratios == pytest.approx(per_layer, rel=1e-4)
+        assert update > 0
+
+
+def test_a_step_between_observed_ones_issues_no_op():
+    """``every=4``: a step that is neither just after an observed one (which reads its update) nor just
+    before one (which copies its sample) returns at once."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    monitor = Monitor(model, every=4, update_every=1)
+    nn.functional.mse_loss(model(torch.randn(8, 64)), torch.randn(8, 1)).backward()
+    counts = [top_level_ops(monitor.observe) for _ in range(8)]
+    assert counts[2] == counts[6] == 0 and min(counts[1], counts[3], counts[5], counts[7]) > 0, counts
+    assert monitor.steps == 2

@@ -32,8 +32,9 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5, model=None):
-    callback = GradscopeTrainerCallback(output=tmp_path / "report.txt", update_every=1, histogram_sample=1)
+def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5, model=None, every: int = 1):
+    callback = GradscopeTrainerCallback(output=tmp_path / "report.txt", update_every=1, histogram_sample=1,
+                                        every=every)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
         max_grad_norm=max_grad_norm, gradient_accumulation_steps=accumulation, logging_steps=1,
@@ -61,6 +62,14 @@ def test_trainer_accumulation_observed_once_per_optimizer_step(tmp_path):
     report, logged, _ = train(tmp_path, 1.0, accumulation=4, steps=3)
     assert report.statistics.model.steps == 3
     assert report.statistics.model.global_norm == pytest.approx(logged, rel=1e-5)
+
+
+def test_trainer_every_n_observes_every_nth_optimizer_step(tmp_path):
+    report, logged, losses = train(tmp_path, 1.0, steps=7, every=3)
+    model = report.statistics.model
+    assert model.series_steps.tolist() == [0, 3, 6]
+    assert model.global_norm == pytest.approx(logged[::3], rel=1e-5)
+    assert model.loss == pytest.approx(losses[::3], abs=2e-3)
 
 
 def test_diagnose_accepts_a_hugging_face_model_with_dict_batches():

@@ -50,7 +50,8 @@ _MODEL = {
     "global_norm_peak_over_median": "global_norm_max / global_norm_median",
     "global_norm_growth": "robust (Theil-Sen) growth factor of the global norm per step; 1 = flat",
     "global_norm_growth_low": "lower end of the 90% interval of global_norm_growth",
-    "global_norm_growth_over_run": "global_norm_growth raised to (steps - 1): the trend's growth across the run",
+    "global_norm_growth_over_run": "global_norm_growth raised to the optimizer steps the run spans: the trend's "
+                                   "growth across the run",
     "global_norm_spike_z": "largest z-score of a step's log10 global norm against the running statistics",
     "global_norm_kurtosis": "kurtosis of the global norms over steps (3 for a Gaussian)",
     "grad_cosine_median": "median cosine between successive steps' global gradients",

@@ -50,6 +50,7 @@ class Profile:
     model_source: Optional[Tuple[str, int]] = None
     amp_skipped_steps: Tuple[int, ...] = ()  # steps whose inf/NaN gradients made the GradScaler skip them
     ranks: int = 1  # processes in the group the figures were reduced over
+    every: int = 1  # optimizer steps from one observed step to the next (``Monitor(every=N)``)
     sharded: bool = False  # some parameters were DTensor shards (FSDP2)
     # whether the optimizer divides its step by a running second moment of the gradient (Adam's family);
     # None where it is not known (a Monitor is not given the optimizer)

@@ -105,6 +105,19 @@ class Bucket:
             scalars += self.count_nonfinite(full)
         return present
 
+    def previous(self, inverse_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """For a step before an observed one (under ``Monitor(every=N)``): copy its sample, for the observed
+        step's cosine with it, and return its squared norm (this rank's share of it), a 0-d tensor."""
+        index, grads = self.gradients()
+        self.sample.copy(index, grads, len(self.params), inverse_scale)
+        self.sample.flip()
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=self.norm_dtype))
+        if inverse_scale is not None:
+            norms = norms * inverse_scale.to(norms.device)
+        return (norms.double() if norms.device.type != "mps" else norms).square().sum() * self.share
+
     def _full(self, index: List[int], grads: List[torch.Tensor], zero: torch.Tensor) -> List[torch.Tensor]:
         """One gradient per parameter, in order: a 0-d zero where there is none this step, or where a
         rank's shard is empty (a fixed layout: every step's vector has the same slots)."""

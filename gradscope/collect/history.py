@@ -11,25 +11,31 @@ SPIKE_STD_FLOOR = 0.1  # decades: a 26% wobble is never a spike, however flat th
 
 
 class SeriesStore:
-    """Keeps every step until ``capacity`` rows, then every 2nd, 4th, ... step: memory never grows past it."""
+    """Keeps every step appended until ``capacity`` rows, then every 2nd, 4th, ... one (counted in
+    appends, so that steps observed every N-th thin alike): memory never grows past it."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
         self.stride = 1
+        self.appended = 0
         self.steps: List[int] = []
+        self._index: List[int] = []  # each kept row's place among the appends
         self.fields: Dict[str, List[np.ndarray]] = {}
 
     def append(self, step: int, **values: np.ndarray) -> None:
-        if step % self.stride:
+        index, self.appended = self.appended, self.appended + 1
+        if index % self.stride:
             return
         self.steps.append(step)
+        self._index.append(index)
         for name, value in values.items():
             # a copy: a view would pin the whole flushed batch of rows it was cut from
             self.fields.setdefault(name, []).append(np.array(value, dtype=np.float64))
         if len(self.steps) > self.capacity:
             self.stride *= 2
-            keep = [i for i, s in enumerate(self.steps) if s % self.stride == 0]
+            keep = [i for i, at in enumerate(self._index) if at % self.stride == 0]
             self.steps = [self.steps[i] for i in keep]
+            self._index = [self._index[i] for i in keep]
             self.fields = {k: [v[i] for i in keep] for k, v in self.fields.items()}
 
     def amend(self, step: int, name: str, value: np.ndarray) -> None:

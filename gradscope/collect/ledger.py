@@ -26,7 +26,8 @@ class Ledger:
                  clip_capacity: float = 0.0) -> None:
         n_groups = len(numel)
         self.numel = np.asarray(numel, dtype=np.float64)
-        self.step = 0
+        self.step = 0  # steps recorded
+        self.last_step = -1  # the optimizer step of the last one (steps observed every N-th are N apart)
         self.series = SeriesStore(history)
         self.recent = RecentSteps(recent, n_groups)
         self.before_nonfinite: Optional[Dict[str, np.ndarray]] = None
@@ -44,23 +45,25 @@ class Ledger:
         self._last_weight_norm: Optional[np.ndarray] = None
         self._last_global_norm = float("nan")
 
-    def record(self, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray, zeros: Optional[np.ndarray],
-               measured: bool, loss_given: bool, first_of: Callable[[np.ndarray], str]) -> Dict[str, float]:
-        """One observed step. ``zeros`` is the estimated count of zero elements per layer (None on a
-        step whose histogram was not counted: the zero fraction is read from counted steps), ``measured``
-        whether the row carries the previous step's update, and ``first_of`` names the layer that went
-        non-finite first among a mask of layers."""
-        step, numel = self.step, self.numel
+    def record(self, step: int, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray,
+               zeros: Optional[np.ndarray], measured: bool, loss_given: bool,
+               first_of: Callable[[np.ndarray], str]) -> Dict[str, float]:
+        """Optimizer step ``step``, observed. ``zeros`` is the estimated count of zero elements per layer
+        (None on a step whose histogram was not counted: the zero fraction is read from counted steps),
+        ``measured`` whether the row carries the update of the last step recorded, and ``first_of`` names
+        the layer that went non-finite first among a mask of layers."""
+        numel = self.numel
         norm_sq, grad_sum, weight_sq = row.norm_sq, row.grad_sum, row.weight_sq
         grad_norm, weight_norm = np.sqrt(norm_sq), np.sqrt(weight_sq)
         global_norm = float(np.sqrt(norm_sq.sum()))
         with np.errstate(divide="ignore", invalid="ignore"):
-            cosine = row.dot / (global_norm * self._last_global_norm) if step > 0 else np.nan
+            before = np.sqrt(row.previous_norm_sq) if np.isfinite(row.previous_norm_sq) else self._last_global_norm
+            cosine = row.dot / (global_norm * before) if self.step > 0 else np.nan
             grad_to_weight = np.where(weight_norm > 0, grad_norm / weight_norm, np.nan)
             mean = grad_sum / numel
             std = np.sqrt(np.maximum(norm_sq / numel - mean**2, 0.0))
         if measured:
-            self.record_update(step - 1, row.update_sq)
+            self.record_update(self.last_step, row.update_sq)
         self.totals["nonfinite"] += nonfinite
         if zeros is not None:
             self.totals["zeros"] += zeros
@@ -93,17 +96,16 @@ class Ledger:
             self.series.amend(step, "post_clip_norm", np.array(effect["post_clip_norm"]))
             self.series.amend(step, "clip_cosine", np.array(effect["clip_cosine"]))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
-        self.step += 1
+        self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
                 "skipped": 0.0, "measured": 1.0}
 
-    def record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
+    def record_skip(self, step: int, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
-        step = self.step
         if measured:
-            self.record_update(step - 1, row.update_sq)
+            self.record_update(self.last_step, row.update_sq)
         self.amp_skipped.append(step)
-        self.step += 1
+        self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
                 "skipped": 1.0, "measured": 1.0}
 

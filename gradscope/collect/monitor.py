@@ -36,6 +36,10 @@ MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients 
 # 1,000-layer model are about 1 MB of device memory, and a report, a figure read off an Observation or
 # a GradScaler (which syncs each step itself) flushes at once, so nothing waits longer than it must.
 FLUSH_EVERY = 16
+# What a step between two observed ones (under ``every``) measures for the next observed one's row: the
+# update of an observed step that took the weights' snapshot, and the previous step's squared norm (with
+# its sample, for the cosine). Carried as extras (see gradscope.collect.rows).
+BETWEEN = ("update_norms", "previous_norm_sq")
 # Steps whose per-layer figures are kept whole before the first non-finite gradient: a ring of this many
 # rows of three figures per layer (32 × 1,000 layers × 3 × 8 bytes = 768 kB), frozen at the failure.
 NONFINITE_WINDOW = 32
@@ -88,9 +92,9 @@ class Monitor:
                  histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
                  flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None,
                  output: Optional[Union[str, Path]] = None, rules=None, nonfinite_window: int = NONFINITE_WINDOW,
-                 clip=None) -> None:
-        if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every) < 1:
-            raise ExperimentError("accumulation_steps, update_every, histogram_sample, histogram_every and "
+                 clip=None, every: int = 1) -> None:
+        if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every, every) < 1:
+            raise ExperimentError("every, accumulation_steps, update_every, histogram_sample, histogram_every and "
                                   "flush_every must be at least 1", "1 measures (or flushes) every call or step")
         if not isinstance(nonfinite_window, int) or nonfinite_window < 0:
             raise ExperimentError(f"nonfinite_window must be a whole number of steps, not {nonfinite_window!r}",
@@ -103,7 +107,10 @@ class Monitor:
         # what the report can say of the optimizer (whether it keeps a second moment; see the rules)
         self.adaptive_optimizer = None if optimizer is None else is_adaptive(optimizer)
         self.accumulation_steps = accumulation_steps
+        self.every = every
         self._calls = 0
+        self._optimizer_steps = 0  # optimizer steps seen, observed or not
+        self._between: Dict[str, torch.Tensor] = {}  # what the steps between two observed ones measured for them
         tracked = None if parameters is None else {id(p) for p in parameters}
         inner = unwrap(model)  # name layers as the user did, not as a DDP or torch.compile wrapper does
         self._dist = distributed.context()
@@ -128,7 +135,7 @@ class Monitor:
         self._sampled = np.zeros(n_groups)
         for b in self._buckets:
             np.add.at(self._sampled, b.groups, b.sampled)
-        self.measurement = _measurement(MEASUREMENT, self._dist, any(b.sharded for b in self._buckets))
+        self.measurement = _measurement(MEASUREMENT, self._dist, any(b.sharded for b in self._buckets), every)
         self.update_every = update_every
         self._snapshot_step = -1
         self._n_groups = n_groups
@@ -211,16 +218,21 @@ class Monitor:
             if loss is not None:
                 self.note_loss(loss)
             if self._calls % self.accumulation_steps:
-                return Observation(None, self.steps, {"step": self.steps, "measured": 0.0})
+                return Observation(None, self._optimizer_steps, {"step": self._optimizer_steps, "measured": 0.0})
             loss = self._take_pending_loss() if self._pending_loss is not None else None
+        optimizer_step, self._optimizer_steps = self._optimizer_steps, self._optimizer_steps + 1
+        if optimizer_step % self.every:
+            return self._between_observed(optimizer_step, scaler)
         self._remove_hooks()
         dev, step = self.device, self.steps
         inverse_scale = _inverse_scale(scaler, dev)
         amp = scaler is not None and scaler.is_enabled()
         if amp:
-            self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets))
+            self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets),
+                                            self.every)
         counted = step % self.histogram_every == 0
-        measure = step > 0 and self._snapshot_step == step - 1  # weights were snapshot last time
+        # the update of the step that took the weights' snapshot: measured now, or by the step after it
+        measure = "update_norms" in self._between or (step > 0 and self._snapshot_step == optimizer_step - 1)
         snapshot = step % self.update_every == 0
         present = np.zeros(self._n_groups, dtype=bool)
         vectors: List[torch.Tensor] = []
@@ -229,13 +241,13 @@ class Monitor:
             present[b.measure(inverse_scale, self._layout.count, self._zero, vectors, scalars)] = True
         if any(b.device != dev for b in self._buckets):  # a model over several devices: its figures meet here
             vectors, scalars = [v.to(dev) for v in vectors], [v.to(dev) for v in scalars]
-        scalars += [self._loss_scalar(loss), self._take_pending_loss()]
+        scalars += [self._loss_scalar(loss), self._noted_for_last()]
         row = self._row(len(self._pending))
         if vectors:
             torch.cat(vectors + [torch.stack(scalars)], out=row)
         else:
             torch.stack(scalars, out=row)
-        extras = self._extras(row, step, inverse_scale, amp, counted, measure, snapshot)
+        extras = self._extras(row, optimizer_step, inverse_scale, amp, counted, measure, snapshot)
         for b in self._buckets:
             b.sample.flip()
         if self._dist is not None:  # one collective: SUM of squares, sums and counts, MAX of extremes
@@ -243,9 +255,9 @@ class Monitor:
             tensors = list(distributed.reduce_step(summed, maxed, self._dist))
         else:
             tensors = [row] + [t for _, t in extras]
-        result = Observation(self, step)
-        self._pending.append(_Pending(tensors, [(name, t.numel()) for name, t in extras], present, measure,
-                                      loss is not None, amp, counted, result))
+        result = Observation(self, optimizer_step)
+        self._pending.append(_Pending(optimizer_step, tensors, [(name, t.numel()) for name, t in extras], present,
+                                      measure, loss is not None, amp, counted, result))
         if amp or len(self._pending) >= self.flush_every:  # a GradScaler syncs every step anyway
             self.flush()
         return result
@@ -255,7 +267,8 @@ class Monitor:
         """What a step adds to its row beyond the per-step figures (see ``gradscope.collect.rows.EXTRAS``):
         on the sampled cadence the histogram's zeros and the sums, the update and the weights; where a CPU
         saw a non-finite max, the counts; and the sums of the user's clipping by value or AGC."""
-        extras: List[Tuple[str, torch.Tensor]] = []
+        extras: List[Tuple[str, torch.Tensor]] = [(name, self._between.pop(name)) for name in BETWEEN
+                                                  if name in self._between]
         if not self._layout.count and not np.isfinite(self._ring_host[len(self._pending)][self._layout.slots["max"]]).all():
             # on a CPU the maxima are on the host already: reading them waits for nothing
             extras += [("counts", torch.stack(b.count_nonfinite())) for b in self._buckets]
@@ -265,7 +278,7 @@ class Monitor:
                 zeros = b.sample.count(histogram) if b.counts_histogram else torch.zeros(self._n_groups, device=b.device)
                 extras.append(("zeros", zeros))
             extras += [("sums", b.sums()) for b in self._buckets]
-        if measure:
+        if measure and not any(name == "update_norms" for name, _ in extras):
             extras += [("update_norms", b.update_norms()) for b in self._buckets]
         if snapshot:
             extras += [("weight_norms", b.take_snapshot()) for b in self._buckets]
@@ -283,6 +296,33 @@ class Monitor:
             self._ring_rows = list(self._ring.unbind(0))
             self._ring_host = self._ring.numpy() if self.device.type == "cpu" else None
         return self._ring_rows[k]
+
+    def _between_observed(self, optimizer_step: int, scaler) -> "Observation":
+        """A step that ``every`` leaves unobserved: nothing, except for its neighbours. The step after one
+        that took the weights' snapshot measures that step's update (the optimizer has stepped since);
+        the step before an observed one copies its sample and its norm, for the observed step's cosine
+        with it. Losses noted since the last step belong to it: kept when it was observed, else dropped."""
+        last_observed = (optimizer_step - 1) % self.every == 0
+        noted = self._take_pending_loss()
+        if last_observed and noted is not self._nan:
+            self._between["noted"] = noted
+        with torch.no_grad():
+            if last_observed and self._snapshot_step == optimizer_step - 1:
+                self._between["update_norms"] = torch.cat([b.update_norms() for b in self._buckets])
+            if (optimizer_step + 1) % self.every == 0:
+                inverse_scale = _inverse_scale(scaler, self.device)
+                norms = [b.previous(inverse_scale) for b in self._buckets]
+                self._between["previous_norm_sq"] = torch.stack([n.to(self.device) for n in norms])
+        return Observation(None, optimizer_step, {"step": optimizer_step, "measured": 0.0})
+
+    def _noted_for_last(self) -> torch.Tensor:
+        """The losses noted for the last step observed (NaN when none were): those noted since, when it was
+        the step just before; else what the step after it kept (see ``_between_observed``)."""
+        noted = self._between.pop("noted", None)
+        pending = self._take_pending_loss()
+        if noted is not None:
+            return noted
+        return pending if self.every == 1 else self._nan
 
     def _loss_scalar(self, loss) -> torch.Tensor:
         """The step's loss as a 0-d tensor on the Monitor's device (NaN when none was given)."""
@@ -340,33 +380,38 @@ class Monitor:
             p.result._monitor = None
 
     def _record(self, p: "_Pending", row: HostRow) -> Dict[str, float]:
-        self._ledger.amend_loss(self._ledger.step - 1, row.noted)
+        self._ledger.amend_loss(self._ledger.last_step, row.noted)
         if p.amp:
             if not np.isfinite(row.max_abs).all():
-                return self._record_skip(row, p.measured)
+                return self._record_skip(p.step, row, p.measured)
             if p.counted:
                 self._hist += self._step_hist
         zeros = row.sampled_zeros * self._numel / self._sampled_total() if p.counted else None  # scaled up
-        return self._ledger.record(row, row.nonfinite, row.present, zeros, p.measured, p.loss_given,
+        return self._ledger.record(p.step, row, row.nonfinite, row.present, zeros, p.measured, p.loss_given,
                                    self._first_in_backward_order)
 
-    def _record_skip(self, row: "HostRow", measured: bool) -> Dict[str, float]:
+    def _record_skip(self, step: int, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
-        for b in self._buckets:
-            b.sample.flip()  # the next step compares with the last step that counted
-        return self._ledger.record_skip(row, measured)
+        if self.every == 1:
+            for b in self._buckets:
+                b.sample.flip()  # the next step compares with the last step that counted
+        return self._ledger.record_skip(step, row, measured)
 
     @torch.no_grad()
     def _record_last_update(self) -> None:
         """Measure the last step's update (made after the last observe), if that step took a snapshot."""
-        if self.steps == 0 or self._snapshot_step != self.steps - 1:
+        waiting = self._between.pop("update_norms", None)  # measured by the step after, never observed since
+        if waiting is not None:
+            change = waiting.to(wide(self.device)) ** 2
+        elif self.steps == 0 or self._snapshot_step != self._optimizer_steps - 1:
             return
-        change = torch.cat([b.update_norms(keep=True).to(self.device) for b in self._buckets]).to(wide(self.device)) ** 2
+        else:
+            change = torch.cat([b.update_norms(keep=True).to(self.device) for b in self._buckets]).to(wide(self.device)) ** 2
         if self._dist is not None:
             change = distributed.all_reduce_sum(change)
         values = self._layout.per_layer(change.to(torch.float64).cpu().numpy())
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
-            self._ledger.record_update(self.steps - 1, values)
+            self._ledger.record_update(self._snapshot_step, values)
             self._snapshot_step = -1  # the snapshot is spent
 
     # -- backward order, for naming the first non-finite layer ----------------------------------------
@@ -404,14 +449,18 @@ class Monitor:
         if not alone:
             self._record_last_update()
         if self._pending_loss is not None:
-            self._ledger.amend_loss(self.steps - 1, float(self._take_pending_loss()))
+            noted = float(self._take_pending_loss())
+            if (self._optimizer_steps - 1) % self.every == 0:  # the last step was observed: the loss is its
+                self._ledger.amend_loss(self._ledger.last_step, noted)
+        if "noted" in self._between:
+            self._ledger.amend_loss(self._ledger.last_step, float(self._between.pop("noted")))
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
             histograms=self._histograms(alone),
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device),
             model_source=class_source(module_class(unwrap(self.model))),
-            ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets),
+            ranks=self._dist.world if self._dist else 1, sharded=any(b.sharded for b in self._buckets), every=self.every,
             adaptive_optimizer=self.adaptive_optimizer,
             clip=self._ledger.clip_record(self._clipper.counts() if self._clipper is not None else None),
         )
@@ -474,6 +523,7 @@ class Monitor:
 class _Pending(NamedTuple):
     """A step whose row is still on the device, with what the host knew when it was observed."""
 
+    step: int  # the optimizer step
     tensors: List[torch.Tensor]  # the step's vector and its extras (under a process group: summed and maxed)
     extras: List[Tuple[str, int]]  # the extras' names and lengths, in order
     present: np.ndarray
@@ -520,7 +570,9 @@ def wide(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def _measurement(base: str, ctx: Optional[distributed.Context], sharded: bool) -> str:
+def _measurement(base: str, ctx: Optional[distributed.Context], sharded: bool, every: int = 1) -> str:
+    if every > 1:
+        base = base.replace("one observation per optimizer step", f"one observation every {every} optimizer steps")
     if ctx is None:
         return base
     if sharded:

@@ -23,8 +23,9 @@ from .buckets import Bucket
 # The extras a step on the sampled cadence may carry, each one vector per bucket:
 # sums, weight_norms and update_norms (per tensor),
 # zeros (per layer: the histogram's zero bin's gain), clip (the 3 sums of the user's clipping, see
-# gradscope.collect.clipping) and counts (per tensor: inf and NaN, where a CPU found a non-finite max).
-EXTRAS = ("sums", "weight_norms", "update_norms", "zeros", "clip", "counts")
+# gradscope.collect.clipping), counts (per tensor: inf and NaN, where a CPU found a non-finite max), and
+# previous_norm_sq (the step before's squared norm, already weighted by the share, where it was not observed).
+EXTRAS = ("sums", "weight_norms", "update_norms", "zeros", "clip", "counts", "previous_norm_sq")
 NORMS = {"weight_norms": "weight_sq", "update_norms": "update_sq"}  # extras summed over ranks as squares
 Extras = List[Tuple[str, torch.Tensor]]
 
@@ -34,11 +35,13 @@ class HostRow:
 
     def __init__(self, *, norm_sq: np.ndarray, max_abs: np.ndarray, grad_sum: np.ndarray, weight_sq: np.ndarray,
                  update_sq: np.ndarray, sampled_zeros: np.ndarray, nonfinite: np.ndarray, dot: float, loss: float,
-                 noted: float, clip: np.ndarray, present: Optional[np.ndarray]) -> None:
+                 noted: float, clip: np.ndarray, present: Optional[np.ndarray],
+                 previous_norm_sq: float = float("nan")) -> None:
         self.norm_sq, self.max_abs, self.grad_sum = norm_sq, max_abs, grad_sum
         self.weight_sq, self.update_sq = weight_sq, update_sq
         self.sampled_zeros, self.nonfinite = sampled_zeros, nonfinite
         self.dot, self.loss, self.noted, self.clip, self.present = dot, loss, noted, clip, present
+        self.previous_norm_sq = previous_norm_sq  # the step before's, where it was not observed (else NaN)
 
 
 class StepLayout:
@@ -134,6 +137,7 @@ class StepLayout:
             loss=float(arrays["loss"][0]) * ranks, noted=float(arrays["noted"][0]) * ranks,
             clip=(self.bucket_share[:, None] * bucket("clip")).sum(0) if "clip" in arrays else np.zeros(3),
             present=present,
+            previous_norm_sq=float(arrays["previous_norm_sq"].sum()) if "previous_norm_sq" in arrays else np.nan,
         )
 
     def per_layer(self, values: np.ndarray) -> np.ndarray:

@@ -30,8 +30,8 @@ class GradscopeCallback(pl.Callback):
 
     ``output`` and ``fail_on`` are as in :class:`~gradscope.integrations.common.ReportSink`: the report
     is printed or written at the end of fit, and findings at ``fail_on`` raise
-    :class:`GradientHealthError`. ``update_every`` and ``histogram_sample`` go to each
-    :class:`~gradscope.Monitor`.
+    :class:`GradientHealthError`. ``update_every``, ``histogram_sample`` and ``every`` (observe every
+    N-th optimizer step, as ``wandb.watch(log_freq=N)``) go to each :class:`~gradscope.Monitor`.
 
     The report says what the fit's own clipping did (the clip rate over the run, the post-clip norm, and
     the findings that it acts on every step, never, or no longer fits): from ``gradient_clip_val`` and
@@ -40,10 +40,11 @@ class GradscopeCallback(pl.Callback):
     """
 
     def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
-                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None) -> None:
+                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None,
+                 every: int = 1) -> None:
         self.clip = clip
         self.sink = ReportSink(rules, output, fail_on)
-        self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample}
+        self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample, "every": every}
         self.monitors: Dict[int, Monitor] = {}
         self.reports: List[Report] = []
 

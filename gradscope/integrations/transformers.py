@@ -33,7 +33,8 @@ class GradscopeTrainerCallback(TrainerCallback):
     """Observe every optimizer step of ``Trainer.train()`` pre-clip and report on the gradients at the end.
 
     ``output`` and ``fail_on`` are as in :class:`~gradscope.integrations.common.ReportSink`.
-    ``update_every`` and ``histogram_sample`` go to the :class:`~gradscope.Monitor`.
+    ``update_every``, ``histogram_sample`` and ``every`` (observe every N-th optimizer step, as
+    ``wandb.watch(log_freq=N)``) go to the :class:`~gradscope.Monitor`.
 
     The report says what the run's own clipping did (the clip rate over the run, the post-clip norm, and
     the findings that it acts on every step, never, or no longer fits): from ``max_grad_norm`` (1.0
@@ -41,10 +42,11 @@ class GradscopeTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
-                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None) -> None:
+                 fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None,
+                 every: int = 1) -> None:
         self.clip = clip
         self.sink = ReportSink(rules, output, fail_on)
-        self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample}
+        self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample, "every": every}
         self.monitor: Optional[Monitor] = None
         self.report: Optional[Report] = None
         self._handles: List[Any] = []
