@@ -47,6 +47,15 @@ def arm() -> Optional[Any]:
     return previous
 
 
+def hold(previous: Optional[Any]) -> None:
+    """Replace an armed handler (``previous``: what :func:`arm` returned) with SIGTERM ignored, in one step:
+    the report is being written, and torchrun or a scheduler that sent SIGTERM follows it with SIGKILL
+    after a grace period. Swapping the handler straight for the ignore leaves no moment in which the
+    signal's default action would end the process before the report is written."""
+    if previous is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def disarm(previous: Optional[Any]) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
