@@ -26,7 +26,6 @@ from ..errors import ExperimentError
 from ..run.experiment import is_adaptive
 from .ledger import Ledger
 from .layers import class_source, group_parameters, module_class, unwrap
-from ..pipeline import build_report
 from ..analyse.profile import Profile
 
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
@@ -143,11 +142,12 @@ class Monitor:
         self._hist = torch.zeros(n_groups * hist.N_BINS, dtype=torch.int64, device=self.device)
         self._step_hist: Optional[torch.Tensor] = None  # one step's counts, under a GradScaler that may skip it
         self._all_present: Optional[torch.Tensor] = None
-        # Each step's per-tensor figures, laid out in one vector; an accelerator (which cannot look at the
-        # maxima without waiting) and a process group (whose ranks must agree on the layout) count every
-        # step's inf and NaN, a lone CPU only where a max is not finite.
-        self._layout = StepLayout(self._buckets, n_groups, count=self.device.type != "cpu" or self._dist is not None,
+        # Each step's per-tensor figures, laid out in one vector. An accelerator (which cannot look at the
+        # maxima without waiting) counts every step's inf and NaN; a CPU only where a max is not finite, and
+        # under a process group (whose ranks must agree on the layout) sends zeros where it did not count.
+        self._layout = StepLayout(self._buckets, n_groups, count=self.device.type != "cpu",
                                   world=self._dist.world if self._dist else 1)
+        self._no_counts: Optional[List[torch.Tensor]] = None  # a CPU rank's counts where every max was finite
         self._zero = torch.zeros((), device=self.device)  # what a missing figure reads as
         self._to_host = HostCopy()
         self._ring: Optional[torch.Tensor] = None  # the rows of the steps waiting on the device (see _row)
@@ -269,9 +269,13 @@ class Monitor:
         saw a non-finite max, the counts; and the sums of the user's clipping by value or AGC."""
         extras: List[Tuple[str, torch.Tensor]] = [(name, self._between.pop(name)) for name in BETWEEN
                                                   if name in self._between]
-        if not self._layout.count and not np.isfinite(self._ring_host[len(self._pending)][self._layout.slots["max"]]).all():
-            # on a CPU the maxima are on the host already: reading them waits for nothing
-            extras += [("counts", torch.stack(b.count_nonfinite())) for b in self._buckets]
+        if not self._layout.count:  # on a CPU the maxima are on the host already: reading them waits for nothing
+            if not np.isfinite(self._ring_host[len(self._pending)][self._layout.slots["max"]]).all():
+                extras += [("counts", torch.stack(b.count_nonfinite())) for b in self._buckets]
+            elif self._dist is not None:
+                if self._no_counts is None:
+                    self._no_counts = [torch.zeros(len(b.params), dtype=torch.float64) for b in self._buckets]
+                extras += [("counts", zeros) for zeros in self._no_counts]
         if counted:
             histogram = self._hist if not amp else self._fresh_step_histogram()
             for b in self._buckets:
@@ -488,6 +492,7 @@ class Monitor:
                alone: bool = False):
         """Statistics, findings and a recommendation for everything observed: a :class:`Report`
         (``stopped_reason`` marks it partial: why the run ended early; ``alone``: see ``profile``)."""
+        from ..pipeline import build_report  # the analysis (rules, scipy) loads when a report is asked for
         return build_report(self.profile(alone=alone), rules=rules, model_name=name or type(unwrap(self.model)).__name__,
                             stopped_reason=stopped_reason)
 
@@ -508,16 +513,19 @@ class Monitor:
         ``gradscope.collect.recorder``): a failure to write it is one line on stderr, and the run's own
         exception goes on."""
         self._remove_hooks()
-        recorder.disarm(self._sigterm)
-        self._sigterm = None
+        previous, self._sigterm = self._sigterm, None
         if self.output is None:
+            recorder.disarm(previous)
             return
+        recorder.hold(previous)  # SIGTERM ignored from here, with no moment in which it would kill
         try:
             recorder.record(self, self.output, self.rules, exc_type, exc)
         except Exception as error:
             if exc_type is None:
                 raise
             sys.stderr.write(f"gradscope: the report could not be written to {self.output}: {error}\n")
+        finally:
+            recorder.disarm(previous)
 
 
 class _Pending(NamedTuple):
