@@ -73,19 +73,20 @@ def write_baseline(report: Report, path: Union[str, Path]) -> None:
 
 def load_baseline(path: Union[str, Path]) -> Baseline:
     path = Path(path)
-    hint = f"write one with: gradscope diagnose TARGET --write-baseline {path}"
+    hint = f"record one from a report of this model: gradscope.baseline.write_baseline(report, {str(path)!r})"
+    remedy = ("record-baseline", str(path))
     if not path.is_file():
-        raise GradscopeError(f"baseline file not found: {path}", hint)
+        raise GradscopeError(f"baseline file not found: {path}", hint, remedy=remedy)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise GradscopeError(f"{path}: not a JSON baseline ({exc})", hint) from None
+        raise GradscopeError(f"{path}: not a JSON baseline ({exc})", hint, remedy=remedy) from None
     if not isinstance(doc, dict) or doc.get("kind") != BASELINE_KIND:
-        raise GradscopeError(f"{path}: not a gradscope baseline (no kind: {BASELINE_KIND})", hint)
+        raise GradscopeError(f"{path}: not a gradscope baseline (no kind: {BASELINE_KIND})", hint, remedy=remedy)
     if doc.get("schema_version") != BASELINE_VERSION:
-        raise GradscopeError(f"{path}: baseline schema_version {doc.get('schema_version')!r} is not supported", hint)
+        raise GradscopeError(f"{path}: baseline schema_version {doc.get('schema_version')!r} is not supported", hint, remedy=remedy)
     def bad(what: str) -> GradscopeError:
-        return GradscopeError(f"{path}: malformed baseline: {what}", hint)
+        return GradscopeError(f"{path}: malformed baseline: {what}", hint, remedy=remedy)
 
     entries, metrics_doc, layers_doc, model = (doc.get(k) for k in ("findings", "metrics", "layers", "model"))
     if not isinstance(entries, list):
@@ -130,7 +131,8 @@ def check_same_model(report: Report, baseline: Baseline) -> None:
         raise GradscopeError(
             f"{baseline.source} was recorded from another model ({baseline.model or 'unnamed'}: "
             f"{len(baseline.layers)} layers, {shared} of them in {report.model}'s {len(current)})",
-            f"re-record it for this model: gradscope diagnose TARGET --write-baseline {baseline.source}")
+            f"re-record it from a report of this model: gradscope.baseline.write_baseline(report, {baseline.source!r})",
+            remedy=("re-record-baseline", str(baseline.source)))
 
 
 def compare(report: Report, baseline: Baseline, tolerance: float = DEFAULT_TOLERANCE) -> Comparison:

@@ -22,12 +22,20 @@ from .present.formats import FORMATS, html_available, to_markdown
 from .gate import FAIL_ON, Verdict, decide, unfinished
 from .analyse.metrics import LAYER_METRICS, MODEL_METRICS
 from .present.render import MAX_LAYER_ROWS, render, render_text
+from .present.wording import plural
 from .report import Report
 from .analyse.ruleset import RuleSet, condition_lines, condition_metrics, load_rules
 from .run.target import DEFAULT_CALLABLE, load_experiment
 from .run.options import BUDGET, FIRST_STEPS, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TrialOptions
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
+SHOW_ALL = "--all-layers shows every one"  # under a capped layer table
+# The fixes the library names as data (GradscopeError.remedy), in the command line's words.
+REMEDIES = {
+    "record-baseline": "write one with: gradscope diagnose TARGET --write-baseline {}",
+    "re-record-baseline": "re-record it for this model: gradscope diagnose TARGET --write-baseline {}",
+    "write-json-report": "write one with: gradscope diagnose TARGET --format json --output {}",
+}
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other usage error
@@ -193,7 +201,7 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
                 task, description="trials", completed=done, total=total, note=label))
     trials = report.recommendation.evidence.trials
     if trials is not None and main_rank:  # the cost in time, on stderr: the report itself stays deterministic
-        err.print(f"gradscope: {_count(len(trials.trials), 'trial')} took {trials.seconds:.1f} s, "
+        err.print(f"gradscope: {plural(len(trials.trials), 'trial')} took {trials.seconds:.1f} s, "
                   f"{trials.seconds / max(trials.profile_seconds, 1e-9):.1f}x the {trials.profile_seconds:.1f} s "
                   "of profiling", style="dim", highlight=False, soft_wrap=True)
     try:
@@ -210,7 +218,7 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
             write_tensorboard(report, args.tensorboard)
         if args.write_baseline:
             write_baseline(report, args.write_baseline)  # checked before training, written atomically
-            err.print(f"gradscope: wrote baseline {args.write_baseline} ({_count(len(report.findings), 'finding')})",
+            err.print(f"gradscope: wrote baseline {args.write_baseline} ({plural(len(report.findings), 'finding')})",
                       highlight=False, soft_wrap=True)
             code = EXIT_OK
     return distributed.broadcast_int(code)  # every rank exits as rank 0 does
@@ -292,9 +300,9 @@ def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Conso
     if args.output:
         outputs.write(args.output, FORMATS[fmt_name](report, verdict), "--output")
     elif fmt_name == "rich" and out.is_terminal:
-        out.print(render(report, verdict, all_layers=args.all_layers))
+        out.print(render(report, verdict, all_layers=args.all_layers, show_all=SHOW_ALL))
     elif fmt_name == "rich":  # piped: plain text at the console's width, no padding at line ends
-        sys.stdout.write(render_text(report, out.width, verdict, all_layers=args.all_layers))
+        sys.stdout.write(render_text(report, out.width, verdict, all_layers=args.all_layers, show_all=SHOW_ALL))
         sys.stdout.flush()
     else:
         sys.stdout.write(FORMATS[fmt_name](report, verdict))
@@ -310,13 +318,9 @@ def _clipped(width: int) -> Column:
     return Column(max_width=width, no_wrap=True, overflow="ellipsis")
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _print_error(err: Console, exc: GradscopeError, debug: bool = False) -> None:
     err.print(f"[bold red]gradscope: error:[/] {escape(exc.problem)}", highlight=False, soft_wrap=True)
-    hint = exc.hint
+    hint = REMEDIES[exc.remedy[0]].format(exc.remedy[1]) if exc.remedy and exc.remedy[0] in REMEDIES else exc.hint
     if not debug and exc.__cause__ is not None and not isinstance(exc.__cause__, GradscopeError):
         # the user's code raised: the library's hint says what to fix, the flag is the command line's to name
         hint = (hint + "; " if hint else "") + "--debug shows the traceback"

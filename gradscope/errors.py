@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -20,15 +20,19 @@ class GradscopeError(Exception):
     """A problem the user can fix. The CLI prints it in one or two lines and exits with ``exit_code``.
 
     ``partial`` may carry a partial :class:`~gradscope.report.Report` of what was measured before the
-    problem, so that nothing seen is lost.
+    problem, so that nothing seen is lost. ``hint`` says what to do in Python's terms; ``remedy`` names
+    the fix as data, a code and its argument (``("record-baseline", path)``), for a front end to word in
+    its own (the CLI names its flags; see ``gradscope.cli.REMEDIES``).
     """
 
     exit_code = EXIT_USAGE
 
-    def __init__(self, problem: str, hint: str = "", *, partial: Optional[Any] = None) -> None:
+    def __init__(self, problem: str, hint: str = "", *, partial: Optional[Any] = None,
+                 remedy: Optional[Tuple[str, str]] = None) -> None:
         self.problem = problem
         self.hint = hint
         self.partial = partial
+        self.remedy = remedy
         super().__init__(self.__str__())
 
     def __str__(self) -> str:

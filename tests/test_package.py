@@ -5,6 +5,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,4 +73,42 @@ def test_the_display_layer_stands_alone(module):
     code = (f"import sys, {module}; "
             "bad = {'torch', 'gradscope.run.diagnose', 'gradscope.collect.monitor', 'gradscope.run.trials', "
             "'gradscope.run.experiment', 'matplotlib'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def _user_facing_strings(path: Path):
+    """The string literals of a module that can reach a user: all but docstrings."""
+    import ast
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_no_library_string_names_a_command_line_flag():
+    """The library says what to do in Python's terms and names a fix as data (``GradscopeError.remedy``);
+    the CLI alone words it with its flags (``cli.REMEDIES``, ``cli.SHOW_ALL``)."""
+    from gradscope.cli import build_parser
+    flags = {option for action in build_parser()._subparsers._group_actions[0].choices["diagnose"]._actions
+             for option in action.option_strings if option.startswith("--")}
+    assert {"--write-baseline", "--all-layers", "--trials", "--format"} <= flags
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for line, text in _user_facing_strings(path):
+            found += [f"{path.relative_to(PACKAGE)}:{line}: {flag}" for flag in flags
+                      if re.search(re.escape(flag) + r"(?![\w-])", text)]
+    assert not found, found
+
+
+def test_the_monitor_loads_no_analysis_until_a_report_is_asked_for():
+    """``import gradscope.collect.monitor`` (what a training loop pays) loads neither the rules (yaml) nor
+    the statistics (scipy); ``report()`` loads them."""
+    code = ("import sys, gradscope.collect.monitor; "
+            "bad = {'yaml', 'scipy', 'gradscope.pipeline', 'gradscope.analyse.stats'} & set(sys.modules); "
+            "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -139,7 +139,7 @@ def test_findings_are_grouped_by_rule_with_the_worst_layers_named(resnet):
 
 def test_the_layer_table_is_capped_and_all_layers_lifts_the_cap(resnet):
     layers = len(resnet.statistics.layers)
-    assert f"… and {layers - 12} more layers (--all-layers shows every one)" in resnet.render()
+    assert f"… and {layers - 12} more layers (all_layers=True shows every one)" in resnet.render()
     every = resnet.render(all_layers=True)
     assert "more layers" not in every
     assert all(layer.name in every for layer in resnet.statistics.layers)

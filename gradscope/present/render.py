@@ -30,16 +30,19 @@ from .wording import (SEVERITY_RANK, advice, clip_rate_words, clip_summary, fmt,
 BARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
 LAYER_SPARK_WIDTH = 12
-MAX_LAYER_ROWS = 12  # the worst layers the table shows; --all-layers shows every one
+MAX_LAYER_ROWS = 12  # the worst layers the table shows; all_layers shows every one
+SHOW_ALL = "all_layers=True shows every one"  # how to see the rest, in the caller's words (the CLI names its flag)
 GROUP_NAMES = 3  # layers named in a grouped finding before "(N more)"
 ORDER_KEY = "by worst finding, then share of the global norm"
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 MARK = {"error": "✖", "warning": "▲", "info": "●"}
 
 
-def render(report: Report, gate: Optional[Verdict] = None, *, all_layers: bool = False) -> RenderableType:
-    """The whole terminal report; ``all_layers`` lifts the cap on the layer table."""
-    parts: List[RenderableType] = [header(report), global_line(report), LayerTable(report, all_layers)]
+def render(report: Report, gate: Optional[Verdict] = None, *, all_layers: bool = False,
+           show_all: str = SHOW_ALL) -> RenderableType:
+    """The whole terminal report; ``all_layers`` lifts the cap on the layer table, and ``show_all`` says
+    how to, under a capped one."""
+    parts: List[RenderableType] = [header(report), global_line(report), LayerTable(report, all_layers, show_all)]
     if report.findings:
         parts.append(findings_block(report.findings, ordered_layers(report)))
     trials = report.recommendation.evidence.trials
@@ -55,12 +58,12 @@ def render(report: Report, gate: Optional[Verdict] = None, *, all_layers: bool =
     return Group(*parts)
 
 
-def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None, *, all_layers: bool = False
-                ) -> str:
+def render_text(report: Report, width: int = 100, gate: Optional[Verdict] = None, *, all_layers: bool = False,
+                show_all: str = SHOW_ALL) -> str:
     """The report as plain text at a fixed width, with no colour and no trailing spaces."""
     buffer = io.StringIO()
     Console(file=buffer, width=width, color_system=None, force_terminal=False).print(
-        render(report, gate, all_layers=all_layers))
+        render(report, gate, all_layers=all_layers, show_all=show_all))
     return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())
 
 
@@ -157,8 +160,8 @@ class LayerTable:
 
     NUMBERS = ("params", "norm p50", "max", "g/w", "upd/w")
 
-    def __init__(self, report: Report, all_layers: bool = False) -> None:
-        self.report, self.all_layers = report, all_layers
+    def __init__(self, report: Report, all_layers: bool = False, show_all: str = SHOW_ALL) -> None:
+        self.report, self.all_layers, self.show_all = report, all_layers, show_all
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         layers = ordered_layers(self.report)
@@ -187,8 +190,7 @@ class LayerTable:
         yield Text.assemble(("layers, worst first", "bold"), (f" ({ORDER_KEY})", "dim"))
         yield table
         if len(shown) < len(layers):
-            yield Text(f"  … and {plural(len(layers) - len(shown), 'more layer')} (--all-layers shows every one)",
-                       "dim")
+            yield Text(f"  … and {plural(len(layers) - len(shown), 'more layer')} ({self.show_all})", "dim")
         yield Text("")
 
     @staticmethod

@@ -21,6 +21,8 @@ METHODS = ("norm", "value", "agc", "adaptive", "none")
 STATE_KEY = "gradscope_clipper"  # the Clipper's state inside an attached optimizer's state dict
 
 
+WRITE_JSON_HINT = "write the report as JSON first: Path(FILE).write_text(report.to_json())"
+
 class Clipper:
     """Clip gradients in place, between ``backward()`` and ``optimizer.step()``: ``clipper(model)``.
 
@@ -76,7 +78,8 @@ class Clipper:
     @classmethod
     def from_json(cls, source: Union[str, Path, Mapping[str, Any]], *, safety_net: bool = True,
                   **options) -> "Clipper":
-        """The advice of a report written with ``--format json``: a path to it, or the parsed document.
+        """The advice of a gradscope JSON report (``Report.to_json()``, or the CLI's JSON format): a path
+        to it, or the parsed document.
         A CI job can diagnose once and a training job apply the advice, with no Report object between."""
         doc = source
         if not isinstance(source, Mapping):
@@ -84,12 +87,12 @@ class Clipper:
             try:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise GradscopeError(f"cannot read a gradscope report from {path}: {exc}",
-                                     "write one with: gradscope diagnose TARGET --format json --output FILE") from None
+                raise GradscopeError(f"cannot read a gradscope report from {path}: {exc}", WRITE_JSON_HINT,
+                                     remedy=("write-json-report", str(path))) from None
         advice = doc.get("recommendation") if isinstance(doc, Mapping) else None
         if not isinstance(advice, Mapping) or advice.get("method") not in METHODS:
-            raise GradscopeError("not a gradscope JSON report: no recommendation with a known method",
-                                 "write one with: gradscope diagnose TARGET --format json --output FILE")
+            raise GradscopeError("not a gradscope JSON report: no recommendation with a known method", WRITE_JSON_HINT,
+                                 remedy=("write-json-report", "FILE"))
         evidence = advice.get("evidence") if isinstance(advice.get("evidence"), Mapping) else {}
         net = evidence.get("safety_net") if safety_net else None
         guard = advice.get("guard")
@@ -98,8 +101,7 @@ class Clipper:
                 skip = Skip(z=float(guard["z"]), window=int(guard["window"]), min_history=int(guard["min_history"]))
             except (KeyError, TypeError, ValueError, OverflowError):
                 raise GradscopeError("the report's skip guard is malformed: it needs numbers z, window and "
-                                     "min_history", "write the report again with: gradscope diagnose TARGET "
-                                     "--format json --output FILE") from None
+                                     "min_history", WRITE_JSON_HINT, remedy=("write-json-report", "FILE")) from None
             options.setdefault("skip", skip)
         return cls(advice["method"], advice.get("threshold"), safety_net=net, **options)
 
