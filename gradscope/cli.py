@@ -26,7 +26,8 @@ from .present.wording import plural
 from .report import Report
 from .analyse.ruleset import RuleSet, condition_lines, condition_metrics, load_rules
 from .run.target import DEFAULT_CALLABLE, load_experiment
-from .run.options import BUDGET, FIRST_STEPS, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, TrialOptions
+from .run.options import (BUDGET, FIRST_STEPS, MAX_TRIAL_STEPS, MIN_TRIAL_STEPS, MOST_TRIALS, ProfileOptions,
+                           TrialOptions)
 
 FORMAT_ENV = "GRADSCOPE_FORMAT"
 SHOW_ALL = "--all-layers shows every one"  # under a capped layer table
@@ -193,8 +194,8 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
             outputs.user_stdout_to_stderr(_document_on_stdout(args)):
         task = progress.add_task(f"profiling {experiment.display_name}", total=args.steps, note="")
         report = diagnose(
-            experiment, steps=args.steps, rules=rules, seed=args.seed, device=args.device, restore=False,
-            trials=args.trial_options, extend=args.extend,
+            experiment, steps=args.steps, rules=rules, seed=args.seed,
+            profile=ProfileOptions(extend=args.extend, device=args.device, restore=False), trials=args.trial_options,
             progress=lambda done, total, o: progress.update(task, completed=done, total=total,
                                                              note=f"global norm {o['global_norm']:.3g}"),
             trial_progress=lambda done, total, label: progress.update(

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from .analyse import stats
-from .analyse.evaluate import evaluate
+from .analyse.stats import Statistics
+from .analyse.evaluate import Finding, evaluate
 from .analyse.profile import Profile
 from .advise.recommend import recommend
 from .report import Report
@@ -25,8 +26,14 @@ def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = N
     rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
     if adaptive_optimizer is not None:
         profile = dataclasses.replace(profile, adaptive_optimizer=adaptive_optimizer)
-    statistics = stats.compute(profile)
-    findings = evaluate(statistics, rule_set)
+    statistics, findings = assess(profile, rule_set)
     return Report(model=model_name, statistics=statistics, findings=findings,
                   recommendation=recommend(statistics, findings), rules=rule_set,
                   stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested)
+
+
+def assess(profile: Profile, rules: RuleSet) -> Tuple[Statistics, Tuple[Finding, ...]]:
+    """Statistics → findings, without the recommendation: what deciding whether a profile has seen
+    anything yet needs."""
+    statistics = stats.compute(profile)
+    return statistics, evaluate(statistics, rules)

@@ -65,7 +65,11 @@ class Report:
     def worst_severity(self) -> Optional[str]:
         return worst_severity(self.findings)
 
-    # The display layer imports this module, so these import it lazily: the types stay free of rendering.
+    # -- display hooks: the one declared exception to the one-way flow ---------------------------------
+    # The flow runs collect -> analyse -> advise -> report -> present: present/ imports this module, never
+    # the reverse. These four hooks (render, __str__, _repr_html_, __rich__) run the flow's last stage
+    # from the Report itself, so that print(report), rich and Jupyter show it; they import present/
+    # lazily, inside the call, so that importing the Report loads no renderer and no cycle forms.
     def render(self, width: int = 100, *, all_layers: bool = False) -> str:
         """The terminal report as plain text at ``width`` columns (what ``print(report)`` shows at 100)."""
         from .present.render import render_text

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope import ProfileOptions
 from gradscope import Clipper, Monitor
 
 from models import MLP, exploding_rnn, mse, regression_batches
@@ -118,7 +119,7 @@ def test_clipper_on_the_gpu_matches_the_cpu(method):
 
 def test_diagnose_with_trials_on_the_gpu():
     """The whole flow, trials included, on an exploding RNN moved to the GPU by ``device``."""
-    report = gradscope.diagnose(exploding_rnn(), steps=30, device="cuda", trials=4)
+    report = gradscope.diagnose(exploding_rnn(), steps=30, trials=4, profile=ProfileOptions(device="cuda"))
     assert report.statistics.model.device.startswith("cuda")
     assert report.recommendation.method == "norm" and report.recommendation.threshold > 0
     assert any(f.severity == "error" for f in report.findings)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope import ProfileOptions
 from gradscope.errors import ExperimentError
 from gradscope.run.experiment import batch_stream, compute_loss
 
@@ -54,7 +55,7 @@ def test_dict_batches_use_the_output_loss():
     model = HFStyle()
     exp = gradscope.Experiment(model, torch.optim.SGD(model.parameters(), 0.1),
                                [{"input_ids": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 0, 1])}])
-    report = gradscope.diagnose(exp, steps=3, extend=False)
+    report = gradscope.diagnose(exp, steps=3, profile=ProfileOptions(extend=False))
     assert report.statistics.model.steps == 3 and np.isfinite(report.statistics.model.loss).all()
     with pytest.raises(ExperimentError, match="computed no loss"):
         compute_loss(exp, {"input_ids": torch.randn(5, 4)})
@@ -108,10 +109,10 @@ def _warm_up(exp: gradscope.Experiment, steps: int = 10) -> gradscope.Experiment
 def test_a_scheduler_steps_with_the_optimizer_and_is_put_back():
     exp = _warm_up(healthy_mlp(lr=1e-2))
     assert exp.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the warm-up's first step
-    report = gradscope.diagnose(exp, steps=6, extend=False)
+    report = gradscope.diagnose(exp, steps=6, profile=ProfileOptions(extend=False))
     assert report.statistics.model.steps == 6
     assert exp.scheduler.last_epoch == 0 and exp.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
-    gradscope.diagnose(exp, steps=6, extend=False, restore=False)
+    gradscope.diagnose(exp, steps=6, profile=ProfileOptions(extend=False, restore=False))
     assert exp.scheduler.last_epoch == 6 and exp.optimizer.param_groups[0]["lr"] == pytest.approx(7e-3)
 
 
@@ -147,7 +148,7 @@ def test_a_scheduler_that_gradscope_cannot_step_is_a_clear_error():
 def test_diagnose_without_restore_leaves_the_trained_model():
     exp = healthy_mlp()
     before = exp.model.out.weight.detach().clone()
-    gradscope.diagnose(exp, steps=3, restore=False)
+    gradscope.diagnose(exp, steps=3, profile=ProfileOptions(restore=False))
     assert not torch.equal(before, exp.model.out.weight)
 
 
@@ -158,7 +159,7 @@ def test_steps_out_of_range_is_a_clear_error():
 
 def test_monitor_report_equals_diagnose_report():
     """The Monitor in a user's own loop gives the same Report as diagnose on the same steps."""
-    first = gradscope.diagnose(healthy_mlp(), steps=6, seed=1, restore=False)
+    first = gradscope.diagnose(healthy_mlp(), steps=6, seed=1, profile=ProfileOptions(restore=False))
     exp = healthy_mlp()
     from gradscope.run.diagnose import seed_everything
     from gradscope.run.experiment import batch_stream

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope import ProfileOptions
 from gradscope import Monitor
 
 
@@ -57,7 +58,7 @@ def test_a_float64_loss_beyond_float32_range_is_finite():
     batch = (torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
     experiment = gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda: batch,
                                       loss_fn=lambda m, b: 1e40 * (1 + nn.functional.mse_loss(m(b[0]), b[1])))
-    report = gradscope.diagnose(experiment, steps=3, trials=0, extend=False)
+    report = gradscope.diagnose(experiment, steps=3, trials=0, profile=ProfileOptions(extend=False))
     assert report.statistics.model.steps == 3 and not report.partial
     assert all(math.isfinite(v) and v > 1e40 for v in report.statistics.model.loss)
     assert "nonfinite-loss" not in {f.rule_id for f in report.findings}

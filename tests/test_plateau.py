@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope import ProfileOptions
 from gradscope.cli import main
 from gradscope.run.diagnose import EXTEND
 
@@ -38,7 +39,7 @@ def plateau(lr: float = 2.5) -> gradscope.Experiment:
 
 
 def test_a_plateau_that_diverges_later_is_profiled_until_it_shows():
-    short = gradscope.diagnose(plateau(), steps=30, trials=0, extend=False)
+    short = gradscope.diagnose(plateau(), steps=30, trials=0, profile=ProfileOptions(extend=False))
     assert short.healthy and short.statistics.model.steps == 30 and short.extended is None
     report = gradscope.diagnose(plateau(), steps=30, trials=0)
     assert report.statistics.model.steps == 60 and "went on to 60" in report.extended

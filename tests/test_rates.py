@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gradscope
+from gradscope import ProfileOptions
 from gradscope.present.formats import to_markdown
 from gradscope.gate import decide
 from gradscope.run.rates import ahead
@@ -48,7 +49,7 @@ def test_a_schedule_that_ends_ends_the_look_ahead_and_the_trials():
 def test_a_profile_inside_the_warm_up_says_it_never_saw_the_peak_rate():
     """AdamW with a 100-step warm-up: the 30-step profile trains at up to 29% of the peak rate."""
     exp = _warm_cosine(healthy_mlp(lr=1e-2), warmup=100)
-    report = gradscope.diagnose(exp, steps=30, seed=0, extend=False)
+    report = gradscope.diagnose(exp, steps=30, seed=0, profile=ProfileOptions(extend=False))
     reach = report.schedule
     assert reach is not None and not reach.reached
     assert reach.peak_step == 100 and reach.peak_lr == pytest.approx(1e-2)
@@ -65,7 +66,8 @@ def test_a_profile_inside_the_warm_up_says_it_never_saw_the_peak_rate():
 
 
 def test_a_profile_past_the_warm_up_says_nothing_of_it():
-    report = gradscope.diagnose(_warm_cosine(healthy_mlp(lr=1e-2), warmup=10), steps=30, seed=0, extend=False)
+    report = gradscope.diagnose(_warm_cosine(healthy_mlp(lr=1e-2), warmup=10), steps=30, seed=0,
+                                profile=ProfileOptions(extend=False))
     assert report.schedule is not None and report.schedule.reached
     assert "peak rate" not in report.render() and json.loads(report.to_json())["schedule"]["reached"] is True
     plain = gradscope.diagnose(healthy_mlp(), steps=5, seed=0)

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import gradscope  # noqa: E402
+from gradscope import ProfileOptions  # noqa: E402
 from gradscope.integrations.transformers import GradscopeTrainerCallback  # noqa: E402
 
 
@@ -92,10 +93,10 @@ def test_diagnose_steps_a_hugging_face_warm_up_schedule_and_puts_it_back():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = transformers.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
     experiment = gradscope.Experiment(model, optimizer, batches, scheduler=schedule)
-    report = gradscope.diagnose(experiment, steps=6, extend=False)
+    report = gradscope.diagnose(experiment, steps=6, profile=ProfileOptions(extend=False))
     assert report.statistics.model.steps == 6
     assert schedule.last_epoch == 0 and optimizer.param_groups[0]["lr"] == 0.0  # the warm-up's start
-    gradscope.diagnose(experiment, steps=6, extend=False, restore=False)
+    gradscope.diagnose(experiment, steps=6, profile=ProfileOptions(extend=False, restore=False))
     assert schedule.last_epoch == 6 and optimizer.param_groups[0]["lr"] == pytest.approx(6e-4)
 
 

@@ -50,7 +50,7 @@ from scipy import stats as sps  # noqa: E402
 import gradscope  # noqa: E402
 from gradscope import Skip  # noqa: E402
 from gradscope.advise.judge import lattice  # noqa: E402
-from gradscope.run.options import FIRST_STEPS, TrialOptions  # noqa: E402
+from gradscope.run.options import FIRST_STEPS, ProfileOptions, TrialOptions  # noqa: E402
 
 PROFILE_STEPS = 30
 BASELINES = ("fixed-1.0", "autoclip", "zclip")  # besides none
@@ -134,7 +134,8 @@ def profile(scenario: Scenario, seed: int) -> gradscope.Report:
     length = int(os.environ[TRIAL_LENGTH]) if os.environ.get(TRIAL_LENGTH) else None
     options = TrialOptions(most=100, steps=length, budget=1000.0, keep=100) if os.environ.get(EXHAUSTIVE) else \
         TrialOptions(steps=length)
-    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, restore=False, trials=options)
+    return gradscope.diagnose(experiment, steps=PROFILE_STEPS, seed=seed, trials=options,
+                              profile=ProfileOptions(restore=False))
 
 
 def _every_candidate(candidates, done, *args) -> Optional[float]:

@@ -6,7 +6,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -18,8 +18,9 @@ from .experiment import (Experiment, batch_stream, forward_backward, held_out_lo
                          next_batch, optimizer_step)
 from ..advise.judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
 from ..collect.monitor import Monitor
-from .options import TrialOptions
-from ..pipeline import build_report
+from .options import ProfileOptions, TrialOptions
+from ..pipeline import assess, build_report
+from ..analyse.profile import Profile
 from .rates import LOOK_AHEAD, ahead
 from ..advise.recommend import method_for, recommend
 from ..report import Report, ScheduleReach
@@ -48,27 +49,26 @@ def diagnose(
     rules: Union[None, str, Path, RuleSet] = None,
     *,
     seed: Optional[int] = None,
-    device: Optional[str] = None,
-    restore: bool = True,
-    progress: Optional[Progress] = None,
+    profile: ProfileOptions = ProfileOptions(),
     trials: Union[TrialOptions, int] = TrialOptions(),
+    progress: Optional[Progress] = None,
     trial_progress: Optional[TrialProgress] = None,
-    extend: bool = True,
 ) -> Report:
     """Train ``experiment`` for ``steps`` optimizer steps, observing every step, and return a Report.
 
     A profile that has seen nothing yet (no warning or error, and a loss that has not fallen by 1%)
-    goes on, ``steps`` at a time, to at most EXTEND x ``steps`` (``extend=False``: exactly ``steps``):
-    a run on a plateau can diverge right after it, and a loss that has not moved says nothing yet.
+    goes on, ``steps`` at a time, to at most EXTEND x ``steps``: a run on a plateau can diverge right
+    after it, and a loss that has not moved says nothing yet. ``profile`` (a
+    :class:`~gradscope.run.options.ProfileOptions`) turns that off, picks the device, and says whether
+    to put back what the profile touched (by default the model's weights and train/eval mode, the
+    optimizer's state and the global RNG states are restored, so profiling leaves no trace).
 
     When a finding calls for norm clipping, thresholds are then tried for real from the same start, as
     ``trials`` (a :class:`~gradscope.run.options.TrialOptions`; a number N is ``TrialOptions(most=N)``, 0 none)
     says: by default every candidate trains 30 steps and the contenders go on, the horizon doubling,
     while their ranking is open, within 13 trials' worth of steps (and never past the end of a
-    learning-rate schedule that ends).
-    With ``restore=True`` (the default) the model's weights and train/eval mode, the optimizer's state
-    and the global RNG states (torch, numpy, random) are put back afterwards, so profiling leaves no trace.
-    ``device`` ("cpu", "cuda" or "auto") moves the model and batches there; None leaves them where they are.
+    learning-rate schedule that ends). ``progress`` and ``trial_progress`` are called after each
+    profiled step and each trial's step.
     """
     if not isinstance(experiment, Experiment):
         raise ExperimentError(f"diagnose() takes a gradscope.Experiment, not {type(experiment).__name__}",
@@ -76,11 +76,15 @@ def diagnose(
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ExperimentError(f"steps must be between 1 and {MAX_STEPS}, got {steps}",
                               "a few dozen steps show the trend; use Monitor for whole training runs")
+    if not isinstance(profile, ProfileOptions):
+        raise ExperimentError(f"profile takes a gradscope.ProfileOptions, not {type(profile).__name__}",
+                              "ProfileOptions(extend=False), say")
     options = trials if isinstance(trials, TrialOptions) else TrialOptions(most=trials)
-    rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
-    target = resolve_device(device)
+    context = _Context(rules if isinstance(rules, RuleSet) else load_rules(rules), experiment.display_name, seed,
+                       steps, is_adaptive(experiment.optimizer))
+    target = resolve_device(profile.device)
     trying = options.enabled and distributed.context() is None  # trials restart training: single process only
-    saved = capture(experiment) if restore else None
+    saved = capture(experiment) if profile.restore else None
     if seed is not None:
         seed_everything(seed)
     model = experiment.model
@@ -91,35 +95,32 @@ def diagnose(
     scale = _update_scale(experiment) if trying else None
     # a short run: measure everything; each step's figures are read at once (to stop at a non-finite loss)
     monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1)
-    meta = dict(rules=rule_set, model_name=experiment.display_name, seed=seed, steps_requested=steps,
-                adaptive_optimizer=is_adaptive(experiment.optimizer))
     report: Optional[Report] = None
     shield = None
     try:
-        stream = batch_stream(experiment.batches)
-        seen: List[Any] = []
+        # the profile's first batches are the trials' (they replay them): the stream keeps them as drawn
+        stream = _Kept(batch_stream(experiment.batches), options.first_steps + HELD_OUT_BATCHES if trying else 0)
         began = time.perf_counter()
         dev = target or monitor.device
-        keep = options.first_steps + HELD_OUT_BATCHES if trying else 0  # the profile's batches the trials reuse
-        report = _profile(experiment, monitor, stream, seen, keep, steps, dev, progress, meta,
-                          extend=extend and distributed.context() is None)  # (ranks would have to agree)
+        report = _profile(experiment, monitor, stream, steps, dev, progress, context,
+                          extend=profile.extend and distributed.context() is None)  # (ranks would have to agree)
         profile_seconds = time.perf_counter() - began
         if start is not None and method_for(report.findings) == "norm":
             # a schedule that ends (OneCycleLR's total_steps) ends the run: no contender trains past its last step
             most = min(MOST_STEPS, len(rates) - 1) if 0 < len(rates) < LOOK_AHEAD else MOST_STEPS
-            trial_set = _trials(experiment, TrialBatches(seen, stream, options.first_steps), options, report, start,
-                                scale, dev, profile_seconds, trial_progress, most)
+            trial_set = _trials(experiment, TrialBatches(stream.kept, stream.stream, options.first_steps), options,
+                                report, start, scale, dev, profile_seconds, trial_progress, most)
             advice = recommend(report.statistics, report.findings, trial_set)
             report = dataclasses.replace(report, recommendation=advice)
         if rates:
             report = dataclasses.replace(report, schedule=_reach(rates, report))
     except KeyboardInterrupt:
         shield = interrupts.ignore()  # a second Ctrl-C must not lose the partial report being built
-        partial = report if report is not None else _partial(monitor, "interrupted by Ctrl-C", meta)
+        partial = report if report is not None else _partial(monitor, "interrupted by Ctrl-C", context)
         raise Interrupted("interrupted: stopped by Ctrl-C", "the partial report covers the steps done",
                           partial=partial) from None
     except GradscopeError as exc:
-        exc.partial = report if report is not None else _partial(monitor, exc.problem, meta)
+        exc.partial = report if report is not None else _partial(monitor, exc.problem, context)
         raise
     finally:
         monitor.close()
@@ -129,15 +130,43 @@ def diagnose(
     return report
 
 
-def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], keep: int, first: int,
-                   end: int, device: torch.device, progress: Optional[Progress]) -> Optional[str]:
-    """Train and observe steps ``first`` to ``end``, keeping the first ``keep`` batches (the trials') in ``seen``;
-    why the run stopped early, if it did."""
+class _Context(NamedTuple):
+    """What a report of the profile says besides the Profile: the rules, the names, what was asked for."""
+
+    rules: RuleSet
+    model_name: str
+    seed: Optional[int]
+    steps_requested: int
+    adaptive_optimizer: bool
+
+    def report(self, profile: Profile, stopped_reason: Optional[str] = None) -> Report:
+        return build_report(profile, rules=self.rules, model_name=self.model_name, stopped_reason=stopped_reason,
+                            seed=self.seed, steps_requested=self.steps_requested,
+                            adaptive_optimizer=self.adaptive_optimizer)
+
+
+class _Kept:
+    """A batch stream that keeps its first ``keep`` batches as they are drawn (``kept``)."""
+
+    def __init__(self, stream: Iterator[Any], keep: int) -> None:
+        self.stream, self.keep, self.kept = stream, keep, []
+
+    def __iter__(self) -> "_Kept":
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.stream)
+        if len(self.kept) < self.keep:
+            self.kept.append(batch)
+        return batch
+
+
+def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], first: int, end: int,
+                   device: torch.device, progress: Optional[Progress]) -> Optional[str]:
+    """Train and observe steps ``first`` to ``end``; why the run stopped early, if it did."""
     experiment.model.train()
     for step in range(first, end):
         batch = next_batch(stream, step)
-        if len(seen) < keep:
-            seen.append(batch)
         loss = forward_backward(experiment, batch, step, device)
         out = monitor.observe(loss)
         if progress is not None:
@@ -148,22 +177,22 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream, seen: List[
     return None
 
 
-def _profile(experiment: Experiment, monitor: Monitor, stream, seen: List[Any], keep: int, steps: int,
-             device: torch.device, progress: Optional[Progress], meta: Dict[str, Any], extend: bool) -> Report:
+def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], steps: int, device: torch.device,
+             progress: Optional[Progress], context: _Context, extend: bool) -> Report:
     """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``, while
     the profile has seen nothing: no warning or error, and a loss that has not fallen by SIGNAL (its last
-    quarter against its first). The report of every step profiled (built before close(): profiling the
-    Monitor measures the last step's update)."""
-    stopped = _profile_steps(experiment, monitor, stream, seen, keep, 0, steps, device, progress)
+    quarter against its first). Between rounds only the findings are read; the report is built once, of
+    every step profiled (before close(): profiling the Monitor measures the last step's update)."""
+    stopped = _profile_steps(experiment, monitor, stream, 0, steps, device, progress)
     done = steps
-    while True:
-        report = build_report(monitor.profile(), stopped_reason=stopped, **meta)
-        loss = report.statistics.model.loss
-        if (not extend or stopped is not None or done >= EXTEND * steps or not report.healthy
-                or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL):
+    while extend and stopped is None and done < EXTEND * steps:
+        statistics, findings = assess(monitor.profile(), context.rules)
+        loss = statistics.model.loss
+        if any(f.severity != "info" for f in findings) or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL:
             break
-        stopped = _profile_steps(experiment, monitor, stream, seen, keep, done, done + steps, device, progress)
+        stopped = _profile_steps(experiment, monitor, stream, done, done + steps, device, progress)
         done += steps
+    report = context.report(monitor.profile(), stopped)
     if done == steps:
         return report
     return dataclasses.replace(report, extended=f"after {steps} steps nothing was flagged and the loss had not "
@@ -231,10 +260,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _partial(monitor: Monitor, reason: str, meta: Dict[str, Any]) -> Optional[Report]:
+def _partial(monitor: Monitor, reason: str, context: _Context) -> Optional[Report]:
     if monitor.steps == 0 or distributed.context() is not None:  # other ranks may not reach a collective
         return None
-    return build_report(monitor.profile(), stopped_reason=reason, **meta)
+    return context.report(monitor.profile(), reason)
 
 
 def resolve_device(device: Optional[str]) -> Optional[torch.device]:

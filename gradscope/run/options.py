@@ -1,4 +1,6 @@
-"""Trial options: one frozen, validated object that the CLI and diagnose() share (pure: no torch)."""
+"""diagnose()'s options: frozen, validated objects that the CLI and diagnose() share (pure: no torch).
+
+``ProfileOptions`` says how the profile runs, ``TrialOptions`` how the threshold trials do."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +19,32 @@ BUDGET = 13.0  # all rungs together, in first-rung trials' worth: the first rung
 # trained for the trials, diagnose costs at most (1 + 13 + 1) = 15x its profile in steps
 KEEP = 3  # contenders whose training state is kept at once, to continue without replaying their first steps
 MOST_TRIALS_ALLOWED = 100
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions:
+    """How diagnose runs the profile, beyond its length and seed.
+
+    ``extend``: a profile that has seen nothing yet (no warning or error, and a loss that has not fallen)
+    goes on, ``steps`` at a time, to at most 4x ``steps``; False profiles exactly ``steps``. ``device``:
+    "cpu", "cuda" or "auto" moves the model and batches there; None leaves them where they are.
+    ``restore``: put back the model's weights and modes, the optimizer's state and the RNG states
+    afterwards, so that profiling leaves no trace.
+    """
+
+    extend: bool = True
+    device: Optional[str] = None
+    restore: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("extend", "restore"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExperimentError(f"{name} must be True or False, got {getattr(self, name)!r}", "")
+        if self.device is not None and not (isinstance(self.device, str) and
+                                            (self.device in DEVICES or self.device.startswith("cuda:"))):
+            raise ExperimentError(f"device must be one of {', '.join(DEVICES)}, cuda:N or None, got {self.device!r}",
+                                  "None leaves the model and batches where they are")
 
 
 @dataclasses.dataclass(frozen=True)
