@@ -44,3 +44,22 @@ def test_a_large_slice_of_its_own_length_is_reduced_alone_not_scattered():
     assert [lengths[i] for i in order(lengths)] == [100_000, 7, 5]
     _, seg, _ = laid_out(lengths)
     assert [(n, length) for _, n, length in seg.runs] == [(1, 100_000)] and seg.ragged_index.numel() == 12
+
+
+@pytest.mark.parametrize("lengths", [[64] * 70 + [5, 9, 9, 300], [3, 8, 3, 5], [16] * 64])
+def test_norms_of_runs_and_the_rest_land_where_asked(lengths):
+    """Runs of 64 or more equal lengths as 2-D views, the rest in one foreach norm; each squared norm at
+    its slice's place, whatever the buffer's order."""
+    from gradscope.collect.segments import Norms
+    ordered = order(lengths)
+    flat = torch.randn(sum(lengths), generator=torch.Generator().manual_seed(1))
+    starts, at = [], 0
+    for i in ordered:
+        starts.append(at)
+        at += lengths[i]
+    norms = Norms(flat, starts, [lengths[i] for i in ordered], ordered, None)
+    assert len(norms.runs) == sum(1 for n in set(lengths) if lengths.count(n) >= 64)
+    expected = torch.zeros(len(lengths))
+    for start, i in zip(starts, ordered):
+        expected[i] = (flat[start:start + lengths[i]] ** 2).sum()
+    assert torch.allclose(norms.squares(), expected, rtol=1e-5)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, segments
 from .sample import Sample
 
 # The large gradients' max |g| on a CPU: ``_foreach_norm(inf)`` runs there many times slower than
@@ -51,7 +51,8 @@ class Bucket:
         self.sample = Sample(shapes, groups, sample, device, wide)
         self.direct = [i for i, r in enumerate(self.sample.rows) if r or wide]  # figures read off the gradient
         self.chunks = _chunks([shapes[i].numel() for i in self.direct], ABS_CHUNK)
-        self.snapshot: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None  # the weights, flat, and views
+        # a copy of the weights: their views into one flat buffer (in parameter order), and its norms
+        self.snapshot: Optional[Tuple[List[torch.Tensor], segments.Norms]] = None
         self._sum_order: Optional[torch.Tensor] = None
 
     @property
@@ -183,31 +184,43 @@ class Bucket:
         weights = [distributed.local(p.detach()) if self.sharded else p.detach() for p in self.params]
         return [torch.view_as_real(w) for w in weights] if self.complex else weights
 
-    def update_norms(self, keep: bool = False) -> Optional[torch.Tensor]:
-        """The norm of each parameter's change since the snapshot (None without one); ``keep``
-        leaves the snapshot intact (at the cost of one allocation), else it is overwritten."""
+    def update_sq(self, keep: bool = False) -> Optional[torch.Tensor]:
+        """Each parameter's squared change since the snapshot, in parameter order (None without one);
+        ``keep`` leaves the snapshot intact (at the cost of one allocation), else it is overwritten."""
         if self.snapshot is None:
             return None
-        views, weights = self.snapshot[1], self.weights()
+        views, norms = self.snapshot
         if keep:
-            change = torch._foreach_sub(weights, views)
-        else:
-            torch._foreach_sub_(views, weights)
-            change = views
-        return torch.stack(torch._foreach_norm(change, 2, dtype=self.norm_dtype))
+            change = torch._foreach_sub(self.weights(), views)
+            return torch.stack(torch._foreach_norm(change, 2, dtype=self.norm_dtype)).float() ** 2
+        torch._foreach_sub_(views, self.weights())
+        return norms.squares()
 
-    def take_snapshot(self) -> torch.Tensor:
-        """Copy the weights (for the next step's update); returns their norms."""
+    def take_snapshot(self) -> None:
+        """Copy the weights (for the next step's update) into one flat buffer, laid out like the sample's
+        whole parameters (equal sizes side by side), whose norms are then a handful of ops (see
+        ``segments.Norms``): one ``_foreach_copy_``."""
         weights = self.weights()
         if self.snapshot is None:
-            flat = torch.empty(sum(w.numel() for w in weights), dtype=weights[0].dtype, device=weights[0].device)
-            views, at = [], 0
-            for w in weights:
-                views.append(flat[at:at + w.numel()].view(w.shape))
-                at += w.numel()
-            self.snapshot = (flat, views)
-        torch._foreach_copy_(self.snapshot[1], weights)
-        return torch.stack(torch._foreach_norm(self.snapshot[1], 2, dtype=self.norm_dtype))
+            lengths = [w.numel() for w in weights]
+            order = segments.order(lengths)
+            flat = torch.empty(sum(lengths), dtype=weights[0].dtype, device=weights[0].device)
+            views: List[Optional[torch.Tensor]] = [None] * len(weights)
+            starts, at = [], 0
+            for i in order:
+                views[i] = flat[at:at + lengths[i]].view(weights[i].shape)
+                starts.append(at)
+                at += lengths[i]
+            self.snapshot = (views, segments.Norms(flat, starts, [lengths[i] for i in order], order, self.norm_dtype))
+        torch._foreach_copy_(self.snapshot[0], weights)
+
+    def snapshot_sq(self) -> torch.Tensor:
+        """The snapshot's squared weight norms, in parameter order (read before ``update_sq`` overwrites it)."""
+        return self.snapshot[1].squares()
+
+    def weight_sq(self) -> torch.Tensor:
+        """The weights' squared norms now, in parameter order (the first step's, before any snapshot)."""
+        return torch.stack(torch._foreach_norm(self.weights(), 2, dtype=self.norm_dtype)).float() ** 2
 
     def clip_sums(self, method: str, threshold: float, eps: float, inverse_scale: Optional[torch.Tensor],
                   excluded: frozenset, dtype: torch.dtype) -> torch.Tensor:

@@ -62,8 +62,8 @@ class Ledger:
             grad_to_weight = np.where(weight_norm > 0, grad_norm / weight_norm, np.nan)
             mean = grad_sum / numel
             std = np.sqrt(np.maximum(norm_sq / numel - mean**2, 0.0))
-        if measured:
-            self.record_update(self.last_step, row.update_sq)
+        if measured:  # the update of the last step recorded, over the weights it was made from
+            self.record_update(self.last_step, row.update_sq, row.update_base_sq)
         self.totals["nonfinite"] += nonfinite
         if zeros is not None:
             self.totals["zeros"] += zeros
@@ -103,16 +103,18 @@ class Ledger:
     def record_skip(self, step: int, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
         if measured:
-            self.record_update(self.last_step, row.update_sq)
+            self.record_update(self.last_step, row.update_sq, row.update_base_sq)
         self.amp_skipped.append(step)
         self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
                 "skipped": 1.0, "measured": 1.0}
 
-    def record_update(self, step: int, update_sq: np.ndarray) -> None:
-        """The update-to-weight ratio of ``step``, measured once the next observation saw the new weights."""
+    def record_update(self, step: int, update_sq: np.ndarray, weight_sq: Optional[np.ndarray] = None) -> None:
+        """The update-to-weight ratio of ``step``, measured once a later call saw the new weights, over
+        the weights it was made from (``weight_sq``; by default the last step's weight norms)."""
+        weight_norm = self._last_weight_norm if weight_sq is None else np.sqrt(weight_sq)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(self._last_weight_norm > 0, np.sqrt(update_sq) / self._last_weight_norm, np.nan)
+            ratio = np.where(weight_norm > 0, np.sqrt(update_sq) / weight_norm, np.nan)
         self.series.amend(step, "update_ratio", ratio)
         self.update_max = np.fmax(self.update_max, ratio)
 

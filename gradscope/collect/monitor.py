@@ -38,7 +38,7 @@ FLUSH_EVERY = 16
 # What a step between two observed ones (under ``every``) measures for the next observed one's row: the
 # update of an observed step that took the weights' snapshot, and the previous step's squared norm (with
 # its sample, for the cosine). Carried as extras (see gradscope.collect.rows).
-BETWEEN = ("update_norms", "previous_norm_sq")
+BETWEEN = ("update_base_sq", "update_sq", "previous_norm_sq")
 # Steps whose per-layer figures are kept whole before the first non-finite gradient: a ring of this many
 # rows of three figures per layer (32 × 1,000 layers × 3 × 8 bytes = 768 kB), frozen at the failure.
 NONFINITE_WINDOW = 32
@@ -231,9 +231,11 @@ class Monitor:
             self.measurement = _measurement(MEASUREMENT_AMP, self._dist, any(b.sharded for b in self._buckets),
                                             self.every)
         counted = step % self.histogram_every == 0
-        # the update of the step that took the weights' snapshot: measured now, or by the step after it
-        measure = "update_norms" in self._between or (step > 0 and self._snapshot_step == optimizer_step - 1)
-        snapshot = step % self.update_every == 0
+        # The weights are copied on the step before every update_every-th (one op), and on that step the
+        # copy's norms and the update since are read, with the histogram when the cadences agree (the
+        # default); under ``every`` the step after the copy reads them, and this one carries them.
+        measure = "update_sq" in self._between or (step > 0 and self._snapshot_step == optimizer_step - 1)
+        snapshot = (step + 1) % self.update_every == 0
         present = np.zeros(self._n_groups, dtype=bool)
         vectors: List[torch.Tensor] = []
         scalars: List[torch.Tensor] = []
@@ -282,11 +284,17 @@ class Monitor:
                 zeros = b.sample.count(histogram) if b.counts_histogram else torch.zeros(self._n_groups, device=b.device)
                 extras.append(("zeros", zeros))
             extras += [("sums", b.sums()) for b in self._buckets]
-        if measure and not any(name == "update_norms" for name, _ in extras):
-            extras += [("update_norms", b.update_norms()) for b in self._buckets]
+        if measure and not any(name == "update_sq" for name, _ in extras):
+            extras += [("update_base_sq", b.snapshot_sq()) for b in self._buckets]  # before update_sq overwrites it
+            extras += [("update_sq", b.update_sq()) for b in self._buckets]
+        elif step == 0:  # the weights' norms from the first step on
+            extras += [("weight_sq", b.weight_sq()) for b in self._buckets]
         if snapshot:
-            extras += [("weight_norms", b.take_snapshot()) for b in self._buckets]
+            for b in self._buckets:
+                b.take_snapshot()
             self._snapshot_step = step
+            if measure:  # every step copies (update_every=1): this step's own weights, exact
+                extras += [("weight_sq", b.snapshot_sq()) for b in self._buckets]
         if self.clip is not None and self.clip.method in ("value", "agc"):  # the user's clipping, by element or unit
             extras += [("clip", b.clip_sums(self.clip.method, self.clip.threshold, self.clip.eps, inverse_scale,
                                             self._clip_excluded, row.dtype)) for b in self._buckets]
@@ -312,7 +320,8 @@ class Monitor:
             self._between["noted"] = noted
         with torch.no_grad():
             if last_observed and self._snapshot_step == optimizer_step - 1:
-                self._between["update_norms"] = torch.cat([b.update_norms() for b in self._buckets])
+                self._between["update_base_sq"] = torch.cat([b.snapshot_sq().to(self.device) for b in self._buckets])
+                self._between["update_sq"] = torch.cat([b.update_sq().to(self.device) for b in self._buckets])
             if (optimizer_step + 1) % self.every == 0:
                 inverse_scale = _inverse_scale(scaler, self.device)
                 norms = [b.previous(inverse_scale) for b in self._buckets]
@@ -404,18 +413,21 @@ class Monitor:
     @torch.no_grad()
     def _record_last_update(self) -> None:
         """Measure the last step's update (made after the last observe), if that step took a snapshot."""
-        waiting = self._between.pop("update_norms", None)  # measured by the step after, never observed since
+        waiting = self._between.pop("update_sq", None)  # measured by the step after, never observed since
         if waiting is not None:
-            change = waiting.to(wide(self.device)) ** 2
+            weights = self._between.pop("update_base_sq")
         elif self.steps == 0 or self._snapshot_step != self._optimizer_steps - 1:
             return
         else:
-            change = torch.cat([b.update_norms(keep=True).to(self.device) for b in self._buckets]).to(wide(self.device)) ** 2
+            weights = torch.cat([b.snapshot_sq().to(self.device) for b in self._buckets])
+            waiting = torch.cat([b.update_sq(keep=True).to(self.device) for b in self._buckets])
+        both = torch.cat([waiting, weights]).to(wide(self.device))
         if self._dist is not None:
-            change = distributed.all_reduce_sum(change)
-        values = self._layout.per_layer(change.to(torch.float64).cpu().numpy())
+            both = distributed.all_reduce_sum(both)
+        change, weight = np.split(both.to(torch.float64).cpu().numpy(), 2)
+        values = self._layout.per_layer(change)
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
-            self._ledger.record_update(self._snapshot_step, values)
+            self._ledger.record_update(self._snapshot_step, values, self._layout.per_layer(weight))
             self._snapshot_step = -1  # the snapshot is spent
 
     # -- backward order, for naming the first non-finite layer ----------------------------------------

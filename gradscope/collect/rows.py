@@ -21,12 +21,12 @@ import torch
 from .buckets import Bucket
 
 # The extras a step on the sampled cadence may carry, each one vector per bucket:
-# sums, weight_norms and update_norms (per tensor),
+# sums, weight_sq, update_sq and update_base_sq (per tensor, squared norms: the weights', the update's and
+# those of the weights the update was made from),
 # zeros (per layer: the histogram's zero bin's gain), clip (the 3 sums of the user's clipping, see
 # gradscope.collect.clipping), counts (per tensor: inf and NaN, where a CPU found a non-finite max), and
 # previous_norm_sq (the step before's squared norm, already weighted by the share, where it was not observed).
-EXTRAS = ("sums", "weight_norms", "update_norms", "zeros", "clip", "counts", "previous_norm_sq")
-NORMS = {"weight_norms": "weight_sq", "update_norms": "update_sq"}  # extras summed over ranks as squares
+EXTRAS = ("sums", "weight_sq", "update_sq", "update_base_sq", "zeros", "clip", "counts", "previous_norm_sq")
 Extras = List[Tuple[str, torch.Tensor]]
 
 
@@ -36,12 +36,13 @@ class HostRow:
     def __init__(self, *, norm_sq: np.ndarray, max_abs: np.ndarray, grad_sum: np.ndarray, weight_sq: np.ndarray,
                  update_sq: np.ndarray, sampled_zeros: np.ndarray, nonfinite: np.ndarray, dot: float, loss: float,
                  noted: float, clip: np.ndarray, present: Optional[np.ndarray],
-                 previous_norm_sq: float = float("nan")) -> None:
+                 previous_norm_sq: float = float("nan"), update_base_sq: Optional[np.ndarray] = None) -> None:
         self.norm_sq, self.max_abs, self.grad_sum = norm_sq, max_abs, grad_sum
         self.weight_sq, self.update_sq = weight_sq, update_sq
         self.sampled_zeros, self.nonfinite = sampled_zeros, nonfinite
         self.dot, self.loss, self.noted, self.clip, self.present = dot, loss, noted, clip, present
         self.previous_norm_sq = previous_norm_sq  # the step before's, where it was not observed (else NaN)
+        self.update_base_sq = update_base_sq  # the weights the update was made from, where one is measured
 
 
 class StepLayout:
@@ -110,7 +111,7 @@ class StepLayout:
         parts = [norm * norm] + ([step.index_select(0, index["count"])] if self.count else [])
         parts += [step.index_select(0, index["head"]), step.index_select(0, index["tail"]),
                   step[self.loss_slot:self.width]]
-        parts += [t * t if name in NORMS else t for name, t in extras] + [present]
+        parts += [t for _, t in extras] + [present]
         dtype = step.dtype
         return torch.cat([p.to(dtype) for p in parts]), step.index_select(0, index["max"])
 
@@ -121,8 +122,11 @@ class StepLayout:
         summed over ranks where there are several."""
         G, per_layer = self.n_groups, self.per_layer
         counts = arrays.get("count", arrays.get("counts"))
+        base = per_layer(arrays["update_base_sq"]) if "update_base_sq" in arrays else None
         if "weight_sq" in arrays:
             self.weight_sq = per_layer(arrays["weight_sq"])
+        elif base is not None:  # the weights' norms are those of their last copy
+            self.weight_sq = base
         bucket = lambda name: arrays[name].reshape(len(self.bucket_share), -1)  # noqa: E731
         ranks = 1.0 / self.world  # the losses are averaged over ranks
         return HostRow(
@@ -138,6 +142,7 @@ class StepLayout:
             clip=(self.bucket_share[:, None] * bucket("clip")).sum(0) if "clip" in arrays else np.zeros(3),
             present=present,
             previous_norm_sq=float(arrays["previous_norm_sq"].sum()) if "previous_norm_sq" in arrays else np.nan,
+            update_base_sq=base,
         )
 
     def per_layer(self, values: np.ndarray) -> np.ndarray:
@@ -152,7 +157,7 @@ class StepLayout:
                "loss": step[self.loss_slot:self.loss_slot + 1], "noted": step[self.noted_slot:self.width]}
         if self.count:
             out["count"] = step[self.slots["count"]]
-        out.update({NORMS.get(name, name): values ** 2 if name in NORMS else values for name, values in extras.items()})
+        out.update(extras)
         return out
 
     def arrays_of_reduced(self, summed: np.ndarray, maxed: np.ndarray,
@@ -165,7 +170,7 @@ class StepLayout:
         out: Dict[str, List[np.ndarray]] = {}
         at = 0
         for name, n in lengths + list(extras):
-            out.setdefault(NORMS.get(name, name), []).append(summed[at:at + n])
+            out.setdefault(name, []).append(summed[at:at + n])
             at += n
         arrays = {name: np.concatenate(parts) for name, parts in out.items()}
         arrays["max"] = maxed
@@ -197,8 +202,7 @@ class HostCopy:
         total = sum(t.numel() for t in flat)
         if device.type == "cpu":
             if self._buffer is None or self._buffer.numel() < total:
-                self._buffer = torch.empty(max(total, 2 * (0 if self._buffer is None else self._buffer.numel())),
-                                           dtype=torch.float64)
+                self._buffer = torch.empty(2 * total, dtype=torch.float64)  # room for flushes that carry more
                 self._array = self._buffer.numpy()
             torch.cat(flat, out=self._buffer[:total])
             host = self._array[:total].copy()  # the buffer is written again at the next flush

@@ -22,9 +22,7 @@ from ..analyse import histogram as hist
 
 SAMPLE_MIN = 1 << 16  # parameters at least this large have their histogram and cosine sampled
 SAMPLE_BLOCK = 1024
-# Whole parameters of one length reduced as one 2-D view when at least this many share it. Below it they
-# join one foreach op: a run is one op whatever its size, but every run adds one op to each step.
-RUN_MIN = 64
+RUN_MIN = segments.RUN_MIN  # whole parameters of one length reduced as one 2-D view when this many share it
 
 
 class _Views(NamedTuple):

@@ -1,4 +1,5 @@
-"""Per-tensor sums over tensors laid end to end in one flat buffer, in a few ops whatever their count.
+"""Per-tensor sums and norms over tensors laid end to end in one flat buffer, in a few ops whatever
+their count.
 
 A Monitor copies hundreds of gradients into one buffer (see :mod:`~gradscope.collect.sample`), where they
 are laid out in :func:`order`; reducing each slice with its own call costs a kernel launch (and
@@ -17,6 +18,9 @@ import torch
 
 
 ALONE = 1 << 16  # a slice at least this long, with a length of its own, is reduced by itself
+# Slices of one length reduced as one 2-D view when at least this many share it (see Norms). Below it they
+# join one foreach op: a run is one op whatever its size, but every run adds one op to each call.
+RUN_MIN = 64
 
 
 def _scattered(length: int, count: Counter) -> bool:
@@ -70,3 +74,39 @@ class Segments:
         if not parts:
             return torch.zeros(0, dtype=empty or torch.promote_types(flat.dtype, torch.float32), device=flat.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Norms:
+    """The 2-norms of fixed slices of one fixed flat buffer (``views``, in slice order, laid out by
+    :func:`order`), in a handful of ops whatever their count: each run of RUN_MIN or more equal lengths
+    as one 2-D view, the rest in one ``_foreach_norm``. ``squares()`` gives the squared norms with slice
+    ``k``'s at position ``into[k]``; ``dtype``: the norms' (None: the buffer's), float32 for low precision."""
+
+    def __init__(self, flat: torch.Tensor, starts: Sequence[int], lengths: Sequence[int],
+                 into: Sequence[int], dtype: Optional[torch.dtype]) -> None:
+        self.dtype = dtype
+        self.runs: List[torch.Tensor] = []
+        self.rest: List[torch.Tensor] = []
+        runs, rest, k = [], [], 0
+        while k < len(lengths):
+            j = k
+            while j < len(lengths) and lengths[j] == lengths[k] and starts[j] == starts[k] + (j - k) * lengths[k]:
+                j += 1
+            if j - k >= RUN_MIN:
+                self.runs.append(flat[starts[k]:starts[k] + (j - k) * lengths[k]].view(j - k, lengths[k]))
+                runs.extend(range(k, j))
+            else:
+                self.rest += [flat[starts[i]:starts[i] + lengths[i]] for i in range(k, j)]
+                rest.extend(range(k, j))
+            k = j
+        placed = [into[i] for i in runs + rest]  # where each computed norm goes
+        self.pick = None if placed == sorted(placed) else torch.tensor(
+            sorted(range(len(placed)), key=placed.__getitem__), dtype=torch.int64, device=flat.device)
+
+    def squares(self) -> torch.Tensor:
+        """The squared norms, each at its place in ``into``."""
+        parts = [torch.linalg.vector_norm(run, 2, dim=1, dtype=self.dtype) for run in self.runs]
+        if self.rest:
+            parts.append(torch.stack(torch._foreach_norm(self.rest, 2, dtype=self.dtype)))
+        squares = (torch.cat(parts) if len(parts) > 1 else parts[0]).square()
+        return squares if self.pick is None else squares.index_select(0, self.pick)
