@@ -135,7 +135,14 @@ def update_estimate(lr_eff: Optional[float], weight_norm: float) -> Optional[flo
 
 def lattice(k: int) -> float:
     """The k-th lattice threshold, rounded to two significant digits as a person would write it."""
-    value = 10 ** (k * LATTICE_STEP)
+    return two_figures(10 ** (k * LATTICE_STEP))
+
+
+def two_figures(value: float) -> float:
+    """Round to two significant digits, so a threshold reads like one a person would write (the one
+    rounding of every threshold gradscope names); zero, negatives, inf and NaN pass through."""
+    if not value > 0 or not math.isfinite(value):
+        return value
     return float(f"{value:.2g}")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..analyse import histogram as hist
 from ..analyse.evaluate import Finding
 from ..run.guards import Skip, replay_skips
-from .judge import TrialSet
+from .judge import TrialSet, two_figures
 from ..analyse.ruleset import SEVERITIES
 from .snippets import snippets
 from ..analyse.stats import Statistics, start_level
@@ -134,7 +134,7 @@ def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Op
                                             "gradients first; no threshold can be derived", reasons=reasons))
     method = method_for(findings)
     if method == "none":
-        net = nice(SAFETY_NET_HEADROOM * float(finite.max()))
+        net = two_figures(SAFETY_NET_HEADROOM * float(finite.max()))
         return _make("none", None, Evidence(
             0.0, f"no finding calls for clipping; as a safety net, norm clipping at {net:.3g} "
                  f"({SAFETY_NET_HEADROOM:g}x the largest global norm seen, {finite.max():.3g}) would clip no step",
@@ -167,12 +167,12 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
     runaway = any(f.severity == "error" for f in calls(findings))
     if runaway:
         level = start_level(finite)
-        threshold = nice(RUNAWAY_FRACTION * level)
+        threshold = two_figures(RUNAWAY_FRACTION * level)
         basis = (f"an estimate: {RUNAWAY_FRACTION:g}x the global norm of the first steps ({level:.3g}), before "
                  f"training ran away (peak {m['global_norm_max']:.3g}): clipping has to bind on nearly every step")
     else:
         typical = _typical(finite)
-        threshold = nice(NORM_HEADROOM * typical)
+        threshold = two_figures(NORM_HEADROOM * typical)
         basis = (f"an estimate: {NORM_HEADROOM:g}x the typical global norm ({typical:.3g}, the median of steps "
                  f"without spikes); the largest was {m['global_norm_max']:.3g}")
     if trials is not None:  # trials ran, and none stayed stable
@@ -186,7 +186,7 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
 def _value(statistics: Statistics, reasons: Tuple[str, ...]) -> Optional[Recommendation]:
     """Value clipping at the pooled p99.9 of |g|, when that cuts the spikes yet keeps the direction."""
     pooled = statistics.model.histogram
-    threshold = nice(hist.quantile(pooled, 0.999))
+    threshold = two_figures(hist.quantile(pooled, 0.999))
     if not threshold > 0:
         return None
     cosine = hist.value_clip_cosine(pooled, threshold)
@@ -207,7 +207,7 @@ def _agc(statistics: Statistics, findings: Sequence[Finding], reasons: Tuple[str
     ratios = np.array([l.metrics["grad_to_weight_median"] for l in others], dtype=np.float64)
     ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
     level = float(np.max(ratios)) if len(ratios) else 0.01
-    clip_factor = nice(min(max(level, 1e-3), 1.0))
+    clip_factor = two_figures(min(max(level, 1e-3), 1.0))
     stacked = np.stack([l.grad_to_weight_series for l in statistics.active_layers])
     clipped = float(np.mean(np.nanmax(np.where(np.isfinite(stacked), stacked, np.inf), axis=0) > clip_factor))
     which = f"layer{'s' if len(named) != 1 else ''} {', '.join(sorted(named))}" if named else "no single layer"
@@ -227,11 +227,3 @@ def _typical(finite: np.ndarray) -> float:
     med = np.median(logs)
     mad = max(1.4826 * np.median(np.abs(logs - med)), 0.02)
     return float(10 ** np.median(logs[logs <= med + 3 * mad]))
-
-
-def nice(value: float) -> float:
-    """Round to two significant digits, so the threshold reads like one a person would write."""
-    if not value > 0 or not math.isfinite(value):
-        return value
-    digits = 1 - int(math.floor(math.log10(value)))
-    return round(value, digits)
