@@ -112,3 +112,15 @@ def test_the_monitor_loads_no_analysis_until_a_report_is_asked_for():
             "bad = {'yaml', 'scipy', 'gradscope.pipeline', 'gradscope.analyse.stats'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_a_report_of_a_run_loads_no_scipy_stats():
+    """scipy.stats takes most of a second to import; report() reads its trends and kurtosis with numpy,
+    and loads it only for a series with tied values."""
+    code = ("import sys, torch; from torch import nn; from gradscope import Monitor\n"
+            "torch.manual_seed(0); m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)); mon = Monitor(m)\n"
+            "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+            "for _ in range(40):\n"
+            "    opt.zero_grad(); loss = m(torch.randn(16, 8)).pow(2).mean(); loss.backward(); mon.observe(loss); opt.step()\n"
+            "mon.report(); assert 'scipy.stats' not in sys.modules, 'scipy.stats was loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

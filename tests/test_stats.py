@@ -186,3 +186,21 @@ def test_column_medians_equal_numpys_nanmedian_of_the_finite_values():
             warnings.simplefilter("ignore", RuntimeWarning)
             expected = np.nanmedian(np.where(np.isfinite(a), a, np.nan), axis=0)
         assert np.allclose(_finite_median(a, axis=0), expected, equal_nan=True)
+
+
+def test_trend_and_kurtosis_are_scipys_without_loading_it():
+    """trend() takes the array path (scipy's theilslopes estimate and interval, exactly) where the steps
+    increase, and the kurtosis is scipy's Pearson kurtosis: report() need not load scipy.stats."""
+    from scipy import stats as sps
+
+    from gradscope.analyse.stats import TREND_ALPHA, _kurtosis, trend
+    rng = np.random.default_rng(3)
+    for n in (5, 40, 300):
+        steps = np.arange(n) * 3.0
+        values = np.exp(0.01 * steps + rng.normal(0, 0.3, n))
+        growth, low = trend(steps, values)
+        slope, _, bound, _ = sps.theilslopes(np.log10(values), steps, alpha=TREND_ALPHA) if n <= 64 else (None,) * 4
+        if slope is not None:
+            assert growth == pytest.approx(10**slope, rel=1e-12) and low == pytest.approx(10**bound, rel=1e-12)
+        sample = rng.standard_t(4, size=n)
+        assert _kurtosis(sample) == pytest.approx(sps.kurtosis(sample, fisher=False), rel=1e-12)

@@ -7,7 +7,6 @@ from statistics import NormalDist
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
-from scipy import stats as sps
 
 from . import histogram as hist
 from ..collect.clipping import levels, longest_rate
@@ -164,7 +163,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
     pooled = profile.histograms.sum(axis=0) if len(profile.histograms) else np.zeros(hist.N_BINS, dtype=np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        kurt = float(sps.kurtosis(finite_norm, fisher=False)) if len(finite_norm) >= 4 else NAN
+        kurt = _kurtosis(finite_norm) if len(finite_norm) >= 4 else NAN
     m = {
         "steps": float(profile.steps),
         "global_norm_median": median,
@@ -267,8 +266,21 @@ def trend(steps: np.ndarray, values: np.ndarray) -> Tuple[float, float]:
     x, y = _blocks(np.asarray(steps, dtype=np.float64)[ok]), _blocks(y[ok])
     if len(y) < 4 or np.ptp(x) == 0:
         return NAN, NAN
-    slope, _, low, _ = sps.theilslopes(y, x, alpha=TREND_ALPHA)
+    if (np.diff(x) > 0).all():  # block medians of increasing steps: the array path, exactly scipy's figures
+        growth, low = _theil_sen(x[:, None], y[:, None])
+        return float(growth[0]), float(low[0])
+    from scipy.stats import theilslopes  # tied steps: scipy's correction for them (loaded only then)
+    slope, _, low, _ = theilslopes(y, x, alpha=TREND_ALPHA)
     return float(10**slope), float(10**low)
+
+
+def _kurtosis(values: np.ndarray) -> float:
+    """Pearson's kurtosis (the normal's is 3), as ``scipy.stats.kurtosis(values, fisher=False)``; NaN for
+    a constant series."""
+    centred = values - values.mean()
+    m2 = np.mean(centred**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.mean(centred**4) / m2**2) if m2 > 0 else NAN
 
 
 def trends(steps: np.ndarray, values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -366,7 +378,8 @@ def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     growth[fast] = (10 ** (0.5 * (slopes[middle[0]] + slopes[middle[1]])))[fast]
     low[fast] = (10 ** slopes[lower])[fast]
     for k in np.flatnonzero(spread & tied):  # scipy's own handling of ties, on the same blocks
-        slope, _, bound, _ = sps.theilslopes(y[:, k], x[:, k], alpha=TREND_ALPHA)
+        from scipy.stats import theilslopes  # loaded only for a column with tied values
+        slope, _, bound, _ = theilslopes(y[:, k], x[:, k], alpha=TREND_ALPHA)
         growth[k], low[k] = 10 ** slope, 10 ** bound
     return growth, low
 
