@@ -96,7 +96,7 @@ def real_gradients(sizes) -> None:
 
 def history_bytes(monitor: Monitor) -> int:
     store = monitor._ledger.series
-    return sum(v.nbytes for rows in store.fields.values() for v in rows)
+    return sum(rows[:store.count].nbytes for rows in store.fields.values())
 
 
 def main() -> None:

@@ -437,3 +437,27 @@ def test_a_step_between_observed_ones_issues_no_op():
     counts = [top_level_ops(monitor.observe) for _ in range(8)]
     assert counts[2] == counts[6] == 0 and min(counts[1], counts[3], counts[5], counts[7]) > 0, counts
     assert monitor.steps == 2
+
+
+def test_a_report_keeps_nothing_the_monitor_writes_on():
+    """report() reads the store through views (no copy of the whole history): what the report keeps
+    (the layers' and the model's series) is copied, so steps observed after it change nothing in it."""
+    torch.manual_seed(0)
+    model = MLP()
+    batches = regression_batches()
+    monitor = Monitor(model, history=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss = mse(model, batches())
+            loss.backward()
+            monitor.observe(loss)
+            opt.step()
+    steps(8)
+    report = monitor.report()
+    kept = [layer.norm_series.copy() for layer in report.statistics.layers] + [report.statistics.model.global_norm.copy()]
+    steps(20)  # thins and overwrites the store in place
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in
+               zip(kept, [layer.norm_series for layer in report.statistics.layers] + [report.statistics.model.global_norm]))

@@ -141,18 +141,22 @@ def parse_rules_text(text: str, filename: str = "<rules>") -> RuleSet:
 
 
 # -- reading ------------------------------------------------------------------------------------------
+# libyaml's safe loader where PyYAML was built with it (the wheels are): the same documents, nodes and
+# marks as the pure-Python SafeLoader, about ten times faster (the default rules took 0.1 s to read).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, Any]]:
     """Parse and structurally validate a file; returns {id: {"raw": mapping, "where": "file:line"}}."""
     if len(text.encode("utf-8", errors="replace")) > MAX_FILE_BYTES:
         raise RuleError(f"{filename}: rule file is over {MAX_FILE_BYTES // 1024} KiB", "rule files are small YAML")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
         _check_size(node, filename)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except RecursionError:  # the composer recurses once per level of [[[...]]]
-        raise RuleError(f"{filename}: rule file is nested too deeply (over {MAX_DEPTH} levels)",
-                        "a rule file is a list of flat rules; see docs/rules.md") from None
+        raise _too_deep(filename) from None
     except yaml.YAMLError as exc:
+        if "nesting depth" in str(exc):  # libyaml's own limit on [[[...]]]
+            raise _too_deep(filename) from None
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -189,6 +193,11 @@ def _parse(text: str, filename: str, *, defaults: bool) -> Dict[str, Dict[str, A
         _check_types(raw, rule_id, where)
         out[rule_id] = {"raw": dict(raw), "where": where, "complete": defaults}
     return out
+
+
+def _too_deep(filename: str) -> RuleError:
+    return RuleError(f"{filename}: rule file is nested too deeply (over {MAX_DEPTH} levels)",
+                     "a rule file is a list of flat rules; see docs/rules.md")
 
 
 def _check_size(node: Optional[yaml.Node], filename: str) -> None:

@@ -104,7 +104,7 @@ def compute(profile: Profile) -> Statistics:
             continue
         status = "active" if profile.grad_present_steps[k] > 0 else "unused"
         layers.append(LayerStats(info.name, info.kind, info.param_names, info.trainable_numel, info.frozen_numel,
-                                 status, norms[:, k], abs_max[:, k], g2w[:, k], profile.histograms[k],
+                                 status, norms[:, k].copy(), abs_max[:, k].copy(), g2w[:, k].copy(), profile.histograms[k],
                                  layer_metrics[k], info.source))
     model = _model_stats(profile, global_norm, layer_metrics, layers)
     return Statistics(model=model, layers=tuple(layers))
@@ -198,14 +198,15 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         **clip_metrics(profile.clip, _finite_max(global_norm)),
     }
     return ModelStats(
-        steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm, cosine=cosine, loss=loss,
+        steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm.copy(), cosine=cosine.copy(),
+        loss=loss.copy(),
         histogram=pooled, first_nonfinite=profile.first_nonfinite, loss_nonfinite_step=profile.loss_nonfinite_step,
         global_spike_step=profile.global_spike_step, measurement=profile.measurement, device=profile.device, metrics=m,
         source=profile.model_source, ranks=profile.ranks, sharded=profile.sharded,
         before_nonfinite=None if profile.before_nonfinite is None else
         {**profile.before_nonfinite, "layers": tuple(profile.layers[i].name for i in profile.active)},
-        clip=profile.clip, post_clip_norm=s.get("post_clip_norm", np.empty(0)).reshape(-1),
-        clip_cosine=s.get("clip_cosine", np.empty(0)).reshape(-1),
+        clip=profile.clip, post_clip_norm=s.get("post_clip_norm", np.empty(0)).reshape(-1).copy(),
+        clip_cosine=s.get("clip_cosine", np.empty(0)).reshape(-1).copy(),
     )
 
 
@@ -369,19 +370,29 @@ def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         slopes = (y[i] - y[j]) / (x[i] - x[j])
     pairs = len(i)
-    sigma = np.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)  # no tied steps: block medians of increasing steps
-    upper = min(int(np.round((pairs - _Z * sigma) / 2.0)), pairs - 1)
-    lower = max(int(np.round((pairs + _Z * sigma) / 2.0)) - 1, 0)
     middle = [(pairs - 1) // 2, pairs // 2]
-    slopes.partition(sorted({lower, upper, *middle}), axis=0)
+    lower = _lower_index(pairs, n * (n - 1) * (2 * n + 5) / 18.0)  # no tied steps: block medians of increasing steps
+    slopes.partition(sorted({lower, *middle}), axis=0)
     fast = spread & ~tied
     growth[fast] = (10 ** (0.5 * (slopes[middle[0]] + slopes[middle[1]])))[fast]
     low[fast] = (10 ** slopes[lower])[fast]
-    for k in np.flatnonzero(spread & tied):  # scipy's own handling of ties, on the same blocks
-        from scipy.stats import theilslopes  # loaded only for a column with tied values
-        slope, _, bound, _ = theilslopes(y[:, k], x[:, k], alpha=TREND_ALPHA)
-        growth[k], low[k] = 10 ** slope, 10 ** bound
+    for k in np.flatnonzero(spread & tied):  # tied values narrow the interval: Sen's (2.6), as scipy applies it
+        counts = np.unique(y[:, k], return_counts=True)[1]
+        repeats = counts[counts > 1].astype(np.float64)
+        variance = (n * (n - 1) * (2 * n + 5) - np.sum(repeats * (repeats - 1) * (2 * repeats + 5))) / 18.0
+        at = _lower_index(pairs, variance)
+        column = np.partition(slopes[:, k], sorted({at, *middle}))
+        growth[k] = 10 ** (0.5 * (column[middle[0]] + column[middle[1]]))
+        low[k] = 10 ** column[at] if at >= 0 else NAN
     return growth, low
+
+
+def _lower_index(pairs: int, variance: float) -> int:
+    """The order statistic of the pairwise slopes that bounds Theil-Sen's slope from below at TREND_ALPHA,
+    from Sen's variance of the Kendall statistic (scipy.stats.theilslopes's ``Rl``); -1 where none does."""
+    if not variance >= 0:
+        return -1
+    return max(int(np.round((pairs + _Z * np.sqrt(variance)) / 2.0)) - 1, 0)
 
 
 def _blocks(values: np.ndarray) -> np.ndarray:

@@ -12,41 +12,67 @@ SPIKE_STD_FLOOR = 0.1  # decades: a 26% wobble is never a spike, however flat th
 
 class SeriesStore:
     """Keeps every step appended until ``capacity`` rows, then every 2nd, 4th, ... one (counted in
-    appends, so that steps observed every N-th thin alike): memory never grows past it."""
+    appends, so that steps observed every N-th thin alike): memory never grows past it.
+
+    Each field is one 2-D array (rows x layers), grown by doubling up to ``capacity + 1`` rows and
+    compacted in place when thinned, so a row is copied in as it comes (a view would pin the whole
+    flushed block of rows it was cut from) and reading a field is one copy, not a stack of rows."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
         self.stride = 1
         self.appended = 0
-        self.steps: List[int] = []
-        self._index: List[int] = []  # each kept row's place among the appends
-        self.fields: Dict[str, List[np.ndarray]] = {}
+        self.count = 0  # rows kept
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._index = np.zeros(0, dtype=np.int64)  # each kept row's place among the appends
+        self.fields: Dict[str, np.ndarray] = {}  # rows [:count] are kept
+
+    @property
+    def steps(self) -> List[int]:
+        return self._steps[:self.count].tolist()
 
     def append(self, step: int, **values: np.ndarray) -> None:
         index, self.appended = self.appended, self.appended + 1
         if index % self.stride:
             return
-        self.steps.append(step)
-        self._index.append(index)
+        k = self.count
+        if k == len(self._steps):
+            self._grow()
         for name, value in values.items():
-            # a copy: a view would pin the whole flushed batch of rows it was cut from
-            self.fields.setdefault(name, []).append(np.array(value, dtype=np.float64))
-        if len(self.steps) > self.capacity:
+            value = np.asarray(value, dtype=np.float64)
+            if name not in self.fields:
+                self.fields[name] = np.full((len(self._steps),) + value.shape, np.nan)
+            self.fields[name][k] = value
+        self._steps[k], self._index[k] = step, index
+        self.count += 1
+        if self.count > self.capacity:
             self.stride *= 2
-            keep = [i for i, at in enumerate(self._index) if at % self.stride == 0]
-            self.steps = [self.steps[i] for i in keep]
-            self._index = [self._index[i] for i in keep]
-            self.fields = {k: [v[i] for i in keep] for k, v in self.fields.items()}
+            keep = np.flatnonzero(self._index[:self.count] % self.stride == 0)
+            for rows in (self._steps, self._index, *self.fields.values()):
+                rows[:len(keep)] = rows[keep]
+            self.count = len(keep)
+
+    def _grow(self) -> None:
+        rows = min(max(2 * len(self._steps), 64), self.capacity + 1)
+        self._steps = np.resize(self._steps, rows)
+        self._index = np.resize(self._index, rows)
+        for name, old in self.fields.items():
+            grown = np.full((rows,) + old.shape[1:], np.nan)
+            grown[:len(old)] = old
+            self.fields[name] = grown
 
     def amend(self, step: int, name: str, value: np.ndarray) -> None:
         """Overwrite one field of the row for ``step``, if that row is the latest one kept."""
-        if self.steps and self.steps[-1] == step and name in self.fields:
-            self.fields[name][-1] = np.array(value, dtype=np.float64)
+        if self.count and self._steps[self.count - 1] == step and name in self.fields:
+            self.fields[name][self.count - 1] = np.asarray(value, dtype=np.float64)
 
-    def array(self, name: str) -> np.ndarray:
-        """The stored rows of one field, stacked: shape (rows,) or (rows, layers)."""
-        rows = self.fields.get(name, [])
-        return np.stack(rows) if rows else np.empty((0,))
+    def array(self, name: str, copy: bool = True) -> np.ndarray:
+        """The stored rows of one field: shape (rows,) or (rows, layers); ``copy=False``: a view, valid
+        until the next append."""
+        rows = self.fields.get(name)
+        if rows is None:
+            return np.empty((0,))
+        return rows[:self.count].copy() if copy else rows[:self.count]
 
 
 class RecentSteps:

@@ -130,12 +130,13 @@ class Ledger:
         """What the user's clipping did, with the Clipper's own counts where it clipped; None unwatched."""
         return None if self.clip is None else self.clip.record_of(guard)
 
-    def profile_fields(self) -> Dict[str, object]:
-        """The Profile's fields that this ledger owns, as copies."""
+    def profile_fields(self, copy: bool = True) -> Dict[str, object]:
+        """The Profile's fields that this ledger owns, as copies (``copy=False``: the series as views,
+        for a Profile used at once and dropped)."""
         s = self.series
         return dict(
             steps=self.step, series_steps=np.array(s.steps, dtype=np.int64),
-            series={name: s.array(name) for name in s.fields},
+            series={name: s.array(name, copy) for name in s.fields},
             nonfinite_total=self.totals["nonfinite"].copy(), zero_total=self.totals["zeros"].copy(),
             elements_total=self.totals["elements"].copy(), grad_present_steps=self.grad_present.copy(),
             layer_spike_z=self.layer_spikes.max_z.copy(),

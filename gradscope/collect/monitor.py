@@ -459,6 +459,11 @@ class Monitor:
         histograms are this rank's sample, the last step's update is left out, and on an accelerator the
         steps still waiting on the device are dropped (their collective may never have completed).
         """
+        return self._profile(alone, copy=True)
+
+    def _profile(self, alone: bool, copy: bool) -> Profile:
+        """``profile()``; ``copy=False`` gives the series as views of the store (for report(), which reads
+        them at once: the statistics copy what they keep)."""
         if alone and self.device.type != "cpu":
             self._pending.clear()
         self.flush()
@@ -471,7 +476,7 @@ class Monitor:
         if "noted" in self._between:
             self._ledger.amend_loss(self._ledger.last_step, float(self._between.pop("noted")))
         return Profile(
-            layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(),
+            layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(copy),
             histograms=self._histograms(alone),
             backward_order=tuple(self.layers[self._active[g]].name for g in self._backward_order),
             measurement=self.measurement, device=str(self.device),
@@ -505,7 +510,8 @@ class Monitor:
         """Statistics, findings and a recommendation for everything observed: a :class:`Report`
         (``stopped_reason`` marks it partial: why the run ended early; ``alone``: see ``profile``)."""
         from ..pipeline import build_report  # the analysis (rules, scipy) loads when a report is asked for
-        return build_report(self.profile(alone=alone), rules=rules, model_name=name or type(unwrap(self.model)).__name__,
+        # the Profile is read at once and dropped (the statistics copy what they keep): its series as views
+        return build_report(self._profile(alone, copy=False), rules=rules, model_name=name or type(unwrap(self.model)).__name__,
                             stopped_reason=stopped_reason)
 
     def close(self) -> None:
