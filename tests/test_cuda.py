@@ -59,15 +59,18 @@ class _Syncs:
         self._catch.__exit__(*exc)
 
 
-@pytest.mark.parametrize("unused, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
-def test_no_sync_on_a_step_that_does_not_flush(unused, dtype):
+@pytest.mark.parametrize("unused, dtype, every", [(False, torch.float32, 1), (True, torch.float32, 1),
+                                                  (False, torch.bfloat16, 1), (False, torch.float32, 3)])
+def test_no_sync_on_a_step_that_does_not_flush(unused, dtype, every):
+    """Every step but the 16th observed one (the flush) runs with no sync, the steps between observed
+    ones under ``every`` included (the one after a weight copy, the one before an observed step)."""
     torch.manual_seed(0)
     model = ManyTensors(unused).to("cuda", dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    monitor = Monitor(model)  # defaults: flush every 16, histogram and update every 4
+    monitor = Monitor(model, every=every)  # defaults: flush every 16, histogram and update every 4
     x, y = torch.randn(32, 300, device="cuda", dtype=dtype), torch.randn(32, 1, device="cuda", dtype=dtype)
     syncs = []
-    for step in range(16):
+    for step in range(15 * every + 1):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
@@ -75,9 +78,9 @@ def test_no_sync_on_a_step_that_does_not_flush(unused, dtype):
             result = monitor.observe(loss)
         syncs.append(seen.stacks)
         opt.step()
-    assert syncs[:15] == [[]] * 15, "\n".join(s for step in syncs for s in step)
-    assert syncs[15], "the 16th step flushes: its one copy to the host must be seen (or this check sees nothing)"
-    assert result["step"] == 15 and np.isfinite(result["global_norm"])
+    assert syncs[:-1] == [[]] * (len(syncs) - 1), "\n".join(s for step in syncs for s in step)
+    assert syncs[-1], "the 16th observed step flushes: its one copy to the host must be seen (or this check sees nothing)"
+    assert result["step"] == 15 * every and np.isfinite(result["global_norm"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
