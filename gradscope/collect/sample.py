@@ -93,11 +93,6 @@ class Sample:
                       [one(buf, i) for i in self.rest], [one(magnitude, i) for i in self.rest],
                       buf[:self.weighted], buf[self.weighted:])
 
-    @property
-    def order(self) -> List[int]:
-        """The whole parameters in the order their per-step figures come: each run's, then the rest's."""
-        return [i for members in self.runs for i in members] + self.rest
-
     def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The view of a gradient that the sample reads: whole, or every ``sample``-th block (one view op)."""
         rows = self.rows[i]
@@ -139,7 +134,7 @@ class Sample:
             self.ready = 2
 
     def run_figures(self, cpu: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """The runs' norms and max |g|, one vector per run each, in ``order``. A CPU reads the maxima off
+        """The runs' norms and max |g|, one vector per run each, members in buffer order. A CPU reads the maxima off
         the magnitudes (see ``magnitudes``); an accelerator in one fused norm. NaN and inf carry through."""
         v = self.views[self.current]
         norms = [torch.linalg.vector_norm(r, 2, dim=1) for r in v.runs]
