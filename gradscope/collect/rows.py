@@ -181,6 +181,8 @@ def gather(names: Sequence[str], arrays: Sequence[np.ndarray]) -> Dict[str, np.n
     """Host copies of a step's extras (one per bucket and name, in order, named ``names``), joined by name."""
     out: Dict[str, List[np.ndarray]] = {}
     for name, array in zip(names, arrays):
+        if name not in EXTRAS:  # a name decode() would not read: a figure measured and then lost
+            raise RuntimeError(f"gradscope: a step carried an extra this layout does not know: {name}")
         out.setdefault(name, []).append(array)
     return {name: np.concatenate(parts) for name, parts in out.items()}
 

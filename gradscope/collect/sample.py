@@ -60,7 +60,8 @@ class Sample:
         self.small = [] if wide else [i for i in whole if self.sizes[i]]  # figures read off the sample
         self.empty = [] if wide else [i for i in whole if not self.sizes[i]]  # a rank's empty shard: zeros
         self.segments = segments.Segments([self.sizes[i] for i in self.small], self.weighted, device)
-        self.runs, self.rest = _split_runs(self.small, self.sizes)
+        runs, rest = segments.split_runs([self.sizes[i] for i in self.small])
+        self.runs, self.rest = [[self.small[k] for k in run] for run in runs], [self.small[k] for k in rest]
         self.bits = torch.empty(at, dtype=torch.int32, device=device)
         self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
         # the buffers' bits, for |g|: the sampled blocks' part and the whole parameters' part
@@ -185,23 +186,6 @@ class Sample:
     def release(self) -> None:
         """Free the buffers (after ``Monitor.close``)."""
         self.buffers, self.ints, self.views = [], [], []
-
-
-def _split_runs(small: List[int], sizes: List[int]) -> Tuple[List[List[int]], List[int]]:
-    """The whole parameters (in buffer order) as runs of at least RUN_MIN of one length, and the rest."""
-    runs: List[List[int]] = []
-    rest: List[int] = []
-    k = 0
-    while k < len(small):
-        j = k
-        while j < len(small) and sizes[small[j]] == sizes[small[k]]:
-            j += 1
-        if j - k >= RUN_MIN:
-            runs.append(small[k:j])
-        else:
-            rest.extend(small[k:j])
-        k = j
-    return runs, rest
 
 
 def _add_counts(histogram: torch.Tensor, bins: torch.Tensor, ones: torch.Tensor) -> None:

@@ -76,6 +76,24 @@ class Segments:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def split_runs(lengths: Sequence[int]) -> Tuple[List[List[int]], List[int]]:
+    """Slices laid end to end (positions in buffer order) as runs of at least RUN_MIN neighbours of one
+    length, each one 2-D view, and the rest."""
+    runs: List[List[int]] = []
+    rest: List[int] = []
+    k = 0
+    while k < len(lengths):
+        j = k
+        while j < len(lengths) and lengths[j] == lengths[k]:
+            j += 1
+        if j - k >= RUN_MIN:
+            runs.append(list(range(k, j)))
+        else:
+            rest.extend(range(k, j))
+        k = j
+    return runs, rest
+
+
 class Norms:
     """The 2-norms of fixed slices of one fixed flat buffer (``views``, in slice order, laid out by
     :func:`order`), in a handful of ops whatever their count: each run of RUN_MIN or more equal lengths
@@ -87,19 +105,10 @@ class Norms:
         self.dtype = dtype
         self.runs: List[torch.Tensor] = []
         self.rest: List[torch.Tensor] = []
-        runs, rest, k = [], [], 0
-        while k < len(lengths):
-            j = k
-            while j < len(lengths) and lengths[j] == lengths[k] and starts[j] == starts[k] + (j - k) * lengths[k]:
-                j += 1
-            if j - k >= RUN_MIN:
-                self.runs.append(flat[starts[k]:starts[k] + (j - k) * lengths[k]].view(j - k, lengths[k]))
-                runs.extend(range(k, j))
-            else:
-                self.rest += [flat[starts[i]:starts[i] + lengths[i]] for i in range(k, j)]
-                rest.extend(range(k, j))
-            k = j
-        placed = [into[i] for i in runs + rest]  # where each computed norm goes
+        runs, rest = split_runs(lengths)  # (the slices sit end to end: a run is one 2-D view)
+        self.runs = [flat[starts[r[0]]:starts[r[0]] + len(r) * lengths[r[0]]].view(len(r), lengths[r[0]]) for r in runs]
+        self.rest = [flat[starts[i]:starts[i] + lengths[i]] for i in rest]
+        placed = [into[i] for i in [i for r in runs for i in r] + rest]  # where each computed norm goes
         self.pick = None if placed == sorted(placed) else torch.tensor(
             sorted(range(len(placed)), key=placed.__getitem__), dtype=torch.int64, device=flat.device)
 
