@@ -300,7 +300,7 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
     observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
     monitor = Monitor(observed_model)
     ctx = distributed.context()
-    width, tensors = monitor._layout.reduced_width, len(monitor._layout.groups)  # the per-step collective's parts
+    width, tensors = monitor._figures.layout.reduced_width, len(monitor._figures.layout.groups)  # the per-step collective's parts
 
     def collective() -> float:
         start = time.perf_counter()

@@ -12,7 +12,7 @@ from .analyse.evaluate import Finding, worst_severity
 from .advise.judge import Trial, TrialSet
 from .advise.recommend import Recommendation
 from .analyse.ruleset import RuleSet
-from .collect.clipping import rate_windows
+from .analyse.clipping import rate_windows
 from .analyse.stats import CLIP_METRICS, Statistics
 
 SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)

@@ -14,7 +14,8 @@ from torch import nn
 import gradscope
 from gradscope import Clipper, Monitor
 from gradscope.run.clipper import _clip_unitwise
-from gradscope.collect.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClipSpec, ClipTally, levels, longest_rate, parse
+from gradscope.analyse.clipping import ClipSpec, levels, longest_rate
+from gradscope.collect.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClipTally, parse
 from gradscope.errors import GradscopeError
 
 from models import MLP, regression_batches
@@ -120,7 +121,7 @@ def test_the_clip_rate_over_the_run_lives_in_bounded_windows():
     rng = np.random.default_rng(0)
     for step in range(5000):  # the first 1,000 steps above the threshold, the rest below
         norm = 5.0 if step < 1000 else 0.2
-        tally.record(step, norm * math.exp(rng.normal(0, 0.1)), np.zeros(3), 0.0, math.nan)
+        tally.record(step, norm * math.exp(rng.normal(0, 0.1)), np.zeros(3), math.nan)
     record = tally.record_of()
     assert len(record.blocks) <= WINDOW_BLOCKS and record.blocks[:, 1].sum() == 5000
     assert record.clipped == 1000 and record.rate() == pytest.approx(0.2)

@@ -59,6 +59,6 @@ class Profile:
     # was not finite: ``steps``, ``global_norm`` (steps,), and ``grad_norm``, ``grad_abs_max``, ``nonfinite``
     # (steps × active layers); None where every step was finite or the Monitor kept none
     before_nonfinite: Optional[Mapping[str, np.ndarray]] = None
-    # what the user's own clipping did over the run (gradscope.collect.clipping.ClipRecord); None where the
+    # what the user's own clipping did over the run (gradscope.analyse.clipping.ClipRecord); None where the
     # Monitor was not told how the run clips. The series then hold post_clip_norm and clip_cosine.
     clip: Optional[Any] = None

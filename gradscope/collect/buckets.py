@@ -27,9 +27,9 @@ ABS_CHUNK = 1 << 25
 class Bucket:
     """Trainable parameters sharing a device and dtype (``groups``: each one's layer), and their sample.
 
-    Large parameters' figures (norm, max |g|, sum, non-finite count) are read off their gradients:
-    ``direct``. A whole parameter's are read off the sample, where it sits whole; a float64 bucket
-    reads every figure off the gradients (its float32 sample could round or overflow).
+    Large parameters' figures (norm, max |g|, sum, non-finite count) are read off their gradients
+    (``off_grad``); a whole parameter's off the sample, where it sits whole (``sample.off_sample``). A
+    float64 bucket reads every figure off the gradients (its float32 sample could round or overflow).
     """
 
     def __init__(self, params: List[nn.Parameter], groups: List[int], device: torch.device, sample: int,
@@ -42,15 +42,15 @@ class Bucket:
         # rank 0 counts its histogram.
         self.sharded = distributed.is_sharded(params[0])
         self.complex = params[0].is_complex()  # one dtype per bucket: all complex or none
-        wide = params[0].dtype in (torch.float64, torch.complex128)
+        double = params[0].dtype in (torch.float64, torch.complex128)
         # norms accumulate in float32 at least (a float16 norm overflows at 65504); float64 stays float64
-        self.norm_dtype = None if wide else torch.float32
+        self.norm_dtype = None if double else torch.float32
         self.share = 1.0 if ctx is None or self.sharded else 1.0 / ctx.world
         self.counts_histogram = ctx is None or self.sharded or ctx.rank == 0
         shapes = [distributed.local(p).shape for p in params]
-        self.sample = Sample(shapes, groups, sample, device, wide)
-        self.direct = [i for i, r in enumerate(self.sample.rows) if r or wide]  # figures read off the gradient
-        self.chunks = _chunks([shapes[i].numel() for i in self.direct], ABS_CHUNK)
+        self.sample = Sample(shapes, groups, sample, device, histogram_only=double)
+        self.off_grad = [i for i, r in enumerate(self.sample.blocks) if r or double]  # figures read off the gradient
+        self.chunks = _chunks([shapes[i].numel() for i in self.off_grad], ABS_CHUNK)
         # a copy of the weights: their views into one flat buffer (in parameter order), and its norms
         self.snapshot: Optional[Tuple[List[torch.Tensor], segments.Norms]] = None
         self._sum_order: Optional[torch.Tensor] = None
@@ -93,10 +93,10 @@ class Bucket:
         run_norms, run_max = self.sample.run_figures(cpu)
         vectors += run_norms + run_max
         full = self._full(index, grads, zero)
-        direct = [full[i] for i in self.direct]
+        large = [full[i] for i in self.off_grad]
         rest = len(self.sample.rest)
-        norms, tops = self._norms_and_maxima(self.sample.rest_views(False), self.sample.rest_views(True) if cpu else [], direct)
-        if inverse_scale is not None and direct:  # the sample was unscaled in place; the gradients were not
+        norms, tops = self._norms_and_maxima(self.sample.rest_views(False), self.sample.rest_views(True) if cpu else [], large)
+        if inverse_scale is not None and large:  # the sample was unscaled in place; the gradients were not
             scale = inverse_scale.to(norms[0].device)
             norms = norms[:rest] + list(torch._foreach_mul(norms[rest:], scale))
             tops = tops[:rest] + list(torch._foreach_mul(tops[rest:], scale))
@@ -131,12 +131,12 @@ class Bucket:
         return full
 
     def _norms_and_maxima(self, rest: List[torch.Tensor], rest_abs: List[torch.Tensor],
-                          direct: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Norms and max |g| of the sample's ``rest`` views and of the large gradients ``direct``, in that
+                          large: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Norms and max |g| of the sample's ``rest`` views and of the large gradients ``large``, in that
         order: one ``_foreach_norm`` for the norms; for the maxima one fused ``_foreach_norm(inf)`` on an
         accelerator, and on a CPU (where that runs many times slower) ``_foreach_max`` over the rest's
         magnitudes ``rest_abs`` and ``_foreach_abs`` of the large gradients, ABS_CHUNK elements at a time."""
-        both = rest + direct
+        both = rest + large
         if not both:
             return [], []
         norms = list(torch._foreach_norm(both, 2, dtype=self.norm_dtype))
@@ -145,7 +145,7 @@ class Bucket:
         tops: List[torch.Tensor] = []
         chunks = self.chunks or [(0, 0)]
         for k, (a, b) in enumerate(chunks):
-            magnitudes = list(torch._foreach_abs(direct[a:b])) if b > a else []
+            magnitudes = list(torch._foreach_abs(large[a:b])) if b > a else []
             tops += torch._foreach_max((rest_abs if k == 0 else []) + magnitudes)
         return norms, tops
 
@@ -169,10 +169,10 @@ class Bucket:
         full = self._full(index, grads, torch.zeros((), device=self.device))
         dtype = torch.float32 if self.norm_dtype is not None else torch.float64
         parts = [self.sample.sums().to(dtype)]
-        if self.direct:
-            parts.append(torch.stack([full[i].sum(dtype=dtype) for i in self.direct]))
+        if self.off_grad:
+            parts.append(torch.stack([full[i].sum(dtype=dtype) for i in self.off_grad]))
         if self._sum_order is None:  # where each sum goes: the sample's whole parameters, then the large ones
-            self._sum_order = torch.tensor(self.sample.small + self.direct, dtype=torch.int64, device=self.device)
+            self._sum_order = torch.tensor(self.sample.off_sample + self.off_grad, dtype=torch.int64, device=self.device)
         out = torch.zeros(len(self.params), dtype=dtype, device=self.device)  # an empty shard sums to 0
         return out.index_copy_(0, self._sum_order, torch.cat(parts) if len(parts) > 1 else parts[0])
 
@@ -268,11 +268,6 @@ def _readable(grad: torch.Tensor) -> torch.Tensor:
     if grad.is_complex():
         grad = grad.abs()
     return grad
-
-
-def agc_units(param: torch.Tensor) -> int:
-    """Units AGC clips one by one: 1 for a bias or gain, a weight's rows otherwise."""
-    return 1 if param.ndim <= 1 else int(param.shape[0])
 
 
 def _squares(norms: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

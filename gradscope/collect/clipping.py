@@ -11,48 +11,28 @@ what the clipping did follows from the same step's figures:
   post-clip squared norm and the dot product of the clipped with the unclipped gradient, from which
   the post-clip norm, the share capped and the cosine between the two follow exactly.
 
-:class:`ClipTally` keeps, in bounded memory, how often it clipped over the run and over windows of it,
+The spec and the record are plain data, in :mod:`gradscope.analyse.clipping`; :func:`watch` says what
+the Monitor needs of the clipping, and :class:`ClipTally` keeps, in bounded memory, how often it clipped over the run and over windows of it,
 the norm level at the start and lately (to tell when the threshold no longer fits), and the spikes it
 clipped. It touches no tensor.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
+from ..analyse.clipping import ClipRecord, ClipSpec
 from ..errors import ExperimentError
 
 METHODS = ("norm", "value", "agc", "adaptive")
 TORCH_EPS = 1e-6  # clip_grad_norm_'s: scale = threshold / (norm + 1e-6)
 WINDOW_BLOCKS = 64  # the run's clip rate is kept in at most this many blocks (pairs merge past it)
 FIRST_BLOCK = 8  # steps in a block until blocks merge
-LONG_WINDOW = 100  # steps: "a long window", or the whole run where it is shorter
-LEVEL_SHARE = 0.1  # the start and the recent norm level are each read over this share of the run
 SPIKE_Z = 6.0  # a step is a spike at this z-score of its log norm against the steps before it (the rule's)
 KEEP_SPIKES = 32  # spikes listed by step
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipSpec:
-    """How the run clips: ``method`` (``norm``, ``value``, ``agc`` or ``adaptive``) and ``threshold``;
-    ``source`` says who told the Monitor (``Monitor(clip=...)``, Lightning's ``gradient_clip_val``, ...);
-    ``reference_norm``, where given, is the global norm the threshold was chosen against, else the run's
-    own first 10% of steps serve; ``eps`` is AGC's floor on a weight's norm."""
-
-    method: str
-    threshold: Optional[float]
-    source: str = "Monitor"
-    reference_norm: Optional[float] = None
-    eps: float = 1e-3
-
-    @property
-    def per_step(self) -> bool:
-        """Whether each step's effect follows from the Monitor's figures (adaptive needs the Clipper's own)."""
-        return self.method in ("norm", "value", "agc")
 
 
 def parse(clip: Any, source: str = "Monitor") -> Optional[ClipSpec]:
@@ -79,30 +59,50 @@ def parse(clip: Any, source: str = "Monitor") -> Optional[ClipSpec]:
     return ClipSpec(method, float(threshold), source)
 
 
-@dataclasses.dataclass(frozen=True)
-class ClipRecord:
-    """What the clipping did over the run, as plain data (see :class:`ClipTally`)."""
+class Watched(NamedTuple):
+    """The user's clipping as a Monitor watches it: the spec, the Clipper that clips (whose guard's counts
+    join the report; None for a plain threshold), the parameters (ids) its AGC leaves alone, and what the
+    per-step clip sums count over: every element (value), or every unit AGC clips (0 by norm)."""
 
     spec: ClipSpec
-    steps: int  # steps judged (finite pre-clip norm)
-    clipped: int
-    log_scale_sum: float  # sum over clipped steps of log(scale), for their geometric mean scale
-    capped_sum: float  # value: elements capped; agc: units capped (summed over steps)
-    capped_total: float  # elements (or units) over the same steps
-    cosine_min: float
-    blocks: np.ndarray  # (n, 4): first step, steps, clipped, sum of log10 pre-clip norm
-    spikes: Tuple[int, ...]  # steps whose spike the clipping cut (or the guard skipped)
-    guard: Optional[Dict[str, Any]] = None  # the Clipper's own counts, where it did the clipping
+    clipper: Any
+    excluded: frozenset
+    capacity: float
 
-    def rate(self) -> float:
-        return self.clipped / self.steps if self.steps else math.nan
+    @property
+    def on_device(self) -> bool:
+        """Whether each step adds the clip sums on the device (by value and AGC; by norm nothing)."""
+        return self.spec.method in ("value", "agc")
+
+
+def watch(clip: Any, model: Any, params: List[Any]) -> Optional[Watched]:
+    """What a Monitor needs to report ``clip`` (see :func:`parse`) over ``params`` of ``model``."""
+    spec = parse(clip)
+    if spec is None:
+        return None
+    clipper = clip if spec.source == "Clipper" else None
+    if spec.method == "value":
+        return Watched(spec, clipper, frozenset(), float(sum(p.numel() for p in params)))
+    if spec.method != "agc":
+        return Watched(spec, clipper, frozenset(), 0.0)
+    skipped: set = set()
+    if clipper is not None:
+        names = clipper._excluded(model)
+        skipped = {id(p) for name, m in model.named_modules() if name in names for p in m.parameters(recurse=False)}
+    return Watched(spec, clipper, frozenset(skipped), float(sum(agc_units(p) for p in params if id(p) not in skipped)))
+
+
+def agc_units(param: Any) -> int:
+    """Units AGC clips one by one: 1 for a bias or gain, a weight's rows otherwise."""
+    return 1 if param.ndim <= 1 else int(param.shape[0])
 
 
 class ClipTally:
     """Per-step effects of a :class:`ClipSpec`, tallied in bounded memory."""
 
-    def __init__(self, spec: ClipSpec) -> None:
+    def __init__(self, spec: ClipSpec, capacity: float = 0.0) -> None:
         self.spec = spec
+        self.capacity = capacity  # the elements (value) or units (agc) the device's sums count over
         self.steps = self.clipped = 0
         self.log_scale_sum = self.capped_sum = self.capped_total = 0.0
         self.cosine_min = math.inf
@@ -110,13 +110,13 @@ class ClipTally:
         self.blocks: List[List[float]] = []  # [first step, steps, clipped, sum of log10 norm]
         self.spikes: List[int] = []
 
-    def record(self, step: int, norm: float, sums: np.ndarray, capacity: float, spike_z: float) -> Dict[str, float]:
+    def record(self, step: int, norm: float, sums: np.ndarray, spike_z: float) -> Dict[str, float]:
         """One observed step: ``norm`` the pre-clip global norm, ``sums`` the device's three clip sums,
-        ``capacity`` the elements (value) or units (agc) they were counted over, ``spike_z`` the step's
-        spike score. Returns the step's post-clip norm, scale, cosine and capped share (NaN where unknown)."""
+        ``spike_z`` the step's spike score. Returns the step's post-clip norm, scale, cosine and capped share (NaN where unknown)."""
         out = {"post_clip_norm": math.nan, "clip_scale": math.nan, "clip_cosine": math.nan, "capped": math.nan}
         if not self.spec.per_step or not math.isfinite(norm):
             return out
+        capacity = self.capacity
         effect = _effect(self.spec, norm, sums, capacity)
         clipped = effect["clip_scale"] < 1.0
         self.steps += 1
@@ -177,52 +177,3 @@ def _effect(spec: ClipSpec, norm: float, sums: np.ndarray, capacity: float) -> D
     cosine = dot / (norm * post) if norm > 0 and post > 0 else math.nan
     return {"post_clip_norm": post, "clip_scale": min(scale, 1.0), "clip_cosine": min(cosine, 1.0),
             "capped": over / capacity if capacity else math.nan}
-
-
-def rate_windows(record: ClipRecord) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The clip rate over the run's blocks: each block's first step, its steps, and its rate."""
-    b = record.blocks
-    if not len(b):
-        return np.empty(0), np.empty(0), np.empty(0)
-    return b[:, 0], b[:, 1], b[:, 2] / np.maximum(b[:, 1], 1)
-
-
-def longest_rate(record: ClipRecord) -> Tuple[float, int]:
-    """The highest clip rate over any run of consecutive blocks spanning ``LONG_WINDOW`` steps or more (the
-    whole run where it is shorter), and that span's steps."""
-    b = record.blocks
-    if not len(b):
-        return math.nan, 0
-    need = min(LONG_WINDOW, int(b[:, 1].sum()))
-    best, span = math.nan, 0
-    for end in range(len(b)):
-        steps = clipped = 0.0
-        for k in range(end, -1, -1):
-            steps += b[k, 1]
-            clipped += b[k, 2]
-            if steps >= need:
-                rate = clipped / steps
-                if not rate <= best:
-                    best, span = rate, int(steps)
-                break
-    return best, span
-
-
-def levels(record: ClipRecord) -> Tuple[float, float]:
-    """The geometric mean pre-clip norm over the run's first and its last ``LEVEL_SHARE`` (whole blocks,
-    at least one each): where the threshold was set, and where the norms are now."""
-    b = record.blocks
-    if not len(b):
-        return math.nan, math.nan
-    total = b[:, 1].sum()
-    need = max(LEVEL_SHARE * total, 1.0)
-
-    def level(rows: np.ndarray) -> float:
-        steps = logs = 0.0
-        for row in rows:
-            steps += row[1]
-            logs += row[3]
-            if steps >= need:
-                break
-        return 10 ** (logs / steps)
-    return level(b), level(b[::-1])

@@ -64,3 +64,34 @@ def group_parameters(model: nn.Module, tracked: Optional[set] = None
         params.extend(p for _, p in trainable)
         groups.extend([len(layers) - 1] * len(trainable))
     return layers, params, groups
+
+
+class BackwardOrder:
+    """The order in which the first backward reached each layer (``groups``: each parameter's), to name
+    the layer that went non-finite first: one gradient hook per parameter, removed at ``remove()``."""
+
+    def __init__(self, params: List[nn.Parameter], groups: List[int]) -> None:
+        self.order: List[int] = []
+        self._seen: set = set()
+        register = getattr(params[0], "register_post_accumulate_grad_hook", None) if params else None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(g))
+                       for p, g in zip(params, groups)] if register is not None else []
+
+    def _hook(self, group: int):
+        def hook(_param) -> None:
+            if group not in self._seen:
+                self._seen.add(group)
+                self.order.append(group)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def first(self, mask, n_groups: int) -> int:
+        """The group first in backward order among ``mask`` (the last group first, where no backward was seen)."""
+        for g in self.order or range(n_groups - 1, -1, -1):
+            if mask[g]:
+                return g
+        return int(mask.argmax())

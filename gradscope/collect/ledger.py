@@ -2,7 +2,7 @@
 
 :class:`Ledger` holds the running totals, the bounded per-step series, the spike trackers, the loss
 bookkeeping and the step counter. It touches no tensor: :class:`~gradscope.collect.monitor.Monitor` measures on
-the device, unpacks one :class:`~gradscope.collect.buckets.HostRow` per step, and hands it here.
+the device, unpacks one :class:`~gradscope.collect.rows.HostRow` per step, and hands it here.
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .clipping import ClipRecord, ClipSpec, ClipTally
+from .clipping import ClipRecord, ClipTally, Watched
 from .history import RecentSteps, SeriesStore, SpikeTracker
 
-if TYPE_CHECKING:  # the row is unpacked by buckets.py, which needs torch; the ledger does not
-    from .buckets import HostRow
+if TYPE_CHECKING:  # the row is unpacked by rows.py, which needs torch; the ledger does not
+    from .rows import HostRow
 
 
 class Ledger:
@@ -22,26 +22,19 @@ class Ledger:
     per-layer figures are kept whole, and frozen at the first step whose gradient or global norm is not
     finite (``before_nonfinite``)."""
 
-    def __init__(self, numel: np.ndarray, history: int, recent: int = 0, clip: Optional[ClipSpec] = None,
-                 clip_capacity: float = 0.0) -> None:
+    def __init__(self, numel: np.ndarray, history: int, recent: int = 0, clip: Optional[Watched] = None) -> None:
         n_groups = len(numel)
         self.numel = np.asarray(numel, dtype=np.float64)
         self.step = 0  # steps recorded
         self.last_step = -1  # the optimizer step of the last one (steps observed every N-th are N apart)
         self.series = SeriesStore(history)
-        self.recent = RecentSteps(recent, n_groups)
-        self.before_nonfinite: Optional[Dict[str, np.ndarray]] = None
-        self.clip = None if clip is None else ClipTally(clip)  # what the user's own clipping did
-        self.clip_capacity = clip_capacity
+        self.failures = Failures(recent, n_groups)
+        self.clip = None if clip is None else ClipTally(clip.spec, clip.capacity)  # what the user's own clipping did
         self.layer_spikes = SpikeTracker(n_groups)
         self.global_spikes = SpikeTracker(1)
         self.update_max = np.full(n_groups, np.nan)
         self.totals = {"nonfinite": np.zeros(n_groups), "zeros": np.zeros(n_groups), "elements": np.zeros(n_groups)}
         self.grad_present = np.zeros(n_groups, dtype=np.int64)
-        self.first_nonfinite: Optional[Tuple[int, str]] = None
-        self.nonfinite_steps: List[int] = []
-        self.amp_skipped: List[int] = []
-        self.loss_nonfinite_step: Optional[int] = None
         self._last_weight_norm: Optional[np.ndarray] = None
         self._last_global_norm = float("nan")
 
@@ -71,13 +64,8 @@ class Ledger:
         else:
             zeros = np.full(len(numel), np.nan)
         self.grad_present += present
-        if nonfinite.any():
-            self.nonfinite_steps.append(step)
-            if self.first_nonfinite is None:
-                self.first_nonfinite = (step, first_of(nonfinite > 0))
         loss = row.loss
-        if loss_given and not np.isfinite(loss) and self.loss_nonfinite_step is None:
-            self.loss_nonfinite_step = step
+        self.failures.record(step, nonfinite, first_of, loss if loss_given else None)
         self.series.append(
             step, grad_norm=grad_norm, grad_abs_max=row.max_abs, grad_mean=mean, grad_std=std,
             weight_norm=weight_norm, grad_to_weight=grad_to_weight, zero_fraction=zeros / numel,
@@ -85,14 +73,11 @@ class Ledger:
             global_norm=np.array(global_norm), cosine=np.array(cosine), loss=np.array(loss),
             **({} if self.clip is None else {"post_clip_norm": np.array(np.nan), "clip_cosine": np.array(np.nan)}),
         )
-        if self.before_nonfinite is None and self.recent.capacity:
-            self.recent.append(step, global_norm, grad_norm=grad_norm, grad_abs_max=row.max_abs, nonfinite=nonfinite)
-            if nonfinite.any() or not np.isfinite(global_norm):
-                self.before_nonfinite = self.recent.snapshot()  # the black box: frozen at the first failure
+        self.failures.keep(step, global_norm, grad_norm, row.max_abs, nonfinite)
         self.layer_spikes.update(step, grad_norm)
         z = self.global_spikes.update(step, np.array([global_norm]))[0]
         if self.clip is not None:
-            effect = self.clip.record(step, global_norm, row.clip, self.clip_capacity, z)
+            effect = self.clip.record(step, global_norm, row.clip, z)
             self.series.amend(step, "post_clip_norm", np.array(effect["post_clip_norm"]))
             self.series.amend(step, "clip_cosine", np.array(effect["clip_cosine"]))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
@@ -104,7 +89,7 @@ class Ledger:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
         if measured:
             self.record_update(self.last_step, row.update_sq, row.update_base_sq)
-        self.amp_skipped.append(step)
+        self.failures.amp_skipped.append(step)
         self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
                 "skipped": 1.0, "measured": 1.0}
@@ -123,8 +108,7 @@ class Ledger:
         if step < 0 or np.isnan(value):
             return
         self.series.amend(step, "loss", np.array(value))
-        if not np.isfinite(value) and self.loss_nonfinite_step is None:
-            self.loss_nonfinite_step = step
+        self.failures.record_loss(step, value)
 
     def clip_record(self, guard: Optional[Dict[str, object]] = None) -> Optional[ClipRecord]:
         """What the user's clipping did, with the Clipper's own counts where it clipped; None unwatched."""
@@ -142,7 +126,48 @@ class Ledger:
             layer_spike_z=self.layer_spikes.max_z.copy(),
             global_spike_z=float(self.global_spikes.max_z[0]),
             global_spike_step=int(self.global_spikes.max_z_step[0]),
-            update_ratio_max=self.update_max.copy(), nonfinite_steps=tuple(self.nonfinite_steps),
-            first_nonfinite=self.first_nonfinite, loss_nonfinite_step=self.loss_nonfinite_step,
-            amp_skipped_steps=tuple(self.amp_skipped), before_nonfinite=self.before_nonfinite,
+            update_ratio_max=self.update_max.copy(), **self.failures.profile_fields(),
         )
+
+
+class Failures:
+    """Where a run went non-finite: the steps whose gradient did, the first of them and the layer it
+    started in, the first step whose loss did, the steps a GradScaler skipped, and the last ``recent``
+    steps' per-layer figures (of ``n_groups`` layers), frozen at the first step whose gradient or global
+    norm was not finite (the black box)."""
+
+    def __init__(self, recent: int, n_groups: int) -> None:
+        self.recent = RecentSteps(recent, n_groups)
+        self.before_nonfinite: Optional[Dict[str, np.ndarray]] = None
+        self.first_nonfinite: Optional[Tuple[int, str]] = None
+        self.nonfinite_steps: List[int] = []
+        self.amp_skipped: List[int] = []
+        self.loss_nonfinite_step: Optional[int] = None
+
+    def record(self, step: int, nonfinite: np.ndarray, first_of: Callable[[np.ndarray], str],
+               loss: Optional[float]) -> None:
+        """A step's non-finite counts per layer (``first_of`` names the first layer among a mask), and its
+        loss (None where none was given)."""
+        if nonfinite.any():
+            self.nonfinite_steps.append(step)
+            if self.first_nonfinite is None:
+                self.first_nonfinite = (step, first_of(nonfinite > 0))
+        if loss is not None:
+            self.record_loss(step, loss)
+
+    def record_loss(self, step: int, loss: float) -> None:
+        if not np.isfinite(loss) and self.loss_nonfinite_step is None:
+            self.loss_nonfinite_step = step
+
+    def keep(self, step: int, global_norm: float, grad_norm: np.ndarray, max_abs: np.ndarray,
+             nonfinite: np.ndarray) -> None:
+        """Keep a step's figures in the black box, until the first step that went non-finite."""
+        if self.before_nonfinite is None and self.recent.capacity:
+            self.recent.append(step, global_norm, grad_norm=grad_norm, grad_abs_max=max_abs, nonfinite=nonfinite)
+            if nonfinite.any() or not np.isfinite(global_norm):
+                self.before_nonfinite = self.recent.snapshot()  # frozen at the first failure
+
+    def profile_fields(self) -> Dict[str, object]:
+        return dict(nonfinite_steps=tuple(self.nonfinite_steps), first_nonfinite=self.first_nonfinite,
+                    loss_nonfinite_step=self.loss_nonfinite_step, amp_skipped_steps=tuple(self.amp_skipped),
+                    before_nonfinite=self.before_nonfinite)

@@ -13,6 +13,7 @@ over the ranks as they went; see ``Monitor.profile(alone=True)``), naming every 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -132,3 +133,36 @@ def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type],
                 return
             verdict = unfinished(report, "never", report.stopped_reason, exit_code(exc_type))
         outputs.write(output, FORMATS[format_for(str(output))](report, verdict), "report")
+
+
+class Flight:
+    """A Monitor's flight recorder: where its report goes (``output``, under ``rules``) however its
+    ``with`` block ends. A destination that cannot be written fails at once, not at the end of the run."""
+
+    def __init__(self, output: Optional[PathLike], rules: Any) -> None:
+        if output is not None:
+            outputs.check(output, "report")
+        self.output, self.rules = output, rules
+        self._previous: Optional[Any] = None  # the SIGTERM handler armed over
+
+    def take_off(self) -> None:
+        """The block begins: SIGTERM raises from here (with an output), so that the report is written."""
+        if self.output is not None:
+            self._previous = arm()
+
+    def land(self, monitor: Any, exc_type: Optional[type], exc: Optional[BaseException]) -> None:
+        """The block ended: write the report, whole or marked partial. A failure to write it is one line on
+        stderr when the run raised (its own exception goes on), and raises after a normal end."""
+        previous, self._previous = self._previous, None
+        if self.output is None:
+            disarm(previous)
+            return
+        hold(previous)  # SIGTERM ignored from here, with no moment in which it would kill
+        try:
+            record(monitor, self.output, self.rules, exc_type, exc)
+        except Exception as error:
+            if exc_type is None:
+                raise
+            sys.stderr.write(f"gradscope: the report could not be written to {self.output}: {error}\n")
+        finally:
+            disarm(previous)

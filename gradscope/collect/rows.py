@@ -13,7 +13,7 @@ gradient) are summed over ranks, the maxima maxed.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -73,10 +73,10 @@ class StepLayout:
                 for members in b.sample.runs:
                     place(kind, off + np.asarray(members, dtype=np.int64), len(members))
         for k, (off, b) in enumerate(zip(offsets, buckets)):  # then the scalars
-            rest, direct, empty = (off + np.asarray(members, np.int64)
-                                   for members in (b.sample.rest, b.direct, b.sample.empty))
+            rest, large, empty = (off + np.asarray(members, np.int64)
+                                  for members in (b.sample.rest, b.off_grad, b.sample.empty))
             for kind in ("norm", "max"):
-                for where in (rest, direct, empty):
+                for where in (rest, large, empty):
                     place(kind, where, len(where))
             place("head", [k], 1)
             place("tail", [k], 1)
@@ -211,3 +211,65 @@ class HostCopy:
         else:
             host = torch.cat(flat).cpu().numpy().astype(np.float64)
         return list(np.split(host, np.cumsum([t.numel() for t in flat])[:-1]))
+
+
+class Waiting(NamedTuple):
+    """A step whose row is still on the device, with what the host knew when it was observed."""
+
+    step: int  # the optimizer step
+    tensors: List[torch.Tensor]  # the step's vector and its extras (under a process group: summed and maxed)
+    extras: List[Tuple[str, int]]  # the extras' names and lengths, in order
+    present: Optional[np.ndarray]  # the layers that had a gradient (None under a process group: reduced with the row)
+    measured: bool  # whether the row carries the update of the last step recorded
+    loss_given: bool
+    amp: bool
+    counted: bool  # whether the step's |g| histogram (and so its zeros) was counted
+    result: Any  # the step's Observation, filled in when the row reaches the host
+
+
+class RowQueue:
+    """The rows of the steps waiting on the device, oldest first, and the one host copy that moves them.
+
+    Each row is a slice of a ring of ``capacity`` rows of ``width`` figures, made once, so that a step
+    writes its figures in place; on a CPU the ring's numpy view lets the host read a row with no op.
+    """
+
+    def __init__(self, width: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        ring = torch.empty(capacity, width, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.rows = list(ring.unbind(0))
+        self.host = ring.numpy() if device.type == "cpu" else None
+        self.waiting: List[Waiting] = []
+        self._copy = HostCopy()
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def next_row(self) -> torch.Tensor:
+        """The row the next step writes."""
+        return self.rows[len(self.waiting)]
+
+    def next_row_on_host(self) -> Optional[np.ndarray]:
+        """The next step's row as the host sees it, once written (None off a CPU, where reading waits)."""
+        return None if self.host is None else self.host[len(self.waiting)]
+
+    def append(self, step: Waiting) -> bool:
+        """Queue a step; whether the queue is full (time to flush)."""
+        self.waiting.append(step)
+        return len(self.waiting) >= self.capacity
+
+    def drain(self) -> Iterator[Tuple[Waiting, List[np.ndarray]]]:
+        """Every waiting step with its tensors' host copies, oldest first: one copy for all of them. Each
+        leaves the queue as it is handed out, so that a count of steps (recorded + waiting) holds."""
+        if not self.waiting:
+            return
+        arrays = self._copy([t for w in self.waiting for t in w.tensors])
+        at = 0
+        while self.waiting:
+            step = self.waiting.pop(0)
+            yield step, arrays[at:at + len(step.tensors)]
+            at += len(step.tensors)
+
+    def clear(self) -> None:
+        """Drop the waiting steps (a rank alone after a failure: their collectives may never complete)."""
+        self.waiting.clear()

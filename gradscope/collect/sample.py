@@ -27,7 +27,7 @@ RUN_MIN = segments.RUN_MIN  # whole parameters of one length reduced as one 2-D 
 
 class _Views(NamedTuple):
     """The views of one buffer that a step reads: every parameter's slot, the runs (as |g| too), the
-    other whole parameters (as |g| too), and the two halves of the dot product."""
+    other whole parameters (as |g| too), the two halves of the dot product, and the buffer's bits."""
 
     slots: List[torch.Tensor]
     runs: List[torch.Tensor]
@@ -36,52 +36,78 @@ class _Views(NamedTuple):
     rest_abs: List[torch.Tensor]
     head: torch.Tensor  # the sampled blocks of large parameters (weighted by ``sample`` in the dot)
     tail: torch.Tensor  # the whole parameters
+    head_bits: torch.Tensor  # the same two parts as int32, for |g| (see _Magnitudes)
+    tail_bits: torch.Tensor
+
+
+class _Magnitudes:
+    """|g| of the current buffer as float32 bits (the sign masked off), written at most once a step: of
+    the whole parameters (what a CPU reads their max |g| off), and of the sampled blocks (for the
+    histogram, which then turns the bits into bins in place)."""
+
+    def __init__(self, size: int, weighted: int, device: torch.device) -> None:
+        self.bits = torch.empty(size, dtype=torch.int32, device=device)
+        self.parts = (self.bits[:weighted], self.bits[weighted:])  # the sampled blocks', the whole parameters'
+        self.ready = 0  # how much of ``bits`` holds this step's |g|: nothing, the whole parameters (1), all (2)
+
+    def fill(self, views: _Views, everything: bool) -> None:
+        if self.ready < 1:
+            torch.bitwise_and(views.tail_bits, hist.ABS_MASK, out=self.parts[1])
+            self.ready = 1
+        if everything and self.ready < 2:
+            if self.parts[0].numel():
+                torch.bitwise_and(views.head_bits, hist.ABS_MASK, out=self.parts[0])
+            self.ready = 2
+
+
+class _Bins(NamedTuple):
+    """What turns the magnitudes into histogram bins: each element's group offset, and ones to add."""
+
+    base: torch.Tensor  # per element: its group's first bin
+    increments: torch.Tensor  # ones, expanded (no memory) to the sample's length
 
 
 class Sample:
-    """The sample of gradients of ``shapes`` (``wide``: read no figure off it, only the histogram and the
-    cosine); ``groups`` numbers each parameter's layer, for the histogram's bins."""
+    """The sample of gradients of ``shapes`` (``histogram_only``: read no figure off it, only the histogram
+    and the cosine, for a float64 bucket); ``groups`` numbers each parameter's layer, for the histogram's bins."""
 
     def __init__(self, shapes: Sequence[torch.Size], groups: Sequence[int], sample: int, device: torch.device,
-                 wide: bool) -> None:
+                 histogram_only: bool) -> None:
         numels = [int(torch.Size(s).numel()) for s in shapes]
         self.sample = sample
-        self.rows = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
-        self.sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.rows)]
-        blocked = [i for i, r in enumerate(self.rows) if r]
-        whole = [i for i, r in enumerate(self.rows) if not r]
+        # per parameter: its count of SAMPLE_BLOCK blocks where it is sampled by block, 0 where it sits whole
+        self.blocks = [n // SAMPLE_BLOCK if sample > 1 and n >= SAMPLE_MIN else 0 for n in numels]
+        self.sizes = [len(range(0, r, sample)) * SAMPLE_BLOCK if r else n for n, r in zip(numels, self.blocks)]
+        by_block = [i for i, r in enumerate(self.blocks) if r]
+        whole = [i for i, r in enumerate(self.blocks) if not r]
         whole = [whole[k] for k in segments.order([self.sizes[i] for i in whole])]
         # Sampled blocks first (one region weighted by ``sample`` in the dot), then whole parameters, equal
         # sizes side by side so that each run of them is one view.
         starts, at = [0] * len(shapes), 0
-        for i in blocked + whole:
+        for i in by_block + whole:
             starts[i], at = at, at + self.sizes[i]
-        self.weighted = sum(self.sizes[i] for i in blocked)
-        self.small = [] if wide else [i for i in whole if self.sizes[i]]  # figures read off the sample
-        self.empty = [] if wide else [i for i in whole if not self.sizes[i]]  # a rank's empty shard: zeros
-        self.segments = segments.Segments([self.sizes[i] for i in self.small], self.weighted, device)
-        runs, rest = segments.split_runs([self.sizes[i] for i in self.small])
-        self.runs, self.rest = [[self.small[k] for k in run] for run in runs], [self.small[k] for k in rest]
-        self.bits = torch.empty(at, dtype=torch.int32, device=device)
+        self.weighted = sum(self.sizes[i] for i in by_block)
+        # the parameters whose figures are read off the sample (where they sit whole), and a rank's empty shards
+        self.off_sample = [] if histogram_only else [i for i in whole if self.sizes[i]]
+        self.empty = [] if histogram_only else [i for i in whole if not self.sizes[i]]
+        self.segments = segments.Segments([self.sizes[i] for i in self.off_sample], self.weighted, device)
+        runs, rest = segments.split_runs([self.sizes[i] for i in self.off_sample])
+        self.runs = [[self.off_sample[k] for k in run] for run in runs]
+        self.rest = [self.off_sample[k] for k in rest]
+        self.magnitudes = _Magnitudes(at, self.weighted, device)
         self.buffers = [torch.zeros(at, dtype=torch.float32, device=device) for _ in range(2)]
-        # the buffers' bits, for |g|: the sampled blocks' part and the whole parameters' part
-        self.ints = [(buf.view(torch.int32)[:self.weighted], buf.view(torch.int32)[self.weighted:])
-                     for buf in self.buffers]
-        self.bits_parts = (self.bits[:self.weighted], self.bits[self.weighted:])
         self.views = [self._views(buf, starts, shapes) for buf in self.buffers]
         base = torch.empty(at, dtype=torch.int32)
         for i, g in enumerate(groups):  # each element's histogram bins start at its group's offset
             base[starts[i]:starts[i] + self.sizes[i]] = g * hist.N_BINS
-        self.bin_base = base.to(device)
-        self.ones = torch.ones(1, dtype=torch.int64, device=device).expand(at)  # the histogram's increments
+        self.bins = _Bins(base.to(device), torch.ones(1, dtype=torch.int64, device=device).expand(at))
         self.current = 0
-        self.ready = 0  # how much of ``bits`` holds this step's |g|: nothing, the whole parameters (1), all (2)
 
     def _views(self, buf: torch.Tensor, starts: List[int], shapes: Sequence[torch.Size]) -> _Views:
-        magnitude = self.bits.view(torch.float32)
+        magnitude = self.magnitudes.bits.view(torch.float32)
         # A whole parameter's slot has the gradient's own shape, so the copy needs no per-step reshape.
         slots = [buf[s:s + n].view((n // SAMPLE_BLOCK, SAMPLE_BLOCK) if r else shape)
-                 for s, n, r, shape in zip(starts, self.sizes, self.rows, shapes)]
+                 for s, n, r, shape in zip(starts, self.sizes, self.blocks, shapes)]
 
         def run_view(flat: torch.Tensor, members: List[int]) -> torch.Tensor:
             s, n = starts[members[0]], self.sizes[members[0]]
@@ -90,67 +116,59 @@ class Sample:
         def one(flat: torch.Tensor, i: int) -> torch.Tensor:
             return flat[starts[i]:starts[i] + self.sizes[i]]
 
+        bits = buf.view(torch.int32)
         return _Views(slots, [run_view(buf, m) for m in self.runs], [run_view(magnitude, m) for m in self.runs],
                       [one(buf, i) for i in self.rest], [one(magnitude, i) for i in self.rest],
-                      buf[:self.weighted], buf[self.weighted:])
+                      buf[:self.weighted], buf[self.weighted:], bits[:self.weighted], bits[self.weighted:])
 
     def source(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The view of a gradient that the sample reads: whole, or every ``sample``-th block (one view op)."""
-        rows = self.rows[i]
-        if not rows:
+        blocks = self.blocks[i]
+        if not blocks:
             return grad
         if not grad.is_contiguous():  # rare (a channels-last gradient): the blocks of its flat copy
-            return grad.reshape(-1)[: rows * SAMPLE_BLOCK].view(rows, SAMPLE_BLOCK)[:: self.sample]
+            return grad.reshape(-1)[: blocks * SAMPLE_BLOCK].view(blocks, SAMPLE_BLOCK)[:: self.sample]
         return grad.as_strided((self.sizes[i] // SAMPLE_BLOCK, SAMPLE_BLOCK), (self.sample * SAMPLE_BLOCK, 1),
                                grad.storage_offset())
 
     def copy(self, index: List[int], grads: List[torch.Tensor], count: int,
              inverse_scale: Optional[torch.Tensor]) -> None:
         """Copy this step's gradients (those of parameters ``index``, of ``count``) into the current
-        buffer; a parameter with no gradient reads as zeros; then |g|'s bits into ``bits``."""
+        buffer; a parameter with no gradient reads as zeros."""
         slots = self.views[self.current].slots
         whole = len(index) == count
         if not whole:
             for i in set(range(count)) - set(index):
                 slots[i].zero_()
         if grads:
-            sources = [self.source(i, g) if self.rows[i] else g for i, g in zip(index, grads)]
+            sources = [self.source(i, g) if self.blocks[i] else g for i, g in zip(index, grads)]
             torch._foreach_copy_(slots if whole else [slots[i] for i in index], sources)
         if inverse_scale is not None:
             buffer = self.buffers[self.current]
             buffer.mul_(inverse_scale.to(buffer.device))
-        self.ready = 0
+        self.magnitudes.ready = 0
 
-    def magnitudes(self, everything: bool = False) -> None:
-        """|g| of the current buffer into ``bits`` (the sign masked off), once per step: of the whole
-        parameters, what a CPU reads their max |g| off; with ``everything`` of the sampled blocks too,
-        for the histogram."""
-        head, tail = self.ints[self.current]
-        if self.ready < 1:
-            torch.bitwise_and(tail, hist.ABS_MASK, out=self.bits_parts[1])
-            self.ready = 1
-        if everything and self.ready < 2:
-            if self.weighted:
-                torch.bitwise_and(head, hist.ABS_MASK, out=self.bits_parts[0])
-            self.ready = 2
+    def _magnitudes(self, everything: bool = False) -> None:
+        """|g| of the current buffer (see _Magnitudes); ``everything``: of the sampled blocks too."""
+        self.magnitudes.fill(self.views[self.current], everything)
 
     def run_figures(self, cpu: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """The runs' norms and max |g|, one vector per run each, members in buffer order. A CPU reads the maxima off
-        the magnitudes (see ``magnitudes``); an accelerator in one fused norm. NaN and inf carry through."""
+        the magnitudes (see ``_Magnitudes``); an accelerator in one fused norm. NaN and inf carry through."""
         v = self.views[self.current]
         norms = [torch.linalg.vector_norm(r, 2, dim=1) for r in v.runs]
         if not cpu:
             return norms, [torch.linalg.vector_norm(r, float("inf"), dim=1) for r in v.runs]
         if v.runs:
-            self.magnitudes()
+            self._magnitudes()
         return norms, [r.amax(1) for r in v.runs_abs]
 
     def rest_views(self, magnitudes: bool) -> List[torch.Tensor]:
         """The views of the whole parameters outside the runs (``magnitudes``: of their |g|, see
-        ``magnitudes``), for the Bucket to reduce with the large ones in one foreach op."""
+        ``_magnitudes``), for the Bucket to reduce with the large ones in one foreach op."""
         v = self.views[self.current]
         if magnitudes and v.rest:
-            self.magnitudes()
+            self._magnitudes()
         return v.rest_abs if magnitudes else v.rest
 
     def dots(self, zero: torch.Tensor) -> List[torch.Tensor]:
@@ -168,24 +186,25 @@ class Sample:
     # -- the sampled cadence ------------------------------------------------------------------------
     def count(self, histogram: torch.Tensor) -> torch.Tensor:
         """Add the sample's |g| bins to ``histogram``; returns the zeros each group gained (sampled)."""
-        self.magnitudes(everything=True)
-        self.ready = 0  # the bits become bins
+        self._magnitudes(everything=True)
+        self.magnitudes.ready = 0  # the bits become bins
         bins = histogram.view(-1, hist.N_BINS)
         zeros_before = bins[:, 0].clone()
-        self.bits.bitwise_right_shift_(hist.SHIFT).add_(self.bin_base)  # bin = top bits of |g| + group offset
+        bits, ones = self.magnitudes.bits, self.bins.increments
+        bits.bitwise_right_shift_(hist.SHIFT).add_(self.bins.base)  # bin = top bits of |g| + group offset
         w = self.weighted
-        _add_counts(histogram, self.bits[w:], self.ones[w:])
+        _add_counts(histogram, bits[w:], ones[w:])
         if w:
-            _add_counts(histogram, self.bits[:w], self.ones[:w])
+            _add_counts(histogram, bits[:w], ones[:w])
         return bins[:, 0] - zeros_before
 
     def sums(self) -> torch.Tensor:
-        """The whole parameters' sums (in ``small`` order), exact, off the current buffer."""
+        """The whole parameters' sums (in ``off_sample`` order), exact, off the current buffer."""
         return self.segments.sum(self.buffers[self.current])
 
     def release(self) -> None:
         """Free the buffers (after ``Monitor.close``)."""
-        self.buffers, self.ints, self.views = [], [], []
+        self.buffers, self.views = [], []
 
 
 def _add_counts(histogram: torch.Tensor, bins: torch.Tensor, ones: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from ..run.clipper import Clipper
 from ..collect import recorder
-from ..collect.clipping import ClipSpec
+from ..analyse.clipping import ClipSpec
 from ..errors import GradscopeError
 from ..collect.monitor import Monitor
 from ..report import Report

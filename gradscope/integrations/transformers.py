@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from ..collect import recorder
 from ..run.clipper import Clipper
-from ..collect.clipping import ClipSpec
+from ..analyse.clipping import ClipSpec
 from ..errors import GradscopeError
 from ..collect.monitor import Monitor
 from ..report import Report

@@ -27,7 +27,7 @@ from ..analyse.evaluate import Finding
 from ..advise.judge import TrialSet
 from .render import MARK, grouped, ordered_layers
 from ..report import Report
-from ..collect.clipping import rate_windows
+from ..analyse.clipping import rate_windows
 from .wording import advice, clip_summary, fmt, plural, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers

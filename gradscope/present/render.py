@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..baseline import Comparison
-from ..collect.clipping import rate_windows
+from ..analyse.clipping import rate_windows
 from ..analyse.evaluate import Finding
 from ..gate import Verdict
 from ..advise.judge import TrialSet
