@@ -6,7 +6,7 @@ import torch
 
 import gradscope
 from gradscope.run.clipper import Clipper
-from gradscope.run.guards import Skip
+from gradscope.advise.guards import Skip
 from gradscope.errors import GradscopeError
 
 from models import MLP, exploding_rnn, mse, regression_batches

@@ -214,7 +214,7 @@ def test_the_skip_decision_is_the_same_on_two_ranks_as_in_one_process(tmp_path, 
 
 def test_the_advice_counts_with_the_rule_the_clipper_applies():
     """replay_skips (what a report counts, on the host) names the steps the Clipper skips on the device."""
-    from gradscope.run.guards import replay_skips
+    from gradscope.advise.guards import replay_skips
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -66,14 +66,102 @@ DISPLAY += ["gradscope.report", "gradscope.pipeline", "gradscope.integrations.co
 
 
 @pytest.mark.parametrize("module", [*DISPLAY, "gradscope.collect.ledger", "gradscope.collect.clipping",
-                                    "gradscope.collect.history"])
+                                    "gradscope.collect.history", "gradscope.collect.cadence"])
 def test_the_display_layer_stands_alone(module):
     """Every module under analyse/, advise/ and present/, and the Profile -> Report pipeline, imports no torch
-    and nothing that trains; nor do the Monitor's host-side ledger, history and clipping tally."""
+    and nothing that trains; nor do the Monitor's host-side ledger, history, clipping tally and cadence."""
     code = (f"import sys, {module}; "
             "bad = {'torch', 'gradscope.run.diagnose', 'gradscope.collect.monitor', 'gradscope.run.trials', "
             "'gradscope.run.experiment', 'matplotlib'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def _import_graph():
+    """Each gradscope module's module-level imports of other gradscope modules (imports inside a function,
+    which load lazily, and those under ``if TYPE_CHECKING`` are not edges)."""
+    import ast
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                edges[name] |= {alias.name for alias in node.names if alias.name in modules}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    if target in modules:
+                        edges[name].add(target)
+    return edges
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else "top"
+
+
+def test_the_imports_form_no_cycle():
+    """No module imports, at load time, one that imports it back (the Report's display hooks import
+    present/ inside the methods: the one declared exception to the flow)."""
+    edges = _import_graph()
+    state: dict = {}
+    cycles = []
+
+    def visit(node, path):
+        state[node] = "open"
+        for target in sorted(edges[node]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[node] = "done"
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+# The flow, folder by folder: each may import only the folders before it (and the top-level helpers).
+# collect/ fills a Profile (analyse/'s plain data); analyse/, advise/ and present/ never import the
+# training side; run/ drives collect/ and reads the advice.
+FLOW_IMPORTS = {
+    "analyse": set(),
+    "advise": {"analyse"},
+    "present": {"analyse", "advise"},
+    "collect": {"analyse"},
+    "run": {"analyse", "advise", "collect"},
+    "integrations": {"analyse", "advise", "collect", "run", "present"},
+}
+
+
+def test_no_import_runs_back_up_the_flow():
+    edges = _import_graph()
+    found = [f"{name} -> {target}" for name, targets in edges.items() for target in targets
+             if _folder(name) in FLOW_IMPORTS and _folder(target) not in FLOW_IMPORTS[_folder(name)] | {"top", _folder(name)}]
+    assert not found, found
+
+
+def test_no_class_on_the_hot_path_sets_more_than_15_attributes():
+    """The Monitor and its helpers stay small enough to read: each class under collect/ sets at most 15
+    attributes on ``self`` (a helper class is the way to add state)."""
+    import ast
+    large = []
+    for path in sorted((PACKAGE / "collect").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                names = {target.attr for inner in ast.walk(node) if isinstance(inner, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                         for t in (inner.targets if isinstance(inner, ast.Assign) else [inner.target])
+                         for target in ast.walk(t)
+                         if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"}
+                if len(names) > 15:
+                    large.append(f"{path.name}:{node.name}: {len(names)} attributes")
+    assert not large, large
 
 
 def _user_facing_strings(path: Path):

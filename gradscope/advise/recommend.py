@@ -14,7 +14,7 @@ import numpy as np
 
 from ..analyse import histogram as hist
 from ..analyse.evaluate import Finding
-from ..run.guards import Skip, replay_skips
+from .guards import Skip, replay_skips
 from .judge import TrialSet, two_figures
 from ..analyse.ruleset import SEVERITIES
 from .snippets import snippets

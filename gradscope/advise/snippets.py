@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, Optional
 
 if TYPE_CHECKING:
-    from ..run.guards import Skip
+    from .guards import Skip
 
 
 def snippets(method: str, threshold: Optional[float], sharded: bool = False, *, safety_net: Optional[float] = None,

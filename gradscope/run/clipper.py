@@ -14,7 +14,7 @@ from torch import nn
 from ..collect import distributed
 from ..errors import GradscopeError
 from .guard_state import GuardState, total_norm
-from .guards import Adaptive, Skip
+from ..advise.guards import Adaptive, Skip
 from ..report import Report
 
 METHODS = ("norm", "value", "agc", "adaptive", "none")
@@ -33,7 +33,7 @@ class Clipper:
     linear layer is left out unless ``exclude`` names other modules (``exclude=()`` clips every layer).
     ``none`` clips nothing unless ``safety_net`` is given: then the global norm is clipped at that
     generous threshold, which only a blow-up reaches. ``adaptive`` is ZClip's norm threshold that follows
-    the running norm (see ``gradscope.run.guards.Adaptive``); its ``threshold`` is the z-score (2.5 in ZClip).
+    the running norm (see ``gradscope.advise.guards.Adaptive``); its ``threshold`` is the z-score (2.5 in ZClip).
 
     ``skip=Skip()`` arms the skip-step guard beside any method: a step whose global norm, or loss when
     ``clipper(model, loss=loss)`` is given it, is more than ``z`` standard deviations above the last

@@ -14,10 +14,11 @@ import torch
 from ..collect import distributed
 from .. import interrupts
 from ..errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
-from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, is_adaptive, median_or_inf,
+from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf,
                          next_batch, optimizer_step)
 from ..advise.judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
 from ..collect.monitor import Monitor
+from ..collect.optimizers import is_adaptive
 from .options import ProfileOptions, TrialOptions
 from ..pipeline import assess, build_report
 from ..analyse.profile import Profile

@@ -63,17 +63,6 @@ class Experiment:
         return self.name or type(self.model).__name__
 
 
-# An optimizer whose param groups hold one of these divides its step by a running statistic of the
-# gradient (Adam's family: betas and eps; RMSprop, Adagrad, Adadelta: eps; Rprop: the sign, etas), so
-# its step does not scale with the gradient's norm. SGD (and ASGD) hold none of them.
-ADAPTIVE_KEYS = ("betas", "eps", "etas")
-
-
-def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer divides its step by a running statistic of the gradient (see ADAPTIVE_KEYS)."""
-    return any(key in group for group in optimizer.param_groups for key in ADAPTIVE_KEYS)
-
-
 def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
     """A scheduler gradscope can step once per step and put back: a per-step one over this optimizer."""
     kind = type(scheduler).__name__

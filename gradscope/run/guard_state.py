@@ -1,5 +1,5 @@
 """The guards' state on the device: the skip-step window, the adaptive threshold's moving statistics and the
-counters, updated by tensor operations alone (no host sync); see ``gradscope.run.guards`` for the rules."""
+counters, updated by tensor operations alone (no host sync); see ``gradscope.advise.guards`` for the rules."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 
 from ..collect import distributed
 from ..errors import GradscopeError
-from .guards import Adaptive, Skip
+from ..advise.guards import Adaptive, Skip
 
 EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z
 
