@@ -129,6 +129,22 @@ def test_fail_on_error_fails_the_fit():
         trainer(GradscopeCallback(fail_on="error"), max_steps=20).fit(module, loader(n=320))
 
 
+def test_fail_on_writes_the_verdict_it_raises_on(tmp_path):
+    """The file and the error come from one verdict: the findings the JSON marks failing are those the
+    error lists, and its exit code is the gate's."""
+    torch.manual_seed(0)
+    out = tmp_path / "health.json"
+    callback = GradscopeCallback(fail_on="error", output=out)
+    with pytest.raises(GradientHealthError) as raised:
+        trainer(callback, max_steps=20).fit(Regressor(lr=5.0), loader(n=320))
+    assert len(callback.reports) == 1 and not callback.reports[0].partial  # kept for the caller to read
+    written = json.loads(out.read_text())
+    gate = written["gate"]
+    assert written["model"] == "Regressor" and written.get("stopped_reason") is None  # whole, not overwritten as partial
+    assert gate["exit_code"] == 1 and gate["fail_on"] == "error" and not gate["passed"]
+    assert gate["failing"] and all(f["rule_id"] in str(raised.value) for f in gate["failing"])
+
+
 class SpikyAdam(Regressor):
     """Adam, with the gradients the optimizer gets recorded after every callback has acted."""
 

@@ -11,7 +11,7 @@ from ..errors import GradscopeError
 from ..present.formats import FORMATS, findings_table, format_for
 from .. import interrupts, outputs
 from ..collect import recorder
-from ..gate import decide, unfinished
+from ..gate import Verdict, decide, unfinished
 from ..present.render import render
 from ..report import Report
 from ..analyse.ruleset import RuleSet, load_rules
@@ -37,29 +37,37 @@ class ReportSink:
         self.output = output
         self.fail_on = fail_on
 
-    def emit(self, reports: List[Report], failure: Optional[BaseException] = None) -> None:
-        """Print or write the reports; after ``failure`` (the fit raised) they are partial reports, whose
-        verdict carries the failure, and the file is written shielded from a second Ctrl-C."""
+    def finish(self, reports: List[Report], *, write: bool = True, failure: Optional[BaseException] = None) -> None:
+        """The end of a run: one verdict per report, then the reports written (or printed) with them, where
+        ``write`` (rank 0), and after a normal end :class:`GradientHealthError` raised on every rank where a
+        report fails ``fail_on``. After ``failure`` (the fit raised) they are partial reports, whose verdict
+        carries the failure, and nothing is raised: the run's own exception goes on."""
+        verdicts = [self._verdict(r, failure) for r in reports]
+        if write:
+            self._write(reports, verdicts)
+        failing = [(r, v) for r, v in zip(reports, verdicts) if not v.passed]
+        if failure is None and failing:
+            raise GradientHealthError("gradient health check failed at the end of training:\n"
+                                      + "\n".join(findings_table(r, v) for r, v in failing),
+                                      "see the gradscope report above, or pass fail_on=None")
+
+    def _verdict(self, report: Report, failure: Optional[BaseException]) -> Verdict:
+        policy = self.fail_on or "never"
+        if failure is None:
+            return decide(report, policy)
+        return unfinished(report, policy, report.stopped_reason or "", recorder.exit_code(type(failure)))
+
+    def _write(self, reports: List[Report], verdicts: List[Verdict]) -> None:
+        """Print the rich reports, or write them in the format the output's suffix names: one file, replaced
+        atomically (``outputs.write``) and shielded from a second Ctrl-C."""
         if self.output is None:
             console = Console(highlight=False)
             for report in reports:
                 console.print(render(report))
             return
         kind = format_for(str(self.output))
-
-        def verdict(r: Report):
-            if failure is None:
-                return decide(r, self.fail_on or "never")
-            return unfinished(r, self.fail_on or "never", r.stopped_reason or "", recorder.exit_code(type(failure)))
-        texts = [FORMATS[kind](r, verdict(r)) for r in reports]
+        texts = [FORMATS[kind](r, v) for r, v in zip(reports, verdicts)]
         if kind == "json" and len(texts) > 1:  # one document: a list of reports
             texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
         with interrupts.shielded(sigterm=True):
             outputs.write(self.output, "".join(texts), "report")
-
-    def check(self, reports: List[Report]) -> None:
-        failing = [r for r in reports if self.fail_on and not decide(r, self.fail_on).passed]
-        if failing:
-            raise GradientHealthError("gradient health check failed at the end of training:\n"
-                                      + "\n".join(findings_table(r, decide(r, self.fail_on)) for r in failing),
-                                      "see the gradscope report above, or pass fail_on=None")

@@ -76,6 +76,8 @@ class GradscopeCallback(pl.Callback):
         """The fit raised (or was interrupted): write what was observed, marked partial with the reason. Under
         several processes rank 0 writes it, built without collectives, and names every rank that stopped
         (see ``gradscope.collect.recorder.partial_report``)."""
+        if not self.monitors:  # the fit had ended and its reports are written: this is the gate's own error
+            return
         name = type(pl_module).__name__
         reports = []
         for k, monitor in enumerate(self.monitors.values()):
@@ -85,20 +87,19 @@ class GradscopeCallback(pl.Callback):
                 if report is not None:
                     reports.append(report)
             monitor.close()
-        self.reports = reports
+        self.monitors, self.reports = {}, reports
         if reports:
-            self.sink.emit(reports, failure=exception)
+            self.sink.finish(reports, failure=exception)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         name = type(pl_module).__name__
-        for k, monitor in enumerate(self.monitors.values()):
+        monitors, self.monitors = self.monitors, {}
+        for k, monitor in enumerate(monitors.values()):
             if monitor.steps:
-                label = name if len(self.monitors) == 1 else f"{name} (optimizer {k})"
+                label = name if len(monitors) == 1 else f"{name} (optimizer {k})"
                 self.reports.append(monitor.report(self.sink.rules, name=label))
             monitor.close()
-        if trainer.is_global_zero:
-            self.sink.emit(self.reports)
-        self.sink.check(self.reports)
+        self.sink.finish(self.reports, write=trainer.is_global_zero)
 
 
 class ClipperCallback(pl.Callback):

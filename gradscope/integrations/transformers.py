@@ -98,9 +98,7 @@ class GradscopeTrainerCallback(TrainerCallback):
             return
         self.report = self.monitor.report(self.sink.rules, name=type(self._model).__name__)
         self.monitor.close()
-        if state.is_world_process_zero:
-            self.sink.emit([self.report])
-        self.sink.check([self.report])
+        self.sink.finish([self.report], write=state.is_world_process_zero)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -123,7 +121,7 @@ class GradscopeTrainerCallback(TrainerCallback):
                 monitor.close()
                 if report is not None:
                     self.report = report
-                    self.sink.emit([report], failure=exc)
+                    self.sink.finish([report], failure=exc)
             raise
         finally:
             recorder.disarm(previous)
