@@ -67,13 +67,13 @@ def _trial(threshold, held_out, unstable=""):
 
 def test_an_unstable_trial_never_wins_however_low_its_loss():
     trials = [_trial(10.0, 0.05, "the loss blew up"), _trial(3.2, 0.20), _trial(1.0, 0.30), _trial(0.32, 0.45)]
-    winner, reason = judge.choose(trials, start_held_out=1.0)
+    winner, reason = judge.ruling(trials, start_held_out=1.0)
     assert winner == 1.0  # 10 scored lowest but went unstable; 3.2 is best, and sits right below it
     assert "1 of 4 went unstable" in reason
 
 
 def test_choose_gives_no_winner_when_nothing_was_stable():
-    winner, reason = judge.choose([_trial(1.0, math.inf, "diverged")], start_held_out=1.0)
+    winner, reason = judge.ruling([_trial(1.0, math.inf, "diverged")], start_held_out=1.0)
     assert winner is None and "learning rate" in reason
 
 
@@ -87,26 +87,26 @@ def test_the_search_descends_by_decades_then_tries_the_half_decades_beside_the_p
     # decades down to 0.01, which is no better than 0.1, so the descent stops (0.001 is never tried); then
     # the half-decades beside the pick 0.1, the looser first; 0.032 is better, and its neighbours are known
     assert order == [10.0, 1.0, 0.1, 0.01, 0.32, 0.032]
-    assert judge.choose(done, start_held_out=1.0)[0] == 0.032
+    assert judge.ruling(done, start_held_out=1.0)[0] == 0.032
 
 
 def test_the_loosest_trial_within_5_percent_of_the_best_improvement_wins():
     # start 1.0; best 0.50 at 0.01: an improvement of 0.5, so anything at or below 0.525 is near-best
     trials = [_trial(1.0, 0.60), _trial(0.1, 0.52), _trial(0.01, 0.50)]
-    winner, reason = judge.choose(trials, start_held_out=1.0)
+    winner, reason = judge.ruling(trials, start_held_out=1.0)
     assert winner == 0.1 and "within 5% of the best held-out improvement" in reason
-    assert judge.choose([_trial(1.0, 0.60), _trial(0.1, 0.53), _trial(0.01, 0.50)], 1.0)[0] == 0.01
+    assert judge.ruling([_trial(1.0, 0.60), _trial(0.1, 0.53), _trial(0.01, 0.50)], 1.0)[0] == 0.01
 
 
 def test_the_pick_stays_one_step_below_a_looser_threshold_that_went_unstable():
     reference = _trial(math.inf, math.inf, "the loss blew up")
     trials = [_trial(3.2, 0.40), _trial(1.0, 0.41), _trial(0.32, 0.60)]
-    winner, reason = judge.choose(trials, 1.0, reference)  # 3.2 is best, but the unclipped run above it blew up
+    winner, reason = judge.ruling(trials, 1.0, reference)  # 3.2 is best, but the unclipped run above it blew up
     assert winner == 1.0 and "one step below" in reason
     stable_reference = _trial(math.inf, 0.45)
-    assert judge.choose(trials, 1.0, stable_reference)[0] == 3.2
+    assert judge.ruling(trials, 1.0, stable_reference)[0] == 3.2
     edge = [_trial(10.0, math.inf, "diverged"), _trial(3.2, 0.40)]  # nothing stable below: keep the pick
-    assert judge.choose(edge, 1.0)[0] == 3.2
+    assert judge.ruling(edge, 1.0)[0] == 3.2
 
 
 def _noisy(threshold, level, noise, seed=0):
@@ -117,33 +117,33 @@ def _noisy(threshold, level, noise, seed=0):
 
 
 def test_better_needs_the_paired_held_out_difference_to_exceed_its_noise():
-    assert judge.better(_noisy(0.01, 4.00, 0.02, seed=3), _noisy(0.1, 4.30, 0.02, seed=4))
-    assert not judge.better(_noisy(0.01, 4.140, 0.02, seed=3), _noisy(0.1, 4.142, 0.02, seed=4))
-    assert judge.better(_trial(0.01, 0.4), _trial(0.1, 0.5))  # without per-batch losses: the lower median
+    assert judge.clearly_better(_noisy(0.01, 4.00, 0.02, seed=3), _noisy(0.1, 4.30, 0.02, seed=4))
+    assert not judge.clearly_better(_noisy(0.01, 4.140, 0.02, seed=3), _noisy(0.1, 4.142, 0.02, seed=4))
+    assert judge.clearly_better(_trial(0.01, 0.4), _trial(0.1, 0.5))  # without per-batch losses: the lower median
 
 
 def test_a_consistent_difference_below_the_signal_floor_is_no_evidence():
     tight, loose = _noisy(0.001, 4.140, 0.001, seed=3), _noisy(0.01, 4.165, 0.001, seed=4)
-    assert judge.better(tight, loose)  # 0.025 lower on every batch: far beyond its noise ...
-    assert not judge.better(tight, loose, judge.floor(4.16))  # ... but under 1% of a start loss of 4.16
+    assert judge.clearly_better(tight, loose)  # 0.025 lower on every batch: far beyond its noise ...
+    assert not judge.clearly_better(tight, loose, judge.evidence_floor(4.16))  # ... but under 1% of a start loss of 4.16
 
 
 def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wins():
     # start 4.16: the best trial gained 0.02 (0.5%), within the 1% signal floor of the others that held
     # their loss; 0.1 made it 20% worse, so the loosest that held, 0.01, wins rather than the tightest
     trials = [_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142), _trial(0.0001, 4.156)]
-    winner, reason = judge.choose(trials, start_held_out=4.16)
+    winner, reason = judge.ruling(trials, start_held_out=4.16)
     assert winner == 0.01 and not judge.learned(trials, 4.16)
     assert "no trial trained measurably" in reason and "stability alone" in reason  # the report says so
     # with a real gain the floor is too narrow to matter: 5% of the improvement rules, as before
     learning = [_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)]
-    winner, reason = judge.choose(learning, 4.16)
+    winner, reason = judge.ruling(learning, 4.16)
     assert winner == 0.001 and judge.learned(learning, 4.16) and "measurably" not in reason
 
 
 def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
     def rendered(trials, steps=30, adaptive=True):
-        winner, reason = judge.choose(trials, 4.16)
+        winner, reason = judge.ruling(trials, 4.16)
         reference = Trial(math.inf, (4.2, 90.0), (1.0, 50.0), math.inf, "the loss blew up")
         trial_set = judge.TrialSet(steps=steps, start_held_out=4.16, reference=reference, trials=tuple(trials),
                                    untried=(), stopped="the budget ran out", winner=winner, reason=reason,
@@ -177,7 +177,7 @@ def _rung(threshold, *held, unstable=""):
 def test_a_threshold_stable_at_30_steps_that_fails_at_60_loses():
     cliff = _rung(3.2, 0.30, math.inf, unstable="the loss went non-finite at step 70")  # best at 30, then fails
     trials = [cliff, _rung(1.0, 0.40, 0.20), _rung(0.32, 0.60, 0.45)]
-    winner, reason = judge.choose(trials, start_held_out=1.0)
+    winner, reason = judge.ruling(trials, start_held_out=1.0)
     # 3.2 loses, and as a looser threshold that went unstable it keeps the pick one step below the best
     assert winner == 0.32 and reason.startswith("after 60 steps") and "one step below" in reason
     assert judge.final_field(trials).steps == 60
@@ -263,7 +263,7 @@ def test_the_schedule_carries_the_contenders_past_a_late_cliff_within_its_budget
         runner = _Scripted(held, options)
         runner.reference = _trial(math.inf, 0.6)  # unclipped training is stable here: no margin from it
         stopped = schedule.run(runner, lattice)
-        return runner, stopped, judge.choose(runner.judged(), 1.0, runner.reference)[0]
+        return runner, stopped, judge.ruling(runner.judged(), 1.0, runner.reference)[0]
 
     runner, stopped, winner = run(TrialOptions())
     trials = runner.judged()

@@ -86,7 +86,7 @@ def rule(margin: bool = False, tie: float = 0.0, budget: float = 1e9, prefer: st
         if not stable:
             return None
         best = min(t.held_out for t in stable)
-        band = max(tie * max(start - best, 0.0), judge.floor(start) if floor else 0.0)
+        band = max(tie * max(start - best, 0.0), judge.evidence_floor(start) if floor else 0.0)
         near = [t for t in stable if t.held_out <= best + band]
         pick = (max if prefer == "loosest" else min)(near, key=lambda t: t.threshold)
         if not margin:
@@ -111,8 +111,8 @@ def regret(row: dict, threshold: Optional[float]) -> float:
 
 
 def default(trials: List[Trial], reference: Trial, start: float) -> Optional[float]:
-    """gradscope's own choice: its search within its budget, then judge.choose."""
-    return judge.choose(coarse_to_fine(trials, start, BUDGET, reference=reference), start, reference)[0]
+    """gradscope's own choice: its search within its budget, then judge.ruling."""
+    return judge.ruling(coarse_to_fine(trials, start, BUDGET, reference=reference), start, reference)[0]
 
 
 def one_se(budget: float = 1e9, search: str = "descending") -> Rule:
@@ -124,7 +124,7 @@ def one_se(budget: float = 1e9, search: str = "descending") -> Rule:
         if not stable:
             return None
         best = min(stable, key=lambda t: t.held_out)
-        return max(t.threshold for t in stable if t.threshold >= best.threshold and not judge.better(best, t))
+        return max(t.threshold for t in stable if t.threshold >= best.threshold and not judge.clearly_better(best, t))
     return choose
 
 
@@ -133,7 +133,7 @@ def below_the_pick(trials: List[Trial], reference: Trial, start: float) -> Optio
     and stayed stable (where it went unstable the choice has stepped down already): the margin a
     learning-rate range test keeps below the loss minimum, taken always."""
     done = coarse_to_fine(trials, start, BUDGET, reference=reference)
-    chosen = judge.pick(done, start, reference)
+    chosen = judge.winning_trial(done, start, reference)
     if chosen is None:
         return None
     looser = [t for t in done if t.threshold > chosen.threshold]

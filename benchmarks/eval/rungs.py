@@ -107,7 +107,7 @@ def replay(row: dict, options: TrialOptions) -> Tuple[Optional[float], int, str]
     runner = Replay(row, options)
     thresholds = sorted(runner.records, reverse=True)
     stopped = schedule.run(runner, thresholds)
-    winner, _ = judge.choose(runner.judged(), runner.start_held_out, runner.reference)
+    winner, _ = judge.ruling(runner.judged(), runner.start_held_out, runner.reference)
     return winner, runner.spent, stopped
 
 
@@ -141,10 +141,10 @@ def _settled_when(first_rung: str, later: str):
         rule = later if earlier else first_rung
         if rule == "held":
             before_field = judge.field_at(trials, earlier[-1])
-            before = judge.pick(before_field.trials, start_held_out, reference, before_field.beside)
+            before = judge.winning_trial(before_field.trials, start_held_out, reference, before_field.beside)
             if before is not None and before.threshold == ahead[0].threshold:
                 return [], "held"
-        if rule == "clear" and all(judge.better(ahead[0], t, judge.floor(start_held_out)) for t in ahead[1:]):
+        if rule == "clear" and all(judge.clearly_better(ahead[0], t, judge.evidence_floor(start_held_out)) for t in ahead[1:]):
             return [], "clear"
         return [t.threshold for t in ahead], "open"
     return promote

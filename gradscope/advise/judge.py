@@ -199,13 +199,13 @@ def next_candidate(candidates: Sequence[float], done: Sequence[Trial], start_hel
     coarse = [c for i, c in enumerate(candidates) if i % 2 == 0]
     descended = [tried[c] for c in coarse if c in tried]
     stable_above = [t for t in descended[:-1] if t.stable]
-    settled = bool(stable_above) and descended[-1].stable and not better(
-        descended[-1], min(stable_above, key=lambda t: t.held_out), floor(start_held_out))
+    settled = bool(stable_above) and descended[-1].stable and not clearly_better(
+        descended[-1], min(stable_above, key=lambda t: t.held_out), evidence_floor(start_held_out))
     if not settled:
         for c in coarse:
             if c not in tried:
                 return c
-    chosen = pick(done, start_held_out, reference)
+    chosen = winning_trial(done, start_held_out, reference)
     if chosen is None:
         return None
     i = list(candidates).index(chosen.threshold)
@@ -213,17 +213,17 @@ def next_candidate(candidates: Sequence[float], done: Sequence[Trial], start_hel
                 None)
 
 
-def floor(start_held_out: float) -> float:
+def evidence_floor(start_held_out: float) -> float:
     """The smallest held-out difference that counts as evidence: SIGNAL of the start loss (0 when unknown)."""
     return SIGNAL * abs(start_held_out) if math.isfinite(start_held_out) else 0.0
 
 
 def learned(trials: Sequence[Trial], start_held_out: float) -> bool:
     """Whether any stable trial's held-out loss ended more than the evidence floor below the start."""
-    return any(t.stable and t.held_out < start_held_out - floor(start_held_out) for t in trials)
+    return any(t.stable and t.held_out < start_held_out - evidence_floor(start_held_out) for t in trials)
 
 
-def better(a: Trial, b: Trial, least: float = 0.0) -> bool:
+def clearly_better(a: Trial, b: Trial, least: float = 0.0) -> bool:
     """Whether the held-out batches show ``a`` better than ``b``: the mean of the paired per-batch
     differences is more than one standard error, and more than ``least``, below zero. Without per-batch
     losses, a median lower by more than ``least``."""
@@ -235,7 +235,7 @@ def better(a: Trial, b: Trial, least: float = 0.0) -> bool:
     return mean < -max(se, least) if se > 0 or least > 0 else mean < 0
 
 
-def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: Optional[Trial] = None,
+def winning_trial(trials: Sequence[Trial], start_held_out: float = math.nan, reference: Optional[Trial] = None,
          beside: Sequence[Trial] = ()) -> Optional[Trial]:
     """The choice: the loosest stable trial near the best held-out loss, kept one lattice step below a
     looser threshold that went unstable, as a learning-rate range test keeps below the point of divergence.
@@ -254,7 +254,7 @@ def pick(trials: Sequence[Trial], start_held_out: float = math.nan, reference: O
         return None
     best = min(stable, key=lambda t: t.held_out)
     gain = start_held_out - best.held_out if math.isfinite(start_held_out) else 0.0
-    near = [t for t in stable if t.held_out <= best.held_out + max(TIE * max(gain, 0.0), floor(start_held_out))]
+    near = [t for t in stable if t.held_out <= best.held_out + max(TIE * max(gain, 0.0), evidence_floor(start_held_out))]
     chosen = max(near, key=lambda t: t.threshold)
     ladder = sorted(trials, key=lambda t: -t.threshold)
     looser = [t for t in sorted([*trials, *beside], key=lambda t: -t.threshold) if t.threshold > chosen.threshold]
@@ -323,7 +323,7 @@ def contenders(field: Field, start_held_out: float, reference: Optional[Trial] =
     best held-out loss; at most MOST_CONTENDERS. Of the two beside it, the one short-horizon bias would
     hide comes first: where nothing has been learned yet, the looser one (its larger steps have not paid
     off yet); where something has, the tighter one (the answer if the pick meets a cliff later)."""
-    chosen = pick(field.trials, start_held_out, reference, field.beside)
+    chosen = winning_trial(field.trials, start_held_out, reference, field.beside)
     if chosen is None:
         return []
     stable = [t for t in sorted(field.trials, key=lambda t: -t.threshold) if t.stable]
@@ -366,22 +366,22 @@ def promote(trials: Sequence[Trial], start_held_out: float, reference: Optional[
     earlier = [h for h in rungs(trials) if h < steps]
     if earlier:
         before_field = field_at(trials, earlier[-1])
-        before = pick(before_field.trials, start_held_out, reference, before_field.beside)
+        before = winning_trial(before_field.trials, start_held_out, reference, before_field.beside)
         if before is not None and before.threshold == chosen.threshold:
             return [], f"the pick held its place from {earlier[-1]} to {steps} steps"
         return [t.threshold for t in ahead], f"the pick moved between {earlier[-1]} and {steps} steps"
-    lead = floor(start_held_out)
-    if all(better(chosen, t, lead) for t in ahead[1:]):
+    lead = evidence_floor(start_held_out)
+    if all(clearly_better(chosen, t, lead) for t in ahead[1:]):
         return [], f"the pick was clearly ahead of the thresholds beside it at {steps} steps"
     return [t.threshold for t in ahead], f"the thresholds beside the pick could not be told apart at {steps} steps"
 
 
-def choose(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None
+def ruling(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None
            ) -> Tuple[Optional[float], str]:
-    """The winning threshold and why (see :func:`pick`), at the longest rung a stable trial reached."""
+    """The winning threshold and why (see :func:`winning_trial`), at the longest rung a stable trial reached."""
     field = final_field(trials)
     steps, trials = field.steps, field.trials
-    chosen = pick(trials, start_held_out, reference, field.beside)
+    chosen = winning_trial(trials, start_held_out, reference, field.beside)
     if chosen is None:
         return None, ("no threshold tried kept training stable; clipping alone does not rescue this run: "
                       "lower the learning rate as well")

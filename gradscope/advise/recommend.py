@@ -67,14 +67,14 @@ class Recommendation:
     guard: Optional[GuardAdvice] = None  # the skip-step guard, where a finding calls for it
 
 
-def calls(findings: Sequence[Finding]) -> Tuple[Finding, ...]:
+def calling_for_clipping(findings: Sequence[Finding]) -> Tuple[Finding, ...]:
     """The findings that call for clipping: a clipping remedy, at warning or error severity."""
     return tuple(f for f in findings if f.remedy not in ("none", "skip") and f.severity != "info")
 
 
 def method_for(findings: Sequence[Finding]) -> str:
     """The remedy of the most severe calling findings; "none" when nothing calls for clipping."""
-    calling = calls(findings)
+    calling = calling_for_clipping(findings)
     if not calling:
         return "none"
     worst = max(SEVERITIES.index(f.severity) for f in calling)
@@ -128,14 +128,14 @@ def guard_for(statistics: Statistics, findings: Sequence[Finding], trials: Optio
 def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Optional[TrialSet]) -> Recommendation:
     norms = statistics.model.global_norm
     finite = norms[np.isfinite(norms) & (norms > 0)]
-    reasons = tuple(dict.fromkeys(f.rule_id for f in calls(findings)))
+    reasons = tuple(dict.fromkeys(f.rule_id for f in calling_for_clipping(findings)))
     if not len(finite):
-        return _make("none", None, Evidence(0.0, "no finite gradient norm was observed: fix the non-finite "
+        return _recommendation("none", None, Evidence(0.0, "no finite gradient norm was observed: fix the non-finite "
                                             "gradients first; no threshold can be derived", reasons=reasons))
     method = method_for(findings)
     if method == "none":
         net = two_figures(SAFETY_NET_HEADROOM * float(finite.max()))
-        return _make("none", None, Evidence(
+        return _recommendation("none", None, Evidence(
             0.0, f"no finding calls for clipping; as a safety net, norm clipping at {net:.3g} "
                  f"({SAFETY_NET_HEADROOM:g}x the largest global norm seen, {finite.max():.3g}) would clip no step",
             safety_net=net))
@@ -156,7 +156,7 @@ def _from_trials(trials: TrialSet, reasons: Tuple[str, ...]) -> Recommendation:
     reach = f", the contenders carried to {trials.longest}" if trials.longest > trials.steps else ""
     basis = (f"{tried} trial{'s' if tried != 1 else ''} of {trials.steps} steps from the same start{reach}, judged "
              f"on held-out batches: {trials.reason}")
-    return _make("norm", trials.winner, Evidence(winner.clip_fraction, basis, cosine=1.0, reasons=reasons,
+    return _recommendation("norm", trials.winner, Evidence(winner.clip_fraction, basis, cosine=1.0, reasons=reasons,
                                                  trials=trials))
 
 
@@ -164,7 +164,7 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
           trials: Optional[TrialSet]) -> Recommendation:
     m = statistics.model.metrics
     norms = statistics.model.global_norm
-    runaway = any(f.severity == "error" for f in calls(findings))
+    runaway = any(f.severity == "error" for f in calling_for_clipping(findings))
     if runaway:
         level = start_level(finite)
         threshold = two_figures(RUNAWAY_FRACTION * level)
@@ -180,7 +180,7 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
     else:
         basis += "; no trial ran, so the threshold is not confirmed"  # off, several ranks, or a Monitor's report
     clipped = float(np.mean(~(norms <= threshold))) if len(norms) else 0.0  # NaN steps count as clipped
-    return _make("norm", threshold, Evidence(clipped, basis, cosine=1.0, reasons=reasons, trials=trials))
+    return _recommendation("norm", threshold, Evidence(clipped, basis, cosine=1.0, reasons=reasons, trials=trials))
 
 
 def _value(statistics: Statistics, reasons: Tuple[str, ...]) -> Optional[Recommendation]:
@@ -195,14 +195,14 @@ def _value(statistics: Statistics, reasons: Tuple[str, ...]) -> Optional[Recomme
     per_step_max = np.nanmax(np.stack([l.abs_max_series for l in statistics.active_layers]), axis=0)
     basis = (f"the 99.9th percentile of |g| over all layers and steps ({threshold:.3g}): capping elements "
              f"there removes the outliers and keeps the gradient's direction (cosine {cosine:.3f})")
-    return _make("value", threshold, Evidence(
+    return _recommendation("value", threshold, Evidence(
         float(np.mean(per_step_max > threshold)), basis, cosine=cosine,
         element_fraction=hist.fraction_above(pooled, threshold), reasons=reasons))
 
 
 def _agc(statistics: Statistics, findings: Sequence[Finding], reasons: Tuple[str, ...]) -> Recommendation:
     """AGC with λ from the grad-to-weight ratios of the layers the AGC findings do not name."""
-    named = {f.layer for f in calls(findings) if f.remedy == "agc" and f.layer}
+    named = {f.layer for f in calling_for_clipping(findings) if f.remedy == "agc" and f.layer}
     others = [l for l in statistics.active_layers if l.name not in named] or list(statistics.active_layers)
     ratios = np.array([l.metrics["grad_to_weight_median"] for l in others], dtype=np.float64)
     ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
@@ -214,10 +214,10 @@ def _agc(statistics: Statistics, findings: Sequence[Finding], reasons: Tuple[str
     basis = (f"the findings call for AGC ({which}); λ is the largest median grad/weight ratio of the other "
              f"layers ({level:.3g}), so AGC reins in what stands out and leaves the rest "
              "(clip rate estimated layer-wise; AGC acts unit-wise)")
-    return _make("agc", clip_factor, Evidence(clipped, basis, reasons=reasons))
+    return _recommendation("agc", clip_factor, Evidence(clipped, basis, reasons=reasons))
 
 
-def _make(method: str, threshold: Optional[float], evidence: Evidence) -> Recommendation:
+def _recommendation(method: str, threshold: Optional[float], evidence: Evidence) -> Recommendation:
     return Recommendation(method, threshold, evidence, snippets(method, threshold))
 
 

@@ -16,7 +16,7 @@ from .. import interrupts
 from ..errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf,
                          next_batch, optimizer_step)
-from ..advise.judge import SIGNAL, Trial, TrialSet, candidates, update_estimate
+from ..advise.judge import Trial, TrialSet, candidates, update_estimate
 from ..collect.monitor import Monitor
 from ..collect.optimizers import is_adaptive
 from .options import ProfileOptions, TrialOptions
@@ -34,6 +34,10 @@ from .trials import HELD_OUT_BATCHES, TrialBatches, run_reference, run_trials
 DEFAULT_STEPS = 30
 MAX_STEPS = 50
 EXTEND = 4  # a profile that has seen nothing yet goes on, ``steps`` at a time, to at most this many times ``steps``
+# ... while its loss has not fallen by this share (its last quarter against its first): a profile that has
+# flagged nothing and shows no learning yet cannot tell a healthy run from a slow start. The same 1% as the
+# trials' evidence floor (judge.SIGNAL), chosen apart: one is when to look longer, the other what counts.
+EXTEND_UNLESS_FALLEN = 0.01
 Progress = Callable[[int, int, Dict[str, float]], None]
 TrialProgress = Callable[[int, int, str], None]
 
@@ -181,15 +185,15 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[An
 def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], steps: int, device: torch.device,
              progress: Optional[Progress], context: _Context, extend: bool) -> Report:
     """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``, while
-    the profile has seen nothing: no warning or error, and a loss that has not fallen by SIGNAL (its last
-    quarter against its first). Between rounds only the findings are read; the report is built once, of
+    the profile has seen nothing: no warning or error, and a loss that has not fallen by
+    EXTEND_UNLESS_FALLEN (its last quarter against its first). Between rounds only the findings are read; the report is built once, of
     every step profiled (before close(): profiling the Monitor measures the last step's update)."""
     stopped = _profile_steps(experiment, monitor, stream, 0, steps, device, progress)
     done = steps
     while extend and stopped is None and done < EXTEND * steps:
         statistics, findings = assess(monitor.profile(), context.rules)
         loss = statistics.model.loss
-        if any(f.severity != "info" for f in findings) or rise(loss[np.isfinite(loss)]) < 1.0 - SIGNAL:
+        if any(f.severity != "info" for f in findings) or rise(loss[np.isfinite(loss)]) < 1.0 - EXTEND_UNLESS_FALLEN:
             break
         stopped = _profile_steps(experiment, monitor, stream, done, done + steps, device, progress)
         done += steps
@@ -197,7 +201,7 @@ def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], st
     if done == steps:
         return report
     return dataclasses.replace(report, extended=f"after {steps} steps nothing was flagged and the loss had not "
-                                                f"fallen by {SIGNAL:.0%}, so the profile went on to {monitor.steps}")
+                                                f"fallen by {EXTEND_UNLESS_FALLEN:.0%}, so the profile went on to {monitor.steps}")
 
 
 def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, report: Report, start: Dict[str, Any],

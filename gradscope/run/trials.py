@@ -160,7 +160,7 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
     trials = sorted(work.judged(), key=lambda t: -t.threshold)  # loosest first, as the lattice reads
     tried = {t.threshold for t in trials}
     untried = [c for c in thresholds if c not in tried]
-    winner, reason = judge.choose(trials, start_held_out, reference) if trials else (
+    winner, reason = judge.ruling(trials, start_held_out, reference) if trials else (
         None, "no trial fitted in the budget")
     return TrialSet(steps=first, start_held_out=start_held_out, reference=reference, trials=tuple(trials),
                     untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
