@@ -121,3 +121,21 @@ def test_a_rank_that_dies_under_torchrun_is_named_in_rank_0s_partial_report(tmp_
     else:  # rank 0 wrote first, while rank 1 still waited in the all-reduce
         assert doc["stopped_reason"] == first
     assert doc["gate"]["exit_code"] == 2 and len(doc["layers"]) == 4
+
+
+def test_the_distributed_pages_torchrun_command_runs_as_written(tmp_path):
+    """docs/distributed.md's torchrun command on its my_experiment.py, under the real torchrun (given a free
+    port, so that it cannot meet another run's): every rank exits 0 and rank 0 writes a 2-rank report."""
+    import re
+    import shlex
+    page = (HERE.parent / "docs" / "distributed.md").read_text(encoding="utf-8")
+    command = re.search(r"```bash\n(torchrun [^\n]*)\n```", page).group(1)
+    experiment = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if b.startswith("# my_experiment.py"))
+    (tmp_path / "my_experiment.py").write_text(experiment, encoding="utf-8")
+    args = shlex.split(command)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), *args[1:]]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / args[args.index("--output") + 1]).read_text())
+    assert doc["ranks"] == 2 and doc["steps"] >= 30 and not doc["partial"]
