@@ -4,16 +4,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .analyse.evaluate import Finding, worst_severity
 from .advise.judge import Trial, TrialSet
+from .advise.reasons import Reason, Reasons
 from .advise.recommend import Recommendation
 from .analyse.ruleset import RuleSet
 from .analyse.clipping import rate_windows
 from .analyse.stats import CLIP_METRICS, Statistics
+from .present.wording import say
 
 SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)
 
@@ -49,7 +51,7 @@ class Report:
     stopped_reason: Optional[str] = None  # set when the run ended before the steps asked for
     seed: Optional[int] = None
     steps_requested: Optional[int] = None
-    extended: Optional[str] = None  # why the profile ran past the steps asked for (diagnose's plateau rule)
+    extended: Optional[Reason] = None  # why the profile ran past the steps asked for (diagnose's plateau rule)
     schedule: Optional[ScheduleReach] = None  # with a learning-rate scheduler: how far towards its peak it went
 
     @property
@@ -99,7 +101,8 @@ class Report:
             "stopped_reason": self.stopped_reason,
             "steps": m.steps,
             "steps_requested": self.steps_requested,
-            "extended": self.extended,
+            "extended": None if self.extended is None else say(self.extended),
+            "extended_because": None if self.extended is None else _because((self.extended,)),
             "schedule": None if self.schedule is None else {**dataclasses.asdict(self.schedule),
                                                             "reached": self.schedule.reached},
             "seed": self.seed,
@@ -129,14 +132,16 @@ class Report:
             "recommendation": {
                 "method": rec.method,
                 "threshold": rec.threshold,
-                "evidence": {k: v for k, v in dataclasses.asdict(rec.evidence).items() if k != "trials"},
+                "evidence": {**{k: v for k, v in dataclasses.asdict(rec.evidence).items() if k not in ("trials", "basis")},
+                             "basis": say(rec.evidence.basis), "basis_because": _because(rec.evidence.basis)},
                 "snippets": dict(rec.snippets),
                 "trials": None if rec.evidence.trials is None else trials_dict(rec.evidence.trials),
                 "guard": None if rec.guard is None else {
                     "kind": "skip", **dataclasses.asdict(rec.guard.skip), "armed": rec.guard.armed,
                     "reasons": list(rec.guard.reasons),
                     "profiled_steps": rec.guard.steps, "judged_steps": rec.guard.judged, "would_skip": list(rec.guard.would_skip),
-                    "trial_skips": rec.guard.trial_skips, "basis": rec.guard.basis},
+                    "trial_skips": rec.guard.trial_skips, "basis": say(rec.guard.basis),
+                    "basis_because": _because(rec.guard.basis)},
             },
         }
         return _clean(doc)
@@ -156,9 +161,15 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
     # Wall-clock times stay out, so that the same target and seed give the same document; the cost is in steps.
     return {"first_steps": trials.steps, "adaptive": trials.adaptive, "longest_steps": trials.longest,
             "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
-            "reason": trials.reason, "learned": trials.learned, "steps_spent": trials.spent,
-            "untried": list(trials.untried), "stopped": trials.stopped or None, "notes": list(trials.notes),
+            "reason": say(trials.reason), "reason_because": _because(trials.reason), "learned": trials.learned,
+            "steps_spent": trials.spent, "untried": list(trials.untried), "stopped": say(trials.stopped) or None,
+            "stopped_because": _because(trials.stopped), "notes": [say(n) for n in trials.notes],
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
+
+
+def _because(reasons: Reasons) -> List[Dict[str, Any]]:
+    """Reasons as data for machines: each one's code and figures (the words are beside them)."""
+    return [r.to_dict() for r in reasons]
 
 
 def _clipping(m) -> Optional[Dict[str, Any]]:

@@ -193,6 +193,22 @@ def test_no_library_string_names_a_command_line_flag():
     assert not found, found
 
 
+def test_every_reason_the_library_gives_has_its_words_and_every_sentence_is_given():
+    """Reasons travel as data (``because(code, **figures)``); present/wording.py words each code. A code
+    without words would fail at render time; words no code uses are dead."""
+    import ast
+    from gradscope.present.wording import REASONS
+    given = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "because" and node.args \
+                    and isinstance(node.args[0], ast.Constant):
+                given.add(node.args[0].value)
+    assert given, "the scan found no reason: it is not looking where the library gives them"
+    assert given <= set(REASONS), sorted(given - set(REASONS))
+    assert set(REASONS) <= given, sorted(set(REASONS) - given)
+
+
 def test_the_monitor_loads_no_analysis_until_a_report_is_asked_for():
     """``import gradscope.collect.monitor`` (what a training loop pays) loads neither the rules (yaml) nor
     the statistics (scipy); ``report()`` loads them."""

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope.present.wording import say
 from gradscope import ProfileOptions
 from gradscope.cli import main
 from gradscope.run.diagnose import EXTEND
@@ -42,7 +43,7 @@ def test_a_plateau_that_diverges_later_is_profiled_until_it_shows():
     short = gradscope.diagnose(plateau(), steps=30, trials=0, profile=ProfileOptions(extend=False))
     assert short.healthy and short.statistics.model.steps == 30 and short.extended is None
     report = gradscope.diagnose(plateau(), steps=30, trials=0)
-    assert report.statistics.model.steps == 60 and "went on to 60" in report.extended
+    assert report.statistics.model.steps == 60 and report.extended.code == "profile_extended" and "went on to 60" in say(report.extended)
     assert "loss-diverging" in {f.rule_id for f in report.findings}
     assert report.recommendation.method == "norm"
 
@@ -76,7 +77,7 @@ def test_the_cli_says_why_and_no_extend_turns_it_off(tmp_path, capsys):
     path.write_text("from test_plateau import plateau\n\ndef experiment():\n    return plateau(lr=1.5)\n")
     assert main(["diagnose", str(path), "--steps", "5", "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["steps"] == 20 and doc["steps_requested"] == 5 and "went on to 20" in doc["extended"]
+    assert doc["steps"] == 20 and doc["steps_requested"] == 5 and "went on to 20" in doc["extended"] and doc["extended_because"][0]["steps"] == 20
     assert main(["diagnose", str(path), "--steps", "5", "--no-extend"]) == 0
     out = capsys.readouterr().out
     assert "5 steps on cpu" in out and "asked" not in out

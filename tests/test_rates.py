@@ -11,6 +11,7 @@ from gradscope import ProfileOptions
 from gradscope.present.formats import to_markdown
 from gradscope.gate import decide
 from gradscope.run.rates import ahead
+from gradscope.present.wording import say
 
 from models import healthy_mlp, noise_targets
 
@@ -43,7 +44,7 @@ def test_a_schedule_that_ends_ends_the_look_ahead_and_the_trials():
     assert len(ahead(exp)) == 51 and exp.scheduler.last_epoch == 0  # the rates of 50 steps, and the one after
     trials = gradscope.diagnose(exp, steps=30, seed=0).recommendation.evidence.trials
     assert trials is not None and trials.longest == 30
-    assert "would pass the longest trial allowed, 50" in trials.stopped
+    assert "would pass the longest trial allowed, 50" in say(trials.stopped)
 
 
 def test_a_profile_inside_the_warm_up_says_it_never_saw_the_peak_rate():

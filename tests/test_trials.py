@@ -16,7 +16,9 @@ from gradscope.cli import main
 from gradscope.errors import ExperimentError
 from gradscope.advise.judge import Checkpoint, Trial
 from gradscope.run.options import TrialOptions
+from gradscope.advise.reasons import because
 from gradscope.present.render import trials_table
+from gradscope.present.wording import say
 
 from models import exploding_rnn, healthy_mlp, hot_gru, hot_resnet, noise_targets
 
@@ -69,12 +71,12 @@ def test_an_unstable_trial_never_wins_however_low_its_loss():
     trials = [_trial(10.0, 0.05, "the loss blew up"), _trial(3.2, 0.20), _trial(1.0, 0.30), _trial(0.32, 0.45)]
     winner, reason = judge.ruling(trials, start_held_out=1.0)
     assert winner == 1.0  # 10 scored lowest but went unstable; 3.2 is best, and sits right below it
-    assert "1 of 4 went unstable" in reason
+    assert "1 of 4 went unstable" in say(reason)
 
 
 def test_choose_gives_no_winner_when_nothing_was_stable():
     winner, reason = judge.ruling([_trial(1.0, math.inf, "diverged")], start_held_out=1.0)
-    assert winner is None and "learning rate" in reason
+    assert winner is None and "learning rate" in say(reason)
 
 
 def test_the_search_descends_by_decades_then_tries_the_half_decades_beside_the_pick():
@@ -94,7 +96,7 @@ def test_the_loosest_trial_within_5_percent_of_the_best_improvement_wins():
     # start 1.0; best 0.50 at 0.01: an improvement of 0.5, so anything at or below 0.525 is near-best
     trials = [_trial(1.0, 0.60), _trial(0.1, 0.52), _trial(0.01, 0.50)]
     winner, reason = judge.ruling(trials, start_held_out=1.0)
-    assert winner == 0.1 and "within 5% of the best held-out improvement" in reason
+    assert winner == 0.1 and "within 5% of the best held-out improvement" in say(reason)
     assert judge.ruling([_trial(1.0, 0.60), _trial(0.1, 0.53), _trial(0.01, 0.50)], 1.0)[0] == 0.01
 
 
@@ -102,7 +104,7 @@ def test_the_pick_stays_one_step_below_a_looser_threshold_that_went_unstable():
     reference = _trial(math.inf, math.inf, "the loss blew up")
     trials = [_trial(3.2, 0.40), _trial(1.0, 0.41), _trial(0.32, 0.60)]
     winner, reason = judge.ruling(trials, 1.0, reference)  # 3.2 is best, but the unclipped run above it blew up
-    assert winner == 1.0 and "one step below" in reason
+    assert winner == 1.0 and "one step below" in say(reason)
     stable_reference = _trial(math.inf, 0.45)
     assert judge.ruling(trials, 1.0, stable_reference)[0] == 3.2
     edge = [_trial(10.0, math.inf, "diverged"), _trial(3.2, 0.40)]  # nothing stable below: keep the pick
@@ -134,11 +136,11 @@ def test_where_the_trials_show_no_learning_yet_the_loosest_that_held_its_loss_wi
     trials = [_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142), _trial(0.0001, 4.156)]
     winner, reason = judge.ruling(trials, start_held_out=4.16)
     assert winner == 0.01 and not judge.learned(trials, 4.16)
-    assert "no trial trained measurably" in reason and "stability alone" in reason  # the report says so
+    assert "no trial trained measurably" in say(reason) and "stability alone" in say(reason)  # the report says so
     # with a real gain the floor is too narrow to matter: 5% of the improvement rules, as before
     learning = [_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)]
     winner, reason = judge.ruling(learning, 4.16)
-    assert winner == 0.001 and judge.learned(learning, 4.16) and "measurably" not in reason
+    assert winner == 0.001 and judge.learned(learning, 4.16) and "measurably" not in say(reason)
 
 
 def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
@@ -146,7 +148,7 @@ def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
         winner, reason = judge.ruling(trials, 4.16)
         reference = Trial(math.inf, (4.2, 90.0), (1.0, 50.0), math.inf, "the loss blew up")
         trial_set = judge.TrialSet(steps=steps, start_held_out=4.16, reference=reference, trials=tuple(trials),
-                                   untried=(), stopped="the budget ran out", winner=winner, reason=reason,
+                                   untried=(), stopped=(because("first_rung_budget", steps=90),), winner=winner, reason=reason,
                                    seconds=1.0, profile_seconds=1.0, adaptive=adaptive)
         console = Console(width=200, record=True, color_system=None)
         console.print(trials_table(trial_set))
@@ -154,7 +156,7 @@ def test_the_report_says_when_no_trial_learned_and_how_to_see_further():
 
     flat, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167), _trial(0.001, 4.142)])
     assert not flat.learned and "no threshold trained measurably within 30 steps" in text
-    assert "a larger trial budget carries the contenders further" in text and "stopped: the budget ran out" in text
+    assert "a larger trial budget carries the contenders further" in text and "stopped: the first rung's share of the budget, 90 steps, would run out" in text
     _, text = rendered([_trial(0.1, 5.0), _trial(0.01, 4.167)], adaptive=False)
     assert "stability alone" in text and "the adaptive horizon" in text  # a fixed length: the way further
     learning, text = rendered([_trial(0.1, 5.0), _trial(0.01, 3.6), _trial(0.001, 3.0)])
@@ -179,7 +181,7 @@ def test_a_threshold_stable_at_30_steps_that_fails_at_60_loses():
     trials = [cliff, _rung(1.0, 0.40, 0.20), _rung(0.32, 0.60, 0.45)]
     winner, reason = judge.ruling(trials, start_held_out=1.0)
     # 3.2 loses, and as a looser threshold that went unstable it keeps the pick one step below the best
-    assert winner == 0.32 and reason.startswith("after 60 steps") and "one step below" in reason
+    assert winner == 0.32 and say(reason).startswith("after 60 steps") and "one step below" in say(reason)
     assert judge.final_field(trials).steps == 60
     assert judge.standing(trials, 30)[0].unstable  # judged at the longest horizon it reached, even at 30
 
@@ -195,25 +197,25 @@ def test_contenders_are_the_pick_and_the_stable_thresholds_beside_it():
 def test_the_ranking_stays_open_while_nothing_has_been_learned():
     trials = [_rung(0.1, 5.0), _rung(0.032, 4.2), _rung(0.01, 4.165)]  # start 4.16: nothing below it yet
     ahead, why = judge.promote(trials, start_held_out=4.16)
-    assert len(ahead) >= 2 and "no threshold trained measurably within 30 steps" in why
+    assert len(ahead) >= 2 and "no threshold trained measurably within 30 steps" in say(why)
 
 
 def test_a_clear_winner_at_the_first_rung_stops_at_once():
     trials = [_rung(3.2, 0.9), _rung(1.0, 0.3), _rung(0.32, 0.6)]
     ahead, why = judge.promote(trials, start_held_out=1.0)
-    assert ahead == [] and "clearly ahead" in why
+    assert ahead == [] and why.code == "pick_clear" and "clearly ahead" in say(why)
     close = [_rung(3.2, 0.9), _rung(1.0, 0.3), _rung(0.32, 0.305)]  # 0.32 is as good within the floor
     ahead, why = judge.promote(close, start_held_out=1.0)
-    assert ahead[:2] == [1.0, 0.32] and "could not be told apart" in why
+    assert ahead[:2] == [1.0, 0.32] and "could not be told apart" in say(why)
 
 
 def test_the_climb_stops_once_the_pick_holds_over_a_doubling_and_goes_on_when_it_moves():
     held = [_rung(1.0, 0.30, 0.20), _rung(0.32, 0.305, 0.25)]  # 1.0 at 30 steps and at 60
     ahead, why = judge.promote(held, start_held_out=1.0)
-    assert ahead == [] and "held its place from 30 to 60 steps" in why
+    assert ahead == [] and "held its place from 30 to 60 steps" in say(why)
     moved = [_rung(1.0, 0.30, 0.25), _rung(0.32, 0.305, 0.15)]  # at 60 steps the tighter one is clearly ahead
     ahead, why = judge.promote(moved, start_held_out=1.0)
-    assert ahead[0] == 0.32 and "moved between 30 and 60 steps" in why
+    assert ahead[0] == 0.32 and "moved between 30 and 60 steps" in say(why)
     assert judge.promote(moved, 1.0, most_steps=100)[0] == []  # no rung of 120 fits under a cap of 100
 
 
@@ -273,7 +275,7 @@ def test_the_schedule_carries_the_contenders_past_a_late_cliff_within_its_budget
     assert runner.spent == sum(len(t.losses) for t in trials)
     assert run(TrialOptions(steps=30))[2] == 3.2  # what 30-step trials alone pick
     tight, stopped, _ = run(TrialOptions(budget=5.0))
-    assert "budget" in stopped and tight.spent <= TrialOptions(budget=5.0).budget_steps
+    assert "budget" in say(stopped) and tight.spent <= TrialOptions(budget=5.0).budget_steps
 
 
 # -- trials run for real ----------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_trials_stay_within_their_step_budget(exploding):
     assert limited.recommendation.evidence.trials.spent <= trials.steps
     timed = gradscope.diagnose(exploding_rnn(), steps=30, seed=0, trials=TrialOptions(seconds=1e-9)
                                ).recommendation.evidence.trials
-    assert len(timed.trials) == 1 and "s limit" in timed.stopped  # the first trial always runs
+    assert len(timed.trials) == 1 and "s limit" in say(timed.stopped) and timed.stopped[0].code == "trial_time_limit"  # the first trial always runs
 
 
 def test_contenders_continue_from_their_kept_state_as_a_replay_from_the_start_would():
@@ -309,7 +311,7 @@ def test_contenders_continue_from_their_kept_state_as_a_replay_from_the_start_wo
     climbing = gradscope.diagnose(noise_targets(), steps=30, seed=0)
     trials = climbing.recommendation.evidence.trials
     assert trials.adaptive and trials.longest >= 4 * trials.steps  # nothing learned: the contenders went on
-    assert not trials.learned and "no threshold trained measurably within 120 steps" in trials.stopped
+    assert not trials.learned and "no threshold trained measurably within 120 steps" in say(trials.stopped)
     carried = [t for t in trials.trials if t.horizon > trials.steps]
     assert len(carried) >= 2 and all([c.steps for c in t.checkpoints] == [30, 60, 120] for t in carried
                                      if t.horizon == 120)

@@ -51,6 +51,7 @@ import gradscope  # noqa: E402
 from gradscope import Skip  # noqa: E402
 from gradscope.advise.judge import lattice  # noqa: E402
 from gradscope.run.options import FIRST_STEPS, ProfileOptions, TrialOptions  # noqa: E402
+from gradscope.present.wording import say  # noqa: E402
 
 PROFILE_STEPS = 30
 BASELINES = ("fixed-1.0", "autoclip", "zclip")  # besides none
@@ -214,7 +215,7 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "rank_correlation": rank, "grid": {str(k): v for k, v in grid.items()},
             "trials": None if trials is None else {
                 "steps": trials.steps, "start_held_out": trials.start_held_out, "winner": trials.winner,
-                "learned": trials.learned, "longest": trials.longest, "stopped": trials.stopped,
+                "learned": trials.learned, "longest": trials.longest, "stopped": say(trials.stopped),
                 "runs": [{"threshold": t.threshold, "losses": list(t.losses), "norms": list(t.norms),
                           "held_out": t.held_out, "held_out_batches": list(t.held_out_batches),
                           "unstable": t.unstable, "checkpoints": [[c.steps, c.held_out, list(c.held_out_batches)]

@@ -30,6 +30,8 @@ from gradscope.advise import judge  # noqa: E402
 from gradscope.run import schedule  # noqa: E402
 from gradscope.advise.judge import Checkpoint, Trial  # noqa: E402
 from gradscope.run.options import TrialOptions  # noqa: E402
+from gradscope.advise.reasons import because  # noqa: E402
+from gradscope.present.wording import say  # noqa: E402
 
 
 def _inf(value) -> float:
@@ -108,7 +110,7 @@ def replay(row: dict, options: TrialOptions) -> Tuple[Optional[float], int, str]
     thresholds = sorted(runner.records, reverse=True)
     stopped = schedule.run(runner, thresholds)
     winner, _ = judge.ruling(runner.judged(), runner.start_held_out, runner.reference)
-    return winner, runner.spent, stopped
+    return winner, runner.spent, say(stopped)
 
 
 def regret(row: dict, threshold: Optional[float]) -> float:
@@ -130,23 +132,23 @@ def _settled_when(first_rung: str, later: str):
         steps = field.steps
         ahead = judge.contenders(field, start_held_out, reference)
         if not ahead:
-            return [], "no threshold stayed stable"
+            return [], because("none_stable")
         if most_steps and steps * judge.RUNG_GROWTH > most_steps:
-            return [], "longest"
+            return [], because("rung_past_longest", next=steps * judge.RUNG_GROWTH, longest=most_steps)
         if len(ahead) == 1:
-            return [], "one left"
+            return [], because("one_left", steps=steps)
         if not judge.learned(field.trials, start_held_out):
-            return [t.threshold for t in ahead], "nothing learned"
+            return [t.threshold for t in ahead], because("nothing_learned_within", steps=steps)
         earlier = [h for h in judge.rungs(trials) if h < steps]
         rule = later if earlier else first_rung
         if rule == "held":
             before_field = judge.field_at(trials, earlier[-1])
             before = judge.winning_trial(before_field.trials, start_held_out, reference, before_field.beside)
             if before is not None and before.threshold == ahead[0].threshold:
-                return [], "held"
+                return [], because("pick_held", since=earlier[-1], steps=steps)
         if rule == "clear" and all(judge.clearly_better(ahead[0], t, judge.evidence_floor(start_held_out)) for t in ahead[1:]):
-            return [], "clear"
-        return [t.threshold for t in ahead], "open"
+            return [], because("pick_clear", steps=steps)
+        return [t.threshold for t in ahead], because("neighbours_tied", steps=steps)
     return promote
 
 

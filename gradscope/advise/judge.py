@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..analyse.stats import START_STEPS, rise, start_level, trend
+from .reasons import Reason, Reasons, because
 
 LATTICE_STEP = 0.5  # decades between candidates: 1, 0.32, 0.1, 0.032, ...
 SPAN_ABOVE = 0.5  # decades above the first step's norm the candidates start from
@@ -80,12 +81,12 @@ class TrialSet:
     reference: Trial  # the unclipped run (the profile itself when it ran the trial batches)
     trials: Tuple[Trial, ...]  # clipped trials, loosest first
     untried: Tuple[float, ...]  # candidates the search did not reach
-    stopped: str  # why the search ended
+    stopped: Reasons  # why the search ended where it did (empty: it settled)
     winner: Optional[float]
-    reason: str
+    reason: Reasons  # why the winner won (see ``ruling``)
     seconds: float  # wall time of the trials
     profile_seconds: float  # wall time of the profile, to state the trials' cost against
-    notes: Tuple[str, ...] = ()
+    notes: Reasons = ()  # what the reader should know of how the trials ran
     reference_rerun: bool = False  # the unclipped reference was trained for the trials (not the profile itself)
     spent_trials: Optional[int] = None  # steps the clipped trials trained, replays included (None: their lengths)
     adaptive: bool = False  # the contenders went on past the first rung while the ranking was open
@@ -340,7 +341,7 @@ def contenders(field: Field, start_held_out: float, reference: Optional[Trial] =
 
 
 def promote(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None,
-            most_steps: int = 0) -> Tuple[List[float], str]:
+            most_steps: int = 0) -> Tuple[List[float], Reason]:
     """The thresholds to continue for another rung, most needed first, or none and why the ranking is settled.
 
     The field is judged at the longest rung reached. It stays open while nothing has been learned
@@ -355,53 +356,48 @@ def promote(trials: Sequence[Trial], start_held_out: float, reference: Optional[
     # short-horizon bias hides; once the ranking has shown itself open, both neighbours and the best go on
     ahead = contenders(field, start_held_out, reference)[:FIRST_CONTENDERS if len(rungs(trials)) <= 1 else None]
     if not ahead:
-        return [], "no threshold stayed stable"
+        return [], because("none_stable")
     if most_steps and steps * RUNG_GROWTH > most_steps:
-        return [], f"the next rung, {steps * RUNG_GROWTH} steps, would pass the longest trial allowed, {most_steps}"
+        return [], because("rung_past_longest", next=steps * RUNG_GROWTH, longest=most_steps)
     if len(ahead) == 1:
-        return [], f"one threshold was left standing at {steps} steps"
+        return [], because("one_left", steps=steps)
     if not learned(field.trials, start_held_out):
-        return [t.threshold for t in ahead], f"no threshold trained measurably within {steps} steps"
+        return [t.threshold for t in ahead], because("nothing_learned_within", steps=steps)
     chosen = ahead[0]
     earlier = [h for h in rungs(trials) if h < steps]
     if earlier:
         before_field = field_at(trials, earlier[-1])
         before = winning_trial(before_field.trials, start_held_out, reference, before_field.beside)
         if before is not None and before.threshold == chosen.threshold:
-            return [], f"the pick held its place from {earlier[-1]} to {steps} steps"
-        return [t.threshold for t in ahead], f"the pick moved between {earlier[-1]} and {steps} steps"
+            return [], because("pick_held", since=earlier[-1], steps=steps)
+        return [t.threshold for t in ahead], because("pick_moved", since=earlier[-1], steps=steps)
     lead = evidence_floor(start_held_out)
     if all(clearly_better(chosen, t, lead) for t in ahead[1:]):
-        return [], f"the pick was clearly ahead of the thresholds beside it at {steps} steps"
-    return [t.threshold for t in ahead], f"the thresholds beside the pick could not be told apart at {steps} steps"
+        return [], because("pick_clear", steps=steps)
+    return [t.threshold for t in ahead], because("neighbours_tied", steps=steps)
 
 
 def ruling(trials: Sequence[Trial], start_held_out: float, reference: Optional[Trial] = None
-           ) -> Tuple[Optional[float], str]:
+           ) -> Tuple[Optional[float], Reasons]:
     """The winning threshold and why (see :func:`winning_trial`), at the longest rung a stable trial reached."""
     field = final_field(trials)
     steps, trials = field.steps, field.trials
     chosen = winning_trial(trials, start_held_out, reference, field.beside)
     if chosen is None:
-        return None, ("no threshold tried kept training stable; clipping alone does not rescue this run: "
-                      "lower the learning rate as well")
+        return None, (because("no_stable_trial"),)
     best = min((t for t in trials if t.stable), key=lambda t: t.held_out)
+    figures = dict(chosen=chosen.held_out, best=best.held_out, best_threshold=best.threshold, start=start_held_out,
+                   steps=steps if rungs(trials) else None)
     if chosen is best:
-        reason = f"the lowest held-out loss of the stable trials, {best.held_out:.4g} (start {start_held_out:.4g})"
+        reasons = [because("lowest_held_out", **figures)]
     elif chosen.threshold > best.threshold:
-        reason = (f"the least clipping within {TIE:.0%} of the best held-out improvement (or {SIGNAL:.0%} of the "
-                  f"start loss): {chosen.held_out:.4g}, against {best.held_out:.4g} at {best.threshold:g} "
-                  f"(start {start_held_out:.4g})")
+        reasons = [because("least_clipping_near_best", tie=TIE, signal=SIGNAL, **figures)]
     else:
-        reason = (f"one step below the loosest near-best threshold, whose looser neighbour went unstable "
-                  f"(held-out {chosen.held_out:.4g}; best {best.held_out:.4g} at {best.threshold:g}, "
-                  f"start {start_held_out:.4g})")
-    if rungs(trials):
-        reason = f"after {steps} steps, {reason}"
+        reasons = [because("below_unstable_neighbour", **figures)]
     unstable = [t for t in trials if not t.stable]
     if unstable:
-        reason += f"; {len(unstable)} of {len(trials)} went unstable, the loosest at {unstable[0].threshold:g}"
+        reasons.append(because("some_unstable", unstable=len(unstable), tried=len(trials),
+                               loosest=unstable[0].threshold))
     if not learned(trials, start_held_out):
-        reason += (f"; no trial trained measurably (the best held-out loss, {best.held_out:.4g}, is not {SIGNAL:.0%} "
-                   f"below the start's), so the pick rests on stability alone")
-    return chosen.threshold, reason
+        reasons.append(because("nothing_learned", best=best.held_out, signal=SIGNAL))
+    return chosen.threshold, tuple(reasons)

@@ -16,6 +16,7 @@ from ..analyse import histogram as hist
 from ..analyse.evaluate import Finding
 from .guards import Skip, replay_skips
 from .judge import TrialSet, two_figures
+from .reasons import Reasons, because
 from ..analyse.ruleset import SEVERITIES
 from .snippets import snippets
 from ..analyse.stats import Statistics, start_level
@@ -37,7 +38,7 @@ METHOD_ORDER = ("norm", "agc", "value")  # ties between remedies go to the one t
 @dataclasses.dataclass(frozen=True)
 class Evidence:
     clip_fraction: float  # fraction of steps the threshold clipped (in the winning trial, or the profile)
-    basis: str  # how the threshold was derived, in words
+    basis: Reasons  # how the threshold was derived (words: gradscope.present.wording.say)
     cosine: Optional[float] = None  # cosine between clipped and unclipped gradient (1 for norm clipping)
     element_fraction: Optional[float] = None  # value clipping: fraction of elements it would cap
     safety_net: Optional[float] = None  # method none: a generous norm threshold that clips nothing seen
@@ -55,7 +56,7 @@ class GuardAdvice:
     judged: int  # profiled (and winning-trial) steps the rule could judge: past min_history
     would_skip: Tuple[int, ...]  # the profiled steps it would have skipped
     trial_skips: Optional[int]  # the winning trial's steps it would have skipped (None: no trial)
-    basis: str
+    basis: Reasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +111,14 @@ def guard_for(statistics: Statistics, findings: Sequence[Finding], trials: Optio
     if winner is not None:
         trial_skips = len(replay_skips(winner.norms, winner.losses, skip))
         judged += max(0, len(winner.norms) - skip.min_history)
-    where = f" (step{'s' if len(skipped) != 1 else ''} {', '.join(map(str, skipped))})" if skipped else ""
     seen = len(skipped) + (trial_skips or 0)
     armed = not (seen >= 2 and seen / max(judged, 1) > FREQUENT_OUTLIERS)
-    basis = (f"a step whose loss or global norm lies more than {skip.z:g} standard deviations above the mean of "
-             f"the last {skip.window} steps is skipped; over the {m.steps} profiled steps it would have skipped "
-             f"{len(skipped)}{where}" + ("" if trial_skips is None else
-                                         f", and {trial_skips} of the winning trial's {len(winner.norms)}")
-             + f". It judges a step once {skip.min_history} steps are in its window. On a run without such outliers it "
-               "changes nothing; its cost is one norm and one multiply of the gradients per step, with no host sync")
+    basis = [because("guard_rule", z=skip.z, window=skip.window, profiled=m.steps, skipped=skipped,
+                     trial_skips=trial_skips, trial_steps=None if winner is None else len(winner.norms),
+                     min_history=skip.min_history)]
     if not armed:
-        basis += (f". Not armed: those outliers came in {seen} of {judged} steps it judged, more often than 1 in "
-                  f"{1 / FREQUENT_OUTLIERS:.0f}: they are part of the data, and the clipping handles them")
-    return GuardAdvice(skip, armed, reasons, m.steps, judged, skipped, trial_skips, basis)
+        basis.append(because("guard_not_armed", seen=seen, judged=judged, one_in=round(1 / FREQUENT_OUTLIERS)))
+    return GuardAdvice(skip, armed, reasons, m.steps, judged, skipped, trial_skips, tuple(basis))
 
 
 def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Optional[TrialSet]) -> Recommendation:
@@ -130,14 +126,12 @@ def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Op
     finite = norms[np.isfinite(norms) & (norms > 0)]
     reasons = tuple(dict.fromkeys(f.rule_id for f in calling_for_clipping(findings)))
     if not len(finite):
-        return _recommendation("none", None, Evidence(0.0, "no finite gradient norm was observed: fix the non-finite "
-                                            "gradients first; no threshold can be derived", reasons=reasons))
+        return _recommendation("none", None, Evidence(0.0, (because("no_finite_norm"),), reasons=reasons))
     method = method_for(findings)
     if method == "none":
         net = two_figures(SAFETY_NET_HEADROOM * float(finite.max()))
         return _recommendation("none", None, Evidence(
-            0.0, f"no finding calls for clipping; as a safety net, norm clipping at {net:.3g} "
-                 f"({SAFETY_NET_HEADROOM:g}x the largest global norm seen, {finite.max():.3g}) would clip no step",
+            0.0, (because("safety_net", net=net, headroom=SAFETY_NET_HEADROOM, largest=float(finite.max())),),
             safety_net=net))
     if method == "agc":
         return _agc(statistics, findings, reasons)
@@ -152,12 +146,10 @@ def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Op
 
 def _from_trials(trials: TrialSet, reasons: Tuple[str, ...]) -> Recommendation:
     winner = next(t for t in trials.trials if t.threshold == trials.winner)
-    tried = len(trials.trials)
-    reach = f", the contenders carried to {trials.longest}" if trials.longest > trials.steps else ""
-    basis = (f"{tried} trial{'s' if tried != 1 else ''} of {trials.steps} steps from the same start{reach}, judged "
-             f"on held-out batches: {trials.reason}")
-    return _recommendation("norm", trials.winner, Evidence(winner.clip_fraction, basis, cosine=1.0, reasons=reasons,
-                                                 trials=trials))
+    basis = because("trials", tried=len(trials.trials), steps=trials.steps,
+                    carried=trials.longest if trials.longest > trials.steps else None, ruling=trials.reason)
+    return _recommendation("norm", trials.winner, Evidence(winner.clip_fraction, (basis,), cosine=1.0, reasons=reasons,
+                                                           trials=trials))
 
 
 def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding], reasons: Tuple[str, ...],
@@ -168,17 +160,16 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
     if runaway:
         level = start_level(finite)
         threshold = two_figures(RUNAWAY_FRACTION * level)
-        basis = (f"an estimate: {RUNAWAY_FRACTION:g}x the global norm of the first steps ({level:.3g}), before "
-                 f"training ran away (peak {m['global_norm_max']:.3g}): clipping has to bind on nearly every step")
+        estimate = because("estimate_runaway", fraction=RUNAWAY_FRACTION, level=level, peak=m["global_norm_max"])
     else:
         typical = _typical(finite)
         threshold = two_figures(NORM_HEADROOM * typical)
-        basis = (f"an estimate: {NORM_HEADROOM:g}x the typical global norm ({typical:.3g}, the median of steps "
-                 f"without spikes); the largest was {m['global_norm_max']:.3g}")
+        estimate = because("estimate_typical", headroom=NORM_HEADROOM, typical=typical, largest=m["global_norm_max"])
+    basis: Reasons
     if trials is not None:  # trials ran, and none stayed stable
-        basis = f"{trials.reason}. Fallback, {basis}"
-    else:
-        basis += "; no trial ran, so the threshold is not confirmed"  # off, several ranks, or a Monitor's report
+        basis = (because("fallback", ruling=trials.reason, estimate=estimate),)
+    else:  # off, several ranks, or a Monitor's report
+        basis = (estimate, because("not_confirmed"))
     clipped = float(np.mean(~(norms <= threshold))) if len(norms) else 0.0  # NaN steps count as clipped
     return _recommendation("norm", threshold, Evidence(clipped, basis, cosine=1.0, reasons=reasons, trials=trials))
 
@@ -193,8 +184,7 @@ def _value(statistics: Statistics, reasons: Tuple[str, ...]) -> Optional[Recomme
     if cosine < VALUE_MIN_COSINE:
         return None
     per_step_max = np.nanmax(np.stack([l.abs_max_series for l in statistics.active_layers]), axis=0)
-    basis = (f"the 99.9th percentile of |g| over all layers and steps ({threshold:.3g}): capping elements "
-             f"there removes the outliers and keeps the gradient's direction (cosine {cosine:.3f})")
+    basis = (because("value_quantile", threshold=threshold, cosine=cosine),)
     return _recommendation("value", threshold, Evidence(
         float(np.mean(per_step_max > threshold)), basis, cosine=cosine,
         element_fraction=hist.fraction_above(pooled, threshold), reasons=reasons))
@@ -210,10 +200,7 @@ def _agc(statistics: Statistics, findings: Sequence[Finding], reasons: Tuple[str
     clip_factor = two_figures(min(max(level, 1e-3), 1.0))
     stacked = np.stack([l.grad_to_weight_series for l in statistics.active_layers])
     clipped = float(np.mean(np.nanmax(np.where(np.isfinite(stacked), stacked, np.inf), axis=0) > clip_factor))
-    which = f"layer{'s' if len(named) != 1 else ''} {', '.join(sorted(named))}" if named else "no single layer"
-    basis = (f"the findings call for AGC ({which}); λ is the largest median grad/weight ratio of the other "
-             f"layers ({level:.3g}), so AGC reins in what stands out and leaves the rest "
-             "(clip rate estimated layer-wise; AGC acts unit-wise)")
+    basis = (because("agc_ratio", layers=tuple(sorted(named)), level=level),)
     return _recommendation("agc", clip_factor, Evidence(clipped, basis, reasons=reasons))
 
 

@@ -16,7 +16,7 @@ from ..analyse.evaluate import Finding
 from ..gate import Verdict
 from .render import render_text
 from ..report import Report
-from .wording import advice, fmt, plural, schedule_caveat
+from .wording import advice, fmt, plural, say, schedule_caveat
 
 TOOL_URI = "https://pypi.org/project/gradscope/"
 SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
@@ -146,7 +146,7 @@ def to_github(report: Report, verdict: Verdict) -> str:
     if verdict.unfinished is not None:
         lines.append(f"::error title=gradscope run did not finish::{_gh_data(verdict.unfinished)}")
     rec = report.recommendation
-    lines.append(f"::notice title=gradscope recommendation::{_gh_data(advice(rec) + ': ' + rec.evidence.basis)}")
+    lines.append(f"::notice title=gradscope recommendation::{_gh_data(advice(rec) + ': ' + say(rec.evidence.basis))}")
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +155,7 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
     state = "✔ healthy" if report.healthy else ("✖ unhealthy" if report.worst_severity == "error" else "▲ at risk")
     out = [f"## gradscope: {report.model} ({state})", "",
            f"{m.steps} steps on {m.device}; measured: {m.measurement}."
-           + (f" The profile went on: {report.extended}." if report.extended else "")
+           + (f" The profile went on: {say(report.extended)}." if report.extended else "")
            + (f" **Learning rate:** {schedule_caveat(report.schedule)}." if schedule_caveat(report.schedule) else "")
            + (f" **Partial report:** {report.stopped_reason}." if report.partial else ""),
            f"Gate: fail on {verdict.fail_on}; exit code {verdict.exit_code}."
@@ -174,13 +174,13 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
         out += [f"- regression: {_regression_text(r)}" for r in c.regressions]
         out.append("")
     rec = report.recommendation
-    out.append(f"**Recommendation:** {advice(report.recommendation)}. {rec.evidence.basis}.")
+    out.append(f"**Recommendation:** {advice(report.recommendation)}. {say(rec.evidence.basis)}.")
     if rec.method != "none":
         where = "the winning trial's steps" if rec.evidence.trials is not None and rec.evidence.trials.winner \
             else "the profiled steps"
         out.append(f"It would have clipped {rec.evidence.clip_fraction:.0%} of {where}.")
     if rec.guard is not None:
-        out.append(f"The skip-step guard ({', '.join(rec.guard.reasons)}): {rec.guard.basis}.")
+        out.append(f"The skip-step guard ({', '.join(rec.guard.reasons)}): {say(rec.guard.basis)}.")
     if rec.snippets:
         out += ["", "```python"] + [f"# {name}\n{code}" if "\n" in code else f"{code}  # {name}" if name != "timm"
                                     else f"# timm: {code}" for name, code in rec.snippets.items()] + ["```"]
@@ -213,7 +213,7 @@ def findings_table(report: Report, verdict: Optional[Verdict] = None) -> str:
             for f in report.findings]
     widths = [max([len(r[i]) for r in rows] + [0]) for i in range(3)]
     lines = [head] + [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
-    lines.append(f"  advice: {advice(report.recommendation)} ({report.recommendation.evidence.basis})")
+    lines.append(f"  advice: {advice(report.recommendation)} ({say(report.recommendation.evidence.basis)})")
     return "\n".join(lines)
 
 

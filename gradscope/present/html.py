@@ -28,7 +28,7 @@ from ..advise.judge import TrialSet
 from .render import MARK, grouped, ordered_layers
 from ..report import Report
 from ..analyse.clipping import rate_windows
-from .wording import advice, clip_summary, fmt, plural, schedule_caveat
+from .wording import advice, clip_summary, fmt, plural, say, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
 HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
@@ -62,7 +62,7 @@ def to_html(report: Report) -> str:
              + (f" · seed {report.seed}" if report.seed is not None else "") + f" · measured: {_e(m.measurement)}</p>",
              f"<p class='verdict {state}'>{words}: {_e(advice(rec))}</p>"]
     if report.extended:
-        parts.append(f"<p class=meta>The profile went on: {_e(report.extended)}.</p>")
+        parts.append(f"<p class=meta>The profile went on: {_e(say(report.extended))}.</p>")
     caveat = schedule_caveat(report.schedule)
     if caveat:
         parts.append(f"<p class=warning>{_e(caveat[0].upper() + caveat[1:])}.</p>")
@@ -95,9 +95,9 @@ def to_html(report: Report) -> str:
     if rec.evidence.trials is not None:
         parts += ["<h2>Trials</h2>", _figure(mpl, _trials_plot, report, _trials_caption(rec.evidence.trials)),
                   _trials_table(rec.evidence.trials)]
-    parts += ["<h2>Recommendation</h2>", f"<p><b>{_e(advice(rec))}</b>. {_e(rec.evidence.basis)}.</p>"]
+    parts += ["<h2>Recommendation</h2>", f"<p><b>{_e(advice(rec))}</b>. {_e(say(rec.evidence.basis))}.</p>"]
     if rec.guard is not None:
-        parts.append(f"<p>The skip-step guard ({_e(', '.join(rec.guard.reasons))}): {_e(rec.guard.basis)}.</p>")
+        parts.append(f"<p>The skip-step guard ({_e(', '.join(rec.guard.reasons))}): {_e(say(rec.guard.basis))}.</p>")
     if rec.snippets:
         parts.append("<pre>" + _e("\n".join(f"# {name}\n{code}" for name, code in rec.snippets.items())) + "</pre>")
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -278,7 +278,7 @@ def _trials_table(trials: TrialSet) -> str:
         rungs = ", ".join(f"{fmt(c.held_out)} at {c.steps}" for c in t.checkpoints) or fmt(t.held_out)
         rows.append(f"<tr><td>{'none' if math.isinf(t.threshold) else fmt(t.threshold)}</td><td>{len(t.losses)}</td>"
                     f"<td>{rungs}</td><td>{t.clip_fraction:.0%}</td><td>{verdict}</td></tr>")
-    stopped = f"<p>The trials stopped: {_e(trials.stopped)}.</p>" if trials.stopped else ""
+    stopped = f"<p>The trials stopped: {_e(say(trials.stopped))}.</p>" if trials.stopped else ""
     return "<table>" + "".join(rows) + "</table>" + stopped
 
 

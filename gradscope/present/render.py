@@ -24,7 +24,7 @@ from ..advise.judge import TrialSet
 from ..report import Report
 from ..analyse.ruleset import SEVERITIES
 from ..analyse.stats import LayerStats
-from .wording import (SEVERITY_RANK, advice, clip_rate_words, clip_summary, fmt, fmt_count, guard_summary, guard_words,
+from .wording import (SEVERITY_RANK, advice, say, clip_rate_words, clip_summary, fmt, fmt_count, guard_summary, guard_words,
                       plural, schedule_caveat, shorten_names)
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -88,8 +88,8 @@ def trials_table(trials: TrialSet) -> RenderableType:
                       fmt(t.held_out), sparkline(np.array(t.losses), width=LAYER_SPARK_WIDTH, log=False), verdict)
     notes = [Text(f"not tried: {', '.join(fmt(c) for c in trials.untried)}", "dim")] if trials.untried else []
     if trials.stopped:
-        notes.append(Text(f"the trials stopped: {trials.stopped}", "dim"))
-    notes += [Text(n, "dim") for n in trials.notes]
+        notes.append(Text(f"the trials stopped: {say(trials.stopped)}", "dim"))
+    notes += [Text(say(n), "dim") for n in trials.notes]
     if trials.winner is not None and not trials.learned:
         further = ("a larger trial budget carries the contenders further" if trials.adaptive else
                    "the adaptive horizon (no fixed trial length) carries the contenders further")
@@ -241,7 +241,7 @@ def recommendation_block(report: Report) -> RenderableType:
         if ev.element_fraction is not None:
             figures += f"; caps {ev.element_fraction:.2%} of elements"
         grid.add_row("evidence", figures)
-    grid.add_row("basis", Text(ev.basis, "dim"))
+    grid.add_row("basis", Text(say(ev.basis), "dim"))
     if rec.guard is not None:
         grid.add_row("guard", Text(guard_summary(rec.guard), "dim"))
     for name, code in rec.snippets.items():

@@ -1,13 +1,19 @@
-"""The report's vocabulary, in one home for every renderer: numbers, counts, names, severities, advice.
+"""The report's vocabulary, in one home for every renderer: numbers, counts, names, severities, advice,
+and why (``REASONS``: the words of every :class:`~gradscope.advise.reasons.Reason` the advice and the
+runs behind it give, said by :func:`say`).
 
-Pure string functions; the rich report, the HTML report and the machine formats all word things the
-same way because they all word them here.
+Pure string functions; the rich report, the HTML report, the machine formats and the JSON report all
+word things the same way because they all word them here. What is worded where it arises instead: a
+rule's message (its YAML), an error's one line and its remedy (``GradscopeError``), a trial's short
+instability verdict (``judge.assess``: "the loss blew up to x12 its start") and a partial report's
+stopped reason (``collect.recorder``), each a single phrase that names its own figures.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
+from ..advise.reasons import Reason, Reasons
 from ..advise.recommend import FREQUENT_OUTLIERS, Recommendation
 from ..analyse.ruleset import SEVERITIES
 
@@ -155,3 +161,110 @@ def _cut(name: str, width: int, head: int) -> str:
         return name
     tail = width - head - len(ELLIPSIS)
     return name[:head] + ELLIPSIS + name[len(name) - tail:]
+
+
+# -- why: every Reason's words (see gradscope.advise.reasons) -------------------------------------------
+def _steps_list(steps: Sequence[int]) -> str:
+    return f" (step{'s' if len(steps) != 1 else ''} {', '.join(map(str, steps))})" if steps else ""
+
+
+def _after(f: Mapping[str, Any], words: str) -> str:
+    return words if f.get("steps") is None else f"after {f['steps']} steps, {words}"
+
+
+def _guard_rule(f: Mapping[str, Any]) -> str:
+    trial = "" if f["trial_skips"] is None else f", and {f['trial_skips']} of the winning trial's {f['trial_steps']}"
+    return (f"a step whose loss or global norm lies more than {f['z']:g} standard deviations above the mean of "
+            f"the last {f['window']} steps is skipped; over the {f['profiled']} profiled steps it would have skipped "
+            f"{len(f['skipped'])}{_steps_list(f['skipped'])}{trial}. It judges a step once {f['min_history']} steps "
+            "are in its window. On a run without such outliers it changes nothing; its cost is one norm and one "
+            "multiply of the gradients per step, with no host sync")
+
+
+def _trials(f: Mapping[str, Any]) -> str:
+    carried = "" if f["carried"] is None else f", the contenders carried to {f['carried']}"
+    return (f"{f['tried']} trial{'s' if f['tried'] != 1 else ''} of {f['steps']} steps from the same start{carried}, "
+            f"judged on held-out batches: {say(f['ruling'])}")
+
+
+def _agc_ratio(f: Mapping[str, Any]) -> str:
+    layers = f["layers"]
+    which = f"layer{'s' if len(layers) != 1 else ''} {', '.join(layers)}" if layers else "no single layer"
+    return (f"the findings call for AGC ({which}); λ is the largest median grad/weight ratio of the other "
+            f"layers ({f['level']:.3g}), so AGC reins in what stands out and leaves the rest "
+            "(clip rate estimated layer-wise; AGC acts unit-wise)")
+
+
+REASONS: Dict[str, Callable[[Mapping[str, Any]], str]] = {
+    # the trials' ruling (advise.judge.ruling)
+    "no_stable_trial": lambda f: ("no threshold tried kept training stable; clipping alone does not rescue this "
+                                  "run: lower the learning rate as well"),
+    "lowest_held_out": lambda f: _after(f, f"the lowest held-out loss of the stable trials, {f['best']:.4g} "
+                                           f"(start {f['start']:.4g})"),
+    "least_clipping_near_best": lambda f: _after(f, (
+        f"the least clipping within {f['tie']:.0%} of the best held-out improvement (or {f['signal']:.0%} of the "
+        f"start loss): {f['chosen']:.4g}, against {f['best']:.4g} at {f['best_threshold']:g} (start {f['start']:.4g})")),
+    "below_unstable_neighbour": lambda f: _after(f, (
+        f"one step below the loosest near-best threshold, whose looser neighbour went unstable (held-out "
+        f"{f['chosen']:.4g}; best {f['best']:.4g} at {f['best_threshold']:g}, start {f['start']:.4g})")),
+    "some_unstable": lambda f: f"{f['unstable']} of {f['tried']} went unstable, the loosest at {f['loosest']:g}",
+    "nothing_learned": lambda f: (f"no trial trained measurably (the best held-out loss, {f['best']:.4g}, is not "
+                                  f"{f['signal']:.0%} below the start's), so the pick rests on stability alone"),
+    "no_trial_fitted": lambda f: "no trial fitted in the budget",
+    # where the trials stopped (run.schedule, advise.judge.promote)
+    "first_rung_most": lambda f: f"the first rung may try {f['most']} thresholds",
+    "first_rung_budget": lambda f: f"the first rung's share of the budget, {f['steps']} steps, would run out",
+    "trial_time_limit": lambda f: f"another trial would pass the {f['seconds']:g} s limit",
+    "then": lambda f: f"then {say(f['reason'])}",
+    "none_stable": lambda f: "no threshold stayed stable",
+    "rung_past_longest": lambda f: (f"the next rung, {f['next']} steps, would pass the longest trial allowed, "
+                                    f"{f['longest']}"),
+    "one_left": lambda f: f"one threshold was left standing at {f['steps']} steps",
+    "nothing_learned_within": lambda f: f"no threshold trained measurably within {f['steps']} steps",
+    "pick_held": lambda f: f"the pick held its place from {f['since']} to {f['steps']} steps",
+    "pick_moved": lambda f: f"the pick moved between {f['since']} and {f['steps']} steps",
+    "pick_clear": lambda f: f"the pick was clearly ahead of the thresholds beside it at {f['steps']} steps",
+    "neighbours_tied": lambda f: f"the thresholds beside the pick could not be told apart at {f['steps']} steps",
+    "no_room_for_rung": lambda f: (f"{say(f['why'])}, and the budget, {f['budget']} steps, has no room for a rung "
+                                   f"of {f['next']}"),
+    "rung_time_limit": lambda f: f"{say(f['why'])}, and another rung would pass the {f['seconds']:g} s limit",
+    "batches_repeat": lambda f: ("Experiment.batches repeats within the trials, so the held-out batches were also "
+                                 "trained on"),
+    # the recommendation's basis (advise.recommend)
+    "trials": lambda f: _trials(f),
+    "no_finite_norm": lambda f: ("no finite gradient norm was observed: fix the non-finite gradients first; no "
+                                 "threshold can be derived"),
+    "safety_net": lambda f: (f"no finding calls for clipping; as a safety net, norm clipping at {f['net']:.3g} "
+                             f"({f['headroom']:g}x the largest global norm seen, {f['largest']:.3g}) would clip no step"),
+    "estimate_runaway": lambda f: (f"an estimate: {f['fraction']:g}x the global norm of the first steps "
+                                   f"({f['level']:.3g}), before training ran away (peak {f['peak']:.3g}): clipping "
+                                   "has to bind on nearly every step"),
+    "estimate_typical": lambda f: (f"an estimate: {f['headroom']:g}x the typical global norm ({f['typical']:.3g}, the "
+                                   f"median of steps without spikes); the largest was {f['largest']:.3g}"),
+    "fallback": lambda f: f"{say(f['ruling'])}. Fallback, {say(f['estimate'])}",
+    "not_confirmed": lambda f: "no trial ran, so the threshold is not confirmed",
+    "value_quantile": lambda f: (f"the 99.9th percentile of |g| over all layers and steps ({f['threshold']:.3g}): "
+                                 "capping elements there removes the outliers and keeps the gradient's direction "
+                                 f"(cosine {f['cosine']:.3f})"),
+    "agc_ratio": _agc_ratio,
+    "guard_rule": _guard_rule,
+    "guard_not_armed": lambda f: (f"Not armed: those outliers came in {f['seen']} of {f['judged']} steps it judged, "
+                                  f"more often than 1 in {f['one_in']}: they are part of the data, and the clipping "
+                                  "handles them"),
+    # the profile (run.diagnose)
+    "profile_extended": lambda f: (f"after {f['asked']} steps nothing was flagged and the loss had not fallen by "
+                                   f"{f['fallen']:.0%}, so the profile went on to {f['steps']}"),
+}
+SEPARATORS = {"guard_not_armed": ". "}  # a clause said as a sentence of its own; the others follow a "; "
+
+
+def say(reasons: Union[Reason, Reasons]) -> str:
+    """A reason, or reasons in order, in words: the one place their sentences are written."""
+    if isinstance(reasons, Reason):
+        reasons = (reasons,)
+    words = ""
+    for k, reason in enumerate(reasons):
+        if k:
+            words += SEPARATORS.get(reason.code, "; ")
+        words += REASONS[reason.code](reason.figures)
+    return words

@@ -17,6 +17,7 @@ from ..errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
 from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf,
                          next_batch, optimizer_step)
 from ..advise.judge import Trial, TrialSet, candidates, update_estimate
+from ..advise.reasons import because
 from ..collect.monitor import Monitor
 from ..collect.optimizers import is_adaptive
 from .options import ProfileOptions, TrialOptions
@@ -200,8 +201,8 @@ def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], st
     report = context.report(monitor.profile(), stopped)
     if done == steps:
         return report
-    return dataclasses.replace(report, extended=f"after {steps} steps nothing was flagged and the loss had not "
-                                                f"fallen by {EXTEND_UNLESS_FALLEN:.0%}, so the profile went on to {monitor.steps}")
+    return dataclasses.replace(report, extended=because("profile_extended", asked=steps, fallen=EXTEND_UNLESS_FALLEN,
+                                                        steps=monitor.steps))
 
 
 def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, report: Report, start: Dict[str, Any],
@@ -230,8 +231,7 @@ def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, r
                            device=device, profile_seconds=profile_seconds, reference_rerun=rerun, progress=progress,
                            most_steps=most_steps)
     if data.repeats():
-        note = "Experiment.batches repeats within the trials, so the held-out batches were also trained on"
-        trial_set = dataclasses.replace(trial_set, notes=(*trial_set.notes, note))
+        trial_set = dataclasses.replace(trial_set, notes=(*trial_set.notes, because("batches_repeat")))
     return trial_set
 
 

@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Protocol, Sequence
 
 from ..advise import judge
 from ..advise.judge import Trial
+from ..advise.reasons import Reason, Reasons, because
 from .options import TrialOptions
 
 MOST_STEPS = 960  # the longest horizon a contender is carried to: 30 doubled five times
@@ -34,32 +35,33 @@ class Runner(Protocol):
     def out_of_time(self) -> bool: ...
 
 
-def run(runner: Runner, thresholds: Sequence[float], progress: Optional[Progress] = None) -> str:
+def run(runner: Runner, thresholds: Sequence[float], progress: Optional[Progress] = None) -> Reasons:
     """Run the whole schedule; why it stopped where it did (the first rung's limit, if it met one, and why
     the climb ended)."""
-    stopped = search(runner, thresholds, progress)
+    limit = search(runner, thresholds, progress)
+    stopped: Reasons = () if limit is None else (limit,)
     if runner.options.adaptive:  # the first rung's share spent or its thresholds tried, the contenders go on
         climbed = climb(runner, progress)
-        stopped = f"{stopped}; then {climbed}" if stopped else climbed
+        stopped = (limit, because("then", reason=climbed)) if limit is not None else (climbed,)
     runner.keep(())
     return stopped
 
 
-def search(runner: Runner, thresholds: Sequence[float], progress: Optional[Progress] = None) -> str:
+def search(runner: Runner, thresholds: Sequence[float], progress: Optional[Progress] = None) -> Optional[Reason]:
     """The first rung: decades down to the basin, then the half-decades beside the pick; why it ended early
-    (a limit), or "" when the search settled."""
+    (a limit), or None when the search settled."""
     options, steps = runner.options, runner.options.first_steps
     while True:
         trials = runner.judged()
         threshold = judge.next_candidate(thresholds, trials, runner.start_held_out, runner.reference)
         if threshold is None:
-            return ""
+            return None
         if len(trials) >= options.most:
-            return f"the first rung may try {options.most} thresholds"
+            return because("first_rung_most", most=options.most)
         if runner.spent + steps > options.search_steps:
-            return f"the first rung's share of the budget, {options.search_steps} steps, would run out"
+            return because("first_rung_budget", steps=options.search_steps)
         if runner.out_of_time():
-            return f"another trial would pass the {options.seconds:g} s limit"
+            return because("trial_time_limit", seconds=options.seconds)
         runner.advance(threshold, steps)
         field = judge.final_field(runner.judged())
         runner.keep([t.threshold for t in judge.contenders(field, runner.start_held_out, runner.reference)])
@@ -67,7 +69,7 @@ def search(runner: Runner, thresholds: Sequence[float], progress: Optional[Progr
             progress(len(trials) + 1, min(options.most, len(thresholds)), f"clip {threshold:g}")
 
 
-def climb(runner: Runner, progress: Optional[Progress] = None) -> str:
+def climb(runner: Runner, progress: Optional[Progress] = None) -> Reason:
     """The later rungs: the contenders go on, the horizon doubling; why the climb stopped."""
     options = runner.options
     while True:
@@ -79,9 +81,9 @@ def climb(runner: Runner, progress: Optional[Progress] = None) -> str:
         while ahead and runner.spent + sum(runner.cost(c, nxt) for c in ahead) > options.budget_steps:
             ahead = ahead[:-1]  # the least needed contender first
         if len(ahead) < 2:
-            return f"{why}, and the budget, {options.budget_steps} steps, has no room for a rung of {nxt}"
+            return because("no_room_for_rung", why=why, budget=options.budget_steps, next=nxt)
         if runner.out_of_time():
-            return f"{why}, and another rung would pass the {options.seconds:g} s limit"
+            return because("rung_time_limit", why=why, seconds=options.seconds)
         runner.keep(ahead)
         for done, threshold in enumerate(ahead, 1):
             runner.advance(threshold, nxt)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from ..advise import judge
+from ..advise.reasons import Reasons, because
 from . import schedule
 from .clipper import clip_norm_
 from .experiment import (Batch, Experiment, forward_backward, held_out_losses, median_or_inf, next_batch,
@@ -138,7 +139,7 @@ class _Trials:
 
 def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches, reference: Trial,
                thresholds: Sequence[float], options: TrialOptions, *, device: torch.device, profile_seconds: float,
-               progress: Optional[schedule.Progress] = None, notes: Sequence[str] = (),
+               progress: Optional[schedule.Progress] = None, notes: Reasons = (),
                reference_rerun: bool = False, most_steps: int = schedule.MOST_STEPS) -> TrialSet:
     """Trials at ``thresholds`` (loosest first): the first rung's search, in the order judge.next_candidate
     gives, then, with the adaptive horizon, the contenders judge.promote names, rung after rung.
@@ -161,7 +162,7 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
     tried = {t.threshold for t in trials}
     untried = [c for c in thresholds if c not in tried]
     winner, reason = judge.ruling(trials, start_held_out, reference) if trials else (
-        None, "no trial fitted in the budget")
+        None, (because("no_trial_fitted"),))
     return TrialSet(steps=first, start_held_out=start_held_out, reference=reference, trials=tuple(trials),
                     untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
                     seconds=time.perf_counter() - began, profile_seconds=profile_seconds, notes=tuple(notes),
@@ -187,8 +188,8 @@ def _train(experiment: Experiment, data: TrialBatches, run: _Run, steps: int, de
     for step in range(first, steps):
         loss = forward_backward(experiment, data.train(step), step, device)
         norm = clip_norm_(params, run.threshold)  # torch's, and sparse gradients too
-        wide = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
-        value, norm_value = torch.stack([loss.detach().to(wide), norm.to(wide)]).tolist()  # one host sync
+        dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
+        value, norm_value = torch.stack([loss.detach().to(dtype), norm.to(dtype)]).tolist()  # one host sync
         run.losses.append(value)
         run.norms.append(norm_value)
         if not (math.isfinite(value) and math.isfinite(norm_value)) or judge.blew_up(run.losses) is not None:
