@@ -26,7 +26,7 @@ def exploding():
 
 
 def test_every_format_is_chosen_in_one_place():
-    assert set(FORMATS) == {"rich", "json", "junit", "sarif", "github", "markdown", "html"}
+    assert set(FORMATS) == {"rich", "json", "junit", "sarif", "github", "gitlab", "markdown", "html"}
     assert set(SUFFIXES.values()) <= set(FORMATS)  # file names map into the same table
     assert format_for("out/report.SARIF") == "sarif" and format_for("report.txt") == "rich"
 
@@ -185,3 +185,24 @@ def test_every_format_agrees_that_an_unfinished_run_failed(fmt, tmp_path, capsys
         assert "exit code 2" in out and "The run did not finish:** the forward pass or loss raised" in out
     else:
         assert "DID NOT FINISH (exit code 2)" in out and "✔ HEALTHY" not in out
+
+
+def test_gitlab_code_quality_has_one_issue_per_finding_with_stable_fingerprints(exploding, tmp_path):
+    """GitLab's Code Quality widget reads an array of issues, each with description, check_name,
+    fingerprint, severity (its own scale) and location.path / lines.begin; a fingerprint that changes
+    between runs would show every finding as new in every merge request."""
+    issues = json.loads(FORMATS["gitlab"](exploding, decide(exploding, "error")))
+    assert len(issues) == len(exploding.findings) > 0
+    for issue, finding in zip(issues, exploding.findings):
+        assert {"description", "check_name", "fingerprint", "severity", "location"} <= set(issue)
+        assert issue["check_name"] == finding.rule_id and finding.message in issue["description"]
+        assert issue["severity"] in {"info", "minor", "major", "critical", "blocker"}
+        assert isinstance(issue["location"]["path"], str) and issue["location"]["lines"]["begin"] >= 1
+    assert len({i["fingerprint"] for i in issues}) == len(issues)
+    again = gradscope.diagnose(exploding_rnn(), steps=12, seed=0)
+    assert [i["fingerprint"] for i in json.loads(FORMATS["gitlab"](again, decide(again, "error")))] == \
+        [i["fingerprint"] for i in issues]
+    assert main(["diagnose", target(tmp_path, GOOD), "--format", "gitlab", "--output", str(tmp_path / "cq.json"),
+                 "--trials", "off"]) == 0
+    written = json.loads((tmp_path / "cq.json").read_text())  # a healthy model: info at most, nothing to fail on
+    assert all(issue["severity"] == "info" for issue in written)

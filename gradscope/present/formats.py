@@ -1,10 +1,12 @@
-"""Output formats for machines and CI systems: one small pure function per format, chosen in FORMATS.
+"""Output formats for machines and CI systems: one small pure function per format, chosen in FORMATS
+(json, JUnit, SARIF, GitHub workflow commands, GitLab Code Quality, Markdown, HTML).
 
 Each takes the Report and the gate's Verdict and returns text. ``rich`` is the terminal report as
 plain text (the CLI prints it with colour when writing to a terminal).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -21,6 +23,9 @@ from .wording import advice, fmt, plural, say, schedule_caveat
 TOOL_URI = "https://pypi.org/project/gradscope/"
 SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 GITHUB_LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
+# GitLab's scale is info, minor, major, critical, blocker; a failed gate (a regression, a run that did not
+# finish) is critical, above any one finding
+GITLAB_SEVERITY = {"error": "major", "warning": "minor", "info": "info"}
 
 
 def to_json(report: Report, verdict: Verdict) -> str:
@@ -150,6 +155,27 @@ def to_github(report: Report, verdict: Verdict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_gitlab(report: Report, verdict: Verdict) -> str:
+    """GitLab Code Quality (the subset of the Code Climate spec a merge request's widget reads): one issue
+    per finding, with a fingerprint stable across runs (rule and layer, as SARIF's), located at the
+    layer's class where it is the user's code, else at the model's; and one per baseline regression
+    and for a run that did not finish."""
+    def issue(check: str, description: str, severity: str, key: str, where: Optional[Tuple[str, int]]) -> dict:
+        path, line = where or (report.model, 1)  # no file of the user's: the model by name
+        return {"description": description, "check_name": check,
+                "fingerprint": hashlib.md5(f"gradscope:{key}".encode()).hexdigest(), "severity": severity,
+                "location": {"path": path, "lines": {"begin": line}}}
+    issues = [issue(f.rule_id, _line(f), GITLAB_SEVERITY[f.severity], f"{f.rule_id}:{f.layer or '<model>'}",
+                    _source(report, f)) for f in report.findings]
+    if verdict.comparison is not None:
+        issues += [issue("baseline-regression", _regression_text(r), "critical", f"regression:{r.metric}", None)
+                   for r in verdict.comparison.regressions]
+    if verdict.unfinished is not None:
+        issues.append(issue("run-did-not-finish", f"the run did not finish (exit code {verdict.exit_code}): "
+                            f"{verdict.unfinished}", "critical", "unfinished", None))
+    return json.dumps(issues, indent=2, allow_nan=False) + "\n"
+
+
 def to_markdown(report: Report, verdict: Verdict) -> str:
     m = report.statistics.model
     state = "✔ healthy" if report.healthy else ("✖ unhealthy" if report.worst_severity == "error" else "▲ at risk")
@@ -223,6 +249,7 @@ FORMATS: Dict[str, Callable[[Report, Verdict], str]] = {
     "junit": to_junit,
     "sarif": to_sarif,
     "github": to_github,
+    "gitlab": to_gitlab,
     "markdown": to_markdown,
     "html": to_html,
 }
