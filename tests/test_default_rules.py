@@ -151,6 +151,19 @@ def healthy_sgd() -> gradscope.Experiment:
                                 regression_batches(), loss_fn=mse)
 
 
+def overshooting_sgd() -> gradscope.Experiment:
+    """Full-batch least squares at an SGD learning rate 0.95x the edge of stability (2 over the sharpest
+    curvature): the loss falls, while each step overshoots along the sharpest direction and the next comes
+    back, so successive gradients point nearly opposite (cosine about -1)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = x @ torch.randn(16, 1)
+    model = nn.Linear(16, 1, bias=False)
+    sharpest = float(torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())  # the Hessian of the mean squared error
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1.9 / sharpest), [(x, y)],
+                                loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+
+
 def watched_run(clip: float, steps: int = 60, scale=lambda step: 1.0, spike=None) -> gradscope.Report:
     """A plain loop that clips by norm at ``clip`` and tells its Monitor so; its loss scaled by
     ``scale(step)``, and step ``spike``'s targets 300x their size. The norms run 2.3 to 12 (p10 to max)."""
@@ -176,6 +189,7 @@ TRIPS = {
     "global-norm-growing": exploding_rnn,
     "global-norm-blowup": exploding_rnn,
     "global-norm-rising": rising_norm,
+    "gradient-direction-flips": overshooting_sgd,
     "gradient-spike": spiky_batches,
     "layer-dominates": dominating_layer,
     "heavy-tailed-gradients": heavy_tailed,

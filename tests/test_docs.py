@@ -127,3 +127,11 @@ def test_the_ci_pages_baseline_command_runs_as_written(tmp_path):
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / args[-1]).exists()
+
+
+def test_the_rules_page_lists_every_default_rule():
+    """docs/rules.md names the default set; a rule added to rules/default.yaml is added there too."""
+    from gradscope import load_rules
+    page = (ROOT / "docs" / "rules.md").read_text(encoding="utf-8")
+    listed = page[page.index("The default set"):page.index("`gradscope rules` describes each.")]
+    assert re.findall(r"`([a-z0-9-]+)`", listed) == [r.id for r in load_rules().rules]

@@ -55,6 +55,8 @@ _MODEL = {
     "global_norm_spike_z": "largest z-score of a step's log10 global norm against the running statistics",
     "global_norm_kurtosis": "kurtosis of the global norms over steps (3 for a Gaussian)",
     "grad_cosine_median": "median cosine between successive steps' global gradients",
+    "grad_cosine_negative_fraction": "fraction of steps whose global gradient points against the previous step's "
+                                     "(cosine below 0)",
     "nonfinite_count": "inf or NaN gradient elements over all layers and steps",
     "nonfinite_steps": "steps with any non-finite gradient element",
     "loss_nonfinite": "1 if the loss was inf or NaN at some step, else 0",

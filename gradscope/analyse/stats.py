@@ -179,6 +179,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         "global_norm_spike_z": profile.global_spike_z,
         "global_norm_kurtosis": kurt,
         "grad_cosine_median": _finite_median(cosine),
+        "grad_cosine_negative_fraction": _finite_share(cosine < 0, cosine),
         "nonfinite_count": float(profile.nonfinite_total.sum()),
         "nonfinite_steps": float(len(profile.nonfinite_steps)),
         "loss_nonfinite": 1.0 if profile.loss_nonfinite_step is not None else 0.0,
@@ -432,6 +433,12 @@ def rise(values: np.ndarray) -> float:
     q = max(len(values) // 4, 1)
     first, last = float(np.median(values[:q])), float(np.median(values[-q:]))
     return last / first if first > 0 and last > 0 else NAN
+
+
+def _finite_share(mask: np.ndarray, values: np.ndarray) -> float:
+    """The share of the finite ``values`` where ``mask`` holds (NaN where none is finite)."""
+    finite = np.isfinite(values)
+    return float(np.mean(mask[finite])) if finite.any() else NAN
 
 
 def _finite_median(values: np.ndarray, axis=None):
