@@ -3,8 +3,8 @@
 Blocks on one page share a namespace, as a reader's session would. Where a block uses names from the
 reader's own code (``model``, ``optimizer``, ``loader``, ``compute_loss``, ``experiment``, a Lightning
 ``datamodule``, a Hugging Face ``data`` set), a small real stand-in is defined first: a plain
-``nn.Module`` loop, a ``LightningModule``, or a tiny GPT-2 built from its config, chosen by the
-framework the block itself uses. A block whose first line names a file (``# my_experiment.py``) is
+``nn.Module`` loop (also for an Accelerate loop), a ``LightningModule``, or a tiny GPT-2 built from
+its config, chosen by the framework the block itself uses. A block whose first line names a file (``# my_experiment.py``) is
 also saved under that name, as the reader would save it. Each page runs in its own empty folder.
 """
 from __future__ import annotations
@@ -80,6 +80,8 @@ def stand_ins(code: str) -> dict:
         return a_lightning_module()
     if "train_dataset=data" in code:
         return a_hugging_face_model()
+    if "Accelerator(" in code:  # a plain loop's model, optimizer and data, as Accelerate takes them
+        return a_plain_loop()
     return {}
 
 
@@ -94,7 +96,19 @@ def test_every_python_block_runs(page, tmp_path, monkeypatch):
         if named:
             (tmp_path / named.group(1)).write_text(code, encoding="utf-8")
         namespace.update(stand_ins(code))
-        exec(compile(code, f"{page.name} block {k + 1}", "exec"), namespace)  # noqa: S102 - the docs' own code
+        try:
+            exec(compile(code, f"{page.name} block {k + 1}", "exec"), namespace)  # noqa: S102 - the docs' own code
+        finally:
+            _forget_the_accelerator()
+
+
+def _forget_the_accelerator() -> None:
+    """Accelerate keeps one state per process; a page's Accelerator must not configure the next test's."""
+    import sys
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
 
 
 def test_the_pages_have_python_to_run():

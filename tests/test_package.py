@@ -37,7 +37,7 @@ def test_the_installed_package_has_every_module_and_the_default_rules(wheel):
     assert gradscope.load_rules().rules  # loaded from the installed package
 
 
-@pytest.mark.parametrize("module", ["lightning", "transformers", "tensorboard"])
+@pytest.mark.parametrize("module", ["lightning", "transformers", "accelerate", "tensorboard"])
 def test_every_integration_imports_from_the_installed_package(wheel, module):
     imported = importlib.import_module(f"gradscope.integrations.{module}")
     assert Path(imported.__file__).resolve().parent == wheel / "integrations"
