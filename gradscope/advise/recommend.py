@@ -7,7 +7,6 @@ The method is the remedy the rules name: a finding at warning or error severity 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
