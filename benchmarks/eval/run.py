@@ -307,7 +307,7 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
     return {"scenario": scenario.name, "label": scenario.label, "seed": seed, "l0": l0,
             "flagged": not report.healthy, "method": report.recommendation.method,
             "threshold": report.recommendation.threshold, "advice": repr(clipper),
-            "guard_evidence": report.recommendation.evidence.basis,
+            "guard_evidence": say(report.recommendation.evidence.basis),
             "schedule_reached": None if report.schedule is None else report.schedule.reached,
             "profile_steps": report.statistics.model.steps, "trial_steps": trials.spent if trials else 0,
             "diagnose_seconds": diagnose_seconds, "best_threshold": best_threshold,
