@@ -76,16 +76,7 @@ def diagnose(
     learning-rate schedule that ends). ``progress`` and ``trial_progress`` are called after each
     profiled step and each trial's step.
     """
-    if not isinstance(experiment, Experiment):
-        raise ExperimentError(f"diagnose() takes a gradscope.Experiment, not {type(experiment).__name__}",
-                              "wrap your model, optimizer and batches in gradscope.Experiment(...)")
-    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ExperimentError(f"steps must be between 1 and {MAX_STEPS}, got {steps}",
-                              "a few dozen steps show the trend; use Monitor for whole training runs")
-    if not isinstance(profile, ProfileOptions):
-        raise ExperimentError(f"profile takes a gradscope.ProfileOptions, not {type(profile).__name__}",
-                              "ProfileOptions(extend=False), say")
-    options = trials if isinstance(trials, TrialOptions) else TrialOptions(most=trials)
+    options = _checked(experiment, steps, profile, trials)
     context = _Context(rules if isinstance(rules, RuleSet) else load_rules(rules), experiment.display_name, seed,
                        steps, is_adaptive(experiment.optimizer))
     target = resolve_device(profile.device)
@@ -134,6 +125,21 @@ def diagnose(
             restore_state(experiment, saved)
         interrupts.restore(shield)
     return report
+
+
+def _checked(experiment: Experiment, steps: int, profile: ProfileOptions,
+             trials: Union[TrialOptions, int]) -> TrialOptions:
+    """diagnose()'s arguments checked, each wrong one a one-line error; the trials' options as given."""
+    if not isinstance(experiment, Experiment):
+        raise ExperimentError(f"diagnose() takes a gradscope.Experiment, not {type(experiment).__name__}",
+                              "wrap your model, optimizer and batches in gradscope.Experiment(...)")
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ExperimentError(f"steps must be between 1 and {MAX_STEPS}, got {steps}",
+                              "a few dozen steps show the trend; use Monitor for whole training runs")
+    if not isinstance(profile, ProfileOptions):
+        raise ExperimentError(f"profile takes a gradscope.ProfileOptions, not {type(profile).__name__}",
+                              "ProfileOptions(extend=False), say")
+    return trials if isinstance(trials, TrialOptions) else TrialOptions(most=trials)
 
 
 class _Context(NamedTuple):

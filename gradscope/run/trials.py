@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from ..advise import judge
-from ..advise.reasons import Reasons, because
+from ..advise.reasons import because
 from . import schedule
 from .clipper import clip_norm_
 from .experiment import (Batch, Experiment, forward_backward, held_out_losses, median_or_inf, next_batch,
@@ -139,8 +139,8 @@ class _Trials:
 
 def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches, reference: Trial,
                thresholds: Sequence[float], options: TrialOptions, *, device: torch.device, profile_seconds: float,
-               progress: Optional[schedule.Progress] = None, notes: Reasons = (),
-               reference_rerun: bool = False, most_steps: int = schedule.MOST_STEPS) -> TrialSet:
+               progress: Optional[schedule.Progress] = None, reference_rerun: bool = False,
+               most_steps: int = schedule.MOST_STEPS) -> TrialSet:
     """Trials at ``thresholds`` (loosest first): the first rung's search, in the order judge.next_candidate
     gives, then, with the adaptive horizon, the contenders judge.promote names, rung after rung.
 
@@ -165,7 +165,7 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
         None, (because("no_trial_fitted"),))
     return TrialSet(steps=first, start_held_out=start_held_out, reference=reference, trials=tuple(trials),
                     untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
-                    seconds=time.perf_counter() - began, profile_seconds=profile_seconds, notes=tuple(notes),
+                    seconds=time.perf_counter() - began, profile_seconds=profile_seconds,
                     reference_rerun=reference_rerun, spent_trials=work.spent, adaptive=options.adaptive)
 
 
