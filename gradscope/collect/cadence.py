@@ -61,6 +61,14 @@ class Cadence:
     def before_observed(self, optimizer_step: int) -> bool:
         return (optimizer_step + 1) % self.every == 0
 
+    def took_snapshot(self, optimizer_step: int) -> None:
+        """The weights were copied at ``optimizer_step``: its update is read once the optimizer has stepped."""
+        self.snapshot_step = optimizer_step
+
+    def spent_snapshot(self) -> None:
+        """The snapshot's update was recorded: none is pending."""
+        self.snapshot_step = -1
+
     @property
     def last_observed(self) -> bool:
         """Whether the last optimizer step seen was an observed one."""

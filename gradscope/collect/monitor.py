@@ -217,7 +217,7 @@ class Monitor:
             extras += figures.weights()
         if cadence.snapshots(step):
             extras += figures.snapshot(exact=measured)  # copying every step (update_every=1): this step's own
-            cadence.snapshot_step = optimizer_step
+            cadence.took_snapshot(optimizer_step)
         if self._watched is not None and self._watched.on_device:  # the user's clipping, by element or unit
             extras += figures.clip_sums(self._watched, inverse_scale, row.dtype)
         return [(name, t if t.device == self.device else t.to(self.device)) for name, t in extras]
@@ -257,8 +257,7 @@ class Monitor:
             else:
                 values = layout.arrays_of_step(arrays[0], gather([name for name, _ in waiting.extras], arrays[1:]))
                 present = waiting.present
-            waiting.result._values = self._record(waiting, layout.decode(values, present))
-            waiting.result._monitor = None
+            waiting.result._resolve(self._record(waiting, layout.decode(values, present)))
 
     def _record(self, waiting: Waiting, row: HostRow) -> Dict[str, float]:
         self._ledger.amend_loss(self._ledger.last_step, row.noted)
@@ -296,7 +295,7 @@ class Monitor:
         values = figures.layout.per_layer(change)
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
             self._ledger.record_update(cadence.snapshot_step, values, figures.layout.per_layer(weight))
-            cadence.snapshot_step = -1  # the snapshot is spent
+            cadence.spent_snapshot()
 
     def _first_in_backward_order(self, mask: np.ndarray) -> str:
         """The layer first reached by backward among ``mask`` (groups): where a failure started."""
@@ -376,6 +375,10 @@ class Observation(Mapping):
 
     def __init__(self, monitor: Optional[Monitor], step: int, values: Optional[Dict[str, float]] = None) -> None:
         self._monitor, self.step, self._values = monitor, step, values
+
+    def _resolve(self, values: Dict[str, float]) -> None:
+        """The step's figures reached the host (the Monitor's flush): keep them, and let go of the Monitor."""
+        self._values, self._monitor = values, None
 
     def _resolved(self) -> Dict[str, float]:
         if self._values is None:
