@@ -28,6 +28,18 @@ def _scattered(length: int, count: Counter) -> bool:
     return count[length] == 1 and length < ALONE
 
 
+def equal_neighbours(lengths: Sequence[int]) -> List[Tuple[int, int]]:
+    """The groups of neighbouring slices of one length, as (first, past the last) positions."""
+    groups, k = [], 0
+    while k < len(lengths):
+        j = k
+        while j < len(lengths) and lengths[j] == lengths[k]:
+            j += 1
+        groups.append((k, j))
+        k = j
+    return groups
+
+
 def order(lengths: Sequence[int]) -> List[int]:
     """The buffer order of slices of these lengths: runs of equal lengths (and large slices alone), longest
     first, then the small slices of a length of their own."""
@@ -43,12 +55,11 @@ class Segments:
         self.runs: List[Tuple[int, int, int]] = []  # (offset, slices, length) of each run of equal lengths
         count = Counter(lengths)
         at, k = start, 0
-        while k < len(lengths) and not _scattered(lengths[k], count):
-            j = k
-            while j < len(lengths) and lengths[j] == lengths[k]:
-                j += 1
-            self.runs.append((at, j - k, lengths[k]))
-            at, k = at + (j - k) * lengths[k], j
+        for first, past in equal_neighbours(lengths):
+            if _scattered(lengths[first], count):  # the scattered tail: every slice after it is too
+                break
+            self.runs.append((at, past - first, lengths[first]))
+            at, k = at + (past - first) * lengths[first], past
         self.ragged_start, self.ragged = at, len(lengths) - k
         # the slice each element of the ragged tail belongs to (numbered within the tail)
         self.ragged_index = torch.repeat_interleave(
@@ -67,12 +78,8 @@ class Segments:
         if self.ragged:
             parts.append(torch.zeros(self.ragged, dtype=dtype, device=flat.device)
                          .index_add_(0, self.ragged_index, self._tail(flat).to(dtype)))
-        return self._cat(parts, flat)
-
-    def _cat(self, parts: List[torch.Tensor], flat: torch.Tensor, empty: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The parts end to end; with no slices, an empty vector of ``empty`` (default: the sums' dtype)."""
-        if not parts:
-            return torch.zeros(0, dtype=empty or torch.promote_types(flat.dtype, torch.float32), device=flat.device)
+        if not parts:  # no slices
+            return torch.zeros(0, dtype=dtype, device=flat.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -81,16 +88,11 @@ def split_runs(lengths: Sequence[int]) -> Tuple[List[List[int]], List[int]]:
     length, each one 2-D view, and the rest."""
     runs: List[List[int]] = []
     rest: List[int] = []
-    k = 0
-    while k < len(lengths):
-        j = k
-        while j < len(lengths) and lengths[j] == lengths[k]:
-            j += 1
-        if j - k >= RUN_MIN:
-            runs.append(list(range(k, j)))
+    for first, past in equal_neighbours(lengths):
+        if past - first >= RUN_MIN:
+            runs.append(list(range(first, past)))
         else:
-            rest.extend(range(k, j))
-        k = j
+            rest.extend(range(first, past))
     return runs, rest
 
 
@@ -103,13 +105,11 @@ class Norms:
     def __init__(self, flat: torch.Tensor, starts: Sequence[int], lengths: Sequence[int],
                  into: Sequence[int], dtype: Optional[torch.dtype]) -> None:
         self.dtype = dtype
-        self.runs: List[torch.Tensor] = []
-        self.rest: List[torch.Tensor] = []
         runs, rest = split_runs(lengths)  # (the slices sit end to end: a run is one 2-D view)
         self.runs = [flat[starts[r[0]]:starts[r[0]] + len(r) * lengths[r[0]]].view(len(r), lengths[r[0]]) for r in runs]
         self.rest = [flat[starts[i]:starts[i] + lengths[i]] for i in rest]
         placed = [into[i] for i in [i for r in runs for i in r] + rest]  # where each computed norm goes
-        self.pick = None if placed == sorted(placed) else torch.tensor(
+        self.reorder = None if placed == sorted(placed) else torch.tensor(
             sorted(range(len(placed)), key=placed.__getitem__), dtype=torch.int64, device=flat.device)
 
     def squares(self) -> torch.Tensor:
@@ -118,4 +118,4 @@ class Norms:
         if self.rest:
             parts.append(torch.stack(torch._foreach_norm(self.rest, 2, dtype=self.dtype)))
         squares = (torch.cat(parts) if len(parts) > 1 else parts[0]).square()
-        return squares if self.pick is None else squares.index_select(0, self.pick)
+        return squares if self.reorder is None else squares.index_select(0, self.reorder)
