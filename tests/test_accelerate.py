@@ -32,12 +32,13 @@ def loader(n: int = 80, seed: int = 0):
 
 
 def train(lr: float = 0.05, accumulation: int = 2, clip: float = 1.0, raise_at: int = -1, **options):
-    """An Accelerate loop as its docs write one, recording the pre-clip global norm by hand at each sync."""
+    """An Accelerate loop as its docs write one, recording by hand at each sync the pre-clip global norm
+    and the mean loss of the step's micro-batches."""
     torch.manual_seed(0)
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     model = MLP()
     model, optimizer, data = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=lr), loader())
-    reference = []
+    reference, losses, micro = [], [], []
     with GradscopeAccelerate(accelerator, model, optimizer=optimizer, clip=clip, **options) as gradscope:
         for k, (x, y) in enumerate(data):
             with accelerator.accumulate(model):
@@ -46,19 +47,23 @@ def train(lr: float = 0.05, accumulation: int = 2, clip: float = 1.0, raise_at: 
                 if k == raise_at:
                     raise RuntimeError("a corrupt batch")
                 gradscope.observe(loss)
+                micro.append(loss.item())
                 if accelerator.sync_gradients:
+                    losses.append(sum(micro) / len(micro))
+                    micro = []
                     reference.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().norm().item())
                     accelerator.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
                 optimizer.zero_grad()
-    return gradscope, reference
+    return gradscope, reference, losses
 
 
 def test_each_synced_step_is_observed_pre_clip():
-    gradscope, reference = train()
+    gradscope, reference, losses = train()
     report = gradscope.report
     assert report.statistics.model.steps == len(reference) == 5  # 10 micro-batches, 2 per optimizer step
     assert report.statistics.model.global_norm == pytest.approx(reference, rel=1e-5)
+    assert report.statistics.model.loss == pytest.approx(losses, rel=1e-5)  # each step's micro-batches, averaged
     assert max(reference) > 1.0  # the clipping acted, and the figures are still the pre-clip ones
     assert report.statistics.model.metrics["clip_rate"] > 0  # what the loop's clip_grad_norm_ did
 

@@ -20,6 +20,7 @@ import torch
 
 from ..analyse.ruleset import RuleSet
 from ..collect import recorder
+from ..collect.losses import Losses
 from ..collect.monitor import Monitor, Observation
 from ..report import Report
 from .common import GradientHealthError, ReportSink
@@ -46,8 +47,7 @@ class GradscopeAccelerate:
         self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), clip=clip,
                                update_every=update_every, histogram_sample=histogram_sample, every=every)
         self.report: Optional[Report] = None
-        self._loss_sum: Optional[torch.Tensor] = None  # the micro-batches' losses since the last sync
-        self._loss_count = 0
+        self._losses = Losses(self.monitor.device)  # the micro-batches' losses since the last sync
         self._sigterm: Optional[Any] = None  # the SIGTERM handler armed over, inside ``with``
 
     def observe(self, loss: Optional[torch.Tensor] = None) -> Optional[Observation]:
@@ -55,14 +55,11 @@ class GradscopeAccelerate:
         micro-batch's loss: on the micro-batch that syncs the gradients the step is measured (with the
         mean loss of its micro-batches); on the others the loss is kept and None returned."""
         if loss is not None:
-            value = loss.detach().float().reshape(())
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_count += 1
+            self._losses.note(loss)
         if not self.accelerator.sync_gradients:
             return None
-        mean = None if self._loss_sum is None else self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = None, 0
-        return self.monitor.observe(mean, scaler=self.accelerator.scaler)
+        return self.monitor.observe(self._losses.take() if self._losses.waiting else None,
+                                    scaler=self.accelerator.scaler)
 
     def finish(self, name: Optional[str] = None) -> Report:
         """The end of training: the report (every process builds it: under several it takes collectives),
