@@ -15,9 +15,12 @@ and it counts the CUDA kernels one observe() launches (torch.profiler, over 16 c
 counts the top-level aten ops instead (each would be a kernel launch on a GPU), beside the floor's.
 With ``--guards`` it times Clipper's guards instead, against plain ``clip_grad_norm_``: identical copies
 train under AdamW, each step ending in ``clip_grad_norm_(params, 1.0)`` (the reference),
-``Clipper("norm", 1.0, skip=Skip())`` (clip plus the skip-step guard, watching the loss and the norm)
-or ``Clipper("adaptive", 2.5)`` (ZClip's threshold), in rotating order; it prints each arm's median
-step time, its ratio to the reference, and the clipping call alone on the same gradients.
+``Clipper("norm", 1.0, skip=Skip())`` (clip plus the skip-step guard, watching the loss and the norm),
+unattached (a skip zeroes the gradient) and attached to the optimizer (a skip is exact: the step's
+tensors copied and put back where skipped), or ``Clipper("adaptive", 2.5)`` (ZClip's threshold), and the
+same attached guard on fused AdamW (a skip through ``found_inf``) against fused AdamW's own
+``clip_grad_norm_``, in rotating order; it prints each arm's median step time, its ratio to its
+reference, and the clipping call alone on the same gradients.
 With ``--clip`` (``1.0``, ``value:0.01`` or ``agc:0.01``) a fourth arm's Monitor is told of the loop's
 clipping (``Monitor(clip=...)``), to price watching it: its step ratio and observe() alone are printed
 beside the plain observed arm's.
@@ -235,16 +238,29 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=()) ->
                 "watched_observe_ms": observe_ms(watched_model, watcher)[0]})}
 
 
-def guard_arms(model: torch.nn.Module) -> Dict[str, Callable[[torch.Tensor], object]]:
-    """One clipping hook per arm, each over its own copy of the model."""
-    skip, adaptive = Clipper("norm", 1.0, skip=Skip()), Clipper("adaptive", 2.5)
-    models = {k: copy.deepcopy(model) for k in ("clip_grad_norm_", "clip+skip", "adaptive")}
-    hooks = {
-        "clip_grad_norm_": lambda m: (lambda loss: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
-        "clip+skip": lambda m: (lambda loss: skip(m, loss=loss)),
-        "adaptive": lambda m: (lambda loss: adaptive(m, loss=loss)),
-    }
-    return {k: (models[k], hooks[k](models[k])) for k in models}
+def guard_arms(model: torch.nn.Module) -> Dict[str, tuple]:
+    """One arm per way of clipping, each over its own copy of the model with its own AdamW: (model,
+    optimizer, hook). The attached arms skip exactly (gradscope.run.skipping): by copying back on the
+    default AdamW, through found_inf on the fused one, which has its own clip_grad_norm_ reference."""
+    arms = {}
+    for name, fused, make in [
+            ("clip_grad_norm_", False, None),
+            ("clip+skip", False, lambda: Clipper("norm", 1.0, skip=Skip())),
+            ("clip+skip attached", False, lambda: Clipper("norm", 1.0, skip=Skip())),
+            ("adaptive", False, lambda: Clipper("adaptive", 2.5)),
+            ("fused clip_grad_norm_", True, None),
+            ("fused clip+skip attached", True, lambda: Clipper("norm", 1.0, skip=Skip()))]:
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused or None)
+        if make is None:
+            hook = (lambda m: lambda loss: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0))(m)
+        else:
+            clipper = make()
+            if "attached" in name:
+                clipper.attach(opt)
+            hook = (lambda c, m: lambda loss: c(m, loss=loss))(clipper, m)
+        arms[name] = (m, opt, hook)
+    return arms
 
 
 def call_ms(model: torch.nn.Module, hook, loss: torch.Tensor, repeats: int = 50) -> float:
@@ -264,18 +280,17 @@ def measure_guards(name: str, pairs: int, device: torch.device) -> Dict[str, Dic
     torch.manual_seed(0)
     model, batch, loss_fn = on(device, name)
     runs = guard_arms(model)
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
     times: Dict[str, list] = {k: [] for k in runs}
     names = list(runs)
     for i in range(-3, pairs):  # three warm-up rounds, untimed
         for k in names[i % len(names):] + names[:i % len(names)]:
-            m, hook = runs[k]
-            took = timed_step(m, opts[k], batch, loss_fn, hook)
+            m, opt, hook = runs[k]
+            took = timed_step(m, opt, batch, loss_fn, hook)
             if i >= 0:
                 times[k].append(took)
-    reference = statistics.median(times["clip_grad_norm_"])
     out = {}
-    for k, (m, hook) in runs.items():
+    for k, (m, opt, hook) in runs.items():
+        reference = statistics.median(times["fused clip_grad_norm_" if k.startswith("fused") else "clip_grad_norm_"])
         loss = loss_fn(m, batch()).detach()
         out[k] = {"step_ms": statistics.median(times[k]) * 1e3, "ratio": statistics.median(times[k]) / reference,
                   "call_ms": call_ms(m, hook, loss)}
@@ -364,10 +379,10 @@ def main() -> None:
     pairs = 4 if args.quick else args.pairs
     if args.guards:
         print(f"torch {torch.__version__}; {pairs} rounds of each arm in rotating order, AdamW")
-        print(f"{'model':<14}{'arm':<17}{'step ms':>9}{'/ clip_grad_norm_':>19}{'call ms':>10}")
+        print(f"{'model':<14}{'arm':<26}{'step ms':>9}{'/ clip_grad_norm_':>19}{'call ms':>10}")
         for name in models:
             for arm, row in measure_guards(name, pairs, device).items():
-                print(f"{name:<14}{arm:<17}{row['step_ms']:>9.2f}{row['ratio']:>19.3f}{row['call_ms']:>10.3f}",
+                print(f"{name:<14}{arm:<26}{row['step_ms']:>9.2f}{row['ratio']:>19.3f}{row['call_ms']:>10.3f}",
                       flush=True)
         return
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

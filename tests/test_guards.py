@@ -44,17 +44,24 @@ def _run(clipper, steps=120, spikes=(40, 41, 90), seed=0, model=None, make_loss=
     return before, after
 
 
-def _reference_skips(norms, z=6.0, window=128, min_history=16):
-    """The rule written plainly on the host: skipped values stay out of the window."""
-    kept, skipped = [], []
+def _reference_skips(norms, z=6.0, window=128, min_history=16, max_consecutive=8, max_skips=8):
+    """The rule written plainly on the host: skipped values stay out of the window, and an outlier past
+    ``max_consecutive`` skips in a row, or ``max_skips`` in the last ``window`` steps, restarts the window."""
+    kept, skipped, flags = [], [], []
     for step, n in enumerate(norms):
         recent = kept[-window:]
         if len(recent) >= min_history:
             mean, std = np.mean(recent), np.std(recent, ddof=1)
             if (n - mean) / max(std, 1e-12) > z:
-                skipped.append(step)
-                continue
+                run = next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
+                if run >= max_consecutive or sum(flags[-window:]) >= max_skips:
+                    kept, flags = [], [False] * len(flags)
+                else:
+                    skipped.append(step)
+                    flags.append(True)
+                    continue
         kept.append(n)
+        flags.append(False)
     return skipped
 
 
@@ -136,6 +143,19 @@ def test_no_host_read_on_any_guarded_step(make):
     assert counter.count == 0
     with pytest.raises(NotImplementedError, match="meta"):
         clipper.counts()  # reading the counts is the one copy to the host
+
+
+def test_no_host_read_on_an_attached_optimizer_step():
+    """The exact skip (copy before the step, put back after it where skipped) reads no value either."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
+    clipper = Clipper("norm", 1.0, skip=Skip(min_history=2)).attach(opt)
+    with _HostReads() as counter:
+        for _ in range(12):
+            loss = _guarded_step(model, torch.randn(16, 64, device="meta"))
+            clipper(model, loss=loss)
+            opt.step()
+    assert counter.count == 0
 
 
 def test_state_survives_a_save_and_a_load_through_the_optimizer():
@@ -235,3 +255,147 @@ def test_the_advice_counts_with_the_rule_the_clipper_applies():
     skipped = [e["step"] for e in clipper.counts()["events"]]
     assert {25, 60} <= set(skipped)
     assert replay_skips(norms, losses, Skip(min_history=8)) == skipped
+
+
+# -- a skip is a skip, and a new level is not a spike (the snippet's path: attach, then clipper(model, loss)) --
+
+OPTIMIZERS = {
+    "adamw-weight-decay": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, weight_decay=0.01),
+    "adam-foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, weight_decay=0.01),
+}
+
+
+def _snippet_run(make_opt, steps, scale, seed=0, observe=None):
+    """Train a LayerNorm MLP through the documented snippet; ``scale(step)`` multiplies that step's loss.
+    ``observe(step, model, opt, before)`` is called after each step with the state dicts from before it."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Tanh(), nn.Linear(32, 1))
+    opt = make_opt(model.parameters())
+    clipper = Clipper("none", None, skip=Skip()).attach(opt)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(8, 1, generator=g)
+    for step in range(steps):
+        x = torch.randn(32, 8, generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x @ w) * scale(step)
+        loss.backward()
+        before = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())) if observe else None
+        clipper(model, loss=loss)
+        opt.step()
+        if observe:
+            observe(step, model, opt, before)
+    return clipper
+
+
+def _same_state(a, b):
+    if set(a) != set(b):
+        return False
+    return all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_skipped_step_leaves_the_weights_and_the_optimizer_state_bit_identical(name):
+    seen = {}
+
+    def observe(step, model, opt, before):
+        weights, state = before
+        seen[step] = (all(torch.equal(weights[k], v) for k, v in model.state_dict().items()),
+                      all(_same_state(a, b) for a, b in zip(state["state"].values(), opt.state_dict()["state"].values())))
+    clipper = _snippet_run(OPTIMIZERS[name], 80, lambda s: 1e4 if s == 60 else 1.0, observe=observe)
+    counts = clipper.counts()
+    skipped = [e["step"] for e in counts["events"]]
+    assert skipped == [60]  # a single x1e4 spike after 60 steps is skipped, and nothing else
+    assert seen[60] == (True, True)
+    assert seen[59] == (False, False) and seen[61] == (False, False)  # the steps around it did train
+    assert counts["skip_kind"] == ("found_inf" if name == "adam-fused" else "restore")
+
+
+@pytest.mark.parametrize("name", ["adamw-weight-decay", "sgd-momentum", "adam-fused"])
+def test_a_skipped_first_step_leaves_no_trace(name):
+    """A non-finite first step, skipped, then training: the same weights as a run that never saw it."""
+    def train(skip_first):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = OPTIMIZERS[name](model.parameters())
+        clipper = Clipper("none", None, skip=Skip()).attach(opt)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            x = torch.randn(8, 4, generator=g)
+            if step == 0 and not skip_first:
+                continue
+            opt.zero_grad()
+            loss = model(x).pow(2).mean() * (math.inf if step == 0 else 1.0)
+            loss.backward()
+            clipper(model, loss=loss)
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(train(True), train(False)))
+
+
+def test_a_sustained_rise_of_the_loss_is_a_new_level_not_300_skips():
+    clipper = _snippet_run(OPTIMIZERS["adamw-weight-decay"], 360, lambda s: 30.0 if s >= 60 else 1.0)
+    counts = clipper.counts()
+    after = [e["step"] for e in counts["events"] if e["step"] >= 60]
+    assert 1 <= len(after) <= 16
+    assert counts["rebased"] >= 1 and counts["rebase_steps"][0] >= 60
+
+
+def test_a_second_spike_soon_after_a_first_is_still_caught():
+    clipper = _snippet_run(OPTIMIZERS["adamw-weight-decay"], 100, lambda s: {60: 1e4, 64: 50.0}.get(s, 1.0))
+    assert [e["step"] for e in clipper.counts()["events"]] == [60, 64]
+    assert clipper.counts()["rebased"] == 0
+
+
+def test_the_device_rule_re_bases_where_the_plain_reference_does():
+    """A level that moves by x5 for good and then spikes: the Clipper skips exactly the reference's steps."""
+    rng = np.random.default_rng(0)
+    norms = list(1 + 0.05 * rng.standard_normal(300))
+    norms = [n * (5 if s >= 100 else 1) * (40 if s in (50, 200) else 1) for s, n in enumerate(norms)]
+    from gradscope.run.guard_state import GuardState
+    state = GuardState(Skip(), None, torch.device("cpu"))
+    device = [s for s, n in enumerate(norms) if bool(state.decide(torch.tensor(n, dtype=torch.float32), None, None)[1])]
+    assert device == _reference_skips(norms)
+    assert 50 in device and 200 in device and 100 in device and len(device) <= 10
+
+
+def test_an_optimizer_that_keeps_its_state_on_the_host_is_refused_in_one_clear_error():
+    class Counting(torch.optim.SGD):  # keeps a Python int in its state, as LBFGS does
+        def step(self, closure=None):
+            for p in self.param_groups[0]["params"]:
+                self.state[p]["calls"] = self.state[p].get("calls", 0) + 1
+            return super().step(closure)
+    model = nn.Linear(4, 1)
+    opt = Counting(model.parameters(), lr=0.1)
+    clipper = Clipper("none", None, skip=Skip()).attach(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        clipper(model)
+        with pytest.raises(GradscopeError, match="outside tensors"):
+            opt.step()
+
+
+def test_a_step_count_kept_apart_from_the_decision_is_refused_in_one_clear_error():
+    """Meta stands for an accelerator where capturable=True is not offered: AdamW counts its steps on the host."""
+    model = nn.Linear(4, 1).to("meta")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    clipper = Clipper("none", None, skip=Skip()).attach(opt)
+    model(torch.randn(8, 4, device="meta")).pow(2).mean().backward()
+    clipper(model)
+    with pytest.raises(GradscopeError, match="fused=True"):
+        opt.step()
+
+
+def test_an_unattached_skip_says_it_only_zeroes_the_gradient():
+    clipper = Clipper("none", None, skip=Skip())
+    _run(clipper, steps=20)
+    assert clipper.counts()["skip_kind"] == "gradient zeroed"
+
+
+def test_a_bad_bound_is_a_clear_error():
+    for bad in (dict(max_consecutive=0), dict(max_rate=0.0), dict(max_rate=1.5)):
+        with pytest.raises(GradscopeError, match="max_consecutive"):
+            Skip(**bad)

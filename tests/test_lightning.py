@@ -30,7 +30,7 @@ class Regressor(pl.LightningModule):
         super().__init__()
         self.net = MLP()
         self.lr = lr
-        self.reference = []
+        self.reference, self.weights = [], []
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -153,6 +153,7 @@ class SpikyAdam(Regressor):
 
     def on_before_optimizer_step(self, optimizer):  # Lightning calls this after the callbacks' hook
         self.reference.append(float(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).norm()))
+        self.weights.append([p.detach().clone() for p in self.parameters()])
 
 
 def spiky_loader(n: int = 320, spike: int = 30):
@@ -175,6 +176,10 @@ def test_the_clipper_callback_skips_the_outlier_batch_and_checkpoints_its_state(
     counts = callback.clipper.counts()
     assert counts["steps"] == 40 and [e["step"] for e in counts["events"]] == [30] and counts["skipped"] == 1
     assert module.reference[30] == 0.0 and all(n > 0 for k, n in enumerate(module.reference) if k != 30)
+    # the skipped step was skipped by Adam itself: the weights before step 31 are those before step 30
+    assert counts["skip_kind"] == "restore"
+    assert all(torch.equal(a, b) for a, b in zip(module.weights[30], module.weights[31]))
+    assert not all(torch.equal(a, b) for a, b in zip(module.weights[29], module.weights[30]))
     path = tmp_path / "last.ckpt"
     fit.save_checkpoint(path)
     saved = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "ClipperCallback" in k)

@@ -57,7 +57,8 @@ def guarded(method: str, threshold: Optional[float], safety_net: Optional[float]
     """The Clipper that clips as advised and arms the skip guard, made once (the torch lines) and handed to
     Lightning's and the Trainer's callbacks; timm's scripts have no hook for it."""
     guard = "skip=gradscope.Skip()" if skip == type(skip)() else \
-        f"skip=gradscope.Skip(z={skip.z:g}, window={skip.window}, min_history={skip.min_history})"
+        f"skip=gradscope.Skip(z={skip.z:g}, window={skip.window}, min_history={skip.min_history}, " \
+        f"max_consecutive={skip.max_consecutive}, max_rate={skip.max_rate:g})"
     if method == "none" or threshold is None:
         net = f", safety_net={safety_net:.3g}" if safety_net is not None else ""
         make = f'gradscope.Clipper("none", None{net}, {guard})'

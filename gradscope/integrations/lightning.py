@@ -107,7 +107,8 @@ class ClipperCallback(pl.Callback):
 
     It acts in ``on_before_optimizer_step``, where the gradients are whole and unscaled and Lightning has
     not clipped them yet: leave ``gradient_clip_val`` unset, or Lightning would clip again after it. The
-    guard also watches the loss of the step's last backward pass. Its state (window, counters) is saved
+    guard also watches the loss of the step's last backward pass, and a step it skips is skipped by the
+    optimizer as a whole (the Clipper is attached to the Trainer's optimizers at fit start). Its state (window, counters) is saved
     in Lightning's checkpoints with the callback's, so a resumed fit guards as the unbroken one would.
     """
 
@@ -119,6 +120,8 @@ class ClipperCallback(pl.Callback):
         if trainer.gradient_clip_val:
             raise GradscopeError("ClipperCallback clips, and the Trainer has gradient_clip_val set as well",
                                       "leave gradient_clip_val unset: the Clipper applies the advised clipping")
+        for optimizer in trainer.optimizers:  # a skipped step then leaves the weights and the optimizer's state
+            self.clipper.attach(_unwrap(optimizer))
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         self._loss = loss.detach()

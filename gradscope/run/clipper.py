@@ -14,6 +14,7 @@ from torch import nn
 from ..collect import distributed
 from ..errors import GradscopeError
 from .guard_state import GuardState, total_norm
+from .skipping import StepSkipper
 from ..advise.guards import Adaptive, Skip
 from ..report import Report
 
@@ -37,9 +38,12 @@ class Clipper:
 
     ``skip=Skip()`` arms the skip-step guard beside any method: a step whose global norm, or loss when
     ``clipper(model, loss=loss)`` is given it, is more than ``z`` standard deviations above the last
-    ``window`` steps gets a zero gradient. Guarded and adaptive steps make no host sync; ``counts()``
-    reads what they did, and ``state_dict()`` (or ``attach(optimizer)``, which rides in the optimizer's
-    state dict) saves it for a resumed run.
+    ``window`` steps is skipped, within the bounds that make a new level re-base the guard (see
+    ``gradscope.Skip``). Attach the Clipper to the optimizer (``attach(optimizer)``) and a skipped step
+    leaves the weights and the optimizer's state exactly as they were; unattached, the skip only zeroes
+    the gradient. Guarded and adaptive steps make no host sync; ``counts()`` reads what they did, and
+    ``state_dict()`` (or ``attach(optimizer)``, which rides in the optimizer's state dict) saves it for a
+    resumed run.
     """
 
     def __init__(self, method: str, threshold: Optional[float], *, eps: float = 1e-3,
@@ -61,6 +65,7 @@ class Clipper:
         self.skip = skip
         self.adaptive = Adaptive(z=threshold, alpha=alpha, warmup=warmup) if method == "adaptive" else None
         self._guards: Optional[GuardState] = None
+        self._skippers: List[StepSkipper] = []  # one per attached optimizer: the skip made exact
         self._pending_state: Optional[Mapping[str, torch.Tensor]] = None
 
     @classmethod
@@ -98,7 +103,9 @@ class Clipper:
         guard = advice.get("guard")
         if isinstance(guard, Mapping) and guard.get("kind") == "skip" and guard.get("armed", True):
             try:
-                skip = Skip(z=float(guard["z"]), window=int(guard["window"]), min_history=int(guard["min_history"]))
+                bounds = {k: cast(guard[k]) for k, cast in (("max_consecutive", int), ("max_rate", float)) if k in guard}
+                skip = Skip(z=float(guard["z"]), window=int(guard["window"]), min_history=int(guard["min_history"]),
+                            **bounds)
             except (KeyError, TypeError, ValueError, OverflowError):
                 raise GradscopeError("the report's skip guard is malformed: it needs numbers z, window and "
                                      "min_history", WRITE_JSON_HINT, remedy=("write-json-report", "FILE")) from None
@@ -148,7 +155,9 @@ class Clipper:
                 self._guards.load_state_dict(self._pending_state)
                 self._pending_state = None
         threshold = self.threshold if self.method == "norm" else self.safety_net if self.method == "none" else None
-        factor = self._guards.decide(norm, loss, threshold)
+        factor, skip = self._guards.decide(norm, loss, threshold)
+        for skipper in self._skippers:
+            skipper.decide(skip)
         if self.method == "value":
             clip_value_(params, self.threshold)
         elif self.method == "agc":
@@ -166,7 +175,12 @@ class Clipper:
         safety net or the adaptive bound; value and AGC clipping are not counted), the mean scale of a
         clipped step, and the first events (step, norm, z, scale). One copy to the host; empty before the
         first guarded step."""
-        return {} if self._guards is None else self._guards.counts()
+        if self._guards is None:
+            return {}
+        counts = self._guards.counts()
+        if self.skip is not None:
+            counts["skip_kind"] = ", ".join(s.kind for s in self._skippers) or "gradient zeroed"
+        return counts
 
     def state_dict(self) -> Dict[str, Any]:
         """The guards' running statistics and counters, for a checkpoint (empty without a guard)."""
@@ -188,7 +202,13 @@ class Clipper:
     def attach(self, optimizer: torch.optim.Optimizer) -> "Clipper":
         """Carry this Clipper's state in ``optimizer.state_dict()`` (under ``"gradscope_clipper"``), and
         restore it on ``optimizer.load_state_dict()``: a run resumed from its optimizer checkpoint guards
-        as the uninterrupted one would."""
+        as the uninterrupted one would. With a skip guard, a step it skips is skipped by the optimizer
+        too: weights, moments, weight decay and step count stay as they were (``gradscope.run.skipping``:
+        through ``found_inf`` on torch's fused optimizers, by copying back elsewhere). Attach once."""
+        if any(s.optimizer is optimizer for s in self._skippers):
+            return self
+        if self.skip is not None:
+            self._skippers.append(StepSkipper(optimizer))
         def save(_optimizer, state):
             state[STATE_KEY] = self.state_dict()
             return state

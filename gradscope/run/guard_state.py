@@ -12,6 +12,8 @@ from ..errors import GradscopeError
 from ..advise.guards import Adaptive, Skip
 
 EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z
+REBASES = 32  # the first this many steps where the skip guard re-based are kept
+NEW_KEYS = {"run", "recent", "rebased", "rebase_steps"}  # a state saved before re-basing lacks them: zeros
 
 
 def total_norm(grads: List[torch.Tensor], plain: bool) -> torch.Tensor:
@@ -57,11 +59,16 @@ class GuardState:
             "ema": torch.zeros(2, **f),  # adaptive: mean, variance (sums over the warm-up until it ends)
             "events": torch.zeros(EVENTS, 4, **f),  # step, norm, z (norm's, or the loss's if larger), scale
             "logged": torch.zeros((), **i),
+            "run": torch.zeros((), **i),  # skips in a row, up to this step
+            "recent": torch.zeros(width, **i),  # 1 where the step (at step % window) was skipped
+            "rebased": torch.zeros((), **i),
+            "rebase_steps": torch.zeros(REBASES, **i),  # the first REBASES steps where the guard re-based
         }
         self._slots = torch.arange(width, device=device)
 
-    def decide(self, norm: torch.Tensor, loss: Optional[torch.Tensor], threshold: Optional[float]) -> torch.Tensor:
-        """The factor every gradient is multiplied by this step: 0 to skip, else the clipping scale (<= 1)."""
+    def decide(self, norm: torch.Tensor, loss: Optional[torch.Tensor], threshold: Optional[float]):
+        """(factor, skip): the factor every gradient is multiplied by this step (0 to skip, else the clipping
+        scale, <= 1), and whether the step is skipped (a bool tensor)."""
         t = self.tensors
         scale = torch.ones((), dtype=torch.float32, device=norm.device)
         limit = None
@@ -82,7 +89,7 @@ class GuardState:
         t["clipped"] += clipped.long()
         t["scale_log_sum"] += torch.where(clipped, scale.clamp(min=1e-30).log(), torch.zeros_like(scale))
         t["step"] += 1
-        return factor
+        return factor, skip
 
     def _adaptive_limit(self, norm: torch.Tensor) -> torch.Tensor:
         a, t = self.adaptive, self.tensors
@@ -119,12 +126,23 @@ class GuardState:
         z = zs.max()
         judged = n >= s.min_history
         finite = torch.isfinite(values).all()
-        skip = ~finite | (judged & (z > s.z))
+        outlier = finite & judged & (z > s.z)
+        # one skip past either bound is a new level, not a spike: the window restarts at this step
+        rebase = outlier & ((t["run"] >= s.max_consecutive) | (t["recent"].sum() >= s.max_skips))
+        skip = ~finite | (outlier & ~rebase)
+        t["accepted"].copy_(torch.where(rebase, torch.zeros_like(t["accepted"]), t["accepted"]))
+        t["recent"].copy_(torch.where(rebase, torch.zeros_like(t["recent"]), t["recent"]))
+        slot = (t["rebased"].clamp(max=REBASES - 1)).reshape(1)
+        kept = t["rebase_steps"].index_select(0, slot)
+        t["rebase_steps"].index_copy_(0, slot, torch.where(rebase & (t["rebased"] < REBASES), t["step"].reshape(1), kept))
+        t["rebased"] += rebase.long()
         # an accepted step enters the window at the next slot of the ring; a skipped one does not
         slot = (t["accepted"] % s.window).reshape(1)
         column = t["window"].index_select(1, slot)
         t["window"].index_copy_(1, slot, torch.where(skip, column, values.reshape(2, 1)))
         t["accepted"] += (~skip).long()
+        t["recent"].index_copy_(0, (t["step"] % s.window).reshape(1), skip.long().reshape(1))
+        t["run"].copy_(torch.where(skip, t["run"] + 1, torch.zeros_like(t["run"])))
         return skip, torch.where(judged, z, torch.zeros_like(z))
 
     def _log(self, event: torch.Tensor, norm: torch.Tensor, z: torch.Tensor, factor: torch.Tensor) -> None:
@@ -145,6 +163,8 @@ class GuardState:
         ema = host["ema"]
         return {
             "steps": int(host["step"]), "skipped": int(host["skipped"]), "clipped": clipped,
+            "rebased": int(host["rebased"]),
+            "rebase_steps": host["rebase_steps"][: min(int(host["rebased"]), REBASES)].tolist(),
             "mean_clip_scale": math.exp(float(host["scale_log_sum"]) / clipped) if clipped else 1.0,
             "events": [{"step": int(e[0]), "norm": e[1], "z": e[2], "scale": e[3]} for e in events],
             "adaptive_threshold": (float(ema[0] + self.adaptive.z * ema[1].clamp(min=0).sqrt())
@@ -155,9 +175,10 @@ class GuardState:
         return {k: v.detach().clone() for k, v in self.tensors.items()}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(state)
+        missing = set(self.tensors) - set(state) - NEW_KEYS
         if missing or state["window"].shape != self.tensors["window"].shape:
             raise GradscopeError("the saved guard state does not match this Clipper's guards",
                                  "load it into a Clipper made with the same skip window")
         for key, value in self.tensors.items():
-            value.copy_(state[key].to(value.device))
+            if key in state:
+                value.copy_(state[key].to(value.device))
