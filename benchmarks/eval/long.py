@@ -30,13 +30,18 @@ WARMUP = 100  # steps of linear warm-up; a 30-step profile sees a third of the p
 CHARS = 96  # printable ASCII and newline, the rest folded onto one symbol
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int = WARMUP, total: int = LONG_STEPS):
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int = WARMUP, total: int = LONG_STEPS, cycles: int = 1):
     """Linear warm-up from 0, then a cosine decay to 0 at ``total``: transformers'
-    get_cosine_schedule_with_warmup, written out so the set does not need transformers installed."""
+    get_cosine_schedule_with_warmup, written out so the set does not need transformers installed. With
+    ``cycles`` > 1 the run is cut into that many equal cycles, each warming up again from 0 (a re-warm-up, as a
+    run resumed with a new schedule has)."""
+    length = total // cycles
+
     def factor(step: int) -> float:
+        step = step % length if step < length * cycles else step - length * (cycles - 1)
         if step < warmup:
             return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
+        progress = (step - warmup) / max(1, length - warmup)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -88,16 +93,78 @@ class CharGPT(nn.Module):
         return self.out(self.norm(self.blocks(x, mask=self.mask, is_causal=True)))
 
 
-def _gpt(seed: int, lr: float, beta2: float) -> Setup:
+def _gpt(seed: int, lr: float, beta2: float, warmup: int = WARMUP, cycles: int = 1, stream=None) -> Setup:
     torch.manual_seed(seed)
     model = CharGPT()
-    train, held_out = _long_stream(*text_batches(), seed)
+    train, held_out = stream or _long_stream(*text_batches(), seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.1)
-    return Setup(model, opt, train, held_out, cross_entropy, LONG_STEPS, warmup_cosine(opt))
+    return Setup(model, opt, train, held_out, cross_entropy, LONG_STEPS, warmup_cosine(opt, warmup, cycles=cycles))
 
 
 def gpt_healthy(seed: int) -> Setup:
     return _gpt(seed, 1e-3, 0.95)
+
+
+# -- the regimes of real long runs where a gradient norm's level moves for good -----------------------------
+
+def gpt_late_growth(seed: int) -> Setup:
+    """Late-training norm growth (Defazio et al. 2025): a hot peak rate, a short warm-up, a cosine decay with
+    weight decay and LayerNorm, where the gradient norm's level rises toward the end of the run."""
+    return _gpt(seed, 3e-3, 0.95, warmup=50)
+
+
+@functools.lru_cache(maxsize=1)
+def prose() -> torch.Tensor:
+    """English prose that ships with Python: the docstrings of the standard library's public functions and
+    classes in a few modules, coded as ``corpus()`` codes characters."""
+    import collections
+    import email
+    import json
+    import logging
+    import pathlib
+    import string
+    modules = (collections, email, json, logging, pathlib, string, argparse, difflib, textwrap, inspect)
+    docs = []
+    for module in modules:
+        for name in sorted(dir(module)):
+            doc = inspect.getdoc(getattr(module, name, None)) if not name.startswith("_") else None
+            if doc and len(doc) > 80:
+                docs.append(doc)
+    text = "\n\n".join(dict.fromkeys(docs))
+    codes = torch.tensor(list(text.encode("ascii", "replace")), dtype=torch.long)
+    codes = torch.where(codes == 10, torch.full_like(codes, 95), codes - 32)
+    return codes.clamp(0, CHARS - 1)
+
+
+def _windows(data: torch.Tensor, lo: int, hi: int, batch: int, seq: int = 32):
+    def make(g: torch.Generator) -> Batch:
+        starts = torch.randint(lo, hi - seq - 1, (batch,), generator=g)
+        windows = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
+        return windows[:, :-1], windows[:, 1:]
+    return make
+
+
+def gpt_level_shift(seed: int) -> Setup:
+    """A change of data mixture and of batch size halfway (source code at batch 32, then English prose at
+    batch 8), as when a mixture changes or a run resumes on fewer devices; held out: the prose."""
+    code, text = corpus(), prose()
+    code_cut, text_cut = int(len(code) * 0.9), int(len(text) * 0.9)
+    first, second = _windows(code, 0, code_cut, 32), _windows(text, 0, text_cut, 8)
+    g = torch.Generator().manual_seed(1000 + seed)
+    train = [first(g) if step < LONG_STEPS // 2 else second(g) for step in range(LONG_STEPS)]
+    held_out = [_windows(text, text_cut, len(text), 16)(g) for _ in range(8)]
+    return _gpt(seed, 1e-3, 0.95, stream=((lambda step: train[step % len(train)]), held_out))
+
+
+def gpt_rewarm(seed: int) -> Setup:
+    """A learning-rate re-warm-up: two warm-up and cosine cycles of 750 steps each."""
+    return _gpt(seed, 2e-3, 0.95, warmup=50, cycles=2)
+
+
+def gpt_hot(seed: int) -> Setup:
+    """A hot peak rate on clean data: the instability Wortsman et al. 2023 reproduce in small transformers
+    without qk-layernorm or z-loss (AdamW, beta2 0.95, a warm-up and a cosine decay)."""
+    return _gpt(seed, 1e-2, 0.95)
 
 
 def corrupted_regression(d_in: int = 16, batch: int = 64, every: int = 97, scale: float = 30.0, after: int = 0):
@@ -211,6 +278,12 @@ LONG: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("forecaster_corrupt", "explode", forecaster_corrupt,
              "transformer forecaster, 1 batch in 83 with targets x30, AdamW 1e-3, beta2 0.95"),
     Scenario("gpt_healthy", "healthy", gpt_healthy, "the char GPT at AdamW peak 1e-3"),
+    Scenario("gpt_late_growth", "explode", gpt_late_growth,
+             "the char GPT at AdamW peak 3e-3, 50-step warm-up: the norm's level rises late in the decay"),
+    Scenario("gpt_level_shift", "healthy", gpt_level_shift,
+             "the char GPT, code at batch 32 then prose at batch 8 from step 750: a level shift"),
+    Scenario("gpt_rewarm", "healthy", gpt_rewarm, "the char GPT at AdamW peak 2e-3 in two cycles: a re-warm-up"),
+    Scenario("gpt_hot", "explode", gpt_hot, "the char GPT at AdamW peak 1e-2 on clean text (Wortsman et al. 2023)"),
     Scenario("mlp_healthy", "healthy", mlp_healthy, "the MLP on clean batches, AdamW 3e-3"),
     Scenario("gru_healthy", "healthy", gru_healthy, "the GRU forecaster on clean batches, AdamW 3e-3"),
 ]}

@@ -8,7 +8,9 @@ run scores 1) and l* is the best of the threshold grid. Methods:
   grid (oracle) global-norm thresholds at half-decades 0.01..100 and 0.1x..10x the median profiled norm
   fixed-1.0    norm clipping at 1.0 (the Hugging Face default)
   autoclip     AutoClip: the 10th percentile of the norm history so far (Seetharaman et al. 2020)
-  zclip        ZClip: EMA mean/std of the norm (alpha 0.97), clip at mean + 2.5 std after 25 warm-up steps
+  zclip-percentile  ZClip's percentile mode, uncapped: EMA mean/std of the norm (alpha 0.97), clip at mean
+               + 2.5 std after 25 warm-up steps (what Clipper("adaptive", 2.5) applies)
+  zclip        ZClip as its README runs it: zscore mode, adaptive scaling, every threshold capped at 1.0
   gradscope    diagnose (30 steps, then its trials, from the same start), then train from step 0 with
                gradscope.Clipper
 An explode pair counts towards R only where the grid confirms it (`confirmed`): the best threshold gets
@@ -54,7 +56,7 @@ from gradscope.run.options import FIRST_STEPS, ProfileOptions, TrialOptions  # n
 from gradscope.present.wording import say  # noqa: E402
 
 PROFILE_STEPS = 30
-BASELINES = ("fixed-1.0", "autoclip", "zclip")  # besides none
+BASELINES = ("fixed-1.0", "autoclip", "zclip-percentile", "zclip")  # besides none
 GRID = [lattice(k) for k in range(-4, 5)]  # 0.01 .. 100 in half-decades, as gradscope writes them
 EXHAUSTIVE = "GRADSCOPE_EVAL_EXHAUSTIVE"  # --exhaustive: every candidate is tried and every stable one carried to
 EXHAUSTIVE_STEPS = 240  # this horizon, for studying the choice rule and the schedule
@@ -71,7 +73,8 @@ def autoclip(percentile: float = 10.0) -> Policy:
     return lambda step, norm, history: float(np.percentile(history + [norm], percentile))
 
 
-def zclip(alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> Policy:
+def zclip_percentile(alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> Policy:
+    """ZClip's percentile mode with no cap: clip at EMA mean + z std (what ``Clipper("adaptive")`` applies)."""
     state: Dict[str, float] = {}
 
     def policy(step: int, norm: float, history: List[float]) -> Optional[float]:
@@ -88,6 +91,53 @@ def zclip(alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> Policy:
     return policy
 
 
+def zclip(alpha: float = 0.97, z: float = 2.5, warmup: int = 25, max_grad_norm: float = 1.0) -> Policy:
+    """ZClip as its README runs it (bluorion-com/ZClip, ``zclip/zclip.py``): ``mode="zscore"``,
+    ``clip_option="adaptive_scaling"``, ``max_grad_norm=1.0``. The warm-up clips at the cap; afterwards a norm
+    whose z-score passes z is clipped to mean + z std / (z_norm / z), every threshold capped at 1.0, and the
+    EMA takes the computed threshold (or the norm where none was)."""
+    state: Dict[str, float] = {}
+
+    def policy(step: int, norm: float, history: List[float]) -> Optional[float]:
+        if step < warmup:
+            return max_grad_norm
+        if not state:
+            state["mean"] = float(np.mean(history[:warmup]))
+            state["var"] = float(np.mean([(x - state["mean"]) ** 2 for x in history[:warmup]]))
+        std = math.sqrt(state["var"])
+        score = (norm - state["mean"]) / (std + 1e-6)
+        clip = state["mean"] + z * std / (score / z) if score > z else None
+        effective = min(norm if clip is None else clip, max_grad_norm)
+        x = clip if clip is not None else norm
+        state["mean"] = alpha * state["mean"] + (1 - alpha) * x
+        state["var"] = alpha * state["var"] + (1 - alpha) * (x - state["mean"]) ** 2
+        return effective
+    return policy
+
+
+Guard = Callable[[float, float], bool]  # norm, loss -> skip this step (the optimizer's whole update)
+
+
+def olmo_skip(z: float = 6.0, window: int = 128) -> Guard:
+    """OLMo-core's SkipStepOptimizer: skip where the loss or the norm is more than z (Bessel) std above the
+    mean of the last ``window`` values, skipped ones included, once max(20, window // 2) are in. MaxText's
+    ``skip_step_on_spikes`` at interval 128 and factor 6 is the same rule (Bessel's std, max(2, interval // 2)
+    values of history, spiky values kept in the buffer): this arm stands for both."""
+    history: List[tuple] = []
+
+    def guard(norm: float, loss: float) -> bool:
+        out = not (math.isfinite(norm) and math.isfinite(loss))
+        recent = history[-window:]
+        if not out and len(recent) >= max(20, window // 2):
+            for i, value in enumerate((norm, loss)):
+                column = np.asarray([r[i] for r in recent])
+                if value - column.mean() > z * column.std(ddof=1):
+                    out = True
+        history.append((norm, loss))
+        return out
+    return guard
+
+
 def eval_loss(setup: Setup) -> float:
     setup.model.eval()
     with torch.no_grad():
@@ -97,10 +147,14 @@ def eval_loss(setup: Setup) -> float:
 
 
 def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[gradscope.Clipper] = None,
-          checkpoints: Optional[Dict[int, float]] = None) -> float:
+          checkpoints: Optional[Dict[int, float]] = None, guard: Optional[Guard] = None) -> float:
     """Train to the end with one clipping method; returns the held-out loss (inf if it diverged). With
-    ``checkpoints``, the held-out loss after each step it names is filled in along the way."""
+    ``checkpoints``, the held-out loss after each step it names is filled in along the way. A ``clipper`` is
+    attached to the optimizer, as the advice's snippet says; a ``guard`` skips the whole update where it says
+    (the optimizer is not stepped; the schedule goes on)."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
+    if clipper is not None:
+        clipper.attach(setup.optimizer)
     history: List[float] = []
     first = None
     for step in range(setup.steps):
@@ -111,6 +165,7 @@ def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[grads
         if not math.isfinite(value) or (first > 0 and value > BLOWUP * first):
             return math.inf
         loss.backward()
+        skipped = False
         if clipper is not None:
             clipper(setup.model, loss=loss.detach())
         else:
@@ -119,7 +174,9 @@ def train(setup: Setup, policy: Optional[Policy] = None, clipper: Optional[grads
             if threshold is not None and math.isfinite(norm):
                 torch.nn.utils.clip_grad_norm_(params, threshold)
             history.append(norm)
-        setup.optimizer.step()
+            skipped = guard is not None and guard(norm, value)
+        if not skipped:
+            setup.optimizer.step()
         if setup.scheduler is not None:
             setup.scheduler.step()
         if checkpoints is not None and step + 1 in checkpoints:
@@ -183,6 +240,7 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
         "none": train(scenario.build(seed)),
         "fixed-1.0": grid[1.0],
         "autoclip": train(scenario.build(seed), autoclip()),
+        "zclip-percentile": train(scenario.build(seed), zclip_percentile()),
         "zclip": train(scenario.build(seed), zclip()),
         "gradscope": train(scenario.build(seed), clipper=gradscope.Clipper.from_report(report)),
     }
@@ -258,13 +316,19 @@ def spikes(curve: List[float], l0: float) -> int:
     return count
 
 
-def _skip_clipper(threshold: Optional[float] = None) -> gradscope.Clipper:
+UNBOUNDED = Skip(max_consecutive=10 ** 9, max_rate=0.999)  # the guard before it re-based: it could lock
+
+
+def _skip_clipper(threshold: Optional[float] = None, skip: Skip = Skip()) -> gradscope.Clipper:
     if threshold is None:
-        return gradscope.Clipper("none", None, skip=Skip())
-    return gradscope.Clipper("norm", threshold, skip=Skip())
+        return gradscope.Clipper("none", None, skip=skip)
+    return gradscope.Clipper("norm", threshold, skip=skip)
 
 
-LONG_BASELINES = ("none", "fixed-1.0", "autoclip", "zclip", "skip", "clip+skip")
+# the peers every long pair is scored against; "skip" is gradscope's guard alone, "skip-unbounded" the same
+# without its bounds (the rule before it re-based), "olmo-skip" OLMo-core's (and MaxText's) rule
+LONG_BASELINES = ("none", "fixed-1.0", "zclip-percentile", "zclip", "olmo-skip", "skip", "skip-unbounded",
+                  "clip+skip")
 
 
 def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] = None) -> Dict[str, object]:
@@ -274,9 +338,9 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
     earlier run of the same scenario and seed, only the gradscope arm is trained again."""
     marks = list(range(CHECK_EVERY, LONG_STEPS + 1, CHECK_EVERY))
 
-    def go(policy=None, clipper=None):
+    def go(policy=None, clipper=None, guard=None):
         points = {m: None for m in marks}
-        final = train(scenario.build(seed), policy, clipper=clipper, checkpoints=points)
+        final = train(scenario.build(seed), policy, clipper=clipper, checkpoints=points, guard=guard)
         curve = [math.inf if points[m] is None else points[m] for m in marks]
         cut = next((i for i, m in enumerate(marks) if points[m] is None), None)
         return final, curve if cut is None else curve[:cut] + [math.inf]
@@ -289,7 +353,9 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
         runs = {k: tuple(v) for k, v in reuse["runs"].items() if k not in ("gradscope", "unguarded")}
     else:
         runs = {f"grid {t:g}": go(fixed(t)) for t in LONG_GRID}
-        runs.update({"none": go(), "autoclip": go(autoclip()), "zclip": go(zclip()), "skip": go(clipper=_skip_clipper()),
+        runs.update({"none": go(), "zclip-percentile": go(zclip_percentile()), "zclip": go(zclip()),
+                     "olmo-skip": go(guard=olmo_skip()), "skip": go(clipper=_skip_clipper()),
+                     "skip-unbounded": go(clipper=_skip_clipper(skip=UNBOUNDED)),
                      "clip+skip": go(clipper=_skip_clipper(1.0))})
         runs["fixed-1.0"] = runs["grid 1"]
     runs["gradscope"] = go(clipper=clipper)
@@ -312,7 +378,7 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
             "profile_steps": report.statistics.model.steps, "trial_steps": trials.spent if trials else 0,
             "diagnose_seconds": diagnose_seconds, "best_threshold": best_threshold,
             "runs": {k: [v[0], v[1]] for k, v in runs.items()}, "loss": loss,
-            "guard": {k: counts.get(k) for k in ("steps", "skipped", "clipped")} if counts else None,
+            "guard": {k: counts.get(k) for k in ("steps", "skipped", "clipped", "rebased")} if counts else None,
             "spikes": {k: spikes(v[1], l0) for k, v in runs.items()},
             "regret": {k: regret(v) for k, v in loss.items()}}
 
@@ -333,7 +399,8 @@ def long_healthy(row: Dict[str, object]) -> bool:
 def summarise_long(rows: List[Dict[str, object]]) -> str:
     for row in rows:  # from the curves, so that a summary of saved rows counts spikes as defined here
         row["spikes"] = {k: spikes(v[1], row["l0"]) for k, v in row["runs"].items()}
-    methods = ["gradscope", *LONG_BASELINES] + (["unguarded"] if all("unguarded" in r["runs"] for r in rows) else [])
+    methods = ["gradscope", *[m for m in LONG_BASELINES if all(m in r["runs"] for r in rows)]] + (
+        ["unguarded"] if all("unguarded" in r["runs"] for r in rows) else [])
     lines = ["| scenario | label | advice | " + " | ".join(f"R {m}" for m in methods) + " | spikes "
              + "/".join(methods) + " |", "|---|---|---|" + "---|" * len(methods) + "---|"]
     for name in dict.fromkeys(r["scenario"] for r in rows):
@@ -354,12 +421,13 @@ def summarise_long(rows: List[Dict[str, object]]) -> str:
         lines.append(f"labels the grid does not confirm: {', '.join(unconfirmed + wrong)}")
     scored = [r for r in rows if (r["label"] == "explode" and long_confirmed(r))
               or (r["label"] == "healthy" and long_healthy(r))]
-    wins = [r for r in scored if r["loss"]["gradscope"] <= min(r["loss"][m] for m in LONG_BASELINES) * (1 + TIE)
-            or r["loss"]["gradscope"] - min(r["loss"][m] for m in LONG_BASELINES) <= 1e-12]
+    peers = [m for m in LONG_BASELINES if all(m in r["loss"] for r in rows)]
+    wins = [r for r in scored if r["loss"]["gradscope"] <= min(r["loss"][m] for m in peers) * (1 + TIE)
+            or r["loss"]["gradscope"] - min(r["loss"][m] for m in peers) <= 1e-12]
     lines.append(f"gradscope's final held-out loss at most the best baseline's (within {TIE:.0%}) in "
                  f"{len(wins)}/{len(scored)} scenario-seed pairs; lost: "
                  + (", ".join(f"{r['scenario']} seed {r['seed']} ({r['loss']['gradscope']:.4g} vs "
-                              f"{min(r['loss'][m] for m in LONG_BASELINES):.4g})" for r in scored if r not in wins)
+                              f"{min(r['loss'][m] for m in peers):.4g})" for r in scored if r not in wins)
                     or "none"))
     diverged = [f"{r['scenario']} seed {r['seed']}" for r in rows if not math.isfinite(r["loss"]["gradscope"])]
     lines.append(f"gradscope diverged in {len(diverged)} of {len(rows)} runs" + (f": {', '.join(diverged)}" if diverged
@@ -380,6 +448,13 @@ def summarise_long(rows: List[Dict[str, object]]) -> str:
             lines.append(f"the guard on {label} pairs: skipped " + ", ".join(
                 f"{r['guard']['skipped']}" for r in mine) + f" of {mine[0]['guard']['steps']} steps "
                 "(each pair, in the order above)")
+    better = [r for r in rows if r["loss"]["gradscope"] <= min(r["loss"]["none"], r["loss"]["fixed-1.0"]) * (1 + TIE)]
+    lines.append(f"gradscope within {TIE:.0%} of the better of unclipped and a fixed 1.0, or below, in "
+                 f"{len(better)}/{len(rows)} pairs" + ("; not in: " + ", ".join(
+                     f"{r['scenario']} seed {r['seed']} ({r['loss']['gradscope']:.4g} vs "
+                     f"{min(r['loss']['none'], r['loss']['fixed-1.0']):.4g})" for r in rows if r not in better)
+                     if len(better) < len(rows) else ""))
+    lines.append(no_harm(rows))
     reached = [r for r in rows if r.get("schedule_reached") is False]
     lines.append(f"profile or trials short of the schedule's peak learning rate (said so in the report): "
                  f"{len(reached)} of {len(rows)} pairs")
@@ -400,7 +475,8 @@ def confirmed(row: Dict[str, object]) -> bool:
 
 
 def summarise(rows: List[Dict[str, object]]) -> str:
-    methods = ["gradscope", "none", "fixed-1.0", "autoclip", "zclip", "oracle"]
+    methods = ["gradscope", "none", "fixed-1.0", "autoclip", "zclip-percentile", "zclip", "oracle"]
+    methods = [m for m in methods if all(m in r["regret"] for r in rows)]  # rows saved before a peer was added
     lines = ["| scenario | label | flagged | advice | " + " | ".join(f"R {m}" for m in methods) + " |",
              "|---|---|---|---|" + "---|" * len(methods)]
     for name in dict.fromkeys(r["scenario"] for r in rows):
@@ -436,7 +512,7 @@ def summarise(rows: List[Dict[str, object]]) -> str:
         if unflagged and flagged:  # no trial ran where nothing was flagged: the trials' own worst is the next
             lines.append(f"         max R over the {len(flagged)} flagged pairs {max(flagged):.3f}; not flagged, so "
                          f"no trial ran: {', '.join(unflagged)}")
-        for m in ("none", "fixed-1.0", "autoclip", "zclip"):
+        for m in [m for m in ("none", *BASELINES) if all(m in r["regret"] for r in explode)]:
             lines.append(f"         {m}: mean R {statistics.mean(r['regret'][m] for r in explode):.3f}")
         ranks = [r["rank_correlation"] for r in explode if math.isfinite(r["rank_correlation"])]
         if ranks:
@@ -470,18 +546,46 @@ def summarise(rows: List[Dict[str, object]]) -> str:
         ratios = [r["loss"]["gradscope"] / r["loss"]["none"] for r in healthy if r["loss"]["none"] > 0]
         lines.append(f"healthy: gradscope's held-out loss over unclipped: worst {max(ratios):.3f}")
     pairs = [r for r in rows if r["label"] == "healthy" or r in explode]
-    wins = sum(all(r["regret"]["gradscope"] <= r["regret"][m] + 1e-9 for m in ("none", *BASELINES)) for r in pairs)
-    ties = sum(all(r["regret"]["gradscope"] <= r["regret"][m] + TIE for m in ("none", *BASELINES)) for r in pairs)
+    peers = [m for m in ("none", *BASELINES) if all(m in r["regret"] for r in rows)]
+    wins = sum(all(r["regret"]["gradscope"] <= r["regret"][m] + 1e-9 for m in peers) for r in pairs)
+    ties = sum(all(r["regret"]["gradscope"] <= r["regret"][m] + TIE for m in peers) for r in pairs)
     lines.append(f"gradscope R <= every baseline's R in {wins}/{len(pairs)} scenario-seed pairs; within {TIE:g} of "
                  f"the best baseline's (ties count as wins) in {ties}/{len(pairs)}")
     # a healthy run is never told to clip, so where a baseline's clipping edges out unclipped training no
     # advice that keeps that promise can win the pair: the most it could win is every other pair
-    lost = [r for r in healthy if any(r["regret"][m] < r["regret"]["none"] - 1e-9 for m in BASELINES)]
-    edge = max((r["regret"]["none"] - min(r["regret"][m] for m in BASELINES) for r in lost), default=0.0)
+    lost = [r for r in healthy if any(r["regret"][m] < r["regret"]["none"] - 1e-9 for m in peers[1:])]
+    edge = max((r["regret"]["none"] - min(r["regret"][m] for m in peers[1:]) for r in lost), default=0.0)
     lines.append(f"  at most {len(pairs) - len(lost)}/{len(pairs)} for any advice that tells a healthy run not to "
                  f"clip: on {len(lost)} of {len(healthy)} healthy pairs a baseline beats unclipped (by at most "
                  f"{edge:.3f} in R)")
+    lines.append(no_harm(rows))
     return "\n".join(lines)
+
+
+NO_HARM_R = 0.01  # the short sets: gradscope's R at most unclipped training's plus this, on every pair
+NO_HARM_LOSS = 0.01  # the long set: gradscope's final held-out loss at most this share above unclipped training's
+
+
+def no_harm(rows: List[Dict[str, object]]) -> str:
+    """The worst pair of the set against unclipped training: no advice may leave a run worse off than doing
+    nothing. Every pair counts, labels confirmed or not."""
+    if "runs" in rows[0]:
+        def excess(r):
+            none, mine = r["loss"]["none"], r["loss"]["gradscope"]
+            if not math.isfinite(mine):
+                return math.inf
+            return 0.0 if not math.isfinite(none) else (mine - none) / abs(none)
+        bar, unit = NO_HARM_LOSS, "of unclipped training's final held-out loss"
+    else:
+        def excess(r):
+            return r["regret"]["gradscope"] - r["regret"]["none"]
+        bar, unit = NO_HARM_R, "in R over unclipped training"
+    worst = max(rows, key=excess)
+    harmed = [r for r in rows if excess(r) > bar]
+    figure = f"{excess(worst):+.1%}" if "runs" in rows[0] else f"{excess(worst):+.3f}"
+    return (f"no harm: worst pair {worst['scenario']} seed {worst['seed']}, {figure} {unit}; "
+            f"{len(harmed)} of {len(rows)} pairs past the bar of {bar:g}"
+            + (" (" + ", ".join(f"{r['scenario']} seed {r['seed']}" for r in harmed) + ")" if harmed else ""))
 
 
 def placement(rows: List[Dict[str, object]]) -> str:
@@ -572,7 +676,8 @@ def _progress(row: Dict[str, object], start: float) -> None:
     if "runs" in row:
         print(f"  {row['scenario']} seed {row['seed']}: advice {row['advice']}, best grid {row['best_threshold']}, "
               f"R {row['regret']['gradscope']:.3f}, loss {row['loss']['gradscope']:.4g} against the best baseline's "
-              f"{min(row['loss'][m] for m in LONG_BASELINES):.4g} ({time.perf_counter() - start:.0f}s)",
+              f"{min(row['loss'][m] for m in LONG_BASELINES if m in row['loss']):.4g} "
+              f"({time.perf_counter() - start:.0f}s)",
               file=sys.stderr, flush=True)
         return
     print(f"  {row['scenario']} seed {row['seed']}: advice {row['method']} {row['threshold']}, best grid "
