@@ -73,3 +73,20 @@ def test_a_profile_past_the_warm_up_says_nothing_of_it():
     assert "peak rate" not in report.render() and json.loads(report.to_json())["schedule"]["reached"] is True
     plain = gradscope.diagnose(healthy_mlp(), steps=5, seed=0)
     assert plain.schedule is None and json.loads(plain.to_json())["schedule"] is None
+
+
+def test_a_profile_inside_the_warm_up_goes_on_through_it_to_the_peak():
+    """The same 100-step warm-up, profiled as asked (30 steps at a time): on to 120 steps, past the peak."""
+    report = gradscope.diagnose(_warm_cosine(healthy_mlp(lr=1e-2), warmup=100), steps=30, seed=0, trials=0)
+    assert report.statistics.model.steps == 120 and report.extended.code == "profile_to_peak"
+    assert "peaks at step 101, after the 30 steps asked for, so the profile went on through the warm-up to 120" \
+        in say(report.extended)
+    assert report.schedule.reached and "peak rate" not in report.render()
+    assert "on through the warm-up" in " ".join(report.render(width=100).split())
+
+
+def test_a_warm_up_longer_than_the_extension_is_followed_as_far_as_it_goes_and_said_so():
+    from gradscope.run.diagnose import EXTEND
+    report = gradscope.diagnose(_warm_cosine(healthy_mlp(lr=1e-2), warmup=1000), steps=20, seed=0, trials=0)
+    assert report.statistics.model.steps == EXTEND * 20 and report.extended.code == "profile_to_peak"
+    assert not report.schedule.reached and "has not seen the run at its peak rate" in " ".join(report.render().split())

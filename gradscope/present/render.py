@@ -121,6 +121,8 @@ def header(report: Report) -> RenderableType:
     steps = f"{m.steps} step{'s' if m.steps != 1 else ''}"
     if report.steps_requested and report.steps_requested > m.steps:
         steps += f" of {report.steps_requested}"
+    elif report.extended and report.extended.code == "profile_to_peak":
+        steps += f" ({report.steps_requested} asked; on through the warm-up to the schedule's peak)"
     elif report.extended:
         steps += f" ({report.steps_requested} asked; the loss had not moved, so the profile went on)"
     line = Text(f"{steps} on {m.device}" + (f" · seed {report.seed}" if report.seed is not None else ""), "dim")

@@ -254,6 +254,8 @@ REASONS: Dict[str, Callable[[Mapping[str, Any]], str]] = {
     # the profile (run.diagnose)
     "profile_extended": lambda f: (f"after {f['asked']} steps nothing was flagged and the loss had not fallen by "
                                    f"{f['fallen']:.0%}, so the profile went on to {f['steps']}"),
+    "profile_to_peak": lambda f: (f"the learning-rate schedule peaks at step {f['peak'] + 1}, after the {f['asked']} steps "
+                                  f"asked for, so the profile went on through the warm-up to {f['steps']}"),
 }
 SEPARATORS = {"guard_not_armed": ". "}  # a clause said as a sentence of its own; the others follow a "; "
 

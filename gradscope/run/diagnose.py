@@ -99,8 +99,10 @@ def diagnose(
         stream = _Kept(batch_stream(experiment.batches), options.first_steps + HELD_OUT_BATCHES if trying else 0)
         began = time.perf_counter()
         dev = target or monitor.device
+        peak = rates.index(max(rates)) if rates else None  # the step where the schedule's rate peaks
         report = _profile(experiment, monitor, stream, steps, dev, progress, context,
-                          extend=profile.extend and distributed.context() is None)  # (ranks would have to agree)
+                          extend=profile.extend and distributed.context() is None,  # (ranks would have to agree)
+                          peak=peak)
         profile_seconds = time.perf_counter() - began
         if start is not None and method_for(report.findings) == "norm":
             # a schedule that ends (OneCycleLR's total_steps) ends the run: no contender trains past its last step
@@ -190,23 +192,35 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[An
 
 
 def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], steps: int, device: torch.device,
-             progress: Optional[Progress], context: _Context, extend: bool) -> Report:
-    """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``, while
-    the profile has seen nothing: no warning or error, and a loss that has not fallen by
-    EXTEND_UNLESS_FALLEN (its last quarter against its first). Between rounds only the findings are read; the report is built once, of
-    every step profiled (before close(): profiling the Monitor measures the last step's update)."""
+             progress: Optional[Progress], context: _Context, extend: bool, peak: Optional[int] = None) -> Report:
+    """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``:
+
+    - through a warm-up, while the schedule's ``peak`` step lies ahead: a profile that ends inside a warm-up
+      has seen only the low rates, and a run whose peak rate is too hot looks healthy there;
+    - while the profile has seen nothing: no warning or error, and a loss that has not fallen by
+      EXTEND_UNLESS_FALLEN (its last quarter against its first).
+
+    Between rounds only the findings are read; the report is built once, of every step profiled (before close():
+    profiling the Monitor measures the last step's update)."""
     stopped = _profile_steps(experiment, monitor, stream, 0, steps, device, progress)
-    done = steps
+    done, to_peak = steps, False
     while extend and stopped is None and done < EXTEND * steps:
-        statistics, findings = assess(monitor.profile(), context.rules)
-        loss = statistics.model.loss
-        if any(f.severity != "info" for f in findings) or rise(loss[np.isfinite(loss)]) < 1.0 - EXTEND_UNLESS_FALLEN:
-            break
+        if peak is not None and done <= peak:
+            to_peak = True
+        else:
+            statistics, findings = assess(monitor.profile(), context.rules)
+            loss = statistics.model.loss
+            if any(f.severity != "info" for f in findings) or \
+                    rise(loss[np.isfinite(loss)]) < 1.0 - EXTEND_UNLESS_FALLEN:
+                break
         stopped = _profile_steps(experiment, monitor, stream, done, done + steps, device, progress)
         done += steps
     report = context.report(monitor.profile(), stopped)
     if done == steps:
         return report
+    if to_peak:
+        return dataclasses.replace(report, extended=because("profile_to_peak", asked=steps, peak=peak,
+                                                            steps=monitor.steps))
     return dataclasses.replace(report, extended=because("profile_extended", asked=steps, fallen=EXTEND_UNLESS_FALLEN,
                                                         steps=monitor.steps))
 
