@@ -114,6 +114,31 @@ def test_a_clipper_that_clips_is_watched_with_its_guard_counts():
     clip = clipping_json(monitor.report())
     assert clip["source"] == "Clipper" and clip["guard"]["skipped"] == 1
     assert spike in clip["spike_steps"]
+    assert clip["guard"]["skip_kind"] == "gradient zeroed" and clip["guard"]["rebased"] == 0
+    text = " ".join(monitor.report().render(width=100).split())
+    assert "the guard skipped 1 step (gradient zeroed only: attach the Clipper" in text
+
+
+def test_a_watched_guard_that_re_based_says_so():
+    """A sustained x30 rise of the loss from step 30: the guard skips 8 in a row, then takes the new level.
+    (Clipping at 1e6 never binds: the Monitor watches a Clipper that clips.)"""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    clipper = Clipper("norm", 1e6, skip=gradscope.Skip()).attach(opt)
+    batches = regression_batches()
+    monitor = Monitor(model, clip=clipper)
+    for step in range(80):
+        opt.zero_grad()
+        loss = mse(model, batches()) * (30.0 if step >= 30 else 1.0)
+        loss.backward()
+        monitor.observe(loss)
+        clipper(model, loss=loss)
+        opt.step()
+    guard = clipping_json(monitor.report())["guard"]
+    assert guard["skip_kind"] == "restore" and guard["rebased"] == 1 and guard["skipped"] == 8
+    text = " ".join(monitor.report().render(width=100).split())
+    assert "the guard skipped 8 steps, re-based 1 time on a new level" in text and "gradient zeroed" not in text
 
 
 def test_the_clip_rate_over_the_run_lives_in_bounded_windows():

@@ -153,6 +153,38 @@ def test_no_sync_on_any_guarded_step(make):
     assert counts["steps"] == 24 and (counts["skipped"] + counts["clipped"]) >= 1
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_attached_skip_is_exact_and_makes_no_sync_on_the_gpu(fused):
+    """The snippet's path on the GPU: AdamW as users make it (attach turns on capturable, so its step count
+    lives on the device) and fused AdamW (found_inf). The spike step leaves weights and state bit-identical,
+    and neither the Clipper nor the optimizer's step waits on the host."""
+    torch.manual_seed(0)
+    model = ManyTensors(False).to("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=fused or None)
+    clipper = Clipper("none", None, skip=gradscope.Skip(min_history=4)).attach(opt)
+    x, y = torch.randn(32, 300, device="cuda"), torch.randn(32, 1, device="cuda")
+    syncs, before = [], None
+    for step in range(24):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y * (1e4 if step == 20 else 1.0))
+        loss.backward()
+        if step == 20:
+            before = ([p.detach().clone() for p in model.parameters()],
+                      [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()])
+        with _Syncs() as seen:
+            clipper(model, loss=loss)
+            opt.step()
+        syncs.append(seen.stacks)
+        if step == 20:
+            assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
+            assert all(torch.equal(v, opt.state[p][k]) for p, s in zip(model.parameters(), before[1])
+                       for k, v in s.items())
+    assert syncs[5:] == [[]] * 19, "\n".join(s for step in syncs for s in step)  # the first steps make state
+    counts = clipper.counts()
+    assert [e["step"] for e in counts["events"]] == [20]
+    assert counts["skip_kind"] == ("found_inf" if fused else "restore")
+
+
 def test_guarded_clipper_on_the_gpu_decides_as_on_the_cpu():
     from test_guards import _run
     cpu_before, cpu_after = _run(Clipper("norm", 0.5, skip=gradscope.Skip()))

@@ -317,6 +317,7 @@ def spikes(curve: List[float], l0: float) -> int:
 
 
 UNBOUNDED = Skip(max_consecutive=10 ** 9, max_rate=0.999)  # the guard before it re-based: it could lock
+GUARDED = ("skip", "skip-unbounded", "clip+skip")  # the baselines that run gradscope's own guard
 
 
 def _skip_clipper(threshold: Optional[float] = None, skip: Skip = Skip()) -> gradscope.Clipper:
@@ -333,9 +334,10 @@ LONG_BASELINES = ("none", "fixed-1.0", "zclip-percentile", "zclip", "olmo-skip",
 
 def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Every method and every grid threshold over the whole run from the same start, with held-out
-    checkpoints; gradscope diagnoses at the start (its 30-step profile inside the warm-up, then its
-    trials) and its advice is applied as ``Clipper.from_report`` applies it. With ``reuse``, a row of an
-    earlier run of the same scenario and seed, only the gradscope arm is trained again."""
+    checkpoints; gradscope diagnoses at the start (its profile, through the warm-up to the schedule's peak,
+    then its trials) and its advice is applied as ``Clipper.from_report`` applies it, attached to the
+    optimizer. With ``reuse``, a row of an earlier run of the same scenario and seed, only the arms that run
+    gradscope's code are trained again: its advice, unguarded and guarded, and its guard's baselines."""
     marks = list(range(CHECK_EVERY, LONG_STEPS + 1, CHECK_EVERY))
 
     def go(policy=None, clipper=None, guard=None):
@@ -349,8 +351,10 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
     report = profile(scenario, seed)
     diagnose_seconds = time.perf_counter() - began
     clipper = gradscope.Clipper.from_report(report)
-    if reuse is not None:
-        runs = {k: tuple(v) for k, v in reuse["runs"].items() if k not in ("gradscope", "unguarded")}
+    if reuse is not None:  # the arms gradscope's code does not touch; its guard's are trained again
+        runs = {k: tuple(v) for k, v in reuse["runs"].items() if k not in ("gradscope", "unguarded", *GUARDED)}
+        runs.update({"skip": go(clipper=_skip_clipper()), "skip-unbounded": go(clipper=_skip_clipper(skip=UNBOUNDED)),
+                     "clip+skip": go(clipper=_skip_clipper(1.0))})
     else:
         runs = {f"grid {t:g}": go(fixed(t)) for t in LONG_GRID}
         runs.update({"none": go(), "zclip-percentile": go(zclip_percentile()), "zclip": go(zclip()),
@@ -622,8 +626,9 @@ def main() -> None:
                         help="diagnose's --trial-steps (default: the adaptive horizon): fixed-length trials, and cost")
     parser.add_argument("--summarise", metavar="FILE", help="print the summary of the rows a --json run wrote, "
                                                             "training nothing")
-    parser.add_argument("--reuse", metavar="FILE", help="--set long: take every baseline and grid run from the rows "
-                                                        "a --json run wrote, and train only gradscope's arm again")
+    parser.add_argument("--reuse", metavar="FILE", help="--set long: take the grid and the peers' runs from the rows "
+                                                        "a --json run wrote, and train again only the arms that run "
+                                                        "gradscope's code (its advice, and its guard's baselines)")
     args = parser.parse_args()
     if args.summarise:
         rows = json.loads(Path(args.summarise).read_text())

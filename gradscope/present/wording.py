@@ -65,7 +65,12 @@ def clip_summary(record, metrics: Dict[str, float]) -> str:
         words.append(f"cosine to the unclipped gradient ≥ {fmt(metrics['clip_cosine_min'])}")
     guard = record.guard or {}
     if guard.get("skipped"):
-        words.append(f"the guard skipped {plural(int(guard['skipped']), 'step')}")
+        exact = "" if guard.get("skip_kind", "gradient zeroed") != "gradient zeroed" else \
+            " (gradient zeroed only: attach the Clipper to the optimizer to skip the whole step)"
+        words.append(f"the guard skipped {plural(int(guard['skipped']), 'step')}{exact}")
+    if guard.get("rebased"):
+        words.append(f"re-based {plural(int(guard['rebased']), 'time')} on a new level of the norm or loss "
+                     f"(from step {', '.join(str(s) for s in guard.get('rebase_steps', [])[:3])})")
     return head + ": " + ", ".join(words)
 
 
