@@ -17,6 +17,9 @@ settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 GOLDEN = Path(__file__).parent / "golden"
+# A subprocess that has not finished in this long is hung: no test's work takes a tenth of it, even on a loaded
+# 2-core machine. Tests that run one wait this long, so none fails on a slow machine, and a hang still ends.
+HANG_S = 1800
 
 
 def pytest_addoption(parser):

@@ -24,6 +24,7 @@ from gradscope.config import load_config
 from gradscope.errors import GradscopeError
 
 from test_cli import GOOD, assert_clean_error, run, target
+from conftest import HANG_S
 
 # A target whose loss announces every call on stderr, so a test can tell whether training started.
 LOUD = GOOD.replace("loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])",
@@ -91,7 +92,7 @@ def experiment():
 @pytest.mark.parametrize("fmt", ["json", "sarif", "junit"])
 def test_user_prints_do_not_corrupt_a_machine_format_on_stdout(tmp_path, fmt):
     proc = subprocess.run([sys.executable, "-m", "gradscope", "diagnose", target(tmp_path, CHATTY), "--steps", "3",
-                           "--format", fmt], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           "--format", fmt], capture_output=True, text=True, cwd=tmp_path, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr
     assert "hello" not in proc.stdout and "a loss" not in proc.stdout and "native" not in proc.stdout
     for said in ("hello from the target module", "building the model", "a loss", "native code writing"):
@@ -239,7 +240,7 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(tmp_path):
     if proc.poll() is not None:
         pytest.skip("the CLI finished importing before the signal could be sent")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
     assert err.strip() == "gradscope: interrupted" and "Traceback" not in err
 
@@ -254,7 +255,7 @@ def test_a_cli_started_with_sigint_ignored_keeps_ignoring_it_while_it_imports(tm
     if proc.poll() is not None:
         pytest.skip("the CLI finished importing before the signal could be sent")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 2 and "whatever.py" in err and "interrupted" not in err, err
 
 

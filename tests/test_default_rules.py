@@ -51,6 +51,26 @@ def rising_norm() -> gradscope.Experiment:
                                 loss_fn=lambda m, b: 1.13 ** next(counter) * mse(m, b))
 
 
+class TinyRNN(nn.Module):
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(4, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def growing_rnn() -> gradscope.Experiment:
+    """A tanh RNN whose loss is scaled up 25% a step, under an SGD too slow to move it: its gradient grows x1.25
+    a step, by construction, on any float kernel (the exploding RNN's own growth is chaotic past the blow-up)."""
+    torch.manual_seed(0)
+    model = TinyRNN()
+    counter = itertools.count()
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=1e-6), sequence_batches(),
+                                loss_fn=lambda m, b: 1.25 ** next(counter) * nn.functional.mse_loss(m(b[0]), b[1]))
+
+
 def spiky_batches() -> gradscope.Experiment:
     """Step 20's batch carries targets 300x larger than usual."""
     torch.manual_seed(0)
@@ -197,7 +217,7 @@ TRIPS = {
     "dead-layer": lambda: scaled_first_layer(0.0),
     "unused-parameters": unused_layer,
     "large-update-ratio": huge_lr,
-    "recurrent-norm-growing": exploding_rnn,
+    "recurrent-norm-growing": growing_rnn,
     "recurrent-norm-high": recurrent_high,
     "amp-skipped-steps": lambda: amp_overflow(backoff=0.5),
     "amp-skipping-often": lambda: amp_overflow(backoff=0.95),

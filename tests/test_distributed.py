@@ -6,11 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from conftest import HANG_S
 
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "dist_target.py"
@@ -36,14 +36,14 @@ def run_ranks(callable_name: str, tmp_path: Path, *extra: str, world: int = 2, t
                "--device", "cpu", "--format", "json", "--output", str(output), *extra]
         procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    results = [p.communicate(timeout=timeout_s * 4) for p in procs]
+    results = [p.communicate(timeout=HANG_S) for p in procs]
     return [p.returncode for p in procs], results, output
 
 
 def single_process(tmp_path: Path) -> dict:
     out = tmp_path / "single.json"
     subprocess.run([sys.executable, "-m", "gradscope", "diagnose", f"{TARGET}:single", "--steps", "6", "--device",
-                    "cpu", "--format", "json", "--output", str(out)], cwd=tmp_path, check=False, timeout=120)
+                    "cpu", "--format", "json", "--output", str(out)], cwd=tmp_path, check=False, timeout=HANG_S)
     return json.loads(out.read_text())
 
 
@@ -94,12 +94,11 @@ def test_the_rank_that_hosts_the_store_waits_until_every_rank_has_read_the_verdi
 
 
 def test_a_rank_that_raises_midway_does_not_hang(tmp_path):
-    start = time.monotonic()
+    """Both ranks return, each with its one-line error (a hang would end only at HANG_S, and fail there)."""
     codes, results, _ = run_ranks("raises_midway_on_rank_1", tmp_path, timeout_s=8)
     assert codes == [2, 2]
     assert "rank 1: the forward pass or loss raised at step 2" in results[1][1]
     assert results[0][1].startswith("gradscope: error: rank 0:") or "rank 0:" in results[0][1]
-    assert time.monotonic() - start < 60
 
 
 @pytest.mark.parametrize("dying", [1, 0])
@@ -109,7 +108,7 @@ def test_a_rank_that_dies_under_torchrun_is_named_in_rank_0s_partial_report(tmp_
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(HERE / "dist_recorder.py"), str(out), str(dying), "5"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0 and "could not be written" not in done.stderr, done.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -134,7 +133,7 @@ def test_the_distributed_pages_torchrun_command_runs_as_written(tmp_path):
     (tmp_path / "my_experiment.py").write_text(experiment, encoding="utf-8")
     args = shlex.split(command)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), *args[1:]]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / args[args.index("--output") + 1]).read_text())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import gradscope
+from conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -138,7 +139,7 @@ def test_the_ci_pages_baseline_command_runs_as_written(tmp_path):
     (tmp_path / "my_experiment.py").write_text(blocks(ROOT / "README.md")[0], encoding="utf-8")
     args = shlex.split(command)
     done = subprocess.run([sys.executable, "-m", "gradscope", *args[1:]], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=HANG_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / args[-1]).exists()
 

@@ -20,6 +20,7 @@ from gradscope.errors import GradscopeError
 
 from test_distributed import free_port
 from test_monitor import _HostReads
+from conftest import HANG_S
 
 
 def _run(clipper, steps=120, spikes=(40, 41, 90), seed=0, model=None, make_loss=False):
@@ -219,14 +220,14 @@ def test_the_skip_decision_is_the_same_on_two_ranks_as_in_one_process(tmp_path, 
         pytest.skip("torch.distributed is not available")
     script = Path(__file__).resolve().parent / "dist_guard.py"
     alone = tmp_path / "alone.json"
-    subprocess.run([sys.executable, str(script), str(alone)], check=True, timeout=120,
+    subprocess.run([sys.executable, str(script), str(alone)], check=True, timeout=HANG_S,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"})
     port, ranked = free_port(), tmp_path / "ranked.json"
     procs = [subprocess.Popen([sys.executable, str(script), str(ranked), strategy],
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
              for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [p.wait(timeout=HANG_S) for p in procs] == [0, 0]
     one, two = json.loads(alone.read_text()), json.loads(ranked.read_text())
     assert one["skipped"] and {30, 75} <= set(one["skipped"])
     assert two == one

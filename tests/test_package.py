@@ -14,6 +14,7 @@ import pytest
 
 import gradscope
 from gradscope.cli import main
+from conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = Path(gradscope.__file__).resolve().parent
@@ -46,7 +47,7 @@ def test_every_integration_imports_from_the_installed_package(wheel, module):
 def test_the_console_script_runs_the_bundled_sample(wheel, tmp_path):
     script = Path(sys.executable).parent / "gradscope"
     result = subprocess.run([str(script), "diagnose", str(ROOT / "samples" / "exploding_rnn.py"), "--trials", "off",
-                             "--format", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             "--format", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["recommendation"]["method"] == "norm"
 

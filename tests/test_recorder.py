@@ -17,6 +17,7 @@ import gradscope
 from gradscope.errors import GradscopeError
 
 from models import MLP, mse, regression_batches
+from conftest import HANG_S
 
 
 def loop(monitor, steps: int, fail_at=None, error=RuntimeError("the data loader died")):
@@ -99,7 +100,7 @@ def test_sigterm_writes_the_report_and_exits_143(tmp_path):
             loop(Preempted(monitor), 100)
         print("not reached")
     """))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert "not reached" not in done.stdout and "Traceback" not in done.stderr

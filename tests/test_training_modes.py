@@ -1,6 +1,8 @@
 """Gradient accumulation in Monitor, and diagnosing a torch.compile'd model without graph breaks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -43,7 +45,13 @@ def test_every_micro_batch_when_asked():
     assert monitor.steps == 4
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+PLAIN_KERNELS = os.environ.get("ATEN_CPU_CAPABILITY") == "default"
+INDUCTOR = pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+    PLAIN_KERNELS, reason="inductor's generated C++ does not build under ATEN_CPU_CAPABILITY=default (a matter "
+                          "of torch's, not gradscope's: aot_eager traces the same graphs)")])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
 def test_compiled_model_diagnoses_without_graph_breaks(backend):
     """aot_eager traces forward and backward as inductor does, without a C++ build; inductor is slow."""
     from torch._dynamo.utils import counters
