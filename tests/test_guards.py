@@ -47,8 +47,9 @@ def _run(clipper, steps=120, spikes=(40, 41, 90), seed=0, model=None, make_loss=
 
 def _reference_skips(norms, z=6.0, window=128, min_history=16, max_consecutive=8, max_skips=8):
     """The rule written plainly on the host: skipped values stay out of the window, and an outlier past
-    ``max_consecutive`` skips in a row, or ``max_skips`` in the last ``window`` steps, restarts the window."""
-    kept, skipped, flags = [], [], []
+    ``max_consecutive`` skips in a row, or ``max_skips`` in the last ``window`` steps, re-bases the guard:
+    the values it skipped within the window enter it, and so does that outlier."""
+    kept, skipped, flags, held = [], [], [], []
     for step, n in enumerate(norms):
         recent = kept[-window:]
         if len(recent) >= min_history:
@@ -56,10 +57,12 @@ def _reference_skips(norms, z=6.0, window=128, min_history=16, max_consecutive=8
             if (n - mean) / max(std, 1e-12) > z:
                 run = next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
                 if run >= max_consecutive or sum(flags[-window:]) >= max_skips:
-                    kept, flags = [], [False] * len(flags)
+                    kept += [v for s, v in held if step - s < window]
+                    held, flags = [], [False] * len(flags)
                 else:
                     skipped.append(step)
                     flags.append(True)
+                    held.append((step, n))
                     continue
         kept.append(n)
         flags.append(False)
@@ -360,6 +363,26 @@ def test_the_device_rule_re_bases_where_the_plain_reference_does():
     device = [s for s, n in enumerate(norms) if bool(state.decide(torch.tensor(n, dtype=torch.float32), None, None)[1])]
     assert device == _reference_skips(norms)
     assert 50 in device and 200 in device and 100 in device and len(device) <= 10
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_device_rule_and_the_host_replay_agree_on_level_shifts_growth_and_spikes(seed):
+    """What a report counts (replay, on the host) is what the Clipper does (on the device), re-bases included."""
+    from gradscope.advise.guards import replay
+    from gradscope.run.guard_state import GuardState
+    rng = np.random.default_rng(seed)
+    steps = np.arange(600)
+    level = np.where(steps < 200, 1.0, 4.0) * np.exp(np.maximum(steps - 400, 0) / 80.0)  # a shift, then growth
+    norms = level * np.exp(0.1 * rng.standard_normal(600))
+    norms[rng.choice(600, 12, replace=False)] *= 30.0  # spikes
+    losses = 2.0 + 0.05 * rng.standard_normal(600) + np.where(steps > 450, 3.0, 0.0)
+    state = GuardState(Skip(), None, torch.device("cpu"))
+    device = [s for s in range(600) if bool(state.decide(torch.tensor(norms[s], dtype=torch.float32),
+                                                         torch.tensor(losses[s], dtype=torch.float32), None)[1])]
+    host = replay(norms.astype(np.float32), losses.astype(np.float32), Skip())
+    assert device == list(host.skipped)
+    assert state.counts()["rebased"] == len(host.rebased) >= 1
+    assert state.counts()["rebase_steps"] == list(host.rebased)
 
 
 def test_an_optimizer_that_keeps_its_state_on_the_host_is_refused_in_one_clear_error():

@@ -13,8 +13,9 @@ and read (one copy) only when asked, by ``counts()``.
   data mixture or batch size, a re-warm-up) every later step stands out against a window that can no
   longer move. So the guard is bounded: it is for rare events, and more than ``max_consecutive`` skips in
   a row, or more than ``max_rate`` of the last ``window`` steps, is a new level, not a spike. The step that
-  would pass either bound re-bases the guard instead of being skipped: the window restarts from that step,
-  and judging resumes once ``min_history`` steps are in it again. Non-finite steps are always skipped.
+  would pass either bound re-bases the guard instead of being skipped: the values it skipped within the
+  window enter it, with that step's, so the window takes in the new level at once and goes on judging
+  (no blind spell). Non-finite steps are always skipped.
   Attached to the optimizer (``Clipper.attach``), a skip leaves the weights and the optimizer's state as
   they were (``gradscope.run.skipping``); without it the gradient is only zeroed, and the optimizer's own
   step (weight decay, the moments' decay) still runs. Outliers that recur often are data, not corruption:
@@ -54,6 +55,11 @@ class Skip:
     def max_skips(self) -> int:
         """The most steps skipped within ``window`` steps before the guard re-bases."""
         return max(1, int(self.max_rate * self.window))
+
+    @property
+    def held(self) -> int:
+        """The skipped values kept aside, to enter the window if the guard re-bases: as many as it may skip."""
+        return max(self.max_consecutive, self.max_skips)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.z) and self.z > 0):
@@ -96,6 +102,7 @@ def replay(norms: Sequence[float], losses: Optional[Sequence[float]], skip: Skip
     series = [norms] if losses is None else [norms, np.asarray(losses, dtype=np.float64)]
     kept: List[List[float]] = [[] for _ in series]
     recent: Deque[bool] = collections.deque(maxlen=skip.window)  # skipped or not, over the last window steps
+    held: Deque[tuple] = collections.deque(maxlen=skip.held)  # the last finite values skipped, with their steps
     run = 0
     skipped, rebased = [], []
     for step in range(len(norms)):
@@ -109,8 +116,12 @@ def replay(norms: Sequence[float], losses: Optional[Sequence[float]], skip: Skip
                 if (v - float(np.mean(window))) / max(std, 1e-12) > skip.z:
                     outlier = True
         if finite and outlier and (run >= skip.max_consecutive or sum(recent) >= skip.max_skips):
-            rebased.append(step)  # a new level: the window restarts here
-            kept = [[] for _ in series]
+            rebased.append(step)  # a new level: what it skipped of it enters the window, and so does this step
+            for when, held_values in held:
+                if step - when < skip.window:
+                    for v, history in zip(held_values, kept):
+                        history.append(v)
+            held.clear()
             recent.clear()
             outlier = False
         out = not finite or outlier
@@ -118,6 +129,8 @@ def replay(norms: Sequence[float], losses: Optional[Sequence[float]], skip: Skip
         run = run + 1 if out else 0
         if out:
             skipped.append(step)
+            if finite:
+                held.append((step, values))
             continue
         for v, history in zip(values, kept):
             history.append(v)

@@ -13,7 +13,7 @@ from ..advise.guards import Adaptive, Skip
 
 EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z
 REBASES = 32  # the first this many steps where the skip guard re-based are kept
-NEW_KEYS = {"run", "recent", "rebased", "rebase_steps"}  # a state saved before re-basing lacks them: zeros
+NEW_KEYS = {"run", "recent", "rebased", "rebase_steps", "held", "held_steps", "held_count"}  # a state saved before re-basing lacks them: zeros
 
 
 def total_norm(grads: List[torch.Tensor], plain: bool) -> torch.Tensor:
@@ -49,9 +49,10 @@ class GuardState:
         f = dict(dtype=torch.float32, device=device)
         i = dict(dtype=torch.int64, device=device)
         width = skip.window if skip else 1
+        held = skip.held if skip else 1
         self.tensors: Dict[str, torch.Tensor] = {
             "step": torch.zeros((), **i),
-            "window": torch.zeros(2, width, **f),  # rows: norm, loss
+            "window": torch.zeros(2, width + 1, **f),  # rows: norm, loss; the last column takes no value
             "accepted": torch.zeros((), **i),  # values pushed into the window
             "skipped": torch.zeros((), **i),
             "clipped": torch.zeros((), **i),
@@ -63,8 +64,12 @@ class GuardState:
             "recent": torch.zeros(width, **i),  # 1 where the step (at step % window) was skipped
             "rebased": torch.zeros((), **i),
             "rebase_steps": torch.zeros(REBASES, **i),  # the first REBASES steps where the guard re-based
+            "held": torch.zeros(2, held, **f),  # the last finite values skipped, to enter the window on a re-base
+            "held_steps": torch.full((held,), -(2 ** 62), **i),  # their steps
+            "held_count": torch.zeros((), **i),
         }
         self._slots = torch.arange(width, device=device)
+        self._held_slots = torch.arange(held, device=device)
 
     def decide(self, norm: torch.Tensor, loss: Optional[torch.Tensor], threshold: Optional[float]):
         """(factor, skip): the factor every gradient is multiplied by this step (0 to skip, else the clipping
@@ -114,12 +119,13 @@ class GuardState:
 
     def _skip(self, norm: torch.Tensor, loss: Optional[torch.Tensor]):
         s, t = self.skip, self.tensors
+        window = t["window"][:, :s.window]  # (the last column takes what a re-base does not admit)
         values = torch.stack([norm, norm if loss is None else loss.detach().float().reshape(())])
         n = t["accepted"].clamp(max=s.window)
         valid = (self._slots < n).float()
         count = n.clamp(min=1).float()
-        mean = (t["window"] * valid).sum(dim=1) / count
-        var = (((t["window"] - mean[:, None]) * valid).square()).sum(dim=1) / (count - 1).clamp(min=1.0)
+        mean = (window * valid).sum(dim=1) / count
+        var = (((window - mean[:, None]) * valid).square()).sum(dim=1) / (count - 1).clamp(min=1.0)
         zs = (values - mean) / var.sqrt().clamp(min=1e-12)
         if loss is None:
             zs = zs[:1]
@@ -127,16 +133,22 @@ class GuardState:
         judged = n >= s.min_history
         finite = torch.isfinite(values).all()
         outlier = finite & judged & (z > s.z)
-        # one skip past either bound is a new level, not a spike: the window restarts at this step
+        # one skip past either bound is a new level, not a spike: what was skipped of it enters the window
         rebase = outlier & ((t["run"] >= s.max_consecutive) | (t["recent"].sum() >= s.max_skips))
         skip = ~finite | (outlier & ~rebase)
-        t["accepted"].copy_(torch.where(rebase, torch.zeros_like(t["accepted"]), t["accepted"]))
+        self._admit_held(rebase)
         t["recent"].copy_(torch.where(rebase, torch.zeros_like(t["recent"]), t["recent"]))
         slot = (t["rebased"].clamp(max=REBASES - 1)).reshape(1)
         kept = t["rebase_steps"].index_select(0, slot)
         t["rebase_steps"].index_copy_(0, slot, torch.where(rebase & (t["rebased"] < REBASES), t["step"].reshape(1), kept))
         t["rebased"] += rebase.long()
-        # an accepted step enters the window at the next slot of the ring; a skipped one does not
+        # a skipped finite value is held aside; an accepted one enters the window at the next slot of the ring
+        hold = skip & finite
+        slot = (t["held_count"] % s.held).reshape(1)
+        t["held"].index_copy_(1, slot, torch.where(hold, values, t["held"].index_select(1, slot)[:, 0]).reshape(2, 1))
+        t["held_steps"].index_copy_(0, slot, torch.where(hold, t["step"], t["held_steps"].index_select(0, slot)[0])
+                                    .reshape(1))
+        t["held_count"] += hold.long()
         slot = (t["accepted"] % s.window).reshape(1)
         column = t["window"].index_select(1, slot)
         t["window"].index_copy_(1, slot, torch.where(skip, column, values.reshape(2, 1)))
@@ -144,6 +156,19 @@ class GuardState:
         t["recent"].index_copy_(0, (t["step"] % s.window).reshape(1), skip.long().reshape(1))
         t["run"].copy_(torch.where(skip, t["run"] + 1, torch.zeros_like(t["run"])))
         return skip, torch.where(judged, z, torch.zeros_like(z))
+
+    def _admit_held(self, rebase: torch.Tensor) -> None:
+        """On a re-base, the held values skipped within the window enter it, oldest first (one scatter; those not
+        admitted go to the window's spare last column)."""
+        s, t = self.skip, self.tensors
+        steps = t["held_steps"]
+        admit = rebase & (self._held_slots < t["held_count"].clamp(max=s.held)) & (t["step"] - steps < s.window)
+        earlier = (steps[None, :] < steps[:, None]) & admit[None, :]
+        rank = earlier.sum(dim=1)  # each admitted value's place among them, by step
+        slots = torch.where(admit, (t["accepted"] + rank) % s.window, torch.full_like(rank, s.window))
+        t["window"].index_copy_(1, slots, t["held"])
+        t["accepted"] += admit.sum()
+        t["held_count"].copy_(torch.where(rebase, torch.zeros_like(t["held_count"]), t["held_count"]))
 
     def _log(self, event: torch.Tensor, norm: torch.Tensor, z: torch.Tensor, factor: torch.Tensor) -> None:
         t = self.tensors
@@ -176,6 +201,8 @@ class GuardState:
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         missing = set(self.tensors) - set(state) - NEW_KEYS
+        if "window" in state and state["window"].shape[1] == self.tensors["window"].shape[1] - 1:
+            state = {**state, "window": torch.cat([state["window"], state["window"][:, :1]], dim=1)}  # saved before
         if missing or state["window"].shape != self.tensors["window"].shape:
             raise GradscopeError("the saved guard state does not match this Clipper's guards",
                                  "load it into a Clipper made with the same skip window")
