@@ -24,8 +24,9 @@ from gradscope.advise.recommend import recommend
 from gradscope.pipeline import build_report
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 STORED = TESTS / "stored"
-HERE = "{tests}/"  # a path under tests/, stored relative to it and resolved where the suite runs
+HERE = "{root}/"  # a path in this repository (a sample, tests/models.py), stored relative to it, resolved where it runs
 
 
 def encode(value: Any) -> Any:
@@ -47,8 +48,8 @@ def encode(value: Any) -> Any:
         return {"__dict__": [[encode(k), encode(v)] for k, v in value.items()]}
     if isinstance(value, float) and not math.isfinite(value):
         return {"__float__": repr(value)}
-    if isinstance(value, str) and value.startswith(f"{TESTS}/"):
-        return HERE + value[len(f"{TESTS}/"):]
+    if isinstance(value, str) and value.startswith(f"{ROOT}/"):
+        return HERE + value[len(f"{ROOT}/"):]
     if isinstance(value, str) and value.startswith("/") and "/site-packages/" in value:  # torch's own modules
         return "/site-packages/" + value.split("/site-packages/", 1)[1]
     return value
@@ -56,7 +57,7 @@ def encode(value: Any) -> Any:
 
 def decode(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(HERE):
-        return f"{TESTS}/{value[len(HERE):]}"
+        return f"{ROOT}/{value[len(HERE):]}"
     if isinstance(value, list):
         return [decode(v) for v in value]
     if not isinstance(value, dict):
