@@ -353,8 +353,10 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
     clipper = gradscope.Clipper.from_report(report)
     if reuse is not None:  # the arms gradscope's code does not touch; its guard's are trained again
         runs = {k: tuple(v) for k, v in reuse["runs"].items() if k not in ("gradscope", "unguarded", *GUARDED)}
-        runs.update({"skip": go(clipper=_skip_clipper()), "skip-unbounded": go(clipper=_skip_clipper(skip=UNBOUNDED)),
-                     "clip+skip": go(clipper=_skip_clipper(1.0))})
+        runs.update({"skip": go(clipper=_skip_clipper()), "clip+skip": go(clipper=_skip_clipper(1.0))})
+        # the unbounded guard never re-bases: its runs stand as they were unless the row lacks them
+        runs["skip-unbounded"] = tuple(reuse["runs"]["skip-unbounded"]) if "skip-unbounded" in reuse["runs"] \
+            else go(clipper=_skip_clipper(skip=UNBOUNDED))
     else:
         runs = {f"grid {t:g}": go(fixed(t)) for t in LONG_GRID}
         runs.update({"none": go(), "zclip-percentile": go(zclip_percentile()), "zclip": go(zclip()),
@@ -364,8 +366,12 @@ def run_long(scenario: Scenario, seed: int, reuse: Optional[Dict[str, object]] =
         runs["fixed-1.0"] = runs["grid 1"]
     runs["gradscope"] = go(clipper=clipper)
     counts = clipper.counts()
-    # the same advice without the skip guard: what the guard adds (the advice before it was armed)
-    runs["unguarded"] = go(clipper=gradscope.Clipper.from_report(report, skip=None))
+    # the same advice without the skip guard: what the guard adds (the advice before it was armed); kept
+    # from a reused row whose advice was the same, since the guard's rule does not touch that arm
+    same = reuse is not None and "unguarded" in reuse["runs"] and \
+        (reuse["method"], reuse["threshold"]) == (report.recommendation.method, report.recommendation.threshold)
+    runs["unguarded"] = tuple(reuse["runs"]["unguarded"]) if same else \
+        go(clipper=gradscope.Clipper.from_report(report, skip=None))
     grid = {t: runs[f"grid {t:g}"][0] for t in LONG_GRID}
     best_threshold = min(grid, key=grid.get)
     star = grid[best_threshold]
