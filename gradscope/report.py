@@ -12,7 +12,7 @@ from .analyse.evaluate import Finding, worst_severity
 from .advise.judge import Trial, TrialSet
 from .advise.reasons import Reason, Reasons
 from .advise.recommend import Recommendation
-from .analyse.ruleset import RuleSet
+from .analyse.ruleset import SEVERITIES, RuleSet
 from .analyse.clipping import rate_windows
 from .analyse.stats import CLIP_METRICS, Statistics
 from .present.wording import say
@@ -97,6 +97,9 @@ class Report:
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "healthy": self.healthy,
+            # the rules whose warnings or errors made it unhealthy (empty when healthy), most severe first
+            "unhealthy_because": list(dict.fromkeys(f.rule_id for f in sorted(
+                (f for f in self.findings if f.severity != "info"), key=lambda f: -SEVERITIES.index(f.severity)))),
             "partial": self.partial,
             "stopped_reason": self.stopped_reason,
             "steps": m.steps,

@@ -172,3 +172,14 @@ def test_a_shortened_name_keeps_its_start_and_its_end():
     assert len(cut) == 36 and head.startswith("bert.enc") and tail.endswith(".0.attention.self.query")
     assert len(tail) > 2 * len(head)  # the end tells siblings apart, so it keeps the most
     assert short["bert.pooler.dense"] == "bert.pooler.dense"
+
+
+def test_the_json_says_which_warnings_made_a_run_unhealthy():
+    """A run with warnings and no error exits 0 under --fail-on error, yet is not healthy: the JSON names why."""
+    guard = json.loads(stored.load("guard").to_json())
+    assert guard["healthy"] is False and guard["unhealthy_because"] == ["large-update-ratio"]
+    explosion = json.loads(stored.load("explosion").to_json())
+    severities = {f["rule_id"]: f["severity"] for f in explosion["findings"]}
+    ranks = [("info", "warning", "error").index(severities[r]) for r in explosion["unhealthy_because"]]
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] == 2  # errors first
+    assert json.loads(stored.load("healthy").to_json())["unhealthy_because"] == []
