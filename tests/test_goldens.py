@@ -38,28 +38,26 @@ def _normalised(text: str) -> str:
 
 
 class _Structure(HTMLParser):
-    """The HTML report's structure: its tags, their classes and ids, and its text; the figures' drawing
-    (matplotlib's SVG paths and embedded images) left out, as matplotlib's own version draws it."""
+    """The HTML report's structure: its tags, their classes and ids, and its text; what lies inside an svg,
+    a style or a script left out (matplotlib's drawing depends on matplotlib's version)."""
+
+    OPAQUE = ("svg", "style", "script")
 
     def __init__(self) -> None:
         super().__init__()
-        self.lines, self._skip = [], 0
+        self.lines, self._inside = [], 0
 
     def handle_starttag(self, tag, attrs):
-        if self._skip or tag in ("svg", "style", "script", "img"):
-            self._skip += tag in ("svg", "style", "script")
-            if not self._skip or tag in ("svg", "style", "script"):
-                self.lines.append(f"<{tag}>")
-            return
-        kept = " ".join(f'{k}="{v}"' for k, v in attrs if k in ("class", "id", "href") and v)
-        self.lines.append(f"<{tag}{' ' + kept if kept else ''}>")
+        if not self._inside:
+            kept = " ".join(f'{k}="{v}"' for k, v in attrs if k in ("class", "id", "href") and v)
+            self.lines.append(f"<{tag}{' ' + kept if kept else ''}>")
+        self._inside += tag in self.OPAQUE
 
     def handle_endtag(self, tag):
-        if tag in ("svg", "style", "script") and self._skip:
-            self._skip -= 1
+        self._inside -= tag in self.OPAQUE and self._inside > 0
 
     def handle_data(self, data):
-        if not self._skip and data.strip():
+        if not self._inside and data.strip():
             self.lines.append("  " + " ".join(data.split()))
 
 

@@ -49,7 +49,11 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int = WARMUP, total:
 @functools.lru_cache(maxsize=1)
 def corpus() -> torch.Tensor:
     """Characters of real English-and-code text: the source of four standard-library modules."""
-    text = "".join(inspect.getsource(m) for m in (argparse, difflib, textwrap, inspect))
+    return _codes("".join(inspect.getsource(m) for m in (argparse, difflib, textwrap, inspect)))
+
+
+def _codes(text: str) -> torch.Tensor:
+    """Text as characters: printable ASCII, newline as 95, the rest folded onto one symbol."""
     codes = torch.tensor(list(text.encode("ascii", "replace")), dtype=torch.long)
     codes = torch.where(codes == 10, torch.full_like(codes, 95), codes - 32)  # newline -> 95
     return codes.clamp(0, CHARS - 1)
@@ -59,14 +63,7 @@ def text_batches(seq: int = 32, batch: int = 16, held_out_share: float = 0.1):
     """(train maker, held-out maker): random windows of the corpus; the last 10% is held out."""
     data = corpus()
     cut = int(len(data) * (1 - held_out_share))
-
-    def maker(lo: int, hi: int):
-        def make(g: torch.Generator) -> Batch:
-            starts = torch.randint(lo, hi - seq - 1, (batch,), generator=g)
-            windows = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
-            return windows[:, :-1], windows[:, 1:]
-        return make
-    return maker(0, cut), maker(cut, len(data))
+    return _windows(data, 0, cut, batch, seq), _windows(data, cut, len(data), batch, seq)
 
 
 def _long_stream(train_make, eval_make, seed: int, n_eval: int = 8):
@@ -130,10 +127,7 @@ def prose() -> torch.Tensor:
             doc = inspect.getdoc(getattr(module, name, None)) if not name.startswith("_") else None
             if doc and len(doc) > 80:
                 docs.append(doc)
-    text = "\n\n".join(dict.fromkeys(docs))
-    codes = torch.tensor(list(text.encode("ascii", "replace")), dtype=torch.long)
-    codes = torch.where(codes == 10, torch.full_like(codes, 95), codes - 32)
-    return codes.clamp(0, CHARS - 1)
+    return _codes("\n\n".join(dict.fromkeys(docs)))
 
 
 def _windows(data: torch.Tensor, lo: int, hi: int, batch: int, seq: int = 32):

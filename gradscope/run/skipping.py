@@ -59,17 +59,13 @@ class StepSkipper:
         self._saved: Dict[Tuple[int, str], torch.Tensor] = {}  # restore: the buffers, kept between steps
         self._pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self._host: List[Tuple[Dict[str, Any], str, Any]] = []  # restore: state that is not a tensor, to check
-        self._handles = [optimizer.register_step_pre_hook(self._before),
-                         optimizer.register_step_post_hook(self._after)]
+        optimizer.register_step_pre_hook(self._before)
+        optimizer.register_step_post_hook(self._after)
 
     def decide(self, skip: torch.Tensor) -> None:
         """This step's decision (a bool tensor on the gradients' device), taken before ``optimizer.step()``."""
         self.flag.copy_(skip.to(self.flag.device, torch.float32))
         self._depth = 0  # a step that raised left its post-hook unrun
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     def _params(self) -> List[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
