@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import HELDOUT  # noqa: E402
+from kinds import KINDS  # noqa: E402
 from long import LONG, LONG_STEPS  # noqa: E402
 from scenarios import SCENARIOS, Scenario, Setup  # noqa: E402
 
@@ -205,10 +206,12 @@ def _every_candidate(candidates, done, *args) -> Optional[float]:
 def _every_stable(trials, *args, **kwargs):
     """--exhaustive's climb: every stable trial goes on, the horizon doubling, to EXHAUSTIVE_STEPS."""
     from gradscope.advise import judge
+    from gradscope.advise.reasons import because
     field = judge.final_field(trials)
-    if field.steps * judge.RUNG_GROWTH > EXHAUSTIVE_STEPS:
-        return [], f"{EXHAUSTIVE_STEPS} steps reached"
-    return [t.threshold for t in field.trials if t.stable], "exhaustive"
+    nxt = field.steps * judge.RUNG_GROWTH
+    if nxt > EXHAUSTIVE_STEPS:
+        return [], because("rung_past_longest", next=nxt, longest=EXHAUSTIVE_STEPS)
+    return [t.threshold for t in field.trials if t.stable], because("neighbours_tied", steps=field.steps)
 
 
 def _exhaustive() -> None:
@@ -282,7 +285,7 @@ def run_one(scenario: Scenario, seed: int) -> Dict[str, object]:
             "regret": {k: regret(v) for k, v in results.items()}, "loss": results}
 
 
-SETS = {"main": SCENARIOS, "heldout": HELDOUT, "long": LONG}
+SETS = {"main": SCENARIOS, "heldout": HELDOUT, "kinds": KINDS, "long": LONG}
 
 
 def _run_pair(job) -> Dict[str, object]:
