@@ -211,7 +211,7 @@ def moe_hot(seed: int) -> Setup:
 
 
 def moe_healthy(seed: int) -> Setup:
-    return _moe(seed, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01))
+    return _moe(seed, lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.01))
 
 
 KINDS: Dict[str, Scenario] = {s.name: s for s in [
@@ -222,5 +222,5 @@ KINDS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("gnn_healthy", "healthy", gnn_healthy, "the graph network at AdamW 1e-3"),
     Scenario("diffusion_healthy", "healthy", diffusion_healthy, "the diffusion model at Adam 1e-3"),
     Scenario("ssm_healthy", "healthy", ssm_healthy, "the state-space model at Adam 1e-3"),
-    Scenario("moe_healthy", "healthy", moe_healthy, "the mixture of experts at AdamW 1e-3"),
+    Scenario("moe_healthy", "healthy", moe_healthy, "the mixture of experts at AdamW 3e-4"),
 ]}
