@@ -22,6 +22,7 @@ import numpy as np
 import gradscope
 from gradscope.advise.recommend import recommend
 from gradscope.pipeline import build_report
+from gradscope.run.diagnose import trial_outcome
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -93,7 +94,10 @@ def save(name: str, report: gradscope.Report, profile, adaptive_optimizer=None) 
 def load(name: str) -> gradscope.Report:
     """The Report of a stored run, built by the pure core: statistics, findings, recommendation."""
     doc = json.loads((STORED / f"{name}.json").read_text())
-    report = build_report(decode(doc["profile"]), model_name=doc["model"], stopped_reason=doc["stopped_reason"],
+    profile = decode(doc["profile"])
+    if doc["trials"] is not None and profile.trials is None:  # stored before the rules read the trials
+        profile = dataclasses.replace(profile, trials=trial_outcome(decode(doc["trials"])))
+    report = build_report(profile, model_name=doc["model"], stopped_reason=doc["stopped_reason"],
                           seed=doc["seed"], steps_requested=doc["steps_requested"],
                           adaptive_optimizer=doc["adaptive_optimizer"])
     if doc["trials"] is not None:

@@ -226,9 +226,13 @@ TRIPS = {
     "clipping-never-acts": lambda: watched_run(1e6),
     "clipping-stale": lambda: watched_run(1.0, scale=lambda step: 0.93 ** step),  # the norms fall 77x
     "clipping-cut-spikes": lambda: watched_run(17.0, spike=40),
+    # read from diagnose's trials, so its fixtures run them: the RNN's unclipped trial diverges
+    "unclipped-unstable-in-trials": lambda: gradscope.diagnose(exploding_rnn(), steps=STEPS, seed=0),
 }
 HEALTHY = {rule_id: (healthy_lstm if rule_id.startswith("recurrent") else healthy_mlp) for rule_id in TRIPS}
 HEALTHY["adaptive-optimizer-outliers"] = healthy_sgd
+# the spikes call for trials, and there unclipped training stays stable
+HEALTHY["unclipped-unstable-in-trials"] = lambda: gradscope.diagnose(spiky_batches(), steps=STEPS, seed=0)
 for rule_id in TRIPS:  # a threshold near the norms' 80th percentile: it acts on some steps, not all
     if rule_id.startswith("clipping-"):
         HEALTHY[rule_id] = lambda: watched_run(6.5)

@@ -1,6 +1,7 @@
 """Trials: candidates on a lattice, instability judged, the margin rule, and trials run for real from one start."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -394,6 +395,38 @@ def test_the_winner_trains_where_unclipped_training_diverges(exploding):
     assert not trials.reference.stable
     winner = next(t for t in trials.trials if t.threshold == trials.winner)
     assert winner.stable and winner.held_out < 0.5 * trials.start_held_out
+
+
+def test_unclipped_training_unstable_in_the_trials_is_an_error_finding(exploding):
+    trials = exploding.recommendation.evidence.trials
+    found = [f for f in exploding.findings if f.rule_id == "unclipped-unstable-in-trials"]
+    assert not trials.reference.stable and len(found) == 1 and found[0].severity == "error"
+    assert exploding.statistics.model.metrics["trial_unclipped_steps"] == len(trials.reference.losses)
+    assert f"within {len(trials.reference.losses)} steps" in found[0].message
+    assert exploding.statistics.model.metrics["trial_clipped_stable"] == sum(t.stable for t in trials.trials) > 0
+
+
+@pytest.mark.parametrize("unstable, stable, fires", [(True, 2, True), (False, 2, False), (True, 0, False)])
+def test_the_trials_outcome_decides_the_finding_and_the_exit_code(unstable, stable, fires):
+    """Read beside a healthy profile: only an unclipped trial that failed where a clipped one held is an error."""
+    from gradscope.analyse.profile import TrialOutcome
+    from gradscope.gate import decide
+    from gradscope.pipeline import build_report
+    from gradscope.run.experiment import batch_stream
+    experiment = healthy_mlp()
+    monitor, stream = gradscope.Monitor(experiment.model), batch_stream(experiment.batches)
+    for _ in range(12):
+        experiment.optimizer.zero_grad()
+        loss = experiment.loss_fn(experiment.model, next(stream))
+        loss.backward()
+        monitor.observe(loss)
+        experiment.optimizer.step()
+    profile = monitor.profile()
+    monitor.close()
+    assert build_report(profile).healthy
+    report = build_report(dataclasses.replace(profile, trials=TrialOutcome(30, unstable, stable)))
+    assert any(f.rule_id == "unclipped-unstable-in-trials" for f in report.findings) == fires
+    assert report.healthy != fires and (decide(report, "error", None).exit_code == 1) == fires
 
 
 @pytest.mark.parametrize("make, adaptive", [

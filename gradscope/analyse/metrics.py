@@ -75,6 +75,11 @@ _MODEL = {
     "max_layer_share": "largest grad_norm_share of any layer",
     "active_layers": "layers with trainable parameters",
     "unused_layers": "layers with trainable parameters that never received a gradient",
+    # diagnose's threshold trials; NaN where none ran (--trials 0, a Monitor's report, no finding called for them)
+    "trial_unclipped_unstable": "1 if the trials' unclipped run went unstable while some clipped trial stayed "
+                                "stable, else 0",
+    "trial_unclipped_steps": "steps the trials' unclipped run trained from the profile's start",
+    "trial_clipped_stable": "clipped thresholds the trials found stable",
     # the user's own clipping (Monitor(clip=...), gradient_clip_val, max_grad_norm); NaN where not told
     "clip_threshold": "the threshold the run clips at (norm, value or AGC factor)",
     "clip_steps": "steps whose clipping was judged (a finite pre-clip norm)",

@@ -20,6 +20,16 @@ class LayerInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrialOutcome:
+    """What diagnose's threshold trials showed of unclipped training: from the profile's start, on its
+    batches, the run the rules read beside the profile (the trials themselves are gradscope.advise.judge's)."""
+
+    unclipped_steps: int  # steps the unclipped run trained before it stopped or ended
+    unclipped_unstable: bool  # it diverged, or its loss, held-out loss or norm climbed (judge.assess)
+    clipped_stable: int  # clipped thresholds that stayed stable
+
+
+@dataclasses.dataclass(frozen=True)
 class Profile:
     """Everything a Monitor measured. Per-layer arrays index ``active`` layers (those with trainable params).
 
@@ -62,3 +72,5 @@ class Profile:
     # what the user's own clipping did over the run (gradscope.analyse.clipping.ClipRecord); None where the
     # Monitor was not told how the run clips. The series then hold post_clip_norm and clip_cosine.
     clip: Optional[Any] = None
+    # what diagnose's threshold trials showed of unclipped training; None where no trial ran
+    trials: Optional[TrialOutcome] = None

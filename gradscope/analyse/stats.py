@@ -197,6 +197,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         "active_layers": float(sum(1 for layer in layers if layer.status == "active")),
         "unused_layers": float(sum(1 for layer in layers if layer.status == "unused")),
         **clip_metrics(profile.clip, _finite_max(global_norm)),
+        **_trial_metrics(profile.trials),
     }
     return ModelStats(
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm.copy(), cosine=cosine.copy(),
@@ -480,3 +481,12 @@ def _finite_max(values: np.ndarray, axis=None):
         return np.where(np.isfinite(top), top, NAN)
     a = a[np.isfinite(a)]
     return float(a.max()) if a.size else NAN
+
+
+def _trial_metrics(outcome) -> Dict[str, float]:
+    """What the threshold trials showed of unclipped training (a TrialOutcome), NaN where none ran."""
+    if outcome is None:
+        return {"trial_unclipped_unstable": NAN, "trial_unclipped_steps": NAN, "trial_clipped_stable": NAN}
+    return {"trial_unclipped_unstable": float(outcome.unclipped_unstable and outcome.clipped_stable > 0),
+            "trial_unclipped_steps": float(outcome.unclipped_steps),
+            "trial_clipped_stable": float(outcome.clipped_stable)}

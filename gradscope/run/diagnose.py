@@ -6,7 +6,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..collect.monitor import Monitor
 from ..collect.optimizers import is_adaptive
 from .options import ProfileOptions, TrialOptions
 from ..pipeline import assess, build_report
-from ..analyse.profile import Profile
+from ..analyse.profile import Profile, TrialOutcome
 from .rates import LOOK_AHEAD, ahead
 from ..advise.recommend import method_for, recommend
 from ..report import Report, ScheduleReach
@@ -100,7 +100,7 @@ def diagnose(
         began = time.perf_counter()
         dev = target or monitor.device
         peak = rates.index(max(rates)) if rates else None  # the step where the schedule's rate peaks
-        report = _profile(experiment, monitor, stream, steps, dev, progress, context,
+        report, profiled = _profile(experiment, monitor, stream, steps, dev, progress, context,
                           extend=profile.extend and distributed.context() is None,  # (ranks would have to agree)
                           peak=peak)
         profile_seconds = time.perf_counter() - began
@@ -109,8 +109,7 @@ def diagnose(
             most = min(MOST_STEPS, len(rates) - 1) if 0 < len(rates) < LOOK_AHEAD else MOST_STEPS
             trial_set = _trials(experiment, TrialBatches(stream.kept, stream.stream, options.first_steps), options,
                                 report, start, scale, dev, profile_seconds, trial_progress, most)
-            advice = recommend(report.statistics, report.findings, trial_set)
-            report = dataclasses.replace(report, recommendation=advice)
+            report = _with_trials(report, profiled, trial_set, context)
         if rates:
             report = dataclasses.replace(report, schedule=_reach(rates, report))
     except KeyboardInterrupt:
@@ -127,6 +126,23 @@ def diagnose(
             restore_state(experiment, saved)
         interrupts.restore(shield)
     return report
+
+
+def _with_trials(report: Report, profiled: Profile, trial_set: TrialSet, context: "_Context") -> Report:
+    """The report again, its rules reading what the trials showed of unclipped training beside the profile
+    (a run whose unclipped trial went unstable is an error whatever the profile showed), its advice the
+    trials'."""
+    profile = dataclasses.replace(profiled, trials=trial_outcome(trial_set))
+    rebuilt = context.report(profile, report.stopped_reason)
+    return dataclasses.replace(rebuilt, extended=report.extended,
+                               recommendation=recommend(rebuilt.statistics, rebuilt.findings, trial_set))
+
+
+def trial_outcome(trial_set: TrialSet) -> TrialOutcome:
+    """What the trials showed of unclipped training, as the rules read it."""
+    reference = trial_set.reference
+    return TrialOutcome(unclipped_steps=len(reference.losses), unclipped_unstable=not reference.stable,
+                        clipped_stable=sum(t.stable for t in trial_set.trials))
 
 
 def _checked(experiment: Experiment, steps: int, profile: ProfileOptions,
@@ -192,7 +208,8 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[An
 
 
 def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], steps: int, device: torch.device,
-             progress: Optional[Progress], context: _Context, extend: bool, peak: Optional[int] = None) -> Report:
+             progress: Optional[Progress], context: _Context, extend: bool, peak: Optional[int] = None
+             ) -> Tuple[Report, Profile]:
     """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``:
 
     - through a warm-up, while the schedule's ``peak`` step lies ahead: a profile that ends inside a warm-up
@@ -215,14 +232,15 @@ def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], st
                 break
         stopped = _profile_steps(experiment, monitor, stream, done, done + steps, device, progress)
         done += steps
-    report = context.report(monitor.profile(), stopped)
+    profiled = monitor.profile()
+    report = context.report(profiled, stopped)
     if done == steps:
-        return report
+        return report, profiled
     if to_peak:
         return dataclasses.replace(report, extended=because("profile_to_peak", asked=steps, peak=peak,
-                                                            steps=monitor.steps))
+                                                            steps=monitor.steps)), profiled
     return dataclasses.replace(report, extended=because("profile_extended", asked=steps, fallen=EXTEND_UNLESS_FALLEN,
-                                                        steps=monitor.steps))
+                                                        steps=monitor.steps)), profiled
 
 
 def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, report: Report, start: Dict[str, Any],
