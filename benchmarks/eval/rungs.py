@@ -130,7 +130,8 @@ def _settled_when(first_rung: str, later: str):
     def promote(trials, start_held_out, reference=None, most_steps=0):
         field = judge.final_field(trials)
         steps = field.steps
-        ahead = judge.contenders(field, start_held_out, reference)
+        ahead = judge.contenders(field, start_held_out, reference)[
+            :judge.FIRST_CONTENDERS if len(judge.rungs(trials)) <= 1 else None]
         if not ahead:
             return [], because("none_stable")
         if most_steps and steps * judge.RUNG_GROWTH > most_steps:
@@ -152,8 +153,102 @@ def _settled_when(first_rung: str, later: str):
     return promote
 
 
+def _basin(trials, start_held_out, beside=()):
+    """The stable trials, loosest first, and the basin: the run of them, unbroken on the ladder of every stable
+    trial, that holds the best and lies within the tie of it (judge's near-best)."""
+    stable = [t for t in sorted(trials, key=lambda t: -t.threshold) if t.stable]
+    if not stable:
+        return [], []
+    best = min(stable, key=lambda t: t.held_out)
+    gain = start_held_out - best.held_out if math.isfinite(start_held_out) else 0.0
+    tie = best.held_out + max(judge.TIE * max(gain, 0.0), judge.evidence_floor(start_held_out))
+    i = stable.index(best)
+    lo, hi = i, i
+    while hi > 0 and stable[hi - 1].held_out <= tie:
+        hi -= 1
+    while lo + 1 < len(stable) and stable[lo + 1].held_out <= tie:
+        lo += 1
+    return stable, stable[hi:lo + 1]
+
+
+def _choose(mode: str):
+    """A variant of judge.winning_trial. ``centre``: the middle of the basin (the tighter of two middles), kept
+    off a looser neighbour that went unstable while the basin has room; ``inside``: the shipped rule, with the
+    margin's step taken only inside the basin."""
+    def winning_trial(trials, start_held_out=math.nan, reference=None, beside=()):
+        stable, basin = _basin(trials, start_held_out, beside)
+        if not basin:
+            return None
+        ladder = sorted([*trials, *beside], key=lambda t: -t.threshold)
+        if reference is not None:
+            ladder = [reference, *ladder]
+
+        def edge(t):  # the next looser threshold tried went unstable
+            looser = [x for x in ladder if x.threshold > t.threshold]
+            return bool(looser) and not looser[-1].stable
+        if mode == "adjacent":  # the shipped choice, its margin one lattice step and only to a tried threshold
+            step = 10 ** judge.LATTICE_STEP * 1.05  # the lattice is rounded to two figures: 0.32 over 0.1
+            chosen = max(basin, key=lambda t: t.threshold)
+            looser = [x for x in ladder if x.threshold > chosen.threshold]
+            if not looser or looser[-1].stable:
+                return chosen
+            if math.isfinite(looser[-1].threshold) and looser[-1].threshold > chosen.threshold * step:
+                return chosen  # already a step or more below the threshold that went unstable
+            below = [t for t in stable if t.threshold < chosen.threshold]
+            return below[0] if below and below[0].threshold * step >= chosen.threshold else chosen
+        if mode == "unclear":  # the shipped choice, its margin's step only to a threshold not clearly worse than the best
+            chosen = max(basin, key=lambda t: t.threshold)
+            looser = [x for x in ladder if x.threshold > chosen.threshold]
+            if not looser or looser[-1].stable:
+                return chosen
+            best = min(stable, key=lambda t: t.held_out)
+            below = [t for t in stable if t.threshold < chosen.threshold]
+            floor = judge.evidence_floor(start_held_out)
+            return below[0] if below and not judge.clearly_better(best, below[0], floor) else chosen
+        if mode == "inside":
+            chosen = basin[0]
+            if edge(chosen) and len(basin) > 1:
+                return basin[1]
+            return chosen
+        room = [t for t in basin if not edge(t)] or basin
+        return room[len(room) // 2]
+    return winning_trial
+
+
+def _extrapolated(inner, horizon: int = 300):
+    """A variant of a winning_trial: each trial that stood at two rungs is judged by where the line through its
+    held-out losses at them, in log steps, reaches at ``horizon``; a trial seen at one rung, as it stands."""
+    def winning_trial(trials, start_held_out=math.nan, reference=None, beside=()):
+        ahead = []
+        for t in trials:
+            points = {c.steps: c.held_out for c in t.checkpoints}
+            here = len(t.losses)
+            if t.stable and here in points and here // 2 in points and horizon > here:
+                slope = (points[here] - points[here // 2]) / math.log(2)
+                t = dataclasses.replace(t, held_out=points[here] + slope * math.log(horizon / here),
+                                        held_out_batches=())
+            ahead.append(t)
+        chosen = inner(ahead, start_held_out, reference, beside)
+        return None if chosen is None else next(t for t in trials if t.threshold == chosen.threshold)
+    return winning_trial
+
+
 # (options, judge attributes replaced for the row): none replaced is gradscope's own schedule
 SCHEDULES = {
+    "adaptive, extrapolated to 300 steps": (TrialOptions(), {"winning_trial": _extrapolated(judge.winning_trial)}),
+    "adaptive, extrapolated to 300 steps, never settled at the first rung": (
+        TrialOptions(), {"winning_trial": _extrapolated(judge.winning_trial), "promote": _settled_when("never", "held")}),
+    "adaptive, the margin's step only inside the basin": (TrialOptions(), {"winning_trial": _choose("inside")}),
+    "adaptive, the margin's step only inside the basin, never settled at the first rung": (
+        TrialOptions(), {"winning_trial": _choose("inside"), "promote": _settled_when("never", "held")}),
+    "adaptive, the margin's step only to a threshold not clearly worse than the best": (
+        TrialOptions(), {"winning_trial": _choose("unclear")}),
+    "adaptive, the margin one lattice step, to a tried threshold": (TrialOptions(), {"winning_trial": _choose("adjacent")}),
+    "adaptive, the margin one lattice step, never settled at the first rung": (
+        TrialOptions(), {"winning_trial": _choose("adjacent"), "promote": _settled_when("never", "held")}),
+    "adaptive, the centre of the basin": (TrialOptions(), {"winning_trial": _choose("centre")}),
+    "adaptive, never settled at the first rung, then held": (
+        TrialOptions(), {"promote": _settled_when("never", "held")}),
     "fixed 30 steps": (TrialOptions(steps=30), {}),
     "fixed 60 steps": (TrialOptions(steps=60), {}),
     "fixed 120 steps": (TrialOptions(steps=120), {}),
