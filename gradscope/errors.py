@@ -54,8 +54,17 @@ class RuleError(GradscopeError):
 def describe_exception(exc: BaseException) -> str:
     """One line naming an exception from user code and the last user frame it came from."""
     frames = traceback.extract_tb(exc.__traceback__)
-    package = Path(__file__).parent
-    user = [f for f in frames if Path(f.filename).parent != package and "torch" not in Path(f.filename).parts]
+    package = Path(__file__).resolve().parent
+    user = [f for f in frames if not _inside(Path(f.filename), package) and "torch" not in Path(f.filename).parts]
     where = f" at {Path(user[-1].filename).name}:{user[-1].lineno}" if user else ""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}{': ' + lines[0] if lines else ''}{where}"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` or any folder below it: gradscope's own frames, run/ and collect/ too."""
+    try:
+        path.resolve().relative_to(folder)
+    except ValueError:
+        return False
+    return True

@@ -117,6 +117,19 @@ def test_bad_targets_exit_2_with_one_clear_line(tmp_path, capsys, body, fragment
     assert_clean_error(err, *fragments)
     assert "hint:" in err
 
+def test_an_error_inside_torch_is_not_blamed_on_gradscopes_own_file(tmp_path, capsys):
+    """No loss_fn and a plain torch module: gradscope calls model(*batch) (run/experiment.py) and torch
+    raises inside it. No frame of gradscope's, in any of its folders, is named as where it came from."""
+    path = target(tmp_path, """
+        def experiment():
+            m = nn.Linear(3, 1)  # the batches have 4 features
+            return gradscope.Experiment(m, torch.optim.SGD(m.parameters(), 0.1), lambda: (torch.randn(8, 4),))
+        """)
+    code, _, err = run(["diagnose", path, "--steps", "3"], capsys)
+    assert code == 2 and "RuntimeError" in err and "experiment.py" not in err
+    assert_clean_error(err, "forward pass or loss raised at step 0")
+
+
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
     path = target(tmp_path, "def experiment():\n    raise ValueError('bad config')\n")
