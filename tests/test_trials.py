@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 import gradscope
@@ -175,6 +177,32 @@ def _rung(threshold, *held, unstable=""):
     losses = tuple(np.linspace(1.0, 0.5, steps))
     return Trial(threshold, losses, (1.0,) * steps, finite[-1] if finite and not unstable else math.inf,
                  unstable, checkpoints=points)
+
+
+@st.composite
+def _ladders(draw):
+    """Trials on the lattice, loosest first: each reaches 1 to 4 rungs with any held-out losses, and may end
+    unstable; and an unclipped reference, stable or not."""
+    first = draw(st.integers(-8, 4))
+    trials = []
+    for k in range(draw(st.integers(1, 8))):
+        held = draw(st.lists(st.floats(0.1, 10.0), min_size=1, max_size=4))
+        unstable = draw(st.sampled_from(["", "", "the loss blew up"]))
+        trials.append(_rung(judge.lattice(first - k), *held, unstable=unstable))
+    reference = _rung(math.inf, draw(st.floats(0.1, 10.0)), unstable=draw(st.sampled_from(["", "diverged"])))
+    return trials, reference, draw(st.floats(0.5, 12.0))
+
+
+@given(_ladders())
+@settings(max_examples=300, deadline=None)
+def test_the_advice_never_leaves_the_evidence(ladder):
+    """Whatever the trials show, the winner is a threshold a trial ran, stable, to the horizon the choice was
+    made at: no rule steps to a threshold that no trial ran, or that a trial left behind earlier."""
+    trials, reference, start = ladder
+    winner, _ = judge.ruling(trials, start, reference)
+    field = judge.final_field(trials)
+    assert winner is None or winner in {t.threshold for t in field.trials if t.stable}
+    assert (winner is None) == (not any(t.stable for t in field.trials))
 
 
 def test_a_threshold_stable_at_30_steps_that_fails_at_60_loses():
