@@ -94,6 +94,9 @@ def test_fail_on_levels(tmp_path, capsys):
     ("def other():\n    pass\n", ["has no callable named 'experiment'", "other"]),
     ("def experiment():\n    raise ValueError('bad config')\n", ["experiment() raised ValueError: bad config"]),
     ("def experiment():\n    return 42\n", ["returned int, not a gradscope.Experiment"]),
+    ("def experiment():\n    m, other = nn.Linear(4, 1), nn.Linear(4, 1)\n"
+     "    return gradscope.Experiment(m, torch.optim.SGD(other.parameters(), 0.1), data(),\n"
+     "        loss_fn=lambda m, b: m(b[0]).sum())\n", ["optimizer holds none of the model's 2 trainable parameters"]),
     ("def experiment():\n    m = nn.Linear(4, 1).requires_grad_(False)\n"
      "    return gradscope.Experiment(m, torch.optim.SGD([nn.Parameter(torch.ones(1))], 0.1), data(),\n"
      "        loss_fn=lambda m, b: m(b[0]).sum())\n", ["no trainable parameters"]),

@@ -48,6 +48,7 @@ class Experiment:
                 f"Experiment.optimizer is a {type(self.optimizer).__name__}, not a torch.optim.Optimizer",
                 "build it over the model's parameters, e.g. torch.optim.AdamW(model.parameters())",
             )
+        _check_holds_model(self.model, self.optimizer)
         if self.scheduler is not None:
             _check_scheduler(self.scheduler, self.optimizer)
         if self.loss_fn is not None and not callable(self.loss_fn):
@@ -61,6 +62,21 @@ class Experiment:
     @property
     def display_name(self) -> str:
         return self.name or type(self.model).__name__
+
+
+def _check_holds_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer that holds none of the model's trainable parameters (built over another model, or over a
+    copy of this one) never moves it: its gradients pile up unzeroed and a profile would read that as a rising
+    norm. One clear error instead. Holding some of them is a choice (a second optimizer may hold the rest)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if trainable and not any(id(p) in held for p in trainable):
+        raise ExperimentError(
+            f"Experiment.optimizer holds none of the model's {len(trainable)} trainable parameters, so no step "
+            "would move the model",
+            "build the optimizer over this model's parameters, after any copy or move: "
+            "torch.optim.AdamW(model.parameters())",
+        )
 
 
 def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
