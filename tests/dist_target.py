@@ -27,10 +27,27 @@ def _batches(rank: int, world: int):
     return batch
 
 
-def _experiment(model: nn.Module, rank: int, world: int, loss_fn=None) -> gradscope.Experiment:
+def _experiment(model: nn.Module, rank: int, world: int, loss_fn=None, lr: float = 0.05) -> gradscope.Experiment:
     loss_fn = loss_fn or (lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
-    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(rank, world),
+    return gradscope.Experiment(model, torch.optim.SGD(model.parameters(), lr=lr), _batches(rank, world),
                                 loss_fn=loss_fn, name="mlp")
+
+
+HOT_LR = 1.0  # unclipped training diverges within the profile: a finding calls for clipping, and trials run
+
+
+def single_hot() -> gradscope.Experiment:
+    return _experiment(_model(), 0, 1, lr=HOT_LR)
+
+
+def ddp_hot() -> gradscope.Experiment:
+    return _experiment(nn.parallel.DistributedDataParallel(_model()), dist.get_rank(), dist.get_world_size(),
+                       lr=HOT_LR)
+
+
+def fsdp_hot() -> gradscope.Experiment:
+    model = fsdp().model
+    return _experiment(model, dist.get_rank(), dist.get_world_size(), lr=HOT_LR)
 
 
 def single() -> gradscope.Experiment:
@@ -86,3 +103,16 @@ def raises_midway_on_rank_1() -> gradscope.Experiment:
             raise RuntimeError("rank one ran out of memory (simulated)")
         return nn.functional.mse_loss(m(b[0]), b[1])
     return _experiment(nn.parallel.DistributedDataParallel(_model()), dist.get_rank(), dist.get_world_size(), loss_fn)
+
+
+def ddp_hot_raises_in_trials() -> gradscope.Experiment:
+    """The hot DDP run, whose loss raises on rank 1 once the trials have begun (past the profile's 6 steps and
+    the first trial's start)."""
+    calls = itertools.count()
+
+    def loss_fn(m, b):
+        if dist.get_rank() == 1 and next(calls) == 60:
+            raise RuntimeError("rank one ran out of memory in a trial (simulated)")
+        return nn.functional.mse_loss(m(b[0]), b[1])
+    return _experiment(nn.parallel.DistributedDataParallel(_model()), dist.get_rank(), dist.get_world_size(),
+                       loss_fn, lr=HOT_LR)

@@ -69,6 +69,68 @@ def test_distributed_run_equals_single_process(tmp_path, strategy):
     assert_same_numbers(doc, single_process(tmp_path))
 
 
+def run_api_ranks(callable_name: str, tmp_path: Path, world: int = 2):
+    """``world`` processes of tests/dist_trials.py: diagnose() on every rank, each writing its trial table."""
+    port, prefix = free_port(), tmp_path / callable_name
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "GRADSCOPE_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "dist_trials.py"), callable_name, str(prefix)],
+                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=HANG_S) for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, results
+    return [json.loads(Path(f"{prefix}.{rank}.json").read_text()) for rank in range(world)]
+
+
+def test_ddp_runs_trials_that_every_rank_agrees_on_and_a_single_process_repeats(tmp_path):
+    """Under DDP every rank restarts each trial from its own copy of the same state, trains its slice of the
+    global batch and judges on its slice of the held-out batches, the figures averaged over the ranks: the
+    trial table is identical on every rank, and it is the single process's on the same global batch, up to
+    the last bits (the mean of two half-batch means is the whole batch's mean in exact arithmetic)."""
+    import dist_target
+    import gradscope
+    ranks = run_api_ranks("ddp_hot", tmp_path)
+    assert ranks[0]["trials"] is not None and ranks[0]["method"] == "norm"
+    assert ranks[0] == ranks[1]  # every float of every trial, the winner and the steps spent
+    assert "unclipped-unstable-in-trials" in ranks[0]["findings"]
+    single = gradscope.diagnose(dist_target.single_hot(), steps=30, seed=0)
+    trials = single.recommendation.evidence.trials
+    assert ranks[0]["winner"] == trials.winner and ranks[0]["spent"] == trials.spent
+    alone = {t.threshold: t for t in trials.trials}
+    for run in ranks[0]["trials"][1:]:
+        mine = alone[run["threshold"]]
+        assert bool(run["unstable"]) == (not mine.stable)
+        if mine.stable:
+            assert run["held_out"] == pytest.approx(mine.held_out, rel=1e-4)
+            assert run["losses"] == pytest.approx(list(mine.losses), rel=1e-4)
+
+
+def test_ddp_trials_under_the_cli_give_every_rank_the_same_exit_code(tmp_path):
+    codes, results, output = run_ranks("ddp_hot", tmp_path)
+    assert codes == [1, 1], results  # errors: the profile diverges, and so does the trials' unclipped run
+    doc = json.loads(output.read_text())
+    trials = doc["recommendation"]["trials"]
+    assert trials is not None and doc["recommendation"]["threshold"] == trials["winner"]
+
+
+def test_a_rank_that_raises_in_a_trial_stops_every_rank_without_a_hang(tmp_path):
+    """Rank 1's loss raises inside the trials; rank 0 waits in a collective until the timeout. Both return
+    with one line (a hang would end only at HANG_S, and fail there)."""
+    codes, results, _ = run_ranks("ddp_hot_raises_in_trials", tmp_path, timeout_s=8)
+    assert codes == [2, 2], results
+    assert "rank 1: " in results[1][1] and "rank one ran out of memory in a trial" in results[1][1]
+    assert "rank 0: the trials' all-reduce failed" in results[0][1]
+    assert all("Traceback" not in err for _, err in results)
+
+
+def test_fsdp2_gets_no_trials_and_says_its_threshold_is_an_estimate(tmp_path):
+    ranks = run_api_ranks("fsdp_hot", tmp_path)
+    assert all(r["trials"] is None and r["method"] == "norm" for r in ranks)
+    assert ranks[0]["threshold"] == ranks[1]["threshold"]
+
+
 def test_findings_give_every_rank_the_same_exit_code(tmp_path):
     rules = tmp_path / "always.yaml"
     rules.write_text("rules:\n  - id: always\n    severity: error\n    scope: model\n"

@@ -20,7 +20,7 @@ from ..analyse.ruleset import SEVERITIES
 from .snippets import snippets
 from ..analyse.stats import Statistics, start_level
 
-# Estimates, used only when no trial ran (--trials off, under torchrun) or none stayed stable:
+# Estimates, used only when no trial ran (--trials off, sharded parameters under FSDP2) or none stayed stable:
 NORM_HEADROOM = 2.0  # spikes (warnings): clip at twice the typical norm, so ordinary steps pass untouched
 RUNAWAY_FRACTION = 0.1  # a run-away (errors): a tenth of the start norm, so clipping binds on nearly every step
 SAFETY_NET_HEADROOM = 10.0  # healthy: a net an order of magnitude above anything seen

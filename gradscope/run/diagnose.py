@@ -14,7 +14,7 @@ import torch
 from ..collect import distributed
 from .. import interrupts
 from ..errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
-from .experiment import (Experiment, batch_stream, forward_backward, held_out_losses, median_or_inf,
+from .experiment import (Experiment, batch_stream, forward_backward, median_or_inf,
                          next_batch, optimizer_step)
 from ..advise.judge import Trial, TrialSet, candidates, update_estimate
 from ..advise.reasons import because
@@ -30,7 +30,7 @@ from ..analyse.ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from ..analyse.stats import rise
 from .schedule import MOST_STEPS
-from .trials import HELD_OUT_BATCHES, TrialBatches, run_reference, run_trials
+from .trials import HELD_OUT_BATCHES, TrialBatches, held_out, run_reference, run_trials
 
 DEFAULT_STEPS = 30
 MAX_STEPS = 50
@@ -80,7 +80,7 @@ def diagnose(
     context = _Context(rules if isinstance(rules, RuleSet) else load_rules(rules), experiment.display_name, seed,
                        steps, is_adaptive(experiment.optimizer))
     target = resolve_device(profile.device)
-    trying = options.enabled and distributed.context() is None  # trials restart training: single process only
+    trying = options.enabled and trials_possible(experiment)
     saved = capture(experiment) if profile.restore else None
     if seed is not None:
         seed_everything(seed)
@@ -143,6 +143,16 @@ def trial_outcome(trial_set: TrialSet) -> TrialOutcome:
     reference = trial_set.reference
     return TrialOutcome(unclipped_steps=len(reference.losses), unclipped_unstable=not reference.stable,
                         clipped_stable=sum(t.stable for t in trial_set.trials))
+
+
+def trials_possible(experiment: Experiment) -> bool:
+    """Whether trials can run here: alone, or under a process group with every parameter whole on every rank
+    (DDP), where each rank restarts from its own copy of the same state and the figures are averaged over the
+    ranks (gradscope.run.trials.agreed). Sharded parameters (FSDP2) are not restarted yet: their advice is the
+    estimate, said to be unconfirmed."""
+    if distributed.context() is None:
+        return True
+    return not any(distributed.is_sharded(p) for p in experiment.model.parameters())
 
 
 def _checked(experiment: Experiment, steps: int, profile: ProfileOptions,
@@ -260,7 +270,7 @@ def _trials(experiment: Experiment, data: TrialBatches, options: TrialOptions, r
     if diverged:
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), math.inf)
     elif not rerun:  # the profile was the unclipped run on exactly these batches
-        per_batch = held_out_losses(experiment, data.held_out, device)
+        per_batch = held_out(experiment, data.held_out, device)
         reference = Trial(math.inf, tuple(m.loss.tolist()), tuple(m.global_norm.tolist()), median_or_inf(per_batch),
                           held_out_batches=per_batch)
     else:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..advise import judge
 from ..advise.reasons import because
+from ..collect import distributed
+from ..errors import GradscopeError
 from . import schedule
 from .clipper import clip_norm_
 from .experiment import (Batch, Experiment, forward_backward, held_out_losses, median_or_inf, next_batch,
@@ -29,6 +31,30 @@ from .options import TrialOptions
 from .state import capture, restore
 
 HELD_OUT_BATCHES = 8
+
+
+def agreed(values: Sequence[float], device: torch.device) -> List[float]:
+    """Each value's mean over the ranks, the same on every rank; the values themselves when alone.
+
+    Under DDP every rank trains its slice of the global batch and judges on its slice of the held-out
+    batches, so the mean is the global batch's figure, and every rank's schedule, fed the same figures,
+    makes the same decisions: no rank can drift to another trial."""
+    ctx = distributed.context()
+    if ctx is None:
+        return list(values)
+    packed = torch.tensor(list(values), dtype=torch.float64, device=device)
+    try:
+        distributed.all_reduce_sum(packed)
+    except RuntimeError as exc:  # a peer stopped (its own error says why) or the collective timed out
+        raise GradscopeError(f"the trials' all-reduce failed: {str(exc).splitlines()[0]}",
+                             f"another rank stopped inside the trials; its error names why (collectives time "
+                             f"out after ${distributed.TIMEOUT_ENV} seconds)") from exc
+    return (packed / ctx.world).tolist()
+
+
+def held_out(experiment: Experiment, batches: Sequence[Batch], device: torch.device) -> Tuple[float, ...]:
+    """The loss on each held-out batch, averaged over the ranks (see :func:`agreed`)."""
+    return tuple(agreed(held_out_losses(experiment, batches, device), device))
 
 
 class TrialBatches:
@@ -114,7 +140,7 @@ class _Trials:
             self.spent += _train(self.experiment, self.data, run, end, self.device)
             if run.diverged:
                 break
-            per_batch = held_out_losses(self.experiment, self.data.held_out, self.device)
+            per_batch = held_out(self.experiment, self.data.held_out, self.device)
             run.checkpoints.append(Checkpoint(end, median_or_inf(per_batch), per_batch))
         run.state = None
         run.seconds += time.perf_counter() - began
@@ -126,7 +152,8 @@ class _Trials:
         if self.options.seconds is None or not self.runs:
             return False
         longest = max(r.seconds for r in self.runs.values())
-        return time.perf_counter() - self.began + longest > self.options.seconds
+        late = time.perf_counter() - self.began + longest > self.options.seconds
+        return agreed([float(late)], self.device)[0] > 0  # the clocks differ: late on any rank is late on all
 
     def keep(self, ahead: Sequence[float]) -> None:
         """Let go of every state but those of the contenders ``ahead`` (most needed first), at most
@@ -152,7 +179,7 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
     """
     began = time.perf_counter()
     restore(experiment, start)
-    start_held_out = median_or_inf(held_out_losses(experiment, data.held_out, device))
+    start_held_out = median_or_inf(held_out(experiment, data.held_out, device))
     reference = _judged(reference, start_held_out)
     work = _Trials(experiment, start, data, options, device, start_held_out, reference, began, most_steps)
     first = options.first_steps
@@ -175,7 +202,7 @@ def run_reference(experiment: Experiment, start: Dict[str, Any], data: TrialBatc
     restore(experiment, start)
     run = _Run(math.inf)
     _train(experiment, data, run, steps, device)
-    per_batch = () if run.diverged else held_out_losses(experiment, data.held_out, device)
+    per_batch = () if run.diverged else held_out(experiment, data.held_out, device)
     return Trial(math.inf, tuple(run.losses), tuple(run.norms), median_or_inf(per_batch) if per_batch else math.inf,
                  held_out_batches=per_batch)
 
@@ -190,6 +217,7 @@ def _train(experiment: Experiment, data: TrialBatches, run: _Run, steps: int, de
         norm = clip_norm_(params, run.threshold)  # torch's, and sparse gradients too
         dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
         value, norm_value = torch.stack([loss.detach().to(dtype), norm.to(dtype)]).tolist()  # one host sync
+        value, norm_value = agreed([value, norm_value], device)  # the global batch's loss under DDP
         run.losses.append(value)
         run.norms.append(norm_value)
         if not (math.isfinite(value) and math.isfinite(norm_value)) or judge.blew_up(run.losses) is not None:
