@@ -20,7 +20,7 @@ from ..analyse.ruleset import SEVERITIES
 from .snippets import snippets
 from ..analyse.stats import Statistics, start_level
 
-# Estimates, used only when no trial ran (--trials off, sharded parameters under FSDP2) or none stayed stable:
+# Estimates, used only when no trial ran (--trials off, a Monitor's report) or none stayed stable:
 NORM_HEADROOM = 2.0  # spikes (warnings): clip at twice the typical norm, so ordinary steps pass untouched
 RUNAWAY_FRACTION = 0.1  # a run-away (errors): a tenth of the start norm, so clipping binds on nearly every step
 SAFETY_NET_HEADROOM = 10.0  # healthy: a net an order of magnitude above anything seen
@@ -167,7 +167,7 @@ def _norm(statistics: Statistics, finite: np.ndarray, findings: Sequence[Finding
     basis: Reasons
     if trials is not None:  # trials ran, and none stayed stable
         basis = (because("fallback", ruling=trials.reason, estimate=estimate),)
-    else:  # off, several ranks, or a Monitor's report
+    else:  # trials off, or a Monitor's report
         basis = (estimate, because("not_confirmed"))
     clipped = float(np.mean(~(norms <= threshold))) if len(norms) else 0.0  # NaN steps count as clipped
     return _recommendation("norm", threshold, Evidence(clipped, basis, cosine=1.0, reasons=reasons, trials=trials))

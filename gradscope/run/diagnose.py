@@ -80,7 +80,9 @@ def diagnose(
     context = _Context(rules if isinstance(rules, RuleSet) else load_rules(rules), experiment.display_name, seed,
                        steps, is_adaptive(experiment.optimizer))
     target = resolve_device(profile.device)
-    trying = options.enabled and trials_possible(experiment)
+    # alone or under a process group (DDP, FSDP2): each rank restarts every trial from its own copy of the
+    # same state (its shards under FSDP2), and the figures are averaged over the ranks (run.trials.agreed)
+    trying = options.enabled
     saved = capture(experiment) if profile.restore else None
     if seed is not None:
         seed_everything(seed)
@@ -143,16 +145,6 @@ def trial_outcome(trial_set: TrialSet) -> TrialOutcome:
     reference = trial_set.reference
     return TrialOutcome(unclipped_steps=len(reference.losses), unclipped_unstable=not reference.stable,
                         clipped_stable=sum(t.stable for t in trial_set.trials))
-
-
-def trials_possible(experiment: Experiment) -> bool:
-    """Whether trials can run here: alone, or under a process group with every parameter whole on every rank
-    (DDP), where each rank restarts from its own copy of the same state and the figures are averaged over the
-    ranks (gradscope.run.trials.agreed). Sharded parameters (FSDP2) are not restarted yet: their advice is the
-    estimate, said to be unconfirmed."""
-    if distributed.context() is None:
-        return True
-    return not any(distributed.is_sharded(p) for p in experiment.model.parameters())
 
 
 def _checked(experiment: Experiment, steps: int, profile: ProfileOptions,

@@ -2,6 +2,7 @@
 and RNG states."""
 from __future__ import annotations
 
+import collections
 import copy
 import random
 from typing import Any, Dict
@@ -72,6 +73,17 @@ def restore(experiment: Experiment, saved: Dict[str, Any]) -> None:
 
 
 def _clone(value: Any) -> Any:
+    """A copy of ``value`` with every tensor cloned where it lies. Tensors are cloned, not deep-copied: a
+    deep copy of an FSDP2 shard (a DTensor) goes through storages that FSDP2 frees and re-allocates."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if type(value) in (dict, collections.OrderedDict):
+        out = type(value)((k, _clone(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):  # a module state_dict's versions, which load_state_dict reads
+            out._metadata = copy.deepcopy(value._metadata)
+        return out
+    if type(value) in (list, tuple):
+        return type(value)(_clone(v) for v in value)
     return copy.deepcopy(value)
 
 

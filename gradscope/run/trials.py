@@ -215,6 +215,8 @@ def _train(experiment: Experiment, data: TrialBatches, run: _Run, steps: int, de
     for step in range(first, steps):
         loss = forward_backward(experiment, data.train(step), step, device)
         norm = clip_norm_(params, run.threshold)  # torch's, and sparse gradients too
+        if hasattr(norm, "full_tensor"):  # over FSDP2's DTensors: the global norm, replicated on every rank
+            norm = norm.full_tensor()
         dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
         value, norm_value = torch.stack([loss.detach().to(dtype), norm.to(dtype)]).tolist()  # one host sync
         value, norm_value = agreed([value, norm_value], device)  # the global batch's loss under DDP
