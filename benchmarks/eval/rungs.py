@@ -256,6 +256,7 @@ SCHEDULES = {
     "adaptive, budget 8": (TrialOptions(budget=8.0), {}),
     "adaptive, budget 16": (TrialOptions(budget=16.0), {}),
     "adaptive, three contenders past the first rung": (TrialOptions(), {"FIRST_CONTENDERS": 3}),
+    "adaptive, settled only when clear, at every rung": (TrialOptions(), {"promote": _settled_when("clear", "clear")}),
     "adaptive, three contenders, settled only when clear, at every rung": (
         TrialOptions(), {"FIRST_CONTENDERS": 3, "promote": _settled_when("clear", "clear")}),
     "adaptive, three contenders, never settled at the first rung, then held": (
