@@ -166,6 +166,9 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
             "start_held_out_loss": trials.start_held_out, "winner": trials.winner,
             "reason": say(trials.reason), "reason_because": _because(trials.reason), "learned": trials.learned,
             "steps_spent": trials.spent, "untried": list(trials.untried), "stopped": say(trials.stopped) or None,
+            # memory on this rank: one copy of the model's and the optimizer's state (its shards under FSDP2)
+            # and the most copies kept at once; null in a report recorded before they were counted
+            "state_bytes": trials.state_bytes, "states_kept_most": trials.states_most,
             "stopped_because": _because(trials.stopped), "notes": [say(n) for n in trials.notes],
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
 

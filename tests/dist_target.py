@@ -116,3 +116,17 @@ def ddp_hot_raises_in_trials() -> gradscope.Experiment:
         return nn.functional.mse_loss(m(b[0]), b[1])
     return _experiment(nn.parallel.DistributedDataParallel(_model()), dist.get_rank(), dist.get_world_size(),
                        loss_fn, lr=HOT_LR)
+
+
+def ddp_hot_killed_in_trials() -> gradscope.Experiment:
+    """The hot DDP run, whose rank 1 is killed (SIGKILL: no word, no exit handler) inside the trials."""
+    import os
+    import signal
+    calls = itertools.count()
+
+    def loss_fn(m, b):
+        if dist.get_rank() == 1 and next(calls) == 60:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return nn.functional.mse_loss(m(b[0]), b[1])
+    return _experiment(nn.parallel.DistributedDataParallel(_model()), dist.get_rank(), dist.get_world_size(),
+                       loss_fn, lr=HOT_LR)

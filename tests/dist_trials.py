@@ -28,7 +28,8 @@ def table(report: gradscope.Report) -> dict:
              "held_out_batches": list(t.held_out_batches), "unstable": t.unstable,
              "checkpoints": [[c.steps, c.held_out] for c in t.checkpoints]}
             for t in (trials.reference, *trials.trials)]
-    return {"trials": runs, "winner": trials.winner, "spent": trials.spent, "method": report.recommendation.method,
+    return {"trials": runs, "winner": trials.winner, "spent": trials.spent, "state_bytes": trials.state_bytes,
+            "method": report.recommendation.method,
             "threshold": report.recommendation.threshold,
             "findings": sorted(f.rule_id for f in report.findings)}
 

@@ -320,6 +320,17 @@ def test_every_trial_starts_from_the_same_state_and_batches(exploding):
     assert not trials.notes  # the held-out batches were never trained on
 
 
+def test_the_report_states_the_memory_the_trials_hold(exploding):
+    """One copy of the model's and the optimizer's state, in bytes, and how many copies are kept at once."""
+    trials = exploding.recommendation.evidence.trials
+    experiment = exploding_rnn()
+    params = sum(p.numel() * p.element_size() for p in experiment.model.parameters())
+    assert trials.state_bytes == params  # the weights; SGD without momentum keeps no state, and no grad yet
+    assert trials.states_most == 1 + TrialOptions().keep + 1
+    doc = exploding.to_dict()["recommendation"]["trials"]
+    assert doc["state_bytes"] == trials.state_bytes and doc["states_kept_most"] == 5
+
+
 def test_trials_stay_within_their_step_budget(exploding):
     trials = exploding.recommendation.evidence.trials
     spent = sum(len(t.losses) for t in trials.trials)  # every state was kept: nothing was replayed

@@ -90,6 +90,8 @@ class TrialSet:
     reference_rerun: bool = False  # the unclipped reference was trained for the trials (not the profile itself)
     spent_trials: Optional[int] = None  # steps the clipped trials trained, replays included (None: their lengths)
     adaptive: bool = False  # the contenders went on past the first rung while the ranking was open
+    state_bytes: Optional[int] = None  # bytes of one kept copy of the training state, on this rank
+    states_most: Optional[int] = None  # copies kept at once at most: the common start, the contenders, one finishing
 
     @property
     def learned(self) -> bool:

@@ -108,3 +108,20 @@ def _optimizer_only(experiment: Experiment) -> list:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def nbytes(saved: Dict[str, Any]) -> int:
+    """The bytes a captured state holds on this rank in the model's and the optimizer's tensors (under FSDP2,
+    its shards alone); the RNG states beside them are a few kilobytes whatever the model."""
+    return _tensor_bytes([saved[k] for k in ("model", "buffers", "outside", "optimizer", "grads")])
+
+
+def _tensor_bytes(saved: Any) -> int:
+    if isinstance(saved, torch.Tensor):
+        local = saved.to_local() if hasattr(saved, "to_local") else saved
+        return local.numel() * local.element_size()
+    if isinstance(saved, dict):
+        return sum(_tensor_bytes(v) for v in saved.values())
+    if isinstance(saved, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in saved)
+    return 0

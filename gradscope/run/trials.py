@@ -28,7 +28,7 @@ from .experiment import (Batch, Experiment, forward_backward, held_out_losses, m
                          optimizer_step)
 from ..advise.judge import Checkpoint, Trial, TrialSet
 from .options import TrialOptions
-from .state import capture, restore
+from .state import capture, nbytes, restore
 
 HELD_OUT_BATCHES = 8
 
@@ -45,11 +45,21 @@ def agreed(values: Sequence[float], device: torch.device) -> List[float]:
     packed = torch.tensor(list(values), dtype=torch.float64, device=device)
     try:
         distributed.all_reduce_sum(packed)
-    except RuntimeError as exc:  # a peer stopped (its own error says why) or the collective timed out
-        raise GradscopeError(f"the trials' all-reduce failed: {str(exc).splitlines()[0]}",
-                             f"another rank stopped inside the trials; its error names why (collectives time "
-                             f"out after ${distributed.TIMEOUT_ENV} seconds)") from exc
+    except RuntimeError as exc:  # a peer stopped (it left word why: see stopped) or the collective timed out
+        peers = sorted(distributed.stopped_peers(ctx))
+        why = f"rank {peers[0][1]} stopped first: {peers[0][2]}" if peers else \
+            f"the trials' all-reduce failed: {str(exc).splitlines()[0]}"
+        raise GradscopeError(why, f"fix that rank's error; a rank that dies silently shows as a collective that "
+                                  f"fails or times out after ${distributed.TIMEOUT_ENV} seconds") from exc
     return (packed / ctx.world).tolist()
+
+
+def stopped(error: GradscopeError) -> None:
+    """Leave word in the process group's store that this rank stopped inside the trials, and why, for the
+    ranks left waiting in the next collective to name (a no-op alone)."""
+    ctx = distributed.context()
+    if ctx is not None:
+        distributed.post_stopped(ctx, error.problem)
 
 
 def held_out(experiment: Experiment, batches: Sequence[Batch], device: torch.device) -> Tuple[float, ...]:
@@ -183,7 +193,11 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
     reference = _judged(reference, start_held_out)
     work = _Trials(experiment, start, data, options, device, start_held_out, reference, began, most_steps)
     first = options.first_steps
-    stopped = schedule.run(work, thresholds, progress)
+    try:
+        ended = schedule.run(work, thresholds, progress)
+    except GradscopeError as exc:
+        stopped(exc)  # the ranks left waiting in a collective name this one
+        raise
     restore(experiment, start)
     trials = sorted(work.judged(), key=lambda t: -t.threshold)  # loosest first, as the lattice reads
     tried = {t.threshold for t in trials}
@@ -191,9 +205,10 @@ def run_trials(experiment: Experiment, start: Dict[str, Any], data: TrialBatches
     winner, reason = judge.ruling(trials, start_held_out, reference) if trials else (
         None, (because("no_trial_fitted"),))
     return TrialSet(steps=first, start_held_out=start_held_out, reference=reference, trials=tuple(trials),
-                    untried=tuple(untried), stopped=stopped, winner=winner, reason=reason,
+                    untried=tuple(untried), stopped=ended, winner=winner, reason=reason,
                     seconds=time.perf_counter() - began, profile_seconds=profile_seconds,
-                    reference_rerun=reference_rerun, spent_trials=work.spent, adaptive=options.adaptive)
+                    reference_rerun=reference_rerun, spent_trials=work.spent, adaptive=options.adaptive,
+                    state_bytes=nbytes(start), states_most=1 + options.keep + 1)
 
 
 def run_reference(experiment: Experiment, start: Dict[str, Any], data: TrialBatches, steps: int,
