@@ -130,9 +130,9 @@ def test_a_rank_killed_in_a_trial_leaves_the_others_a_partial_report_within_the_
     assert doc["gate"]["exit_code"] == 2 and doc["gate"]["unfinished"].startswith("rank 0: the trials' all-reduce")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_trials_under_the_cli_give_every_rank_the_same_exit_code(tmp_path, strategy):
-    codes, results, output = run_ranks(f"{strategy}_hot", tmp_path)
+@pytest.mark.parametrize("strategy, extra", [("ddp", ()), ("fsdp", ()), ("fsdp", ("--trial-states", "cpu"))])
+def test_trials_under_the_cli_give_every_rank_the_same_exit_code(tmp_path, strategy, extra):
+    codes, results, output = run_ranks(f"{strategy}_hot", tmp_path, *extra)
     assert codes == [1, 1], results  # errors: the profile diverges, and so does the trials' unclipped run
     doc = json.loads(output.read_text())
     trials = doc["recommendation"]["trials"]
