@@ -34,8 +34,25 @@ def table(report: gradscope.Report) -> dict:
             "findings": sorted(f.rule_id for f in report.findings)}
 
 
+def disagree(prefix: str) -> None:
+    """Each rank asks to train another threshold: the trials' agreement check must stop both, with one line."""
+    import torch
+    from gradscope.errors import GradscopeError
+    from gradscope.run.trials import same_on_every_rank
+    try:
+        same_on_every_rank(1.0 if dist.get_rank() == 0 else 0.1, 30, torch.device("cpu"))
+        said = None
+    except GradscopeError as exc:
+        said = exc.problem
+    Path(f"{prefix}.{dist.get_rank()}.json").write_text(json.dumps({"error": said}))
+
+
 def main(name: str, prefix: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    if name == "disagree":
+        disagree(prefix)
+        dist.destroy_process_group()
+        return
     report = gradscope.diagnose(getattr(dist_target, name)(), steps=30, seed=0, profile=gradscope.ProfileOptions(
         device="cpu"))
     Path(f"{prefix}.{dist.get_rank()}.json").write_text(json.dumps(table(report), default=str))

@@ -139,6 +139,12 @@ def test_trials_under_the_cli_give_every_rank_the_same_exit_code(tmp_path, strat
     assert trials is not None and doc["recommendation"]["threshold"] == trials["winner"]
 
 
+def test_ranks_that_would_train_different_trials_stop_before_they_can_hang(tmp_path):
+    ranks = run_api_ranks("disagree", tmp_path)
+    assert all(r["error"] and r["error"].startswith("the ranks disagree on the next trial") for r in ranks)
+    assert "clip at 1 to 30 steps on rank 0" in ranks[0]["error"] and "clip at 0.1" in ranks[1]["error"]
+
+
 def test_a_rank_that_raises_in_a_trial_stops_every_rank_without_a_hang(tmp_path):
     """Rank 1's loss raises inside the trials; rank 0 waits in a collective until the timeout. Both return
     with one line (a hang would end only at HANG_S, and fail there)."""

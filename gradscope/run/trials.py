@@ -17,6 +17,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..advise import judge
 from ..advise.reasons import because
@@ -46,12 +47,33 @@ def agreed(values: Sequence[float], device: torch.device) -> List[float]:
     try:
         distributed.all_reduce_sum(packed)
     except RuntimeError as exc:  # a peer stopped (it left word why: see stopped) or the collective timed out
-        peers = sorted(distributed.stopped_peers(ctx))
-        why = f"rank {peers[0][1]} stopped first: {peers[0][2]}" if peers else \
-            f"the trials' all-reduce failed: {str(exc).splitlines()[0]}"
-        raise GradscopeError(why, f"fix that rank's error; a rank that dies silently shows as a collective that "
-                                  f"fails or times out after ${distributed.TIMEOUT_ENV} seconds") from exc
+        raise _collective_failed(exc, ctx) from exc
     return (packed / ctx.world).tolist()
+
+
+def _collective_failed(exc: RuntimeError, ctx: distributed.Context) -> GradscopeError:
+    """One line for a collective of the trials that failed, naming the rank that stopped first where it left word."""
+    peers = sorted(distributed.stopped_peers(ctx))
+    why = f"rank {peers[0][1]} stopped first: {peers[0][2]}" if peers else \
+        f"the trials' all-reduce failed: {str(exc).splitlines()[0]}"
+    return GradscopeError(why, f"fix that rank's error; a rank that dies silently shows as a collective that "
+                               f"fails or times out after ${distributed.TIMEOUT_ENV} seconds")
+
+
+def same_on_every_rank(threshold: float, steps: int, device: torch.device) -> None:
+    """Check, with one collective, that every rank is about to train the same threshold to the same step: the
+    schedule decides from figures every rank shares, so a disagreement is a bug, stopped before it can hang."""
+    ctx = distributed.context()
+    if ctx is None:
+        return
+    mine = torch.tensor([threshold, steps, -threshold, -steps], dtype=torch.float64, device=device)
+    try:
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    except RuntimeError as exc:
+        raise _collective_failed(exc, ctx) from exc
+    if mine[0] != -mine[2] or mine[1] != -mine[3]:
+        raise GradscopeError(f"the ranks disagree on the next trial (clip at {threshold:g} to {steps} steps on rank "
+                             f"{ctx.rank})", "report this as a bug in gradscope, with the ranks' logs")
 
 
 def stopped(error: GradscopeError) -> None:
@@ -137,6 +159,7 @@ class _Trials:
     def advance(self, threshold: float, steps: int) -> None:
         """Train ``threshold`` on to ``steps`` from its kept state, or from the start (replaying the rungs it
         ran, held-out checkpoints included, so a replay is the run it replaces), then checkpoint it."""
+        same_on_every_rank(threshold, steps, self.device)
         run = self.runs.setdefault(threshold, _Run(threshold))
         began = time.perf_counter()
         if run.state is None:  # never run, or its state was let go
