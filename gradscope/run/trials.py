@@ -8,6 +8,10 @@ continuing from where they stopped (their state is kept, at most ``TrialOptions.
 whose state was let go is replayed from the start, and that is counted), until the ranking is settled
 or the budget is spent. :mod:`gradscope.advise.judge` says what to try, what counts as unstable, who goes on
 and who wins.
+
+Under a process group (DDP, FSDP2) every rank runs the same trials on its slice of each batch, restarting
+from its own copy of the same state (its shards under FSDP2); the figures the judge reads are averaged over
+the ranks (:func:`agreed`), so every rank's schedule makes the same decisions.
 """
 from __future__ import annotations
 
@@ -37,9 +41,9 @@ HELD_OUT_BATCHES = 8
 def agreed(values: Sequence[float], device: torch.device) -> List[float]:
     """Each value's mean over the ranks, the same on every rank; the values themselves when alone.
 
-    Under DDP every rank trains its slice of the global batch and judges on its slice of the held-out
-    batches, so the mean is the global batch's figure, and every rank's schedule, fed the same figures,
-    makes the same decisions: no rank can drift to another trial."""
+    Under a process group (DDP, FSDP2) every rank trains its slice of the global batch and judges on its slice
+    of the held-out batches, so the mean is the global batch's figure, and every rank's schedule, fed the same
+    figures, makes the same decisions: no rank can drift to another trial."""
     ctx = distributed.context()
     if ctx is None:
         return list(values)
@@ -257,7 +261,7 @@ def _train(experiment: Experiment, data: TrialBatches, run: _Run, steps: int, de
             norm = norm.full_tensor()
         dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # a float64 loss may pass float32's range
         value, norm_value = torch.stack([loss.detach().to(dtype), norm.to(dtype)]).tolist()  # one host sync
-        value, norm_value = agreed([value, norm_value], device)  # the global batch's loss under DDP
+        value, norm_value = agreed([value, norm_value], device)  # the global batch's loss under a process group
         run.losses.append(value)
         run.norms.append(norm_value)
         if not (math.isfinite(value) and math.isfinite(norm_value)) or judge.blew_up(run.losses) is not None:
