@@ -18,6 +18,14 @@ from torch import nn
 from scenarios import STEPS, Batch, Scenario, Setup, _stream, adding_problem, mse
 
 
+def _setup(seed: int, model_class, make, optimizer) -> Setup:
+    """Every kind the same way: the seed, then the model, then its stream of batches, trained with mse."""
+    torch.manual_seed(seed)
+    model = model_class()
+    train, held_out = _stream(make, seed, STEPS)
+    return Setup(model, optimizer(model.parameters()), train, held_out, mse, STEPS)
+
+
 # -- a message-passing graph network -----------------------------------------------------------------------
 def graphs(batch: int = 16, nodes: int = 16, features: int = 8, p: float = 0.25):
     """Random graphs (row-normalised adjacency with self-loops) and a graph-level target that needs two hops
@@ -55,10 +63,7 @@ class MessagePassing(nn.Module):
 
 
 def _gnn(seed: int, optimizer) -> Setup:
-    torch.manual_seed(seed)
-    model = MessagePassing()
-    train, held_out = _stream(graphs(), seed, STEPS)
-    return Setup(model, optimizer(model.parameters()), train, held_out, mse, STEPS)
+    return _setup(seed, MessagePassing, graphs(), optimizer)
 
 
 def gnn_hot(seed: int) -> Setup:
@@ -105,10 +110,7 @@ class Denoiser(nn.Module):
 
 
 def _diffusion(seed: int, optimizer) -> Setup:
-    torch.manual_seed(seed)
-    model = Denoiser()
-    train, held_out = _stream(ring_noising(), seed, STEPS)
-    return Setup(model, optimizer(model.parameters()), train, held_out, mse, STEPS)
+    return _setup(seed, Denoiser, ring_noising(), optimizer)
 
 
 def diffusion_hot(seed: int) -> Setup:
@@ -151,10 +153,7 @@ class SSMRegressor(nn.Module):
 
 
 def _ssm(seed: int, optimizer) -> Setup:
-    torch.manual_seed(seed)
-    model = SSMRegressor()
-    train, held_out = _stream(lambda g: adding_problem(g, length=24), seed, STEPS)
-    return Setup(model, optimizer(model.parameters()), train, held_out, mse, STEPS)
+    return _setup(seed, SSMRegressor, lambda g: adding_problem(g, length=24), optimizer)
 
 
 def ssm_hot(seed: int) -> Setup:
@@ -200,10 +199,7 @@ class TopTwoMoE(nn.Module):
 
 
 def _moe(seed: int, optimizer) -> Setup:
-    torch.manual_seed(seed)
-    model = TopTwoMoE()
-    train, held_out = _stream(mixed_regression(), seed, STEPS)
-    return Setup(model, optimizer(model.parameters()), train, held_out, mse, STEPS)
+    return _setup(seed, TopTwoMoE, mixed_regression(), optimizer)
 
 
 def moe_hot(seed: int) -> Setup:
