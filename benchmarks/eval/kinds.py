@@ -62,16 +62,12 @@ class MessagePassing(nn.Module):
         return self.head(h.mean(1))
 
 
-def _gnn(seed: int, optimizer) -> Setup:
-    return _setup(seed, MessagePassing, graphs(), optimizer)
-
-
 def gnn_hot(seed: int) -> Setup:
-    return _gnn(seed, lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9))
+    return _setup(seed, MessagePassing, graphs(), lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9))
 
 
 def gnn_healthy(seed: int) -> Setup:
-    return _gnn(seed, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01))
+    return _setup(seed, MessagePassing, graphs(), lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01))
 
 
 # -- a DDPM-style diffusion model --------------------------------------------------------------------------
@@ -109,16 +105,12 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, angles.sin(), angles.cos()], 1))
 
 
-def _diffusion(seed: int, optimizer) -> Setup:
-    return _setup(seed, Denoiser, ring_noising(), optimizer)
-
-
 def diffusion_hot(seed: int) -> Setup:
-    return _diffusion(seed, lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9))
+    return _setup(seed, Denoiser, ring_noising(), lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9))
 
 
 def diffusion_healthy(seed: int) -> Setup:
-    return _diffusion(seed, lambda p: torch.optim.Adam(p, lr=1e-3))
+    return _setup(seed, Denoiser, ring_noising(), lambda p: torch.optim.Adam(p, lr=1e-3))
 
 
 # -- a diagonal state-space model --------------------------------------------------------------------------
@@ -152,16 +144,12 @@ class SSMRegressor(nn.Module):
         return self.head(self.layers(self.embed(x))[:, -1])
 
 
-def _ssm(seed: int, optimizer) -> Setup:
-    return _setup(seed, SSMRegressor, lambda g: adding_problem(g, length=24), optimizer)
-
-
 def ssm_hot(seed: int) -> Setup:
-    return _ssm(seed, lambda p: torch.optim.SGD(p, lr=0.5))
+    return _setup(seed, SSMRegressor, lambda g: adding_problem(g, length=24), lambda p: torch.optim.SGD(p, lr=0.5))
 
 
 def ssm_healthy(seed: int) -> Setup:
-    return _ssm(seed, lambda p: torch.optim.Adam(p, lr=1e-3))
+    return _setup(seed, SSMRegressor, lambda g: adding_problem(g, length=24), lambda p: torch.optim.Adam(p, lr=1e-3))
 
 
 # -- a mixture of experts with a learned top-2 router ------------------------------------------------------
@@ -198,16 +186,12 @@ class TopTwoMoE(nn.Module):
         return self.head(h + (top.unsqueeze(-1) * chosen).sum(1))
 
 
-def _moe(seed: int, optimizer) -> Setup:
-    return _setup(seed, TopTwoMoE, mixed_regression(), optimizer)
-
-
 def moe_hot(seed: int) -> Setup:
-    return _moe(seed, lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
+    return _setup(seed, TopTwoMoE, mixed_regression(), lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
 
 
 def moe_healthy(seed: int) -> Setup:
-    return _moe(seed, lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.01))
+    return _setup(seed, TopTwoMoE, mixed_regression(), lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.01))
 
 
 KINDS: Dict[str, Scenario] = {s.name: s for s in [
