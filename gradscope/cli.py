@@ -300,6 +300,7 @@ def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Conso
     fmt_name = args.format or "rich"
     if args.output:
         outputs.write(args.output, FORMATS[fmt_name](report, verdict), "--output")
+        outputs.save_batches(report.statistics.model.spikes, args.output)
     elif fmt_name == "rich" and out.is_terminal:
         out.print(render(report, verdict, all_layers=args.all_layers, show_all=SHOW_ALL))
     elif fmt_name == "rich":  # piped: plain text at the console's width, no padding at line ends

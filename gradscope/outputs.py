@@ -75,6 +75,32 @@ def _mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def batch_path(output: PathLike, step: int) -> Path:
+    """Where the batch of a spike at ``step`` is saved beside the report ``output``: r.json -> r.spike-12.pt."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.spike-{step}.pt")
+
+
+def save_batches(spikes, output: PathLike) -> None:
+    """Each spike's batch (``torch.save``), beside the report, so the step can be replayed: ``torch.load`` it
+    and run the model on it. Written atomically, as the report is."""
+    import torch
+
+    for spike in spikes:
+        if spike.batch is None:
+            continue
+        path = batch_path(output, spike.step)
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            torch.save(spike.batch, temporary)
+            os.replace(temporary, path)
+        except (OSError, RuntimeError) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise GradscopeError(f"could not save the spike's batch to {path}: {exc}",
+                                 "check the disk and the folder's permissions") from None
+
+
 def append(path: PathLike, text: str, what: str) -> None:
     """Append in one write (a step summary is shared with other steps, so it cannot be replaced)."""
     try:

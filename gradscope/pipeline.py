@@ -13,6 +13,7 @@ from .analyse import stats
 from .analyse.stats import Statistics
 from .analyse.evaluate import Finding, evaluate
 from .analyse.profile import Profile
+from .advise.cause import likely_cause
 from .advise.recommend import recommend
 from .report import Report
 from .analyse.ruleset import RuleSet, load_rules
@@ -29,7 +30,8 @@ def build_report(profile: Profile, *, rules: Union[None, str, Path, RuleSet] = N
     statistics, findings = assess(profile, rule_set)
     return Report(model=model_name, statistics=statistics, findings=findings,
                   recommendation=recommend(statistics, findings), rules=rule_set,
-                  stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested)
+                  stopped_reason=stopped_reason, seed=seed, steps_requested=steps_requested,
+                  cause=likely_cause(statistics, findings))
 
 
 def assess(profile: Profile, rules: RuleSet) -> Tuple[Statistics, Tuple[Finding, ...]]:

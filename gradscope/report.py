@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from .analyse.evaluate import Finding, worst_severity
+from .advise.cause import Cause
 from .advise.judge import Trial, TrialSet
 from .advise.reasons import Reason, Reasons
 from .advise.recommend import Recommendation
@@ -53,6 +54,7 @@ class Report:
     steps_requested: Optional[int] = None
     extended: Optional[Reason] = None  # why the profile ran past the steps asked for (diagnose's plateau rule)
     schedule: Optional[ScheduleReach] = None  # with a learning-rate scheduler: how far towards its peak it went
+    cause: Optional[Cause] = None  # the likely cause of the trouble the findings name (advise.cause)
 
     @property
     def healthy(self) -> bool:
@@ -132,6 +134,10 @@ class Report:
                 for l in s.layers
             ],
             "findings": [dataclasses.asdict(f) for f in self.findings],
+            "cause": None if self.cause is None else {"kind": self.cause.kind, "words": say(self.cause.reasons),
+                                                      "because": _because(self.cause.reasons)},
+            "spikes": [spike_dict(spike) for spike in m.spikes],
+            "optimizer": _optimizer(m.optimizer),
             "recommendation": {
                 "method": rec.method,
                 "threshold": rec.threshold,
@@ -171,6 +177,24 @@ def trials_dict(trials: TrialSet) -> Dict[str, Any]:
             "state_bytes": trials.state_bytes, "states_kept_most": trials.states_most,
             "stopped_because": _because(trials.stopped), "notes": [say(n) for n in trials.notes],
             "runs": [one(trials.reference), *(one(t) for t in trials.trials)]}
+
+
+def spike_dict(spike) -> Dict[str, Any]:
+    """One spike taken apart (analyse.profile.SpikeSamples) as JSON-ready data (its wall-clock time left out,
+    as the trials' is, so that the same target and seed give the same document)."""
+    return {"step": spike.step, "global_norm": spike.global_norm, "z": spike.z, "why": spike.why,
+            "batch_size": spike.batch_size, "method": spike.method, "error": spike.error,
+            "samples": [{"index": s.index, "grad_norm": s.grad_norm, "loss": s.loss, "share": s.share,
+                         "finite": math.isfinite(s.grad_norm)} for s in spike.samples]}
+
+
+def _optimizer(setup) -> Optional[Dict[str, Any]]:
+    """The optimizer's configuration as read (analyse.profile.OptimizerSetup), or None where not known."""
+    if setup is None:
+        return None
+    return {"name": setup.name, "eps": setup.eps, "beta2": setup.beta2, "trainable": setup.trainable,
+            "missed": list(setup.missed), "decayed_exempt": list(setup.decayed_exempt),
+            "decayed_exempt_weight_decay": setup.weight_decay}
 
 
 def _because(reasons: Reasons) -> List[Dict[str, Any]]:

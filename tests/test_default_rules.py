@@ -71,7 +71,7 @@ def growing_rnn() -> gradscope.Experiment:
                                 loss_fn=lambda m, b: 1.25 ** next(counter) * nn.functional.mse_loss(m(b[0]), b[1]))
 
 
-def spiky_batches() -> gradscope.Experiment:
+def spiky_batches(betas=(0.9, 0.999)) -> gradscope.Experiment:
     """Step 20's batch carries targets 300x larger than usual."""
     torch.manual_seed(0)
     model = MLP()
@@ -81,7 +81,68 @@ def spiky_batches() -> gradscope.Experiment:
     def batch():
         x, y = plain()
         return (x, y * 300) if next(counter) == 20 else (x, y)
+    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3, betas=betas), batch, loss_fn=mse)
+
+
+def corrupted_sample() -> gradscope.Experiment:
+    """One sample of step 20's batch has a target 1000x larger than usual; the other 15 are as ever."""
+    torch.manual_seed(0)
+    model = MLP()
+    plain = regression_batches()
+    counter = itertools.count()
+
+    def batch():
+        x, y = plain()
+        if next(counter) == 20:
+            y = y.clone()
+            y[5] *= 1000
+        return x, y
     return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, loss_fn=mse)
+
+
+class Normed(nn.Module):
+    """An embedding, a LayerNorm and a head: the parameters weight decay should leave alone, and one it should not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Embedding(50, 32), nn.LayerNorm(32), nn.Linear(32, 50)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(x)).mean(1))
+
+
+def decayed(exempt: bool) -> gradscope.Experiment:
+    """AdamW with weight decay 0.1 on every parameter, or (``exempt``) on the head's weight alone."""
+    torch.manual_seed(0)
+    model = Normed()
+    if exempt:
+        groups = [{"params": [model.head.weight], "weight_decay": 0.1},
+                  {"params": [p for n, p in model.named_parameters() if n != "head.weight"], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randint(0, 50, (16, 8), generator=g)
+        return x, x[:, 0]
+    return gradscope.Experiment(model, torch.optim.AdamW(groups, lr=1e-3), batch,
+                                loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+
+
+def optimizer_over(part) -> gradscope.Report:
+    """A plain loop whose Monitor is given an optimizer over ``part(model)``: the model's parameters it holds."""
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = torch.optim.Adam(part(model), lr=1e-3)
+    batches = regression_batches()
+    monitor = gradscope.Monitor(model, optimizer=optimizer)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        loss = mse(model, batches())
+        loss.backward()
+        monitor.observe(loss)
+        optimizer.step()
+    return monitor.report()
 
 
 class Scaled(nn.Module):
@@ -228,11 +289,22 @@ TRIPS = {
     "clipping-cut-spikes": lambda: watched_run(17.0, spike=40),
     # read from diagnose's trials, so its fixtures run them: the RNN's unclipped trial diverges
     "unclipped-unstable-in-trials": lambda: gradscope.diagnose(exploding_rnn(), steps=STEPS, seed=0),
+    "spike-from-few-samples": corrupted_sample,
+    "spike-from-one-batch": spiky_batches,
+    "optimizer-misses-parameters": lambda: optimizer_over(lambda m: MLP().parameters()),  # another model's
+    "optimizer-misses-some-parameters": lambda: optimizer_over(lambda m: [p for n, p in m.named_parameters()
+                                                                          if not n.endswith("bias")]),
+    "weight-decay-on-norms": lambda: decayed(exempt=False),
+    "adam-epsilon-dominates": lambda: healthy_mlp(loss_scale=1e-17),  # gradients ~1e-9 of Adam's eps, 1e-8
+    "adam-beta2-under-spikes": spiky_batches,
 }
 HEALTHY = {rule_id: (healthy_lstm if rule_id.startswith("recurrent") else healthy_mlp) for rule_id in TRIPS}
 HEALTHY["adaptive-optimizer-outliers"] = healthy_sgd
 # the spikes call for trials, and there unclipped training stays stable
 HEALTHY["unclipped-unstable-in-trials"] = lambda: gradscope.diagnose(spiky_batches(), steps=STEPS, seed=0)
+HEALTHY["spike-from-few-samples"] = spiky_batches  # a spike all 16 samples carry: the batch, not a sample
+HEALTHY["weight-decay-on-norms"] = lambda: decayed(exempt=True)
+HEALTHY["adam-beta2-under-spikes"] = lambda: spiky_batches(betas=(0.9, 0.95))  # the same spike under beta2 0.95
 for rule_id in TRIPS:  # a threshold near the norms' 80th percentile: it acts on some steps, not all
     if rule_id.startswith("clipping-"):
         HEALTHY[rule_id] = lambda: watched_run(6.5)

@@ -68,8 +68,17 @@ class Recommendation:
 
 
 def calling_for_clipping(findings: Sequence[Finding]) -> Tuple[Finding, ...]:
-    """The findings that call for clipping: a clipping remedy, at warning or error severity."""
+    """The findings that call for clipping: a clipping remedy, at warning or error severity; none at all
+    where an error that clipping does not remedy says the run measured is not training (see ``blocking``)."""
+    if blocking(findings):
+        return ()
     return tuple(f for f in findings if f.remedy not in ("none", "skip") and f.severity != "info")
+
+
+def blocking(findings: Sequence[Finding]) -> Tuple[str, ...]:
+    """The rules whose errors name no remedy (an optimizer that holds none of the model's parameters): the
+    run measured is not the run to clip, and no threshold read from it means anything until they are fixed."""
+    return tuple(dict.fromkeys(f.rule_id for f in findings if f.severity == "error" and f.remedy == "none"))
 
 
 def method_for(findings: Sequence[Finding]) -> str:
@@ -126,6 +135,8 @@ def _recommend(statistics: Statistics, findings: Tuple[Finding, ...], trials: Op
     reasons = tuple(dict.fromkeys(f.rule_id for f in calling_for_clipping(findings)))
     if not len(finite):
         return _recommendation("none", None, Evidence(0.0, (because("no_finite_norm"),), reasons=reasons))
+    if blocking(findings):
+        return _recommendation("none", None, Evidence(0.0, (because("fix_first", rules=blocking(findings)),)))
     method = method_for(findings)
     if method == "none":
         net = two_figures(SAFETY_NET_HEADROOM * float(finite.max()))

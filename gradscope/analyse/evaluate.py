@@ -65,7 +65,39 @@ def _model_values(statistics: Statistics) -> Dict[str, object]:
         "spike_step": m.global_spike_step,
         "loss_nonfinite_step": m.loss_nonfinite_step if m.loss_nonfinite_step is not None else "none",
         **clip_context(m.clip, m.metrics),
+        **optimizer_context(m.optimizer),
+        "spike_samples": spike_words(m.spikes),
     }
+
+
+def _names(names, most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "") or "none"
+
+
+def optimizer_context(setup) -> Dict[str, object]:
+    """The words an optimizer rule's message may name: its class, and the parameters a rule is about."""
+    if setup is None:
+        return {"optimizer_name": "none", "decayed_exempt_names": "none", "missed_names": "none"}
+    return {"optimizer_name": setup.name, "decayed_exempt_names": _names(setup.decayed_exempt),
+            "missed_names": _names(setup.missed)}
+
+
+NAMED_SHARE = 0.05  # a second sample is named beside the first where it carries at least this share
+
+
+def spike_words(spikes) -> str:
+    """The first spike taken apart, in words: its step and the samples that carry it."""
+    for spike in spikes:
+        if not spike.samples:
+            continue
+        broken = [s for s in spike.samples if not math.isfinite(s.grad_norm)]
+        if broken:
+            return (f"sample(s) {', '.join(str(s.index) for s in broken[:3])} of {spike.batch_size} at step "
+                    f"{spike.step} had a non-finite gradient")
+        top = [s for s in spike.samples[:2] if s.share >= NAMED_SHARE] or spike.samples[:1]
+        return (f"at step {spike.step}, sample {top[0].index} of {spike.batch_size} carries {top[0].share:.0%} of the "
+                f"spike's squared norm" + (f" and sample {top[1].index} {top[1].share:.0%}" if len(top) > 1 else ""))
+    return "none"
 
 
 def clip_context(record, metrics: Mapping[str, float]) -> Dict[str, object]:

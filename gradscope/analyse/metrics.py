@@ -37,6 +37,13 @@ _LAYER = {
     "grad_to_weight_max": "largest grad norm / weight norm over the steps",
     "update_ratio_median": "median over steps of ||weight change|| / ||weight|| made by optimizer.step()",
     "update_ratio_max": "largest update-to-weight ratio over the steps",
+    "update_rms_median": "median over steps of the RMS of the layer's update: ||weight change|| / sqrt(params)",
+    # Adam's second moment v, read from the optimizer's state when the report is made (NaN where the
+    # optimizer keeps none, or was not given to the Monitor)
+    "adam_eps_dominated_share": "share of the layer's elements (those with v > 0) whose sqrt(v_hat) is below the "
+                                "optimizer's eps: eps, not the gradient, sets their step",
+    "adam_outlier_share": "share of the layer's last gradient elements beyond 6 x sqrt(v_hat) (OLMo-core's "
+                          "outlier count)",
     "params": "trainable parameter elements in the layer",
 }
 
@@ -80,6 +87,19 @@ _MODEL = {
                                 "stable, else 0",
     "trial_unclipped_steps": "steps the trials' unclipped run trained from the profile's start",
     "trial_clipped_stable": "clipped thresholds the trials found stable",
+    # the optimizer's parameter groups (diagnose, or Monitor(optimizer=...)); NaN where not known
+    "optimizer_missed_share": "share of the trainable parameter elements that no parameter group of the optimizer "
+                              "holds (1: the optimizer never moves the model)",
+    "optimizer_missed_params": "trainable parameter tensors that no parameter group holds",
+    "decayed_exempt_params": "normalization weights, biases and embeddings held with weight_decay > 0",
+    "decayed_exempt_weight_decay": "the largest weight decay on those",
+    "optimizer_eps": "the largest eps of the optimizer's parameter groups",
+    "optimizer_beta2": "the largest beta2 of the optimizer's parameter groups (Adam's second-moment decay)",
+    # diagnose's per-sample recompute at a spike (gradscope.run.spikes); NaN where no spike was taken apart
+    "spike_top2_share": "at the first spike taken apart, the share of the batch gradient's squared norm that "
+                        "its two largest samples carry (1 where one or two samples alone were non-finite)",
+    "spike_loss_over_previous": "at the first spike taken apart, the loss of its batch over that of the batch "
+                                "before it, both at the spike's weights in eval mode (other data, or other weights)",
     # the user's own clipping (Monitor(clip=...), gradient_clip_val, max_grad_norm); NaN where not told
     "clip_threshold": "the threshold the run clips at (norm, value or AGC factor)",
     "clip_steps": "steps whose clipping was judged (a finite pre-clip norm)",
@@ -103,7 +123,8 @@ MODEL_METRICS: Dict[str, Metric] = {k: Metric("model", v) for k, v in _MODEL.ite
 # Text a message template may also name; never usable in a condition.
 LAYER_CONTEXT = ("layer", "kind")
 MODEL_CONTEXT = ("model", "first_nonfinite_layer", "first_nonfinite_step", "spike_step", "loss_nonfinite_step",
-                 "clip_method", "clip_source", "clip_spike_steps", "clip_drift_direction")
+                 "clip_method", "clip_source", "clip_spike_steps", "clip_drift_direction", "optimizer_name",
+                 "decayed_exempt_names", "missed_names", "spike_samples")
 
 
 def condition_names(scope: str) -> tuple:

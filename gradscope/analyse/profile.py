@@ -30,6 +30,57 @@ class TrialOutcome:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerSetup:
+    """What the optimizer's parameter groups and state say, read once when the profile is taken (never on a
+    step): its configuration, and per active layer two figures of Adam's second moment (NaN where the
+    optimizer keeps none, or the layer's state is sharded)."""
+
+    name: str  # the optimizer's class
+    trainable: int  # trainable parameter tensors the profile watched
+    missed: Tuple[str, ...]  # of those, the ones no parameter group holds (by name)
+    missed_numel: int
+    trainable_numel: int
+    decayed_exempt: Tuple[str, ...]  # normalization weights, biases and embeddings held with weight_decay > 0
+    weight_decay: float  # the largest weight decay on those (0 where none)
+    eps: float  # the largest eps of any group (NaN: none)
+    beta2: float  # the largest beta2 of any group (NaN: none)
+    eps_dominated: np.ndarray  # per active layer: share of elements with v > 0 whose sqrt(v_hat) is below eps
+    outliers: np.ndarray  # per active layer: share of gradient elements beyond OUTLIER_K x sqrt(v_hat)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleShare:
+    """One sample's part in a spike: its own gradient (computed alone) and loss, and its share of the
+    batch gradient's squared norm, <g_i, G> / |G|^2 with G the sum of the finite samples' gradients (the
+    shares sum to 1; NaN where the sample's gradient is not finite)."""
+
+    index: int  # within the batch
+    grad_norm: float
+    loss: float
+    share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SpikeSamples:
+    """The samples of one spike's batch, recomputed one by one at the step's weights (gradscope.run.culprits)."""
+
+    step: int  # the optimizer step, from 0
+    global_norm: float
+    z: float  # the step's spike score (NaN at a non-finite step before enough history)
+    why: str  # "spike" or "nonfinite"
+    batch_size: int
+    samples: Tuple[SampleShare, ...]  # non-finite first, then by share, largest first
+    method: str  # "vmap" (torch.func) or "loop" (one backward per sample)
+    seconds: float  # what the recompute took
+    error: Optional[str] = None  # why no per-sample figures could be computed
+    # the loss of the batch, and of the batch before it, both at this step's weights in eval mode: a batch
+    # whose loss stands far above its predecessor's at the same weights is other data
+    batch_loss: float = float("nan")
+    previous_loss: float = float("nan")
+    batch: Any = dataclasses.field(default=None, compare=False, repr=False)  # the batch as drawn, to replay it
+
+
+@dataclasses.dataclass(frozen=True)
 class Profile:
     """Everything a Monitor measured. Per-layer arrays index ``active`` layers (those with trainable params).
 
@@ -74,3 +125,7 @@ class Profile:
     clip: Optional[Any] = None
     # what diagnose's threshold trials showed of unclipped training; None where no trial ran
     trials: Optional[TrialOutcome] = None
+    # the optimizer's configuration and state figures; None where the Monitor was not given the optimizer
+    optimizer: Optional[OptimizerSetup] = None
+    # diagnose's per-sample recompute at each spike step (gradscope.run.culprits); empty where none ran
+    spikes: Tuple[SpikeSamples, ...] = ()

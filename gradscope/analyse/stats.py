@@ -60,6 +60,8 @@ class ModelStats:
     clip: Optional[Any] = None
     post_clip_norm: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
     clip_cosine: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
+    optimizer: Optional[Any] = None  # gradscope.analyse.profile.OptimizerSetup, where the optimizer was known
+    spikes: Tuple[Any, ...] = ()  # gradscope.analyse.profile.SpikeSamples: diagnose's spikes taken apart
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,10 @@ def _layer_columns(profile: Profile, norms: np.ndarray, share: np.ndarray, abs_m
             "grad_to_weight_max": _finite_max(g2w, axis=0),
             "update_ratio_median": _finite_median(updates, axis=0),
             "update_ratio_max": np.asarray(profile.update_ratio_max, dtype=np.float64),
+            "update_rms_median": _finite_median(updates * weights, axis=0) /
+            np.sqrt(np.array([profile.layers[i].trainable_numel for i in profile.active], dtype=np.float64))
+            if len(updates) else np.full(width, NAN),
+            **_optimizer_layer_columns(profile.optimizer, width),
             "params": np.array([profile.layers[i].trainable_numel for i in profile.active], dtype=np.float64),
         }
 
@@ -198,6 +204,9 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         "unused_layers": float(sum(1 for layer in layers if layer.status == "unused")),
         **clip_metrics(profile.clip, _finite_max(global_norm)),
         **_trial_metrics(profile.trials),
+        **optimizer_metrics(profile.optimizer),
+        "spike_top2_share": top2_share(profile.spikes),
+        "spike_loss_over_previous": loss_over_previous(profile.spikes),
     }
     return ModelStats(
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm.copy(), cosine=cosine.copy(),
@@ -209,7 +218,54 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         {**profile.before_nonfinite, "layers": tuple(profile.layers[i].name for i in profile.active)},
         clip=profile.clip, post_clip_norm=s.get("post_clip_norm", np.empty(0)).reshape(-1).copy(),
         clip_cosine=s.get("clip_cosine", np.empty(0)).reshape(-1).copy(),
+        optimizer=profile.optimizer, spikes=profile.spikes,
     )
+
+
+def _optimizer_layer_columns(setup: Any, width: int) -> Dict[str, np.ndarray]:
+    """Adam's second moment per layer (see gradscope.collect.optimizers); NaN where the optimizer is unknown."""
+    if setup is None:
+        return {"adam_eps_dominated_share": np.full(width, NAN), "adam_outlier_share": np.full(width, NAN)}
+    return {"adam_eps_dominated_share": np.asarray(setup.eps_dominated, dtype=np.float64),
+            "adam_outlier_share": np.asarray(setup.outliers, dtype=np.float64)}
+
+
+OPTIMIZER_METRICS = ("optimizer_missed_share", "optimizer_missed_params", "decayed_exempt_params",
+                     "decayed_exempt_weight_decay", "optimizer_eps", "optimizer_beta2")
+
+
+def optimizer_metrics(setup: Any) -> Dict[str, float]:
+    """The optimizer's configuration as model metrics (all NaN where the Monitor was not given it)."""
+    if setup is None:
+        return dict.fromkeys(OPTIMIZER_METRICS, NAN)
+    return {"optimizer_missed_share": setup.missed_numel / setup.trainable_numel if setup.trainable_numel else NAN,
+            "optimizer_missed_params": float(len(setup.missed)),
+            "decayed_exempt_params": float(len(setup.decayed_exempt)),
+            "decayed_exempt_weight_decay": setup.weight_decay, "optimizer_eps": setup.eps,
+            "optimizer_beta2": setup.beta2}
+
+
+def loss_over_previous(spikes: Tuple[Any, ...]) -> float:
+    """At the first spike taken apart, its batch's loss over the batch before's, both at the spike's weights
+    (NaN where either is unknown or not finite)."""
+    for spike in spikes:
+        if np.isfinite(spike.batch_loss) and np.isfinite(spike.previous_loss) and spike.previous_loss > 0:
+            return float(spike.batch_loss / spike.previous_loss)
+    return NAN
+
+
+def top2_share(spikes: Tuple[Any, ...]) -> float:
+    """How much of its spike the two samples that carry most of it carry, at the first spike taken apart:
+    their shares of the batch gradient's squared norm summed (1 where one or two samples alone had a
+    non-finite gradient). NaN where no spike was taken apart."""
+    for spike in spikes:
+        if not spike.samples:
+            continue
+        broken = [s for s in spike.samples if not np.isfinite(s.grad_norm)]
+        if broken:
+            return 1.0 if len(broken) <= 2 < spike.batch_size else 0.0
+        return float(sum(s.share for s in spike.samples[:2]))
+    return NAN
 
 
 CLIP_METRICS = ("clip_threshold", "clip_steps", "clip_rate", "clip_rate_window", "clip_window_steps",

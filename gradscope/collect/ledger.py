@@ -83,7 +83,7 @@ class Ledger:
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
         self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
-                "skipped": 0.0, "measured": 1.0}
+                "skipped": 0.0, "measured": 1.0, "spike_z": float(z)}
 
     def record_skip(self, step: int, row: "HostRow", measured: bool) -> Dict[str, float]:
         """A step the GradScaler will skip: keep the previous step's update, and nothing of this one."""
@@ -92,7 +92,7 @@ class Ledger:
         self.failures.amp_skipped.append(step)
         self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
-                "skipped": 1.0, "measured": 1.0}
+                "skipped": 1.0, "measured": 1.0, "spike_z": float("nan")}
 
     def record_update(self, step: int, update_sq: np.ndarray, weight_sq: Optional[np.ndarray] = None) -> None:
         """The update-to-weight ratio of ``step``, measured once a later call saw the new weights, over

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import clipping, distributed, recorder
+from . import clipping, distributed, optimizers, recorder
 from ..analyse.profile import Profile
 from ..errors import ExperimentError
 from .cadence import BETWEEN, Cadence
@@ -95,8 +95,9 @@ class Monitor:
                                   "pass 0 to keep no steps before a non-finite gradient, or a count such as 32")
         self._flight = recorder.Flight(output, rules)  # a destination that cannot be written fails now
         self.model = model
-        # what the report can say of the optimizer (whether it keeps a second moment; see the rules)
-        self.adaptive_optimizer = None if optimizer is None else is_adaptive(optimizer)
+        # what the report can say of the optimizer (whether it keeps a second moment, its configuration;
+        # see the rules), read when a profile is taken
+        self._optimizer = optimizer
         self._cadence = Cadence(every=every, accumulation_steps=accumulation_steps, update_every=update_every,
                                 histogram_every=histogram_every)
         tracked = None if parameters is None else {id(p) for p in parameters}
@@ -136,6 +137,7 @@ class Monitor:
     output = property(lambda self: self._flight.output)
     rules = property(lambda self: self._flight.rules)
     clip = property(lambda self: None if self._watched is None else self._watched.spec)
+    adaptive_optimizer = property(lambda self: None if self._optimizer is None else is_adaptive(self._optimizer))
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Attribute a loss computed after the last observe() to that step (for loops that see it later).
@@ -161,8 +163,9 @@ class Monitor:
         yet are divided by its scale (a power of two, so exactly), and a step with inf or NaN gradients
         is counted as skipped by the scaler, as the scaler will skip it, not as an explosion.
 
-        Returns the step's :class:`Observation`: ``step``, ``global_norm``, ``loss``, ``nonfinite`` and
-        ``skipped``. Its figures stay on the device until they are read (which moves every waiting
+        Returns the step's :class:`Observation`: ``step``, ``global_norm``, ``loss``, ``nonfinite``,
+        ``skipped`` and ``spike_z`` (the global norm's spike score against the steps before it, NaN for
+        the first 5; see :func:`gradscope.culprit_samples` for what to do at a spike). Its figures stay on the device until they are read (which moves every waiting
         step's to the host at once), the ``flush_every``-th step, or ``report()``; a loop that never
         reads them never waits for the device.
         """
@@ -335,6 +338,8 @@ class Monitor:
             model_source=class_source(module_class(unwrap(self.model))),
             ranks=ctx.world if ctx else 1, sharded=self._figures.sharded, every=self._cadence.every,
             adaptive_optimizer=self.adaptive_optimizer,
+            optimizer=None if self._optimizer is None else
+            optimizers.setup(self._optimizer, unwrap(self.model), self.layers, self._active),
             clip=self._ledger.clip_record(clipper.counts() if clipper is not None else None),
         )
 
@@ -367,7 +372,7 @@ class Monitor:
 
 class Observation(Mapping):
     """One observed step's global figures, read like a dict: ``step``, ``global_norm``, ``loss``,
-    ``nonfinite``, ``skipped`` and ``measured``.
+    ``nonfinite``, ``skipped``, ``measured`` and ``spike_z``.
 
     ``step`` is known at once. The others wait on the device until the Monitor flushes; reading one
     flushes it (a host sync), so read them only where you need them now.

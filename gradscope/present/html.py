@@ -28,7 +28,7 @@ from ..advise.judge import TrialSet
 from .render import MARK, grouped, ordered_layers
 from ..report import Report
 from ..analyse.clipping import rate_windows
-from .wording import advice, clip_summary, fmt, plural, say, schedule_caveat
+from .wording import advice, cause_line, clip_summary, fmt, plural, say, schedule_caveat
 
 HEATMAP_LAYERS = 40  # rows of the heatmap: the worst layers
 HISTOGRAM_LAYERS = 4  # the worst layers whose |g| histogram is drawn
@@ -92,6 +92,12 @@ def to_html(report: Report) -> str:
                           + (f" (first in backward order: {m.first_nonfinite[1]})" if m.first_nonfinite else "")
                           + ". Crosses mark a layer's non-finite step; every layer's figures are in the JSON.")]
     parts += ["<h2>Findings</h2>", _findings(report.findings, report)]
+    if report.cause is not None:
+        parts.append(f"<p><b>Likely cause: {_e(cause_line(report.cause))}</b>.</p>")
+    if m.spikes:
+        parts += ["<h2>Spikes taken apart</h2>", _spikes_table(m.spikes)]
+    if m.optimizer is not None:
+        parts += ["<h2>Optimizer state per layer</h2>", _optimizer_table(report)]
     if rec.evidence.trials is not None:
         parts += ["<h2>Trials</h2>", _figure(mpl, _trials_plot, report, _trials_caption(rec.evidence.trials)),
                   _trials_table(rec.evidence.trials)]
@@ -268,6 +274,30 @@ def _findings(findings: Sequence[Finding], report: Report) -> str:
         items.append(f"<li><span class={severity}>{MARK[severity]} {severity}</span> <b>{_e(rule_id)}</b>{where}"
                      f"<br>{'worst: ' if len(group) > 1 else ''}{_e(group[0].message)}</li>")
     return "<ul class=findings>" + "".join(items) + "</ul>"
+
+
+def _spikes_table(spikes) -> str:
+    """One row per spike taken apart: its step, norm and z, and the samples that carry it, largest first."""
+    rows = []
+    for spike in spikes:
+        named = "; ".join(f"#{s.index}: {fmt(s.share * 100) + '%' if s.share == s.share else 'non-finite'} "
+                          f"(loss {fmt(s.loss)})" for s in spike.samples[:4]) or _e(spike.error or "")
+        rows.append(f"<tr><td>{spike.step}</td><td>{_e(spike.why)}</td><td>{fmt(spike.global_norm)}</td>"
+                    f"<td>{fmt(spike.z)}</td><td>{spike.batch_size}</td><td>{_e(named)}</td></tr>")
+    return ("<table><tr><th>step</th><th>why</th><th>global norm</th><th>z</th><th>batch</th>"
+            "<th>samples, by share of the batch gradient's squared norm</th></tr>" + "".join(rows) + "</table>")
+
+
+def _optimizer_table(report: Report, most: int = 12) -> str:
+    """Per layer, worst first: the update's RMS, and Adam's eps-dominated and outlier shares."""
+    cells = []
+    for layer in ordered_layers(report)[:most]:
+        mm = layer.metrics
+        cells.append(f"<tr><td>{_e(layer.name)}</td><td>{fmt(mm.get('update_rms_median', float('nan')))}</td>"
+                     f"<td>{fmt(mm.get('adam_eps_dominated_share', float('nan')))}</td>"
+                     f"<td>{fmt(mm.get('adam_outlier_share', float('nan')))}</td></tr>")
+    return ("<table><tr><th>layer</th><th>update RMS</th><th>share with sqrt(v&#770;) &lt; eps</th>"
+            "<th>share of |g| &gt; 6 sqrt(v&#770;)</th></tr>" + "".join(cells) + "</table>")
 
 
 def _trials_table(trials: TrialSet) -> str:

@@ -22,6 +22,15 @@ SEVERITY_RANK = {s: i for i, s in enumerate(reversed(SEVERITIES))}  # 0 is the w
 ELLIPSIS = "…"
 
 
+CAUSE_WORDS = {"data": "the data", "optimizer": "the optimizer's configuration", "numerics": "numerics",
+               "learning_rate": "the learning rate"}
+
+
+def cause_line(cause) -> str:
+    """The likely cause in one line (``cause`` an advise.cause.Cause): 'the data: at step 12, sample 5 ...'."""
+    return f"{CAUSE_WORDS[cause.kind]}: {say(cause.reasons)}"
+
+
 def advice(rec: Recommendation) -> str:
     """The advice in a few words: 'clip by norm at 0.32', or 'no clipping needed', and the guard if armed."""
     words = "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
@@ -237,6 +246,8 @@ REASONS: Dict[str, Callable[[Mapping[str, Any]], str]] = {
                                  "trained on"),
     # the recommendation's basis (advise.recommend)
     "trials": lambda f: _trials(f),
+    "fix_first": lambda f: (f"{', '.join(f['rules'])}: the run measured is not training, so no threshold read from "
+                            "it means anything; fix that first, then diagnose again"),
     "no_finite_norm": lambda f: ("no finite gradient norm was observed: fix the non-finite gradients first; no "
                                  "threshold can be derived"),
     "safety_net": lambda f: (f"no finding calls for clipping; as a safety net, norm clipping at {f['net']:.3g} "
@@ -256,6 +267,25 @@ REASONS: Dict[str, Callable[[Mapping[str, Any]], str]] = {
     "guard_not_armed": lambda f: (f"Not armed: those outliers came in {f['seen']} of {f['judged']} steps it judged, "
                                   f"more often than 1 in {f['one_in']}: they are part of the data, and the clipping "
                                   "handles them"),
+    # the likely cause (advise.cause)
+    "cause_data": lambda f: f"{f['samples']}: the spike comes from the data, not the model",
+    "cause_batch": lambda f: (f"at step {f['step']}, the batch's loss was {fmt(f['loss'])}, x{fmt(f['ratio'])} the loss "
+                              f"of the batch before it ({fmt(f['previous'])}) at the same weights: the batch is the "
+                              "outlier, not the model"),
+    "cause_missed": lambda f: ("the optimizer holds none of the model's trainable parameters: no step moves the "
+                               "model, and its gradients pile up step after step"),
+    "cause_eps": lambda f: (f"Adam's eps ({f['eps']:.3g}) outweighs the gradient's RMS for {f['share']:.0%} of the "
+                            f"weights of {f['first']}" + (f" and {f['layers'] - 1} more layer(s)" if f['layers'] > 1 else "")
+                            + ": eps sets their step and learning stalls"),
+    "cause_numerics": lambda f: ("a value went non-finite" + (f" at step {f['step']}" if f['step'] is not None else "")
+                                 + (f" (first in {f['layer']})" if f['layer'] else "") + " while the gradient norm had "
+                                 f"not grown before it (x{fmt(f['rise'])} its start): an overflow in the computation, "
+                                 "not a run that grew into it"),
+    "cause_learning_rate": lambda f: (f"the gradient norm grew (x{fmt(f['growth'])} per step, peak x{fmt(f['rise'])} its "
+                                      f"start) and the largest update moved its layer by {fmt(f['update_ratio'])} of "
+                                      "its weights per step: the learning rate is too hot for this model"),
+    "cause_beta2": lambda f: (f"the run spiked (z {f['z']:.3g}) under beta2 = {f['beta2']:.4g}: Adam's second moment "
+                              "trails a sudden gradient by hundreds of steps; 0.95 follows it within tens"),
     # the profile (run.diagnose)
     "profile_extended": lambda f: (f"after {f['asked']} steps nothing was flagged and the loss had not fallen by "
                                    f"{f['fallen']:.0%}, so the profile went on to {f['steps']}"),

@@ -14,8 +14,8 @@ import torch
 from ..collect import distributed
 from .. import interrupts
 from ..errors import EXIT_INTERRUPTED, ExperimentError, GradscopeError
-from .experiment import (Experiment, batch_stream, forward_backward, median_or_inf,
-                         next_batch, optimizer_step)
+from .experiment import (Experiment, batch_stream, compute_loss, forward_backward, median_or_inf,
+                         next_batch, optimizer_step, to_device)
 from ..advise.judge import Trial, TrialSet, candidates, update_estimate
 from ..advise.reasons import because
 from ..collect.monitor import Monitor
@@ -30,6 +30,7 @@ from ..analyse.ruleset import RuleSet, load_rules
 from .state import capture, restore as restore_state
 from ..analyse.stats import rise
 from .schedule import MOST_STEPS
+from .spikes import SpikeWatch
 from .trials import HELD_OUT_BATCHES, TrialBatches, held_out, run_reference, run_trials
 
 DEFAULT_STEPS = 30
@@ -93,7 +94,8 @@ def diagnose(
     rates = ahead(experiment)  # the schedule's rates from here on, to say how far towards its peak the run went
     scale = _update_scale(experiment) if trying else None
     # a short run: measure everything; each step's figures are read at once (to stop at a non-finite loss)
-    monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1)
+    monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1,
+                      optimizer=experiment.optimizer)
     report: Optional[Report] = None
     shield = None
     try:
@@ -194,13 +196,15 @@ class _Kept:
 
 
 def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], first: int, end: int,
-                   device: torch.device, progress: Optional[Progress]) -> Optional[str]:
-    """Train and observe steps ``first`` to ``end``; why the run stopped early, if it did."""
+                   device: torch.device, progress: Optional[Progress], watch: SpikeWatch) -> Optional[str]:
+    """Train and observe steps ``first`` to ``end``; why the run stopped early, if it did. A spike's batch is
+    taken apart sample by sample (``watch``) before its optimizer step."""
     experiment.model.train()
     for step in range(first, end):
         batch = next_batch(stream, step)
         loss = forward_backward(experiment, batch, step, device)
         out = monitor.observe(loss)
+        watch.see(step, out, lambda drawn=batch: to_device(drawn, device), batch)
         if progress is not None:
             progress(step + 1, end, out)
         if not math.isfinite(out["loss"]):
@@ -221,7 +225,9 @@ def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], st
 
     Between rounds only the findings are read; the report is built once, of every step profiled (before close():
     profiling the Monitor measures the last step's update)."""
-    stopped = _profile_steps(experiment, monitor, stream, 0, steps, device, progress)
+    watch = SpikeWatch(context.rules, experiment.model, lambda batch: compute_loss(experiment, batch),
+                       enabled=distributed.context() is None)
+    stopped = _profile_steps(experiment, monitor, stream, 0, steps, device, progress, watch)
     done, to_peak = steps, False
     while extend and stopped is None and done < EXTEND * steps:
         if peak is not None and done <= peak:
@@ -232,9 +238,9 @@ def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], st
             if any(f.severity != "info" for f in findings) or \
                     rise(loss[np.isfinite(loss)]) < 1.0 - EXTEND_UNLESS_FALLEN:
                 break
-        stopped = _profile_steps(experiment, monitor, stream, done, done + steps, device, progress)
+        stopped = _profile_steps(experiment, monitor, stream, done, done + steps, device, progress, watch)
         done += steps
-    profiled = monitor.profile()
+    profiled = dataclasses.replace(monitor.profile(), spikes=tuple(watch.found))
     report = context.report(profiled, stopped)
     if done == steps:
         return report, profiled

@@ -1,0 +1,93 @@
+"""Why the run went wrong, as far as the figures tell: the likely cause of a spike, a divergence or a stall.
+
+Read from the statistics and the findings, never from a new measurement. One cause is named, the first
+of these whose evidence holds, in this order (the most specific evidence first):
+
+0. ``optimizer``: it holds none of the model's parameters, so nothing the run shows is training;
+1. ``data``: the spike's batch, taken apart sample by sample, is carried by at most two samples (they
+   hold at least half of its gradient's squared norm, or alone had a non-finite gradient); or, at the
+   spike's weights, the batch's loss is DATA_LOSS_RATIO times the loss of the batch before it (the same
+   weights do fine on other data: the batch is the outlier, not the weights);
+2. ``optimizer``: Adam's eps outweighs the gradient for most of some layer's weights (a stall);
+3. ``numerics``: a value went non-finite while the gradient norm had not risen before it (an overflow
+   in the forward or backward pass, not a run that grew into it);
+4. ``learning_rate``: the gradient norm or the loss grew step over step, or blew up (with the largest
+   update-to-weight ratio beside it: a hot rate moves the weights by a large share each step);
+5. ``optimizer``: a spike under an Adam whose beta2 remembers hundreds of steps, with none of the above.
+
+No cause is named for a run with no trouble, nor for a lone spike that none of these explains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..analyse.evaluate import Finding, spike_words
+from ..analyse.stats import Statistics
+from .reasons import Reasons, because
+
+DATA_SHARE = 0.5  # two samples carrying this share of a spike's squared norm are the spike
+# a batch whose loss is this many times its predecessor's at the same weights is other data: the spike
+# rule's peak_over_median (5), less a margin for the spread of one batch's loss against another's
+DATA_LOSS_RATIO = 4.0
+NUMERICS_RISE = 10.0  # a norm that rose less than this over its start before going non-finite did not grow into it
+BETA2 = 0.99
+GROWTH = ("global-norm-growing", "global-norm-rising", "global-norm-blowup", "loss-diverging",
+          "unclipped-unstable-in-trials")
+TROUBLE = GROWTH + ("nonfinite-gradients", "nonfinite-loss", "gradient-spike", "adam-epsilon-dominates")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cause:
+    kind: str  # "data", "optimizer", "numerics" or "learning_rate"
+    reasons: Reasons
+
+
+def likely_cause(statistics: Statistics, findings: Sequence[Finding]) -> Optional[Cause]:
+    """The likely cause of the trouble the findings name, with the figures behind it; None where none."""
+    fired = {f.rule_id for f in findings}
+    if "optimizer-misses-parameters" in fired:
+        return Cause("optimizer", (because("cause_missed"),))
+    if not fired.intersection(TROUBLE):
+        return None
+    model = statistics.model
+    m = model.metrics
+    top2 = m.get("spike_top2_share", math.nan)
+    if top2 >= DATA_SHARE:
+        return Cause("data", (because("cause_data", samples=spike_words(model.spikes), share=top2),))
+    ratio = m.get("spike_loss_over_previous", math.nan)
+    if ratio >= DATA_LOSS_RATIO:
+        spike = next(s for s in model.spikes if math.isfinite(s.batch_loss) and math.isfinite(s.previous_loss))
+        return Cause("data", (because("cause_batch", step=spike.step, ratio=ratio, loss=spike.batch_loss,
+                                      previous=spike.previous_loss),))
+    if "adam-epsilon-dominates" in fired:
+        shares = [f.observed.get("adam_eps_dominated_share", math.nan) for f in findings
+                  if f.rule_id == "adam-epsilon-dominates"]
+        layers = [f.layer for f in findings if f.rule_id == "adam-epsilon-dominates"]
+        return Cause("optimizer", (because("cause_eps", eps=m.get("optimizer_eps", math.nan), layers=len(layers),
+                                           first=layers[0], share=float(np.nanmax(shares))),))
+    nonfinite = m.get("nonfinite_count", 0) > 0 or m.get("loss_nonfinite", 0) > 0
+    rise = m.get("global_norm_peak_over_start", math.nan)
+    grew = fired.intersection(GROWTH) - {"loss-diverging", "unclipped-unstable-in-trials"}
+    if nonfinite and not grew and not rise >= NUMERICS_RISE:
+        where = model.first_nonfinite
+        return Cause("numerics", (because("cause_numerics", step=_first_step(model), rise=rise,
+                                          layer=where[1] if where else None),))
+    if fired.intersection(GROWTH) or nonfinite:
+        ratios = [layer.metrics.get("update_ratio_median", math.nan) for layer in statistics.active_layers]
+        ratio = float(np.nanmax(ratios)) if any(np.isfinite(ratios)) else math.nan
+        return Cause("learning_rate", (because("cause_learning_rate", growth=m.get("global_norm_growth", math.nan),
+                                               rise=rise, update_ratio=ratio),))
+    if "gradient-spike" in fired and m.get("optimizer_beta2", math.nan) >= BETA2:
+        return Cause("optimizer", (because("cause_beta2", beta2=m["optimizer_beta2"],
+                                           z=m.get("global_norm_spike_z", math.nan)),))
+    return None
+
+
+def _first_step(model) -> Optional[int]:
+    steps = [s for s in (model.loss_nonfinite_step, model.first_nonfinite[0] if model.first_nonfinite else None)
+             if s is not None]
+    return min(steps) if steps else None
