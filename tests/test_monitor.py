@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradscope
 from gradscope import Monitor
 from gradscope.errors import ExperimentError
 
@@ -461,3 +462,31 @@ def test_a_report_keeps_nothing_the_monitor_writes_on():
     steps(20)  # thins and overwrites the store in place
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in
                zip(kept, [layer.norm_series for layer in report.statistics.layers] + [report.statistics.model.global_norm]))
+
+
+def test_take_apart_names_the_corrupted_sample_in_a_plain_loop_and_the_report_keeps_it():
+    """A Monitor in a user's own loop: at the step whose spike score is high, take_apart names the one
+    sample whose target is 10000x, and the report's JSON lists it under spikes."""
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = regression_batches()
+    monitor = gradscope.Monitor(model, optimizer=optimizer)
+    taken = []
+    for step in range(30):
+        x, y = batches()
+        if step == 20:
+            y = y.clone()
+            y[3] *= 10000
+        optimizer.zero_grad()
+        loss = mse(model, (x, y))
+        loss.backward()
+        out = monitor.observe(loss)
+        if out["spike_z"] >= 6:
+            taken.append(monitor.take_apart(out, (x, y), mse))
+        optimizer.step()
+    assert [t.step for t in taken] == [20]
+    assert taken[0].samples[0].index == 3 and taken[0].samples[0].share > 0.9
+    doc = monitor.report().to_dict()
+    assert doc["spikes"][0]["step"] == 20 and doc["spikes"][0]["samples"][0]["index"] == 3
+    assert doc["cause"]["kind"] == "data"

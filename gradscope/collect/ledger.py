@@ -12,6 +12,7 @@ import numpy as np
 
 from .clipping import ClipRecord, ClipTally, Watched
 from .history import RecentSteps, SeriesStore, SpikeTracker
+from ..analyse.profile import SpikeSamples
 
 if TYPE_CHECKING:  # the row is unpacked by rows.py, which needs torch; the ledger does not
     from .rows import HostRow
@@ -37,6 +38,7 @@ class Ledger:
         self.grad_present = np.zeros(n_groups, dtype=np.int64)
         self._last_weight_norm: Optional[np.ndarray] = None
         self._last_global_norm = float("nan")
+        self.spikes: List[SpikeSamples] = []  # steps taken apart sample by sample (Monitor.take_apart)
 
     def record(self, step: int, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray,
                zeros: Optional[np.ndarray], measured: bool, loss_given: bool,
@@ -126,7 +128,7 @@ class Ledger:
             layer_spike_z=self.layer_spikes.max_z.copy(),
             global_spike_z=float(self.global_spikes.max_z[0]),
             global_spike_step=int(self.global_spikes.max_z_step[0]),
-            update_ratio_max=self.update_max.copy(), **self.failures.profile_fields(),
+            update_ratio_max=self.update_max.copy(), **self.failures.profile_fields(), spikes=tuple(self.spikes),
         )
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import clipping, distributed, optimizers, recorder
-from ..analyse.profile import Profile
+from . import clipping, culprits, distributed, optimizers, recorder
+from ..analyse.profile import Profile, SpikeSamples
 from ..errors import ExperimentError
 from .cadence import BETWEEN, Cadence
 from .figures import StepFigures
@@ -165,7 +165,7 @@ class Monitor:
 
         Returns the step's :class:`Observation`: ``step``, ``global_norm``, ``loss``, ``nonfinite``,
         ``skipped`` and ``spike_z`` (the global norm's spike score against the steps before it, NaN for
-        the first 5; see :func:`gradscope.culprit_samples` for what to do at a spike). Its figures stay on the device until they are read (which moves every waiting
+        the first 5; see :meth:`take_apart` for what to do at a spike). Its figures stay on the device until they are read (which moves every waiting
         step's to the host at once), the ``flush_every``-th step, or ``report()``; a loop that never
         reads them never waits for the device.
         """
@@ -299,6 +299,28 @@ class Monitor:
         if values.any():  # all zero: report() came before the last optimizer.step(); keep waiting
             self._ledger.record_update(cadence.snapshot_step, values, figures.layout.per_layer(weight))
             cadence.spent_snapshot()
+
+    def take_apart(self, observed: "Observation", batch, loss_fn) -> SpikeSamples:
+        """Take the batch of the step just observed apart, sample by sample: each sample's gradient norm,
+        loss and share of the batch gradient's squared norm, at the current weights (see
+        :mod:`gradscope.collect.culprits`). Call it after ``observe()`` and before ``optimizer.step()``,
+        where the step is a spike::
+
+            out = monitor.observe(loss)
+            if out["spike_z"] >= 6:  # reading it waits for the step's figures: a host sync
+                monitor.take_apart(out, batch, loss_fn)  # loss_fn(model, batch) -> scalar loss
+            optimizer.step()
+
+        The record joins the report's ``spikes`` and reads as diagnose's do. A step that is not taken apart
+        costs nothing; one that is costs about a forward and backward pass of its batch (by torch.func), or
+        one per sample where the model cannot be vmapped. Under a process group, the samples are this
+        rank's."""
+        model = unwrap(self.model)
+        record = culprits.per_sample(model, batch, lambda b: loss_fn(model, b), step=observed.step,
+                                     global_norm=observed["global_norm"], z=observed["spike_z"],
+                                     why="spike" if np.isfinite(observed["global_norm"]) else "nonfinite")
+        self._ledger.spikes.append(record)
+        return record
 
     def _first_in_backward_order(self, mask: np.ndarray) -> str:
         """The layer first reached by backward among ``mask`` (groups): where a failure started."""
