@@ -490,3 +490,19 @@ def test_take_apart_names_the_corrupted_sample_in_a_plain_loop_and_the_report_ke
     doc = monitor.report().to_dict()
     assert doc["spikes"][0]["step"] == 20 and doc["spikes"][0]["samples"][0]["index"] == 3
     assert doc["cause"]["kind"] == "data"
+
+
+def test_a_step_whose_gradient_is_all_zero_after_a_nonzero_one_is_recorded_not_raised():
+    """The cosine with the step before has no direction to compare where a gradient is all zero (a loss
+    scaled to nothing, a batch that touches no weight): it is NaN, and observe() does not raise."""
+    torch.manual_seed(0)
+    model = MLP()
+    batches = regression_batches()
+    monitor = Monitor(model)
+    for scale in (1.0, 0.0, 1.0):
+        model.zero_grad()
+        loss = scale * mse(model, batches())
+        loss.backward()
+        out = monitor.observe(loss)
+        assert out["global_norm"] == 0.0 if scale == 0 else out["global_norm"] > 0
+    assert np.isnan(monitor.report().statistics.model.cosine[1:]).all()

@@ -53,7 +53,8 @@ class Ledger:
         global_norm = float(np.sqrt(norm_sq.sum()))
         with np.errstate(divide="ignore", invalid="ignore"):
             before = np.sqrt(row.previous_norm_sq) if np.isfinite(row.previous_norm_sq) else self._last_global_norm
-            cosine = row.dot / (global_norm * before) if self.step > 0 else np.nan
+            # NaN where either gradient is all zero (a float division would raise): no direction to compare
+            cosine = row.dot / (global_norm * before) if self.step > 0 and global_norm * before > 0 else np.nan
             grad_to_weight = np.where(weight_norm > 0, grad_norm / weight_norm, np.nan)
             mean = grad_sum / numel
             std = np.sqrt(np.maximum(norm_sq / numel - mean**2, 0.0))
