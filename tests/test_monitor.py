@@ -472,7 +472,7 @@ def test_take_apart_names_the_corrupted_sample_in_a_plain_loop_and_the_report_ke
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = regression_batches()
     monitor = gradscope.Monitor(model, optimizer=optimizer)
-    taken = []
+    taken, last = [], None
     for step in range(30):
         x, y = batches()
         if step == 20:
@@ -483,8 +483,9 @@ def test_take_apart_names_the_corrupted_sample_in_a_plain_loop_and_the_report_ke
         loss.backward()
         out = monitor.observe(loss)
         if out["spike_z"] >= 6:
-            taken.append(monitor.take_apart(out, (x, y), mse))
+            taken.append(monitor.take_apart(out, (x, y), mse, previous=last))
         optimizer.step()
+        last = (x, y)
     assert [t.step for t in taken] == [20]
     assert taken[0].samples[0].index == 3 and taken[0].samples[0].share > 0.9
     doc = monitor.report().to_dict()

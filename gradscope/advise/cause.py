@@ -4,15 +4,16 @@ Read from the statistics and the findings, never from a new measurement. One cau
 of these whose evidence holds, in this order (the most specific evidence first):
 
 0. ``optimizer``: it holds none of the model's parameters, so nothing the run shows is training;
-1. ``data``: the spike's batch, taken apart sample by sample, is carried by at most two samples (they
-   hold at least half of its gradient's squared norm, or alone had a non-finite gradient); or, at the
-   spike's weights, the batch's loss is DATA_LOSS_RATIO times the loss of the batch before it (the same
-   weights do fine on other data: the batch is the outlier, not the weights);
+1. ``data``: the rules that read the spike's batch taken apart say so: ``spike-from-few-samples`` (at
+   most two samples carry it, and the same weights do fine on the batch before; or they alone were
+   non-finite), else ``spike-from-one-batch`` (at the spike's weights, the batch's loss is 4 times the
+   loss of the batch before it: the batch is the outlier, not the weights);
 2. ``optimizer``: Adam's eps outweighs the gradient for most of some layer's weights (a stall);
 3. ``numerics``: a value went non-finite while the gradient norm had not risen before it (an overflow
    in the forward or backward pass, not a run that grew into it);
-4. ``learning_rate``: the gradient norm or the loss grew step over step, or blew up (with the largest
-   update-to-weight ratio beside it: a hot rate moves the weights by a large share each step);
+4. ``learning_rate``: the gradient norm or the loss grew step over step, or blew up, and the steps moved
+   some layer's weights by a large share of their norm (the ``large-update-ratio`` rule: a hot rate does
+   that; a run that grows while its steps stay small has some other cause, and none is named);
 5. ``optimizer``: a spike under an Adam whose beta2 remembers hundreds of steps, with none of the above.
 
 No cause is named for a run with no trouble, nor for a lone spike that none of these explains.
@@ -29,10 +30,6 @@ from ..analyse.evaluate import Finding, spike_words
 from ..analyse.stats import Statistics
 from .reasons import Reasons, because
 
-DATA_SHARE = 0.5  # two samples carrying this share of a spike's squared norm are the spike
-# a batch whose loss is this many times its predecessor's at the same weights is other data: the spike
-# rule's peak_over_median (5), less a margin for the spread of one batch's loss against another's
-DATA_LOSS_RATIO = 4.0
 NUMERICS_RISE = 10.0  # a norm that rose less than this over its start before going non-finite did not grow into it
 BETA2 = 0.99
 GROWTH = ("global-norm-growing", "global-norm-rising", "global-norm-blowup", "loss-diverging",
@@ -55,11 +52,10 @@ def likely_cause(statistics: Statistics, findings: Sequence[Finding]) -> Optiona
         return None
     model = statistics.model
     m = model.metrics
-    top2 = m.get("spike_top2_share", math.nan)
-    if top2 >= DATA_SHARE:
-        return Cause("data", (because("cause_data", samples=spike_words(model.spikes), share=top2),))
     ratio = m.get("spike_loss_over_previous", math.nan)
-    if ratio >= DATA_LOSS_RATIO:
+    if "spike-from-few-samples" in fired:
+        return Cause("data", (because("cause_data", samples=spike_words(model.spikes), ratio=ratio),))
+    if "spike-from-one-batch" in fired:
         spike = next(s for s in model.spikes if math.isfinite(s.batch_loss) and math.isfinite(s.previous_loss))
         return Cause("data", (because("cause_batch", step=spike.step, ratio=ratio, loss=spike.batch_loss,
                                       previous=spike.previous_loss),))
@@ -76,7 +72,7 @@ def likely_cause(statistics: Statistics, findings: Sequence[Finding]) -> Optiona
         where = model.first_nonfinite
         return Cause("numerics", (because("cause_numerics", step=_first_step(model), rise=rise,
                                           layer=where[1] if where else None),))
-    if fired.intersection(GROWTH) or nonfinite:
+    if (fired.intersection(GROWTH) or nonfinite) and "large-update-ratio" in fired:
         ratios = [layer.metrics.get("update_ratio_median", math.nan) for layer in statistics.active_layers]
         ratio = float(np.nanmax(ratios)) if any(np.isfinite(ratios)) else math.nan
         return Cause("learning_rate", (because("cause_learning_rate", growth=m.get("global_norm_growth", math.nan),

@@ -90,6 +90,9 @@ def spike_words(spikes) -> str:
     for spike in spikes:
         if not spike.samples:
             continue
+        if spike.nonfinite_inputs:
+            return (f"at step {spike.step}, sample(s) {', '.join(map(str, spike.nonfinite_inputs[:3]))} of "
+                    f"{spike.batch_size} hold an inf or a NaN in their own inputs or targets")
         broken = [s for s in spike.samples if not math.isfinite(s.grad_norm)]
         if broken:
             return (f"sample(s) {', '.join(str(s.index) for s in broken[:3])} of {spike.batch_size} at step "

@@ -97,7 +97,12 @@ _MODEL = {
     "optimizer_beta2": "the largest beta2 of the optimizer's parameter groups (Adam's second-moment decay)",
     # diagnose's per-sample recompute at a spike (gradscope.run.spikes); NaN where no spike was taken apart
     "spike_top2_share": "at the first spike taken apart, the share of the batch gradient's squared norm that "
-                        "its two largest samples carry (1 where one or two samples alone were non-finite)",
+                        "its two largest samples carry (NaN where some sample's gradient was not finite)",
+    "spike_nonfinite_samples": "at the first spike taken apart, the samples whose gradient was not finite "
+                               "(of the 8 largest kept)",
+    "spike_nonfinite_inputs": "at the first spike taken apart, the samples whose own tensors in the batch hold "
+                              "an inf or a NaN",
+    "spike_batch_size": "the batch size of the first spike taken apart",
     "spike_loss_over_previous": "at the first spike taken apart, the loss of its batch over that of the batch "
                                 "before it, both at the spike's weights in eval mode (other data, or other weights)",
     # the user's own clipping (Monitor(clip=...), gradient_clip_val, max_grad_norm); NaN where not told

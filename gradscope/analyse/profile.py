@@ -77,6 +77,7 @@ class SpikeSamples:
     # whose loss stands far above its predecessor's at the same weights is other data
     batch_loss: float = float("nan")
     previous_loss: float = float("nan")
+    nonfinite_inputs: Tuple[int, ...] = ()  # the samples whose own tensors in the batch hold an inf or NaN
     batch: Any = dataclasses.field(default=None, compare=False, repr=False)  # the batch as drawn, to replay it
 
 

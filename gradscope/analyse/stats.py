@@ -207,6 +207,9 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         **optimizer_metrics(profile.optimizer),
         "spike_top2_share": top2_share(profile.spikes),
         "spike_loss_over_previous": loss_over_previous(profile.spikes),
+        "spike_nonfinite_samples": nonfinite_samples(profile.spikes),
+        "spike_nonfinite_inputs": float(next((len(sp.nonfinite_inputs) for sp in profile.spikes), NAN)),
+        "spike_batch_size": float(next((sp.batch_size for sp in profile.spikes if sp.samples), NAN)),
     }
     return ModelStats(
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm.copy(), cosine=cosine.copy(),
@@ -256,15 +259,21 @@ def loss_over_previous(spikes: Tuple[Any, ...]) -> float:
 
 def top2_share(spikes: Tuple[Any, ...]) -> float:
     """How much of its spike the two samples that carry most of it carry, at the first spike taken apart:
-    their shares of the batch gradient's squared norm summed (1 where one or two samples alone had a
-    non-finite gradient). NaN where no spike was taken apart."""
+    their shares of the batch gradient's squared norm summed. NaN where no spike was taken apart, or some
+    sample's gradient was not finite there (see nonfinite_samples)."""
     for spike in spikes:
-        if not spike.samples:
-            continue
-        broken = [s for s in spike.samples if not np.isfinite(s.grad_norm)]
-        if broken:
-            return 1.0 if len(broken) <= 2 < spike.batch_size else 0.0
-        return float(sum(s.share for s in spike.samples[:2]))
+        if spike.samples:
+            if not all(np.isfinite(s.grad_norm) for s in spike.samples):
+                return NAN
+            return float(sum(s.share for s in spike.samples[:2]))
+    return NAN
+
+
+def nonfinite_samples(spikes: Tuple[Any, ...]) -> float:
+    """At the first spike taken apart, how many samples had a non-finite gradient (NaN where none was)."""
+    for spike in spikes:
+        if spike.samples:
+            return float(sum(not np.isfinite(s.grad_norm) for s in spike.samples))
     return NAN
 
 

@@ -13,7 +13,9 @@ How each g_i is computed: ``torch.func`` (``vmap`` of ``grad`` over the batch's 
 the model can be vmapped, else one backward pass per sample. Both run with the model in eval mode, so a
 sample's gradient is its own (dropout off, normalization by the running statistics rather than by the
 batch's), no random number is drawn, no running statistic moves and no ``.grad`` is touched: the run
-goes on exactly as it would have. It costs about one forward and backward pass of the whole batch
+goes on exactly as it would have. Where a running statistic is itself not finite (the step's training
+forward put a non-finite sample into a BatchNorm), every sample would read it in eval mode, so each one
+runs alone in train mode instead, with the buffers and the random number generators put back after. It costs about one forward and backward pass of the whole batch
 (vmap), or B passes of one sample (the loop), plus B copies of the gradient held at once for vmap, in
 chunks of ``CHUNK`` samples.
 """
@@ -56,6 +58,15 @@ def take(batch: Any, rows: slice, size: int) -> Any:
     return batch
 
 
+def _nonfinite_rows(batch: Any, size: int) -> Tuple[int, ...]:
+    """The samples whose own floating-point tensors in the batch hold an inf or a NaN."""
+    bad = torch.zeros(size, dtype=torch.bool)
+    for leaf in _leaves(batch):
+        if leaf.dim() > 0 and leaf.shape[0] == size and (leaf.is_floating_point() or leaf.is_complex()):
+            bad |= (~torch.isfinite(leaf)).reshape(size, -1).any(1).cpu()
+    return tuple(int(i) for i in bad.nonzero().flatten())
+
+
 def _leaves(batch: Any) -> List[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         return [batch]
@@ -76,12 +87,17 @@ def per_sample(model: nn.Module, batch: Any, loss_of: LossOf, *, step: int, glob
     the model's sake: where the samples cannot be taken apart, the record says why in ``error``."""
     began = time.perf_counter()
     size = batch_size(batch)
-    record = dict(step=step, global_norm=float(global_norm), z=float(z), why=why, batch_size=size or 0, batch=batch)
+    record = dict(step=step, global_norm=float(global_norm), z=float(z), why=why, batch_size=size or 0, batch=batch,
+                  nonfinite_inputs=_nonfinite_rows(batch, size) if size else ())
     if not size:
         return SpikeSamples(samples=(), method="none", seconds=0.0, error="the batch holds no tensor with a batch "
                             "dimension", **record)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     modes = [(m, m.training) for m in model.modules()]
+    if not all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point()):
+        # the step's own training forward put a non-finite sample into a running statistic (BatchNorm's),
+        # so that in eval mode every sample would read it: each sample alone in train mode instead
+        return _in_train_mode(model, batch, size, params, loss_of, began, record, modes)
     model.eval()
     try:
         before = math.nan
@@ -102,6 +118,29 @@ def per_sample(model: nn.Module, batch: Any, loss_of: LossOf, *, step: int, glob
             m.training = mode
     return SpikeSamples(samples=_shares(grads, losses), method=method, seconds=time.perf_counter() - began,
                         batch_loss=whole, previous_loss=before, **record)
+
+
+def _in_train_mode(model: nn.Module, batch: Any, size: int, params: Dict[str, nn.Parameter], loss_of: LossOf,
+                   began: float, record: Dict[str, Any], modes) -> SpikeSamples:
+    """One backward per sample in train mode (a normalization layer then normalizes each sample by its own
+    statistics), with the buffers and the random number generators put back as they were."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index for p in params.values() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            model.train()
+            grads, losses = _by_loop(batch, size, params, loss_of)
+    except Exception as exc:  # noqa: BLE001 - as in per_sample: say why, go on
+        return SpikeSamples(samples=(), method="none", seconds=time.perf_counter() - began,
+                            error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200], **record)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        for m, mode in modes:
+            m.training = mode
+    return SpikeSamples(samples=_shares(grads, losses), method="loop, train mode", seconds=time.perf_counter() - began,
+                        **record)
 
 
 def _shares(chunks: List[Tuple[torch.Tensor, ...]], losses: torch.Tensor) -> Tuple[SampleShare, ...]:

@@ -300,7 +300,7 @@ class Monitor:
             self._ledger.record_update(cadence.snapshot_step, values, figures.layout.per_layer(weight))
             cadence.spent_snapshot()
 
-    def take_apart(self, observed: "Observation", batch, loss_fn) -> SpikeSamples:
+    def take_apart(self, observed: "Observation", batch, loss_fn, previous=None) -> SpikeSamples:
         """Take the batch of the step just observed apart, sample by sample: each sample's gradient norm,
         loss and share of the batch gradient's squared norm, at the current weights (see
         :mod:`gradscope.collect.culprits`). Call it after ``observe()`` and before ``optimizer.step()``,
@@ -308,17 +308,21 @@ class Monitor:
 
             out = monitor.observe(loss)
             if out["spike_z"] >= 6:  # reading it waits for the step's figures: a host sync
-                monitor.take_apart(out, batch, loss_fn)  # loss_fn(model, batch) -> scalar loss
+                monitor.take_apart(out, batch, loss_fn, previous=last_batch)  # loss_fn(model, batch) -> loss
             optimizer.step()
+            last_batch = batch
 
-        The record joins the report's ``spikes`` and reads as diagnose's do. A step that is not taken apart
+        ``previous``, the batch of the step before, has its loss measured at the same weights: a batch far
+        above it is the data's doing, not the weights' (without it, only a sample holding an inf or a NaN
+        is named as the cause). The record joins the report's ``spikes`` and reads as diagnose's do. A step that is not taken apart
         costs nothing; one that is costs about a forward and backward pass of its batch (by torch.func), or
         one per sample where the model cannot be vmapped. Under a process group, the samples are this
         rank's."""
         model = unwrap(self.model)
         record = culprits.per_sample(model, batch, lambda b: loss_fn(model, b), step=observed.step,
                                      global_norm=observed["global_norm"], z=observed["spike_z"],
-                                     why="spike" if np.isfinite(observed["global_norm"]) else "nonfinite")
+                                     why="spike" if np.isfinite(observed["global_norm"]) else "nonfinite",
+                                     previous=previous)
         self._ledger.spikes.append(record)
         return record
 
