@@ -30,7 +30,7 @@ import argparse
 import math
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -232,7 +232,7 @@ def main() -> None:
     gradscope.collect.culprits.per_sample(nn.Linear(2, 1), torch.randn(4, 2), lambda b: nn.Linear(2, 1)(b).sum(),
                                           step=0)  # warm torch.func once, as a long run would have
     rows = [score(kind, cause, seed) for kind, cause in RUNS for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    print(f"| run | seed | expected | said | right | spike taken apart | recompute / step |")
+    print("| run | seed | expected | said | right | spike taken apart | recompute / step |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = "" if r["recompute_over_step"] is None else f"{r['recompute_over_step']:.2f}x ({r['method']})"
