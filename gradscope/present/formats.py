@@ -18,7 +18,7 @@ from ..analyse.evaluate import Finding
 from ..gate import Verdict
 from .render import render_text
 from ..report import Report
-from .wording import advice, fmt, plural, say, schedule_caveat
+from .wording import advice, cause_line, fmt, spike_lines, plural, say, schedule_caveat
 
 TOOL_URI = "https://pypi.org/project/gradscope/"
 SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
@@ -193,6 +193,9 @@ def to_markdown(report: Report, verdict: Verdict) -> str:
         out.append("")
     else:
         out += ["No findings.", ""]
+    if report.cause is not None:
+        out += [f"**Likely cause:** {_md_cell(cause_line(report.cause))}.", ""]
+    out += [f"- {_md_cell(line)}" for line in spike_lines(m.spikes)] + ([""] if m.spikes else [])
     c = verdict.comparison
     if c is not None:
         out.append(f"Baseline `{c.source}`: {len(c.new)} new or worse, {len(c.known)} known, {len(c.fixed)} fixed, "

@@ -24,7 +24,7 @@ from ..advise.judge import TrialSet
 from ..report import Report
 from ..analyse.ruleset import SEVERITIES
 from ..analyse.stats import LayerStats
-from .wording import (SEVERITY_RANK, advice, cause_line, say, clip_rate_words, clip_summary, fmt, fmt_count, guard_summary, guard_words,
+from .wording import (SEVERITY_RANK, advice, cause_line, spike_lines, say, clip_rate_words, clip_summary, fmt, fmt_count, guard_summary, guard_words,
                       plural, schedule_caveat, shorten_names)
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -45,8 +45,11 @@ def render(report: Report, gate: Optional[Verdict] = None, *, all_layers: bool =
     parts: List[RenderableType] = [header(report), global_line(report), LayerTable(report, all_layers, show_all)]
     if report.findings:
         parts.append(findings_block(report.findings, ordered_layers(report)))
-    if report.cause is not None:
-        parts.append(Group(Text.assemble(("likely cause: ", "bold"), cause_line(report.cause)), Text("")))
+    lines = spike_lines(report.statistics.model.spikes)
+    if report.cause is not None or lines:
+        parts.append(Group(*([Text.assemble(("likely cause: ", "bold"), cause_line(report.cause))]
+                             if report.cause is not None else []),
+                           *(Text(f"  {line}", "dim") for line in lines), Text("")))
     trials = report.recommendation.evidence.trials
     if trials is not None:
         parts.append(trials_table(trials))

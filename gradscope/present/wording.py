@@ -31,6 +31,23 @@ def cause_line(cause) -> str:
     return f"{CAUSE_WORDS[cause.kind]}: {say(cause.reasons)}"
 
 
+def spike_lines(spikes) -> list:
+    """One line per spike taken apart (analyse.profile.SpikeSamples): its step and the samples that carry it."""
+    lines = []
+    for spike in spikes:
+        head = f"step {spike.step} ({'non-finite' if spike.why == 'nonfinite' else f'spike, z {fmt(spike.z)}'}), taken apart"
+        if not spike.samples:
+            lines.append(f"{head}: no sample could be measured alone ({spike.error})")
+            continue
+        named = ", ".join(f"#{s.index} {fmt(100 * s.share) + '%' if math.isfinite(s.share) else 'non-finite'}"
+                          for s in spike.samples[:3])
+        ratio = spike.batch_loss / spike.previous_loss if spike.previous_loss > 0 else math.nan
+        lines.append(f"{head}: samples by share of its squared norm {named} of {spike.batch_size}"
+                     + (f"; its loss x{fmt(ratio)} the batch before's at the same weights" if math.isfinite(ratio)
+                        else ""))
+    return lines
+
+
 def advice(rec: Recommendation) -> str:
     """The advice in a few words: 'clip by norm at 0.32', or 'no clipping needed', and the guard if armed."""
     words = "no clipping needed" if rec.method == "none" else f"{METHOD_WORDS[rec.method]} at {fmt(rec.threshold)}"
