@@ -37,6 +37,8 @@ def encode(value: Any) -> Any:
         kind = type(value)
         return {"__dataclass__": f"{kind.__module__}:{kind.__qualname__}",
                 **{f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if type(value).__module__.startswith("torch"):  # a spike's batch: a stored run keeps none
+        return None
     if isinstance(value, np.ndarray):
         return {"__array__": encode(value.tolist()), "dtype": str(value.dtype), "shape": list(value.shape)}
     if isinstance(value, np.generic):
@@ -128,6 +130,7 @@ def write_all() -> None:
     """Train each stored run again (on this machine's kernels) and rewrite its file."""
     import torch
     from models import exploding_rnn, healthy_mlp, hot_resnet, tiny_bert
+    from test_default_rules import corrupted_sample
     torch.set_num_threads(1)
     runs = {
         "explosion": (exploding_rnn, 12, True),  # a tanh RNN whose gradients blow up, with its trials
@@ -136,8 +139,12 @@ def write_all() -> None:
         "guard": (lambda: healthy_mlp(lr=1.0), 30, True),  # Adam too hot: trials, and the skip guard armed
         "resnet": (hot_resnet, 8, False),  # 31 layers, for the layout at 80 and 120 columns
         "bert": (tiny_bert, 8, False),  # Hugging Face's dotted layer names
+        "spike": (corrupted_sample, 30, False),  # one corrupted sample at step 20: a spike taken apart
     }
+    only = set(sys.argv[1:])  # python tests/stored.py spike: retrain only the runs named
     for name, (make, steps, trials) in runs.items():
+        if only and name not in only:
+            continue
         report, profile, adaptive = _record(make, steps, trials=trials)
         save(name, report, profile, adaptive)
         print(f"{name}: {report.statistics.model.steps} steps, healthy={report.healthy}, "

@@ -15,7 +15,7 @@ from gradscope.present.formats import FORMATS
 
 import stored
 
-RUNS = ("explosion", "healthy", "non_finite", "guard")
+RUNS = ("explosion", "healthy", "non_finite", "guard", "spike")
 SUFFIX = {"rich": "txt", "json": "json", "junit": "junit.xml", "sarif": "sarif", "github": "github.txt",
           "gitlab": "gitlab.json", "markdown": "md", "html": "html.txt"}  # one file name per format
 
@@ -81,11 +81,12 @@ def test_every_format_of_every_stored_run_matches_its_golden(run, fmt, golden):
 
 
 def test_the_stored_runs_are_the_kinds_of_run_they_stand_for():
-    explosion, healthy, non_finite, guard = (stored.load(n) for n in RUNS)
+    explosion, healthy, non_finite, guard, spike = (stored.load(n) for n in RUNS)
     assert not explosion.healthy and explosion.recommendation.evidence.trials is not None
     assert healthy.healthy and healthy.recommendation.method == "none"
     assert non_finite.statistics.model.first_nonfinite is not None or non_finite.stopped_reason
     assert guard.recommendation.evidence.trials is not None and guard.recommendation.guard.armed
+    assert spike.statistics.model.spikes[0].samples[0].index == 5 and spike.cause.kind == "data"
 
 
 def test_a_stored_run_builds_the_report_its_run_gave(tmp_path, monkeypatch):
