@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import difflib
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from . import __version__, interrupts, outputs
-from .collect import distributed
+from .collect import distributed, recorder
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .run.diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everything
@@ -104,14 +105,58 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("rule_id", metavar="ID")
     e.add_argument("--rules", metavar="FILE", help="a rule file that extends or overrides the defaults")
     e.add_argument("--debug", action="store_true")
+    w = sub.add_parser("watch", help="run a training script unchanged, observing every optimizer step",
+                       usage="gradscope watch [options] SCRIPT [ARGS...] | gradscope watch [options] -m MODULE [ARGS...]",
+                       description="Runs SCRIPT (or -m MODULE) as python would, with its own arguments, stdout and "
+                                   "exit code, and reports on the gradients of every optimizer step when it ends, "
+                                   "however it ends. Exit codes: the script's own when it failed; else 0, or 1 "
+                                   "for findings at or above --fail-on; 2 usage error or no step observed.")
+    w.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m does")
+    w.add_argument("--rules", metavar="FILE", help="a rule file that extends or overrides the default rules")
+    w.add_argument("--fail-on", choices=FAIL_ON, help="lowest severity that makes the exit code 1 (default error)")
+    w.add_argument("--format", choices=tuple(FORMATS), help=f"report format (default ${FORMAT_ENV}, else rich)")
+    w.add_argument("--output", metavar="FILE", help="write the report to FILE (default: stderr, so that the "
+                                                    "script's stdout stays its own)")
+    w.add_argument("--html", metavar="FILE", help="also write the HTML report to FILE (needs gradscope[html])")
+    w.add_argument("--every", type=_bounded(int, lambda v: v >= 1, "a whole number of at least 1"), default=1,
+                   metavar="N", help="observe every N-th optimizer step (default 1)")
+    w.add_argument("--debug", action="store_true", help="show tracebacks for gradscope's own errors")
+    w.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script, run as python SCRIPT ARGS would")
     m = sub.add_parser("metrics", help="list the metrics rules can test")
     m.add_argument("--debug", action="store_true")
     return parser
 
 
+WATCH_VALUED = ("-m", "--rules", "--fail-on", "--format", "--output", "--html", "--every")
+
+
+def split_watch(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """``watch``'s own options (with ``--`` before SCRIPT, whatever its name looks like), and the script's
+    arguments: everything after SCRIPT or -m MODULE is the script's, as python's own command line has it."""
+    k = 0
+    while k < len(argv):
+        token = argv[k]
+        if token == "-m":
+            return argv[:k + 2], argv[k + 2:]
+        if token in WATCH_VALUED:
+            k += 2
+            continue
+        if token.startswith("-") and token != "-":
+            k += 1
+            continue
+        return [*argv[:k], "--", token], argv[k + 1:]
+    return argv, []
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script_args: List[str] = []
+    if argv[:1] == ["watch"]:
+        own, script_args = split_watch(argv[1:])
+        argv = ["watch", *own]
     args = parser.parse_args(argv)
+    args.script_args = script_args
     if args.command == "diagnose":
         try:  # one validation, TrialOptions', for the command line and the Python API alike
             args.trial_options = TrialOptions(most=args.trials, steps=args.trial_steps, budget=args.trial_budget,
@@ -123,6 +168,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "diagnose":
             return _diagnose(args, out, err)
+        if args.command == "watch":
+            return _watch(args, err)
         if args.command == "rules":
             if args.verbose:
                 rule_set = load_rules(args.rules)
@@ -223,6 +270,68 @@ def _diagnose_ranked(args: argparse.Namespace, rules, baseline, out: Console, er
                       highlight=False, soft_wrap=True)
             code = EXIT_OK
     return distributed.broadcast_int(code)  # every rank exits as rank 0 does
+
+
+def _watch(args: argparse.Namespace, err: Console) -> int:
+    """Run the script under a Watcher, then report: the script's own exit code where it failed, else the gate's."""
+    from .run import watch
+    if bool(args.script) == bool(args.module):
+        raise GradscopeError("gradscope watch takes a SCRIPT or -m MODULE, and one of them",
+                             "gradscope watch train.py --epochs 1, or gradscope watch -m package.train")
+    if args.script and not os.path.isfile(args.script):
+        raise GradscopeError(f"the script {args.script} does not exist", "give the path of a Python file")
+    config = load_config()
+    args.fail_on = args.fail_on or config.get("fail-on", "error")
+    args.format = args.format or os.environ.get(FORMAT_ENV) or "rich"
+    if args.fail_on not in FAIL_ON or args.format not in FORMATS:
+        raise GradscopeError(f"fail-on {args.fail_on!r} or format {args.format!r} is not known",
+                             f"use one of {', '.join(FAIL_ON)}, and one of {', '.join(FORMATS)}")
+    rules = load_rules(args.rules)
+    if args.output:
+        outputs.check(args.output, "--output")
+    if args.html:
+        outputs.check(args.html, "--html")
+        html_available()
+    watcher = watch.Watcher(rules, every=args.every)
+    watcher.start()
+    try:
+        ending = watch.run(args.module or args.script, args.script_args, module=bool(args.module))
+    finally:
+        watcher.stop()
+    try:
+        with interrupts.shielded(sigterm=True):  # the script is over; what was measured is written whatever comes
+            return _watched(watch.reports(watcher, ending), ending, args, err)
+    finally:
+        recorder.disarm(ending.sigterm)
+
+
+def _watched(reports: List[Report], ending, args: argparse.Namespace, err: Console) -> int:
+    ctx = distributed.context()
+    if ctx is not None and ctx.rank != 0:
+        return ending.code if ending.failed else EXIT_OK
+    if not reports:
+        err.print("gradscope watch: no optimizer step was observed (does the script train with a torch.optim "
+                  "optimizer?); no report", highlight=False, soft_wrap=True)
+        return ending.code if ending.failed else EXIT_USAGE
+    verdicts = [unfinished(r, args.fail_on, r.stopped_reason or "", ending.code) if ending.failed
+                else decide(r, args.fail_on) for r in reports]
+    texts = [FORMATS[args.format](r, v) for r, v in zip(reports, verdicts)]
+    if args.format == "json" and len(texts) > 1:  # one document: a list of reports, one per optimizer and model
+        texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
+    if args.output:
+        outputs.write(args.output, "".join(texts), "--output")
+    elif args.format == "rich":
+        for report, verdict in zip(reports, verdicts):
+            err.print(render(report, verdict))
+    else:
+        sys.stderr.write("".join(texts))
+    if args.html:
+        outputs.write(args.html, FORMATS["html"](reports[0], verdicts[0]), "--html")
+    if any(r.recommendation.method != "none" for r in reports):
+        err.print("gradscope watch: the threshold is an estimate from the watched run (no trial runs inside a "
+                  "script's own loop); `gradscope diagnose` on an Experiment of this model tries thresholds "
+                  "for real and confirms it (docs/usage.md)", style="dim", highlight=False, soft_wrap=True)
+    return ending.code if ending.failed else max(v.exit_code for v in verdicts)
 
 
 def _trials_arg(text: str) -> int:
