@@ -225,3 +225,32 @@ def test_a_hugging_face_trainer_script_runs_unchanged(tmp_path):
     assert doc["model"] == "GPT2LMHeadModel" and doc["steps"] == 10
     assert "transformer.h.0.attn.c_attn" in [layer["name"] for layer in doc["layers"]]
     assert doc["clipping"]["threshold"] == 1.0 and all(loss > 0 for loss in doc["global"]["loss"])
+
+
+def test_two_optimizers_over_two_models_give_one_report_each(tmp_path):
+    """A GAN-shaped script: a generator and a discriminator, each with its own optimizer; the JSON lists
+    two reports, each naming its own model's layers."""
+    script = textwrap.dedent('''
+        import torch
+        from torch import nn
+        torch.manual_seed(0)
+        generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        critic = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        g_opt = torch.optim.Adam(generator.parameters(), lr=1e-3)
+        c_opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+        for step in range(10):
+            c_opt.zero_grad()
+            fake = generator(torch.randn(16, 4)).detach()
+            (critic(fake).mean() - critic(torch.randn(16, 8)).mean()).backward()
+            c_opt.step()
+            g_opt.zero_grad()
+            (-critic(generator(torch.randn(16, 4))).mean()).backward()
+            g_opt.step()
+    ''')
+    proc = watch(tmp_path, "--format", "json", "--output", "r.json", "--every", "2", "gan.py", script=script,
+                 name="gan.py")
+    assert proc.returncode == 0, proc.stderr
+    docs = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert len(docs) == 2 and all(doc["steps"] == 5 for doc in docs)  # every 2nd of 10 steps
+    assert [[layer["name"] for layer in doc["layers"]] for doc in docs] == [["0", "2"], ["0", "2"]]
+    assert {doc["layers"][0]["params"] for doc in docs} == {8 * 16 + 16, 4 * 16 + 16}
