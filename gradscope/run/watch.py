@@ -19,6 +19,7 @@ Nothing here trains: no trial can run, so the advice is an estimate from the wat
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import gc
@@ -27,7 +28,7 @@ import runpy
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -37,6 +38,7 @@ from ..collect import recorder
 from ..collect.layers import unwrap
 from ..collect.monitor import Monitor
 
+MOST_LOSSES = 256  # backward passes whose losses one step averages (gradient accumulation), the latest kept
 AT_STEP = ("gradients as optimizer.step() receives them, after any clipping the script does itself; one "
            "observation per optimizer step (gradscope watch)")
 AT_CLIP = ("pre-clip gradients: observed as the script called clip_grad_norm_, before it clipped; one "
@@ -61,7 +63,8 @@ class Watcher:
         self.watched: List[Watched] = []
         self.built: Optional[List[Any]] = None  # the reports, built before the script destroyed its process group
         self._by_optimizer: Dict[int, List[Watched]] = {}
-        self._losses: List[torch.Tensor] = []
+        # the scalars backward ran on since the last step: at most MOST_LOSSES (a script that never steps)
+        self._losses: Deque[torch.Tensor] = collections.deque(maxlen=MOST_LOSSES)
         self._undo: List[Callable[[], None]] = []
         self._clip_observed = clip_observed
 
@@ -151,8 +154,9 @@ class Watcher:
     def _observe(self, entry: Watched) -> None:
         loss = None
         if self._losses:
-            loss = self._losses[0] if len(self._losses) == 1 else torch.stack(
-                [t.to(self._losses[0].device, torch.float32) for t in self._losses]).mean()
+            first = self._losses[0]
+            loss = first if len(self._losses) == 1 else torch.stack(
+                [t.to(first.device, torch.float32) for t in self._losses]).mean()
         entry.monitor.observe(loss)
         if entry is self._last_of_step(entry):
             self._losses.clear()
