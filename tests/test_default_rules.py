@@ -71,8 +71,8 @@ def growing_rnn() -> gradscope.Experiment:
                                 loss_fn=lambda m, b: 1.25 ** next(counter) * nn.functional.mse_loss(m(b[0]), b[1]))
 
 
-def spiky_batches(betas=(0.9, 0.999)) -> gradscope.Experiment:
-    """Step 20's batch carries targets 300x larger than usual."""
+def corrupted_at_20(corrupt, betas=(0.9, 0.999)) -> gradscope.Experiment:
+    """An MLP under Adam on clean regression batches, except step 20's, which ``corrupt(x, y)`` returns."""
     torch.manual_seed(0)
     model = MLP()
     plain = regression_batches()
@@ -80,24 +80,22 @@ def spiky_batches(betas=(0.9, 0.999)) -> gradscope.Experiment:
 
     def batch():
         x, y = plain()
-        return (x, y * 300) if next(counter) == 20 else (x, y)
+        return corrupt(x, y) if next(counter) == 20 else (x, y)
     return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3, betas=betas), batch, loss_fn=mse)
+
+
+def spiky_batches(betas=(0.9, 0.999)) -> gradscope.Experiment:
+    """Step 20's batch carries targets 300x larger than usual."""
+    return corrupted_at_20(lambda x, y: (x, y * 300), betas)
 
 
 def corrupted_sample() -> gradscope.Experiment:
     """One sample of step 20's batch has a target 1000x larger than usual; the other 15 are as ever."""
-    torch.manual_seed(0)
-    model = MLP()
-    plain = regression_batches()
-    counter = itertools.count()
-
-    def batch():
-        x, y = plain()
-        if next(counter) == 20:
-            y = y.clone()
-            y[5] *= 1000
+    def one_target(x, y):
+        y = y.clone()
+        y[5] *= 1000
         return x, y
-    return gradscope.Experiment(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, loss_fn=mse)
+    return corrupted_at_20(one_target)
 
 
 class Normed(nn.Module):
