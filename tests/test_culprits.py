@@ -132,3 +132,13 @@ def test_the_corrupted_sample_fixture_is_taken_apart_by_diagnose():
     report = gradscope.diagnose(corrupted_sample(), steps=30, seed=0, trials=0)
     spike = report.statistics.model.spikes[0]
     assert spike.step == 20 and spike.samples[0].index == 5 and spike.previous_loss < spike.batch_loss / 4
+
+
+def test_an_optimizer_over_another_model_is_named_and_no_threshold_is_advised():
+    """The issue's slip: the optimizer holds none of the model's parameters, so its gradients pile up and
+    the norm rises. The report names the optimizer as the cause, and advises fixing it, not clipping."""
+    from test_default_rules import optimizer_over
+    report = optimizer_over(lambda model: MLP().parameters())
+    assert report.findings[0].rule_id == "optimizer-misses-parameters" and report.cause.kind == "optimizer"
+    assert report.recommendation.method == "none"
+    assert report.recommendation.evidence.basis[0].code == "fix_first"
