@@ -142,3 +142,18 @@ def test_an_optimizer_over_another_model_is_named_and_no_threshold_is_advised():
     assert report.findings[0].rule_id == "optimizer-misses-parameters" and report.cause.kind == "optimizer"
     assert report.recommendation.method == "none"
     assert report.recommendation.evidence.basis[0].code == "fix_first"
+
+
+def test_a_batch_whose_samples_hold_nans_is_named_as_the_data_not_a_crash():
+    """Four samples of step 20's batch hold a NaN: the step's loss is not finite, so no loss ratio can be
+    read; spike-from-one-batch fires on the samples themselves, and the cause names them."""
+    from test_default_rules import corrupted_at_20
+
+    def four_nans(x, y):
+        x = x.clone()
+        x[:4, 0] = float("nan")
+        return x, y
+    report = gradscope.diagnose(corrupted_at_20(four_nans), steps=30, seed=0, trials=0)
+    assert report.statistics.model.spikes[0].nonfinite_inputs == (0, 1, 2, 3)
+    assert "spike-from-one-batch" in {f.rule_id for f in report.findings}
+    assert report.cause.kind == "data" and "0, 1, 2 of 16 hold an inf or a NaN" in report.to_dict()["cause"]["words"]

@@ -56,7 +56,9 @@ def likely_cause(statistics: Statistics, findings: Sequence[Finding]) -> Optiona
     if "spike-from-few-samples" in fired:
         return Cause("data", (because("cause_data", samples=spike_words(model.spikes), ratio=ratio),))
     if "spike-from-one-batch" in fired:
-        spike = next(s for s in model.spikes if math.isfinite(s.batch_loss) and math.isfinite(s.previous_loss))
+        spike = model.spikes[0]  # the one the rule read (stats.spike_metrics)
+        if spike.nonfinite_inputs or not math.isfinite(ratio):  # samples that hold an inf or a NaN: name them
+            return Cause("data", (because("cause_data", samples=spike_words(model.spikes), ratio=ratio),))
         return Cause("data", (because("cause_batch", step=spike.step, ratio=ratio, loss=spike.batch_loss,
                                       previous=spike.previous_loss),))
     if "adam-epsilon-dominates" in fired:

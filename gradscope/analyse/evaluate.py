@@ -87,20 +87,21 @@ NAMED_SHARE = 0.05  # a second sample is named beside the first where it carries
 
 def spike_words(spikes) -> str:
     """The first spike taken apart, in words: its step and the samples that carry it."""
-    for spike in spikes:
-        if not spike.samples:
-            continue
-        if spike.nonfinite_inputs:
-            return (f"at step {spike.step}, sample(s) {', '.join(map(str, spike.nonfinite_inputs[:3]))} of "
-                    f"{spike.batch_size} hold an inf or a NaN in their own inputs or targets")
-        broken = [s for s in spike.samples if not math.isfinite(s.grad_norm)]
-        if broken:
-            return (f"sample(s) {', '.join(str(s.index) for s in broken[:3])} of {spike.batch_size} at step "
-                    f"{spike.step} had a non-finite gradient")
-        top = [s for s in spike.samples[:2] if s.share >= NAMED_SHARE] or spike.samples[:1]
-        return (f"at step {spike.step}, sample {top[0].index} of {spike.batch_size} carries {top[0].share:.0%} of the "
-                f"spike's squared norm" + (f" and sample {top[1].index} {top[1].share:.0%}" if len(top) > 1 else ""))
-    return "none"
+    if not spikes:
+        return "none"
+    spike = spikes[0]
+    if spike.nonfinite_inputs:
+        return (f"at step {spike.step}, sample(s) {', '.join(map(str, spike.nonfinite_inputs[:3]))} of "
+                f"{spike.batch_size} hold an inf or a NaN in their own inputs or targets")
+    if not spike.samples:
+        return f"at step {spike.step}, no sample could be measured alone ({spike.error})"
+    broken = [s for s in spike.samples if not math.isfinite(s.grad_norm)]
+    if broken:
+        return (f"sample(s) {', '.join(str(s.index) for s in broken[:3])} of {spike.batch_size} at step "
+                f"{spike.step} had a non-finite gradient")
+    top = [s for s in spike.samples[:2] if s.share >= NAMED_SHARE] or spike.samples[:1]
+    return (f"at step {spike.step}, sample {top[0].index} of {spike.batch_size} carries {top[0].share:.0%} of the "
+            f"spike's squared norm" + (f" and sample {top[1].index} {top[1].share:.0%}" if len(top) > 1 else ""))
 
 
 def clip_context(record, metrics: Mapping[str, float]) -> Dict[str, object]:

@@ -205,11 +205,7 @@ def _model_stats(profile: Profile, global_norm: np.ndarray, layer_metrics: list,
         **clip_metrics(profile.clip, _finite_max(global_norm)),
         **_trial_metrics(profile.trials),
         **optimizer_metrics(profile.optimizer),
-        "spike_top2_share": top2_share(profile.spikes),
-        "spike_loss_over_previous": loss_over_previous(profile.spikes),
-        "spike_nonfinite_samples": nonfinite_samples(profile.spikes),
-        "spike_nonfinite_inputs": float(next((len(sp.nonfinite_inputs) for sp in profile.spikes), NAN)),
-        "spike_batch_size": float(next((sp.batch_size for sp in profile.spikes if sp.samples), NAN)),
+        **spike_metrics(profile.spikes),
     }
     return ModelStats(
         steps=profile.steps, series_steps=profile.series_steps, global_norm=global_norm.copy(), cosine=cosine.copy(),
@@ -248,33 +244,29 @@ def optimizer_metrics(setup: Any) -> Dict[str, float]:
             "optimizer_beta2": setup.beta2}
 
 
-def loss_over_previous(spikes: Tuple[Any, ...]) -> float:
-    """At the first spike taken apart, its batch's loss over the batch before's, both at the spike's weights
-    (NaN where either is unknown or not finite)."""
-    for spike in spikes:
-        if np.isfinite(spike.batch_loss) and np.isfinite(spike.previous_loss) and spike.previous_loss > 0:
-            return float(spike.batch_loss / spike.previous_loss)
-    return NAN
+SPIKE_METRICS = ("spike_top2_share", "spike_loss_over_previous", "spike_nonfinite_samples",
+                 "spike_nonfinite_inputs", "spike_batch_size")
 
 
-def top2_share(spikes: Tuple[Any, ...]) -> float:
-    """How much of its spike the two samples that carry most of it carry, at the first spike taken apart:
-    their shares of the batch gradient's squared norm summed. NaN where no spike was taken apart, or some
-    sample's gradient was not finite there (see nonfinite_samples)."""
-    for spike in spikes:
-        if spike.samples:
-            if not all(np.isfinite(s.grad_norm) for s in spike.samples):
-                return NAN
-            return float(sum(s.share for s in spike.samples[:2]))
-    return NAN
-
-
-def nonfinite_samples(spikes: Tuple[Any, ...]) -> float:
-    """At the first spike taken apart, how many samples had a non-finite gradient (NaN where none was)."""
-    for spike in spikes:
-        if spike.samples:
-            return float(sum(not np.isfinite(s.grad_norm) for s in spike.samples))
-    return NAN
+def spike_metrics(spikes: Tuple[Any, ...]) -> Dict[str, float]:
+    """The first spike taken apart, as model metrics (all NaN where none was): the share of its squared norm
+    that its two largest samples carry (NaN where some sample's gradient was not finite), its batch's loss
+    over the batch before's at the same weights, its samples with a non-finite gradient and with an inf or
+    NaN in their own tensors, and its batch size. Every one reads the same spike."""
+    out = dict.fromkeys(SPIKE_METRICS, NAN)
+    if not spikes:
+        return out
+    first = spikes[0]
+    out["spike_nonfinite_inputs"] = float(len(first.nonfinite_inputs))
+    out["spike_batch_size"] = float(first.batch_size)
+    if np.isfinite(first.batch_loss) and np.isfinite(first.previous_loss) and first.previous_loss > 0:
+        out["spike_loss_over_previous"] = float(first.batch_loss / first.previous_loss)
+    if first.samples:
+        finite = [np.isfinite(s.grad_norm) for s in first.samples]
+        out["spike_nonfinite_samples"] = float(len(finite) - sum(finite))
+        if all(finite):
+            out["spike_top2_share"] = float(sum(s.share for s in first.samples[:2]))
+    return out
 
 
 CLIP_METRICS = ("clip_threshold", "clip_steps", "clip_rate", "clip_rate_window", "clip_window_steps",
