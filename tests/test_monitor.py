@@ -9,6 +9,7 @@ from torch import nn
 import gradscope
 from gradscope import Monitor
 from gradscope.errors import ExperimentError
+from gradscope.collect.sample import SAMPLE_MIN
 
 from models import MLP, mse, regression_batches
 
@@ -361,7 +362,8 @@ def top_level_ops(call) -> int:
 ], ids=["mlp-with-large-tensors", "401-small-tensors"])
 def test_a_step_without_histogram_issues_a_handful_of_ops_whatever_the_tensor_count(model):
     """The per-step path is a fixed set of batched ops: the count does not grow with the tensors (401
-    small ones cost what 6 do), only with the large ones' strided sample views (one each)."""
+    small ones cost what 6 do), only with the large ones' strided sample views and, on a CPU, their
+    aminmax (one each)."""
     torch.manual_seed(0)
     model = model()
     monitor = Monitor(model)
@@ -370,7 +372,10 @@ def test_a_step_without_histogram_issues_a_handful_of_ops_whatever_the_tensor_co
         monitor.observe()
     counts = [top_level_ops(monitor.observe) for _ in range(16)]  # steps 4..19: histogram on every 4th
     plain = [c for k, c in enumerate(counts) if k % 4]
-    assert max(plain) <= 20, counts
+    # On a CPU each large gradient's max |g| is its own aminmax (no full-size |g| temporary), and four
+    # ops join them: the only part that grows, with the large tensors alone.
+    large = sum(p.numel() >= SAMPLE_MIN for p in model.parameters())
+    assert max(plain) <= 20 + (large + 4 if large else 0), counts
     assert max(counts) > max(plain)  # the histogram step does more: the cadence is on
 
 

@@ -1,8 +1,9 @@
 """The device side of an observed step: parameters bucketed by device and dtype, and their arithmetic.
 
 A Bucket reads each step's gradients in a fixed, small number of batched ops, whatever the number of
-tensors: one ``_foreach_norm`` for the norms and one or two foreach ops for max |g| of the large
-parameters, read off the gradients; the whole parameters' figures off the flat sample (see
+tensors: one ``_foreach_norm`` for the norms and, for max |g| of the large parameters, one fused
+``_foreach_norm(inf)`` on an accelerator (on a CPU, one ``aminmax`` per large gradient), read off the
+gradients; the whole parameters' figures off the flat sample (see
 :mod:`~gradscope.collect.sample`), into which one ``_foreach_copy_`` writes them. Its per-step figures
 are per tensor, as 0-d tensors and vectors that the Monitor stacks into one vector per step; the host
 sums them per layer when the rows arrive (see :mod:`~gradscope.collect.rows`). The sums, the |g|
@@ -19,8 +20,7 @@ from torch import nn
 from . import distributed, segments
 from .sample import Sample
 
-# The large gradients' max |g| on a CPU: ``_foreach_norm(inf)`` runs there many times slower than
-# ``_foreach_max`` of ``_foreach_abs``, which allocates |g|: at most this many elements at a time.
+# A non-finite count multiplies gradients by 0 into a temporary: at most this many elements at a time.
 ABS_CHUNK = 1 << 25
 
 
@@ -50,7 +50,6 @@ class Bucket:
         shapes = [distributed.local(p).shape for p in params]
         self.sample = Sample(shapes, groups, sample, device, histogram_only=double)
         self.off_grad = [i for i, r in enumerate(self.sample.blocks) if r or double]  # figures read off the gradient
-        self.chunks = _chunks([shapes[i].numel() for i in self.off_grad], ABS_CHUNK)
         # a copy of the weights: their views into one flat buffer (in parameter order), and its norms
         self.snapshot: Optional[Tuple[List[torch.Tensor], segments.Norms]] = None
         self._sum_order: Optional[torch.Tensor] = None
@@ -134,19 +133,20 @@ class Bucket:
                           large: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Norms and max |g| of the sample's ``rest`` views and of the large gradients ``large``, in that
         order: one ``_foreach_norm`` for the norms; for the maxima one fused ``_foreach_norm(inf)`` on an
-        accelerator, and on a CPU (where that runs many times slower) ``_foreach_max`` over the rest's
-        magnitudes ``rest_abs`` and ``_foreach_abs`` of the large gradients, ABS_CHUNK elements at a time."""
+        accelerator. A CPU, where that runs many times slower, takes ``_foreach_max`` over the rest's
+        magnitudes ``rest_abs`` and, of each large gradient, its least and greatest element in one pass
+        (``aminmax``: no temporary the size of the gradient, as ``abs`` would make); max |g| is the larger
+        magnitude of the two, and a NaN carries through."""
         both = rest + large
         if not both:
             return [], []
         norms = list(torch._foreach_norm(both, 2, dtype=self.norm_dtype))
         if both[0].device.type != "cpu":
             return norms, list(torch._foreach_norm(both, float("inf"), dtype=self.norm_dtype))
-        tops: List[torch.Tensor] = []
-        chunks = self.chunks or [(0, 0)]
-        for k, (a, b) in enumerate(chunks):
-            magnitudes = list(torch._foreach_abs(large[a:b])) if b > a else []
-            tops += torch._foreach_max((rest_abs if k == 0 else []) + magnitudes)
+        tops = list(torch._foreach_max(rest_abs)) if rest_abs else []
+        if large:
+            extremes = torch.stack([x for g in large for x in torch.aminmax(g)])  # least, greatest, ...
+            tops += extremes.view(-1, 2).abs_().amax(1).unbind()
         return norms, tops
 
     def count_nonfinite(self, full: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
