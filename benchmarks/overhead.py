@@ -25,7 +25,11 @@ With ``--clip`` (``1.0``, ``value:0.01`` or ``agc:0.01``) a fourth arm's Monitor
 clipping (``Monitor(clip=...)``), to price watching it: its step ratio and observe() alone are printed
 beside the plain observed arm's.
 With ``--every N ...`` an arm per N observes every N-th step (``Monitor(every=N)``), for the price of each.
-Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC] [--every N ...]
+With ``--peers`` two more arms take what a user would pick instead: Lightning's ``grad_norm`` logged each
+step, and a histogram of every gradient each step (as ``wandb.watch`` makes one).
+Every run ends with observe()'s parts timed alone on the same gradients (the norms, the maxima, the
+sample's copy, its runs, the dot, and the rest), beside observe() on a light step and on the sampled ones.
+Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC] [--every N ...] [--peers]
 """
 from __future__ import annotations
 
@@ -142,6 +146,52 @@ def observe_ms(model: nn.Module, monitor: Monitor, repeats: int = 48) -> Tuple[f
     return statistics.median(times) * 1e3, statistics.mean(times) * 1e3
 
 
+def pieces(model: nn.Module, monitor: Monitor, repeats: int = 48) -> Dict[str, float]:
+    """observe()'s parts, each timed alone on the same gradients (medians, ms), for its first bucket: the
+    norms (one ``_foreach_norm``, the floor's pass), the maxima (on a CPU one ``aminmax`` per large
+    gradient), the sample's copy, the norms and maxima of its runs, and the dot with the last step;
+    beside observe() on a step with no sampled work ("light": no histogram, no snapshot, no update), on
+    a step that counts the histogram and reads the update, and on one that copies the weights."""
+    device = next(model.parameters()).device
+    bucket = monitor._figures.buckets[0]  # noqa: SLF001 (a benchmark times the parts)
+    zero = torch.zeros((), device=device)
+
+    def ms(call: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            call()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+    cpu = device.type == "cpu"
+    with torch.no_grad():
+        index, grads = bucket.gradients()
+        full = bucket._full(index, grads, zero)  # noqa: SLF001
+        large = [full[i] for i in bucket.off_grad]
+        whole = bucket.sample.rest_views(False)
+        out = {"norms": ms(lambda: bucket.norms(whole + large)),
+               "maxima": ms(lambda: bucket.maxima(whole, bucket.sample.rest_views(True) if cpu else [], large)),
+               "copy": ms(lambda: bucket.sample.copy(index, grads, len(bucket.params), None)),
+               "runs": ms(lambda: bucket.sample.run_figures(cpu)),
+               "dots": ms(lambda: bucket.sample.dots(zero))}
+    cadence, kinds = monitor._cadence, {"light": [], "histogram": [], "snapshot": []}  # noqa: SLF001
+    for _ in range(4 * repeats):
+        step = monitor.steps
+        kind = ("histogram" if cadence.counted(step) else "snapshot" if cadence.snapshots(step)
+                else "light" if not cadence.measures_update(step, cadence.optimizer_steps) else None)
+        sync(device)
+        start = time.perf_counter()
+        monitor.observe()
+        sync(device)
+        if kind is not None:
+            kinds[kind].append(time.perf_counter() - start)
+    out.update({k: statistics.median(v) * 1e3 for k, v in kinds.items() if v})
+    out["rest"] = out["light"] - sum(out[k] for k in ("norms", "maxima", "copy", "runs", "dots"))
+    return out
+
+
 def launches(call: Callable[[], object], device: torch.device) -> int:
     """What one call launches: on CUDA its kernels, on the CPU its top-level aten ops (those not called
     by another aten op: each would be a launch on an accelerator), counted by torch.profiler."""
@@ -178,6 +228,28 @@ def floor_hook(model: nn.Module) -> Callable[[torch.Tensor], None]:
     return lambda loss: torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).cpu()
 
 
+def lightning_hook(model: nn.Module) -> Callable[[torch.Tensor], None]:
+    """Lightning's ``grad_norm`` (each parameter's norm and the total), logged each step: its values handed
+    to a logger as numbers, as ``self.log_dict(grad_norm(self, 2))`` in ``on_before_optimizer_step`` does."""
+    from lightning.pytorch.utilities import grad_norm
+    logged: Dict[str, float] = {}
+    return lambda loss: logged.update({k: float(v) for k, v in grad_norm(model, 2).items()})
+
+
+def histogram_hook(model: nn.Module, bins: int = 64) -> Callable[[torch.Tensor], None]:
+    """A histogram of every gradient each step, as ``wandb.watch(model, log="gradients")`` makes one: each
+    tensor's min and max read to the host, ``histc`` over that range in 64 bins, copied to the host."""
+    params = list(model.parameters())
+
+    def hook(loss: torch.Tensor) -> None:
+        for p in params:
+            if p.grad is not None:
+                flat = p.grad.reshape(-1)
+                lo, hi = flat.min().item(), flat.max().item()
+                flat.histc(bins=bins, min=lo, max=hi).cpu()
+    return hook
+
+
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn,
                hook: Optional[Callable[[torch.Tensor], object]] = None) -> float:
     device = next(model.parameters()).device
@@ -193,9 +265,10 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn,
     return time.perf_counter() - start
 
 
-def measure(name: str, pairs: int, device: torch.device, clip=None, every=()) -> Dict[str, float]:
+def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), peers: bool = False) -> Dict[str, float]:
     """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), and with
-    ``clip`` a step observed by a Monitor told of that clipping, ``pairs`` times in rotating order, after
+    ``clip`` a step observed by a Monitor told of that clipping, with ``peers`` a step logging Lightning's
+    ``grad_norm`` and one taking a histogram of every gradient, ``pairs`` times in rotating order, after
     a warm-up of each."""
     torch.manual_seed(0)
     plain_model, batch, loss_fn = on(device, name)
@@ -210,6 +283,10 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=()) ->
     for n in every:  # a Monitor observing every n-th step
         sparse_model = copy.deepcopy(plain_model)
         arms[f"every {n}"] = (sparse_model, Monitor(sparse_model, every=n).observe)
+    if peers:
+        for arm, make in (("lightning", lightning_hook), ("histogram", histogram_hook)):
+            peer_model = copy.deepcopy(plain_model)
+            arms[arm] = (peer_model, make(peer_model))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in arms.items()}
     times: Dict[str, list] = {k: [] for k in arms}
     n = len(arms)
@@ -232,6 +309,8 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=()) ->
             "observe_mean_ms": alone_mean,
             "mean_over_floor": alone_mean / floor,
             "launches": launches_per_observe(observed_model, monitor),
+            "pieces": pieces(observed_model, monitor),
+            "peers": {k: statistics.median(times[k]) / p for k in ("lightning", "histogram") if k in times},
             "every": {n: statistics.median(times[f"every {n}"]) / p for n in every},
             **({} if clip is None else {
                 "watched_ratio": statistics.median(times["watched"]) / p,
@@ -367,6 +446,9 @@ def main() -> None:
                              "or agc:0.01")
     parser.add_argument("--every", type=int, nargs="*", default=[],
                         help="also time a Monitor(every=N) per N given, side by side (4 16, say)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time what a user would pick instead, side by side: Lightning's grad_norm logged "
+                             "each step, and a histogram of every gradient each step (as wandb.watch makes)")
     parser.add_argument("--guards", action="store_true", help="time Clipper's skip guard and adaptive clipping "
                                                               "against clip_grad_norm_ instead of the Monitor")
     args = parser.parse_args()
@@ -392,7 +474,7 @@ def main() -> None:
           f"{'floor step':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []
     for name in models:
-        r = measure(name, pairs, device, clip, args.every)
+        r = measure(name, pairs, device, clip, args.every, args.peers)
         results.append((name, r))
         print(f"{name:<14}{r['params']:>12,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_step_ratio']:>11.3f}"
@@ -412,6 +494,28 @@ def main() -> None:
         print("with Monitor(every=N), side by side in the same run (median step / median plain step): " + "; ".join(
             f"{name} " + ", ".join(f"every {n} {ratio:.3f}" for n, ratio in r["every"].items()) + f" (every 1 {r['ratio']:.3f})"
             for name, r in results))
+    if args.peers:
+        print("\nbeside what a user would pick instead, side by side in the same run (median step / median plain step):")
+        print(f"{'model':<14}{'gradscope Monitor':>19}{'Lightning grad_norm':>21}{'histogram each step':>21}"
+              f"{'floor step':>12}")
+        for name, r in results:
+            print(f"{name:<14}{r['ratio']:>19.3f}{r['peers']['lightning']:>21.3f}{r['peers']['histogram']:>21.3f}"
+                  f"{r['floor_step_ratio']:>12.3f}")
+        print("Lightning grad_norm: each parameter's norm and the total, handed to a logger as numbers each step;\n"
+              "histogram: each gradient's min, max and a 64-bin histc, copied to the host (wandb.watch's way)")
+    print("\nobserve()'s parts, each timed alone on the same gradients (first bucket; ms, medians):")
+    print(f"{'model':<14}{'floor':>7}{'norms':>7}{'maxima':>8}{'copy':>7}{'runs':>7}{'dots':>7}{'rest':>7}{'light':>7}"
+          f"{'/floor':>8}{'hist step':>11}{'snap step':>11}")
+    for name, r in results:
+        q = r["pieces"]
+        print(f"{name:<14}{r['floor_ms']:>7.2f}{q['norms']:>7.2f}{q['maxima']:>8.2f}{q['copy']:>7.2f}{q['runs']:>7.2f}"
+              f"{q['dots']:>7.2f}{q['rest']:>7.2f}{q['light']:>7.2f}{q['light'] / r['floor_ms']:>8.2f}"
+              f"{q.get('histogram', float('nan')):>11.2f}{q.get('snapshot', float('nan')):>11.2f}")
+    print("norms: the one _foreach_norm (the floor's own pass); maxima: max |g| (a CPU: one aminmax per large\n"
+          "gradient); copy: the sample's; runs: equal-length whole parameters' norms and maxima off the sample;\n"
+          "dots: the cosine's; rest: a light observe() less those (Python, the row); light: observe() on a step\n"
+          "with no histogram, snapshot or update; hist step: one that counts the histogram and reads the update\n"
+          "(every 4th); snap step: one that copies the weights (every 4th)")
     what = "CUDA kernels" if device.type == "cuda" else "top-level aten ops (each a launch on a GPU)"
     print(f"\n{what} per observe(), torch.profiler over 16 calls:")
     print(f"{'model':<14}{'no histogram (max)':>20}{'histogram (max)':>17}{'mean':>8}{'floor':>7}")

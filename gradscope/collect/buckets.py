@@ -94,7 +94,9 @@ class Bucket:
         full = self._full(index, grads, zero)
         large = [full[i] for i in self.off_grad]
         rest = len(self.sample.rest)
-        norms, tops = self._norms_and_maxima(self.sample.rest_views(False), self.sample.rest_views(True) if cpu else [], large)
+        whole = self.sample.rest_views(False)
+        norms = self.norms(whole + large)
+        tops = self.maxima(whole, self.sample.rest_views(True) if cpu else [], large)
         if inverse_scale is not None and large:  # the sample was unscaled in place; the gradients were not
             scale = inverse_scale.to(norms[0].device)
             norms = norms[:rest] + list(torch._foreach_mul(norms[rest:], scale))
@@ -129,25 +131,27 @@ class Bucket:
                 full[i] = g
         return full
 
-    def _norms_and_maxima(self, rest: List[torch.Tensor], rest_abs: List[torch.Tensor],
-                          large: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Norms and max |g| of the sample's ``rest`` views and of the large gradients ``large``, in that
-        order: one ``_foreach_norm`` for the norms; for the maxima one fused ``_foreach_norm(inf)`` on an
-        accelerator. A CPU, where that runs many times slower, takes ``_foreach_max`` over the rest's
-        magnitudes ``rest_abs`` and, of each large gradient, its least and greatest element in one pass
-        (``aminmax``: no temporary the size of the gradient, as ``abs`` would make); max |g| is the larger
-        magnitude of the two, and a NaN carries through."""
-        both = rest + large
-        if not both:
-            return [], []
-        norms = list(torch._foreach_norm(both, 2, dtype=self.norm_dtype))
-        if both[0].device.type != "cpu":
-            return norms, list(torch._foreach_norm(both, float("inf"), dtype=self.norm_dtype))
+    def norms(self, views: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The 2-norms of ``views`` (the sample's whole parameters outside the runs, then the large
+        gradients): one ``_foreach_norm``, the one pass over the gradients that the floor also makes."""
+        return list(torch._foreach_norm(views, 2, dtype=self.norm_dtype)) if views else []
+
+    def maxima(self, rest: List[torch.Tensor], rest_abs: List[torch.Tensor],
+               large: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Max |g| of the sample's ``rest`` views and of the large gradients ``large``, in that order: one
+        fused ``_foreach_norm(inf)`` on an accelerator. A CPU, where that runs many times slower, takes
+        ``_foreach_max`` over the rest's magnitudes ``rest_abs`` and, of each large gradient, its least
+        and greatest element in one pass (``aminmax``: no temporary the size of the gradient, as ``abs``
+        would make); max |g| is the larger magnitude of the two, and a NaN carries through."""
+        if not (rest or large):
+            return []
+        if (rest + large)[0].device.type != "cpu":
+            return list(torch._foreach_norm(rest + large, float("inf"), dtype=self.norm_dtype))
         tops = list(torch._foreach_max(rest_abs)) if rest_abs else []
         if large:
             extremes = torch.stack([x for g in large for x in torch.aminmax(g)])  # least, greatest, ...
             tops += extremes.view(-1, 2).abs_().amax(1).unbind()
-        return norms, tops
+        return tops
 
     def count_nonfinite(self, full: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Every parameter's count of inf and NaN elements, exact (x * 0 is NaN exactly there, and the
