@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Clipper": "run.clipper", "DEFAULT_STEPS": "run.diagnose", "diagnose": "run.diagnose", "GradscopeError": "errors",
     "Experiment": "run.experiment", "Monitor": "collect.monitor", "Report": "report", "RuleSet": "analyse.ruleset",
-    "load_rules": "analyse.ruleset", "TrialOptions": "run.options", "ProfileOptions": "run.options", "Skip": "advise.guards",
+    "load_rules": "analyse.ruleset", "MonitorOptions": "collect.options", "TrialOptions": "run.options", "ProfileOptions": "run.options", "Skip": "advise.guards",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -512,3 +512,25 @@ def test_a_step_whose_gradient_is_all_zero_after_a_nonzero_one_is_recorded_not_r
         out = monitor.observe(loss)
         assert out["global_norm"] == 0.0 if scale == 0 else out["global_norm"] > 0
     assert np.isnan(monitor.report().statistics.model.cosine[1:]).all()
+
+
+def test_the_options_are_one_validated_object_and_the_short_form_is_the_same():
+    """``Monitor(model, MonitorOptions(...))`` and ``Monitor(model, **same)`` are one Monitor; a bad value
+    or an unknown name fails at once, and the constructor takes at most 8 parameters besides self."""
+    import inspect
+    from gradscope import MonitorOptions
+    assert len(inspect.signature(Monitor.__init__).parameters) - 1 <= 8
+    model = MLP(width=16, d_in=8)
+    long = Monitor(model, MonitorOptions(every=3, update_every=2, flush_every=5))
+    short = Monitor(model, every=3, update_every=2, flush_every=5)
+    over = Monitor(model, MonitorOptions(every=7, update_every=2), every=3, flush_every=5)  # the keywords win
+    for m in (long, short, over):
+        assert (m.every, m.update_every, m.flush_every, m.histogram_every) == (3, 2, 5, 4)
+    with pytest.raises(ExperimentError, match="every must be a whole number of at least 1"):
+        Monitor(model, every=0)
+    with pytest.raises(ExperimentError, match="nonfinite_window"):
+        MonitorOptions(nonfinite_window=-1)
+    with pytest.raises(TypeError, match="'evry'"):
+        Monitor(model, evry=2)
+    with pytest.raises(ExperimentError, match="options must be a MonitorOptions"):
+        Monitor(model, {"every": 2})

@@ -24,19 +24,12 @@ from .layers import BackwardOrder, class_source, group_parameters, module_class,
 from .ledger import Ledger
 from .optimizers import is_adaptive
 from .losses import Losses, widest_float
+from .options import MonitorOptions
 from .pooled import PooledHistogram
 from .rows import Extras, HostRow, RowQueue, Waiting, gather
 
 MEASUREMENT = "pre-clip gradients, one observation per optimizer step (after backward, before clipping and step)"
 MEASUREMENT_AMP = MEASUREMENT.replace("pre-clip gradients", "pre-clip gradients unscaled from the GradScaler's scale")
-# Rows wait on the device this many steps before one copy moves them to the host. A sync drains the
-# accelerator's launch queue, so syncing every step would stall a GPU step on the Monitor; 16 rows of a
-# 1,000-layer model are about 1 MB of device memory, and a report, a figure read off an Observation or
-# a GradScaler (which syncs each step itself) flushes at once, so nothing waits longer than it must.
-FLUSH_EVERY = 16
-# Steps whose per-layer figures are kept whole before the first non-finite gradient: a ring of this many
-# rows of three figures per layer (32 × 1,000 layers × 3 × 8 bytes = 768 kB), frozen at the failure.
-NONFINITE_WINDOW = 32
 
 
 class Monitor:
@@ -44,6 +37,10 @@ class Monitor:
 
     Call ``observe()`` once per optimizer step, after ``backward()`` and before clipping and
     ``optimizer.step()``; call ``report()`` at the end.
+
+    Its options are one :class:`~gradscope.collect.options.MonitorOptions` (``Monitor(model,
+    MonitorOptions(every=4))``), or the same keywords given to the Monitor itself (``Monitor(model,
+    every=4)``), the short form.
 
     What is exact and what is sampled: norms, max |g|, sums and non-finite counts use every element at
     every step. The |g| histogram (quantiles, kurtosis, zero fraction) and the step-to-step cosine read
@@ -82,24 +79,17 @@ class Monitor:
     and two float32 gradient samples (2/histogram_sample of the gradient's size, or less).
     """
 
-    def __init__(self, model: nn.Module, *, parameters=None, accumulation_steps: int = 1, update_every: int = 4,
-                 histogram_sample: int = 4, histogram_every: int = 4, history: int = 1024,
-                 flush_every: int = FLUSH_EVERY, optimizer: Optional[torch.optim.Optimizer] = None,
-                 output: Optional[Union[str, Path]] = None, rules=None, nonfinite_window: int = NONFINITE_WINDOW,
-                 clip=None, every: int = 1) -> None:
-        if min(update_every, histogram_sample, histogram_every, accumulation_steps, flush_every, every) < 1:
-            raise ExperimentError("every, accumulation_steps, update_every, histogram_sample, histogram_every and "
-                                  "flush_every must be at least 1", "1 measures (or flushes) every call or step")
-        if not isinstance(nonfinite_window, int) or nonfinite_window < 0:
-            raise ExperimentError(f"nonfinite_window must be a whole number of steps, not {nonfinite_window!r}",
-                                  "pass 0 to keep no steps before a non-finite gradient, or a count such as 32")
+    def __init__(self, model: nn.Module, options: Optional[MonitorOptions] = None, *, parameters=None,
+                 optimizer: Optional[torch.optim.Optimizer] = None, clip=None,
+                 output: Optional[Union[str, Path]] = None, rules=None, **short) -> None:
+        options = MonitorOptions.of(options, short)
         self._flight = recorder.Flight(output, rules)  # a destination that cannot be written fails now
         self.model = model
         # what the report can say of the optimizer (whether it keeps a second moment, its configuration;
         # see the rules), read when a profile is taken
         self._optimizer = optimizer
-        self._cadence = Cadence(every=every, accumulation_steps=accumulation_steps, update_every=update_every,
-                                histogram_every=histogram_every)
+        self._cadence = Cadence(every=options.every, accumulation_steps=options.accumulation_steps,
+                                update_every=options.update_every, histogram_every=options.histogram_every)
         tracked = None if parameters is None else {id(p) for p in parameters}
         inner = unwrap(model)  # name layers as the user did, not as a DDP or torch.compile wrapper does
         self.layers, params, layer_of = group_parameters(inner, tracked)
@@ -115,15 +105,15 @@ class Monitor:
         group_of = {layer_i: k for k, layer_i in enumerate(self._active)}
         groups = [group_of[i] for i in layer_of]
         self.device = params[0].device
-        self._figures = StepFigures(params, groups, len(self._active), histogram_sample, distributed.context())
-        self.measurement = _measurement(MEASUREMENT, self._figures.ctx, self._figures.sharded, every)
+        self._figures = StepFigures(params, groups, len(self._active), options.histogram_sample, distributed.context())
+        self.measurement = _measurement(MEASUREMENT, self._figures.ctx, self._figures.sharded, options.every)
         numel = np.array([self.layers[i].trainable_numel for i in self._active], dtype=np.float64)
         self._hist = PooledHistogram(numel, self._figures.sampled(), self.device, self._figures.ctx)
-        self._queue = RowQueue(self._figures.layout.width, flush_every, widest_float(self.device), self.device)
+        self._queue = RowQueue(self._figures.layout.width, options.flush_every, widest_float(self.device), self.device)
         self._losses = Losses(self.device)
         self._watched = clipping.watch(clip, inner, params)
         # everything kept on the host, step by step
-        self._ledger = Ledger(numel, history, nonfinite_window, self._watched)
+        self._ledger = Ledger(numel, options.history, options.nonfinite_window, self._watched)
         # FSDP2 sets sharded gradients itself: no hook on those
         unsharded = [(p, g) for p, g in zip(params, groups) if not distributed.is_sharded(p)]
         self._order = BackwardOrder([p for p, _ in unsharded], [g for _, g in unsharded])
