@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 _PUBLIC = {
     "Clipper": "run.clipper", "DEFAULT_STEPS": "run.diagnose", "diagnose": "run.diagnose", "GradscopeError": "errors",
-    "Experiment": "run.experiment", "Monitor": "collect.monitor", "Report": "report", "RuleSet": "analyse.ruleset",
+    "Experiment": "run.experiment", "Monitor": "monitor", "Report": "report", "RuleSet": "analyse.ruleset",
     "load_rules": "analyse.ruleset", "MonitorOptions": "collect.options", "TrialOptions": "run.options", "ProfileOptions": "run.options", "Skip": "advise.guards",
 }
 __all__ = sorted(_PUBLIC)

@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from . import __version__, interrupts, outputs
-from .collect import distributed, recorder
+from . import __version__, interrupts, outputs, recorder
+from .collect import distributed
 from .baseline import DEFAULT_TOLERANCE, compare, load_baseline, write_baseline
 from .config import load_config
 from .run.diagnose import DEFAULT_STEPS, EXTEND, MAX_STEPS, diagnose, seed_everything

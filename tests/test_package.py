@@ -72,7 +72,7 @@ def test_the_display_layer_stands_alone(module):
     """Every module under analyse/, advise/ and present/, and the Profile -> Report pipeline, imports no torch
     and nothing that trains; nor do the Monitor's host-side ledger, history, clipping tally and cadence."""
     code = (f"import sys, {module}; "
-            "bad = {'torch', 'gradscope.run.diagnose', 'gradscope.collect.monitor', 'gradscope.run.trials', "
+            "bad = {'torch', 'gradscope.run.diagnose', 'gradscope.collect.observer', 'gradscope.monitor', 'gradscope.run.trials', "
             "'gradscope.run.experiment', 'matplotlib'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
 
@@ -211,9 +211,9 @@ def test_every_reason_the_library_gives_has_its_words_and_every_sentence_is_give
 
 
 def test_the_monitor_loads_no_analysis_until_a_report_is_asked_for():
-    """``import gradscope.collect.monitor`` (what a training loop pays) loads neither the rules (yaml) nor
+    """``import gradscope.monitor`` (what a training loop pays) loads neither the rules (yaml) nor
     the statistics (scipy); ``report()`` loads them."""
-    code = ("import sys, gradscope.collect.monitor; "
+    code = ("import sys, gradscope.monitor; "
             "bad = {'yaml', 'scipy', 'gradscope.pipeline', 'gradscope.analyse.stats'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -1,7 +1,7 @@
 """The host side of observing: what a Monitor keeps about each step once its figures reach the host.
 
 :class:`Ledger` holds the running totals, the bounded per-step series, the spike trackers, the loss
-bookkeeping and the step counter. It touches no tensor: :class:`~gradscope.collect.monitor.Monitor` measures on
+bookkeeping and the step counter. It touches no tensor: :class:`~gradscope.collect.observer.Observer` measures on
 the device, unpacks one :class:`~gradscope.collect.rows.HostRow` per step, and hands it here.
 """
 from __future__ import annotations

@@ -19,9 +19,10 @@ from typing import Any, Optional, Union
 import torch
 
 from ..analyse.ruleset import RuleSet
-from ..collect import recorder
+from .. import recorder
 from ..collect.losses import Losses
-from ..collect.monitor import Monitor, Observation
+from ..collect.observer import Observation
+from ..monitor import Monitor
 from ..report import Report
 from .common import GradientHealthError, ReportSink
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from ..errors import GradscopeError
 from ..present.formats import FORMATS, findings_table, format_for
 from .. import interrupts, outputs
-from ..collect import recorder
+from .. import recorder
 from ..gate import Verdict, decide, unfinished
 from ..present.render import render
 from ..report import Report

@@ -14,10 +14,10 @@ import lightning.pytorch as pl
 import torch
 
 from ..run.clipper import Clipper
-from ..collect import recorder
+from .. import recorder
 from ..analyse.clipping import ClipSpec
 from ..errors import GradscopeError
-from ..collect.monitor import Monitor
+from ..monitor import Monitor
 from ..report import Report
 from ..analyse.ruleset import RuleSet
 from .common import GradientHealthError, ReportSink
@@ -75,7 +75,7 @@ class GradscopeCallback(pl.Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         """The fit raised (or was interrupted): write what was observed, marked partial with the reason. Under
         several processes rank 0 writes it, built without collectives, and names every rank that stopped
-        (see ``gradscope.collect.recorder.partial_report``)."""
+        (see ``gradscope.recorder.partial_report``)."""
         if not self.monitors:  # the fit had ended and its reports are written: this is the gate's own error
             return
         name = type(pl_module).__name__

@@ -17,11 +17,11 @@ from typing import Any, Iterator, List, Optional, Union
 import torch
 from transformers import TrainerCallback
 
-from ..collect import recorder
+from .. import recorder
 from ..run.clipper import Clipper
 from ..analyse.clipping import ClipSpec
 from ..errors import GradscopeError
-from ..collect.monitor import Monitor
+from ..monitor import Monitor
 from ..report import Report
 from ..analyse.ruleset import RuleSet
 from .common import GradientHealthError, ReportSink
@@ -106,7 +106,7 @@ class GradscopeTrainerCallback(TrainerCallback):
         raises, so this block is where a partial report is written when ``train()`` raises, is
         interrupted, or gets SIGTERM (which then ends the process with 143), marked with the reason and
         the last step observed. Under several processes rank 0 writes it, built without collectives, and
-        names every rank that stopped (see ``gradscope.collect.recorder.partial_report``)."""
+        names every rank that stopped (see ``gradscope.recorder.partial_report``)."""
         previous = recorder.arm()
         try:
             yield

@@ -6,7 +6,7 @@ Pure string functions; the rich report, the HTML report, the machine formats and
 word things the same way because they all word them here. What is worded where it arises instead: a
 rule's message (its YAML), an error's one line and its remedy (``GradscopeError``), a trial's short
 instability verdict (``judge.assess``: "the loss blew up to x12 its start") and a partial report's
-stopped reason (``collect.recorder``), each a single phrase that names its own figures.
+stopped reason (``gradscope.recorder``), each a single phrase that names its own figures.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from .experiment import (Experiment, batch_stream, compute_loss, forward_backwar
                          next_batch, optimizer_step, to_device)
 from ..advise.judge import Trial, TrialSet, candidates, update_estimate
 from ..advise.reasons import because
-from ..collect.monitor import Monitor
+from ..collect.observer import Observer
 from ..collect.optimizers import is_adaptive
 from .options import ProfileOptions, TrialOptions
 from ..pipeline import assess, build_report
@@ -94,8 +94,8 @@ def diagnose(
     rates = ahead(experiment)  # the schedule's rates from here on, to say how far towards its peak the run went
     scale = _update_scale(experiment) if trying else None
     # a short run: measure everything; each step's figures are read at once (to stop at a non-finite loss)
-    monitor = Monitor(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1,
-                      optimizer=experiment.optimizer)
+    monitor = Observer(model, update_every=1, histogram_sample=1, histogram_every=1, flush_every=1,
+                       optimizer=experiment.optimizer)
     report: Optional[Report] = None
     shield = None
     try:
@@ -195,7 +195,7 @@ class _Kept:
         return batch
 
 
-def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], first: int, end: int,
+def _profile_steps(experiment: Experiment, monitor: Observer, stream: Iterator[Any], first: int, end: int,
                    device: torch.device, progress: Optional[Progress], watch: SpikeWatch) -> Optional[str]:
     """Train and observe steps ``first`` to ``end``; why the run stopped early, if it did. A spike's batch is
     taken apart sample by sample (``watch``) before its optimizer step."""
@@ -213,7 +213,7 @@ def _profile_steps(experiment: Experiment, monitor: Monitor, stream: Iterator[An
     return None
 
 
-def _profile(experiment: Experiment, monitor: Monitor, stream: Iterator[Any], steps: int, device: torch.device,
+def _profile(experiment: Experiment, monitor: Observer, stream: Iterator[Any], steps: int, device: torch.device,
              progress: Optional[Progress], context: _Context, extend: bool, peak: Optional[int] = None
              ) -> Tuple[Report, Profile]:
     """Profile ``steps`` steps and, with ``extend``, go on, ``steps`` at a time up to EXTEND x ``steps``:
@@ -311,7 +311,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _partial(monitor: Monitor, reason: str, context: _Context) -> Optional[Report]:
+def _partial(monitor: Observer, reason: str, context: _Context) -> Optional[Report]:
     if monitor.steps == 0 or distributed.context() is not None:  # other ranks may not reach a collective
         return None
     return context.report(monitor.profile(), reason)

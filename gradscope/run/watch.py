@@ -34,9 +34,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
-from ..collect import recorder
+from .. import recorder
 from ..collect.layers import unwrap
-from ..collect.monitor import Monitor
+from ..monitor import Monitor
 
 MOST_LOSSES = 256  # backward passes whose losses one step averages (gradient accumulation), the latest kept
 AT_STEP = ("gradients as optimizer.step() receives them, after any clipping the script does itself; one "
@@ -251,7 +251,7 @@ class Ending:
 
 def run(target: str, argv: Sequence[str], module: bool) -> Ending:
     """Run the script (or module, with ``module``) as Python would, as ``__main__``, with ``argv`` after its
-    name; SIGTERM ends it as :class:`~gradscope.collect.recorder.Terminated` (exit 143). Its own exception is
+    name; SIGTERM ends it as :class:`~gradscope.recorder.Terminated` (exit 143). Its own exception is
     printed as Python prints it; nothing of it escapes."""
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     previous = recorder.arm()

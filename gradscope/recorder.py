@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .. import interrupts, outputs  # no torch here: the callbacks' display side imports this module
-from ..errors import EXIT_INTERRUPTED, EXIT_USAGE
+from . import interrupts, outputs  # no torch here: the callbacks' display side imports this module
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 PathLike = Union[str, Path]
 MESSAGE_CHARS = 160  # an error's first line is kept to this length in the stopped reason
@@ -100,7 +100,7 @@ def partial_report(monitor: Any, rules: Any, exc_type: type, exc: Optional[BaseE
     which builds its report alone (no collective: a peer may be dead) and names every rank that stopped."""
     import time
 
-    from . import distributed
+    from .collect import distributed
     ctx = distributed.context()
     why = reason(exc_type, exc, monitor.steps)
     if ctx is not None and ctx.rank != 0:
@@ -115,9 +115,9 @@ def partial_report(monitor: Any, rules: Any, exc_type: type, exc: Optional[BaseE
 
 def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type], exc: Optional[BaseException]) -> None:
     """Write ``monitor``'s report to ``output`` in the format its suffix names (see ``formats.format_for``)."""
-    from . import distributed
-    from ..present.formats import FORMATS, format_for
-    from ..gate import decide, unfinished
+    from .collect import distributed
+    from .present.formats import FORMATS, format_for
+    from .gate import decide, unfinished
     if monitor.steps == 0:
         return
     with interrupts.shielded(sigterm=True):  # the run is over; what it measured is saved whatever is sent now
