@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import difflib
 import os
 import sys
@@ -315,18 +314,15 @@ def _watched(reports: List[Report], ending, args: argparse.Namespace, err: Conso
         return ending.code if ending.failed else EXIT_USAGE
     verdicts = [unfinished(r, args.fail_on, r.stopped_reason or "", ending.code) if ending.failed
                 else decide(r, args.fail_on) for r in reports]
-    texts = [FORMATS[args.format](r, v) for r, v in zip(reports, verdicts)]
-    if args.format == "json" and len(texts) > 1:  # one document: a list of reports, one per optimizer and model
-        texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
     if args.output:
-        outputs.write(args.output, "".join(texts), "--output")
+        outputs.write_reports(args.output, reports, verdicts, args.format, "--output")
     elif args.format == "rich":
         for report, verdict in zip(reports, verdicts):
             err.print(render(report, verdict))
     else:
-        sys.stderr.write("".join(texts))
+        sys.stderr.write("".join(FORMATS[args.format](r, v) for r, v in zip(reports, verdicts)))
     if args.html:
-        outputs.write(args.html, FORMATS["html"](reports[0], verdicts[0]), "--html")
+        outputs.write_reports(args.html, reports[:1], verdicts[:1], "html", "--html")
     if any(r.recommendation.method != "none" for r in reports):
         err.print("gradscope watch: the threshold is an estimate from the watched run (no trial runs inside a "
                   "script's own loop); `gradscope diagnose` on an Experiment of this model tries thresholds "
@@ -408,7 +404,7 @@ def _check_destinations(args: argparse.Namespace) -> None:
 def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Console) -> None:
     fmt_name = args.format or "rich"
     if args.output:
-        outputs.write(args.output, FORMATS[fmt_name](report, verdict), "--output")
+        outputs.write_reports(args.output, [report], [verdict], fmt_name, "--output")
         outputs.save_batches(report.statistics.model.spikes, args.output)
     elif fmt_name == "rich" and out.is_terminal:
         out.print(render(report, verdict, all_layers=args.all_layers, show_all=SHOW_ALL))
@@ -419,7 +415,7 @@ def _emit(report: Report, verdict: Verdict, args: argparse.Namespace, out: Conso
         sys.stdout.write(FORMATS[fmt_name](report, verdict))
         sys.stdout.flush()
     if args.html:
-        outputs.write(args.html, FORMATS["html"](report, verdict), "--html")
+        outputs.write_reports(args.html, [report], [verdict], "html", "--html")
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if fmt_name == "github" and summary:
         outputs.append(summary, to_markdown(report, verdict), "$GITHUB_STEP_SUMMARY")

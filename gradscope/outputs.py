@@ -10,12 +10,14 @@ prints to stderr instead, so the document still parses.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Sequence, Union
 
+from . import interrupts
 from .errors import GradscopeError
 
 PathLike = Union[str, Path]
@@ -99,6 +101,21 @@ def save_batches(spikes, output: PathLike) -> None:
                 os.unlink(temporary)
             raise GradscopeError(f"could not save the spike's batch to {path}: {exc}",
                                  "check the disk and the folder's permissions") from None
+
+
+def write_reports(path: PathLike, reports: Sequence, verdicts: Sequence, fmt: Optional[str] = None,
+                  what: str = "report") -> None:
+    """The one report writer, for the CLI, the callbacks and the flight recorder: ``reports`` with their
+    verdicts in the format ``fmt`` (else the one the path's suffix names, see ``formats.format_for``),
+    several JSON reports as one list, written atomically (:func:`write`) and shielded from a second
+    Ctrl-C or SIGTERM while it is written."""
+    from .present.formats import FORMATS, format_for  # the display side loads when a report is written
+    kind = fmt or format_for(str(path))
+    texts = [FORMATS[kind](r, v) for r, v in zip(reports, verdicts)]
+    if kind == "json" and len(texts) > 1:  # one document: a list of reports, one per optimizer and model
+        texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
+    with interrupts.shielded(sigterm=True):
+        write(path, "".join(texts), what)
 
 
 def append(path: PathLike, text: str, what: str) -> None:

@@ -116,7 +116,6 @@ def partial_report(monitor: Any, rules: Any, exc_type: type, exc: Optional[BaseE
 def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type], exc: Optional[BaseException]) -> None:
     """Write ``monitor``'s report to ``output`` in the format its suffix names (see ``formats.format_for``)."""
     from .collect import distributed
-    from .present.formats import FORMATS, format_for
     from .gate import decide, unfinished
     if monitor.steps == 0:
         return
@@ -132,7 +131,7 @@ def record(monitor: Any, output: PathLike, rules: Any, exc_type: Optional[type],
             if report is None:
                 return
             verdict = unfinished(report, "never", report.stopped_reason, exit_code(exc_type))
-        outputs.write(output, FORMATS[format_for(str(output))](report, verdict), "report")
+        outputs.write_reports(output, [report], [verdict])
 
 
 class Flight:

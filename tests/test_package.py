@@ -229,3 +229,19 @@ def test_a_report_of_a_run_loads_no_scipy_stats():
             "    opt.zero_grad(); loss = m(torch.randn(16, 8)).pow(2).mean(); loss.backward(); mon.observe(loss); opt.step()\n"
             "mon.report(); assert 'scipy.stats' not in sys.modules, 'scipy.stats was loaded'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_one_writer_writes_every_report():
+    """The CLI, the callbacks and the flight recorder write a report only through ``outputs.write_reports``:
+    no other module formats a report into a file itself (the baseline, which is not a report, and the
+    GitHub step summary, appended, are the writes that remain)."""
+    import ast
+    direct = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "outputs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "outputs"):
+                direct.append(str(path.relative_to(PACKAGE)))
+    assert direct == ["baseline.py"], direct

@@ -1,16 +1,14 @@
 """What the framework callbacks share: options, writing the reports, and failing on findings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional, Union
 
 from rich.console import Console
 
 from ..errors import GradscopeError
-from ..present.formats import FORMATS, findings_table, format_for
-from .. import interrupts, outputs
-from .. import recorder
+from ..present.formats import findings_table
+from .. import outputs, recorder
 from ..gate import Verdict, decide, unfinished
 from ..present.render import render
 from ..report import Report
@@ -65,9 +63,4 @@ class ReportSink:
             for report in reports:
                 console.print(render(report))
             return
-        kind = format_for(str(self.output))
-        texts = [FORMATS[kind](r, v) for r, v in zip(reports, verdicts)]
-        if kind == "json" and len(texts) > 1:  # one document: a list of reports
-            texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
-        with interrupts.shielded(sigterm=True):
-            outputs.write(self.output, "".join(texts), "report")
+        outputs.write_reports(self.output, reports, verdicts)
