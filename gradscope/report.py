@@ -16,7 +16,6 @@ from .advise.recommend import Recommendation
 from .analyse.ruleset import SEVERITIES, RuleSet
 from .analyse.clipping import rate_windows
 from .analyse.stats import CLIP_METRICS, Statistics
-from .present.wording import say
 
 SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)
 
@@ -69,11 +68,12 @@ class Report:
     def worst_severity(self) -> Optional[str]:
         return worst_severity(self.findings)
 
-    # -- display hooks: the one declared exception to the one-way flow ---------------------------------
+    # -- display hooks: the declared exception to the one-way flow (tests/test_package.py AGAINST_THE_FLOW)
     # The flow runs collect -> analyse -> advise -> report -> present: present/ imports this module, never
-    # the reverse. These four hooks (render, __str__, _repr_html_, __rich__) run the flow's last stage
-    # from the Report itself, so that print(report), rich and Jupyter show it; they import present/
-    # lazily, inside the call, so that importing the Report loads no renderer and no cycle forms.
+    # the reverse at load time. These four hooks (render, __str__, _repr_html_, __rich__) run the flow's
+    # last stage from the Report itself, so that print(report), rich and Jupyter show it, as to_dict()
+    # words its reasons; they import present/ lazily, inside the call, so that importing the Report loads
+    # no renderer and no cycle forms.
     def render(self, width: int = 100, *, all_layers: bool = False) -> str:
         """The terminal report as plain text at ``width`` columns (what ``print(report)`` shows at 100)."""
         from .present.render import render_text
@@ -93,6 +93,9 @@ class Report:
         return render(self)
 
     def to_dict(self) -> Dict[str, Any]:
+        # The JSON carries every reason in words too, and the words live in present/: imported here, when a
+        # document is made (a display hook, as render() is), so that loading a Report loads no renderer.
+        from .present.wording import say
         s, m = self.statistics, self.statistics.model
         rec = self.recommendation
         doc = {
@@ -161,6 +164,7 @@ class Report:
 
 def trials_dict(trials: TrialSet) -> Dict[str, Any]:
     """The trials as JSON-ready data: the unclipped reference first (threshold null), then loosest first."""
+    from .present.wording import say  # see Report.to_dict
     def one(t: Trial) -> Dict[str, Any]:
         return {"threshold": None if math.isinf(t.threshold) else t.threshold, "held_out_loss": t.held_out,
                 "stable": t.stable, "unstable_because": t.unstable or None, "clip_fraction": t.clip_fraction,

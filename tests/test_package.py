@@ -77,18 +77,28 @@ def test_the_display_layer_stands_alone(module):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
 
 
-def _import_graph():
-    """Each gradscope module's module-level imports of other gradscope modules (imports inside a function,
-    which load lazily, and those under ``if TYPE_CHECKING`` are not edges)."""
+def _import_graph(anywhere: bool = False):
+    """Each gradscope module's imports of other gradscope modules: at load time (module level), or with
+    ``anywhere`` also those inside functions and methods, which load lazily when called. Imports under
+    ``if TYPE_CHECKING`` are never edges: they do not run."""
     import ast
     modules = {}
     for path in PACKAGE.rglob("*.py"):
         parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def statements(body):
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            yield node
+            if anywhere:
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    yield from statements(getattr(node, field, []) or [])
     edges = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        for node in statements(ast.parse(path.read_text(encoding="utf-8")).body):
             if isinstance(node, ast.Import):
                 edges[name] |= {alias.name for alias in node.names if alias.name in modules}
             elif isinstance(node, ast.ImportFrom):
@@ -102,14 +112,9 @@ def _import_graph():
     return edges
 
 
-def _folder(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 2 else "top"
-
-
 def test_the_imports_form_no_cycle():
-    """No module imports, at load time, one that imports it back (the Report's display hooks import
-    present/ inside the methods: the one declared exception to the flow)."""
+    """No module imports, at load time, one that imports it back (imports inside functions load when
+    called, after every module has loaded)."""
     edges = _import_graph()
     state: dict = {}
     cycles = []
@@ -128,23 +133,67 @@ def test_the_imports_form_no_cycle():
     assert not cycles, cycles
 
 
-# The flow, folder by folder: each may import only the folders before it (and the top-level helpers).
-# collect/ fills a Profile (analyse/'s plain data); analyse/, advise/ and present/ never import the
-# training side; run/ drives collect/ and reads the advice.
+# The flow, stage by stage: each may import only the stages before it. A stage is a folder, or one of the
+# top-level modules that sit inside the flow (the Report between advise/ and present/, and the errors every
+# stage raises). collect/ fills a Profile (analyse/'s plain data) and writes nothing; analyse/, advise/ and
+# present/ never import the training side; run/ drives collect/ and reads the advice. The other top-level
+# modules are the edge (cli, monitor, recorder, outputs, pipeline, gate, baseline, ...): they assemble the
+# stages and are bound only by the no-cycle test.
 FLOW_IMPORTS = {
-    "analyse": set(),
-    "advise": {"analyse"},
-    "present": {"analyse", "advise"},
-    "collect": {"analyse"},
-    "run": {"analyse", "advise", "collect"},
-    "integrations": {"analyse", "advise", "collect", "run", "present"},
+    "errors": set(),
+    "analyse": {"errors"},
+    "advise": {"analyse", "errors"},
+    "collect": {"analyse", "errors"},
+    "report": {"analyse", "advise", "errors"},
+    "present": {"analyse", "advise", "report", "errors", "gradscope", "gradscope.gate", "gradscope.baseline"},
+    "run": {"analyse", "advise", "collect", "report", "errors", "gradscope.interrupts", "gradscope.pipeline",
+            "gradscope.monitor", "gradscope.recorder"},
+    "integrations": {"analyse", "advise", "collect", "run", "present", "report", "errors", "gradscope.gate",
+                     "gradscope.outputs", "gradscope.monitor", "gradscope.recorder"},
+}
+# The imports that run against the flow, each inside a function (so it loads only when called), with why.
+AGAINST_THE_FLOW = {
+    # A Report prints itself: its display hooks (render, __str__, _repr_html_, __rich__) import present/.
+    ("gradscope.report", "present"),
 }
 
 
-def test_no_import_runs_back_up_the_flow():
-    edges = _import_graph()
-    found = [f"{name} -> {target}" for name, targets in edges.items() for target in targets
-             if _folder(name) in FLOW_IMPORTS and _folder(target) not in FLOW_IMPORTS[_folder(name)] | {"top", _folder(name)}]
+def _stage(module: str) -> str:
+    """The stage a module belongs to: its folder, "report" or "errors" for those two top-level modules, or
+    the module's own name for the rest of the top level."""
+    parts = module.split(".")
+    if len(parts) > 2:
+        return parts[1]
+    return {"gradscope.report": "report", "gradscope.errors": "errors"}.get(module, module)
+
+
+def test_no_import_runs_back_up_the_flow_at_any_level():
+    """Imports at load time and inside functions alike: each stage imports only the stages before it, but
+    for the commented exceptions in AGAINST_THE_FLOW (and those must still be needed)."""
+    loaded = _import_graph()
+    found, used = [], set()
+    for name, targets in _import_graph(anywhere=True).items():
+        stage = _stage(name)
+        if stage not in FLOW_IMPORTS:
+            continue
+        for target in targets:
+            if _stage(target) in FLOW_IMPORTS[stage] | {stage}:
+                continue
+            if (name, _stage(target)) in AGAINST_THE_FLOW and target not in loaded[name]:
+                used.add((name, _stage(target)))
+            else:
+                found.append(f"{name} -> {target}")
+    assert not found, found
+    assert used == AGAINST_THE_FLOW, AGAINST_THE_FLOW - used
+
+
+def test_nothing_under_collect_reaches_the_report_side():
+    """The hot path hands data on and writes nothing: no module under collect/, at any level, imports
+    present/, advise/, run/, the gate, the pipeline, the outputs, the report, the Monitor or the recorder."""
+    banned = {"present", "advise", "run", "gradscope.gate", "gradscope.pipeline", "gradscope.outputs", "report",
+              "gradscope.monitor", "gradscope.recorder"}
+    found = [f"{name} -> {target}" for name, targets in _import_graph(anywhere=True).items()
+             if _stage(name) == "collect" for target in targets if _stage(target) in banned]
     assert not found, found
 
 
