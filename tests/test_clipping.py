@@ -14,8 +14,8 @@ from torch import nn
 import gradscope
 from gradscope import Clipper, Monitor
 from gradscope.run.clipper import _clip_unitwise
-from gradscope.analyse.clipping import ClipSpec, levels, longest_rate
-from gradscope.collect.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClipTally, parse
+from gradscope.analyse.clipping import LoopClipping, levels, longest_rate
+from gradscope.collect.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClippingCounter, parse
 from gradscope.errors import GradscopeError
 
 from models import MLP, regression_batches
@@ -142,7 +142,7 @@ def test_a_watched_guard_that_re_based_says_so():
 
 
 def test_the_clip_rate_over_the_run_lives_in_bounded_windows():
-    tally = ClipTally(ClipSpec("norm", 1.0))
+    tally = ClippingCounter(LoopClipping("norm", 1.0))
     rng = np.random.default_rng(0)
     for step in range(5000):  # the first 1,000 steps above the threshold, the rest below
         norm = 5.0 if step < 1000 else 0.2

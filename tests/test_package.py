@@ -294,3 +294,18 @@ def test_one_writer_writes_every_report():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "outputs"):
                 direct.append(str(path.relative_to(PACKAGE)))
     assert direct == ["baseline.py"], direct
+
+
+def test_the_clipping_methods_are_listed_once():
+    """One place names the clipping methods together (analyse/clipping.py); every other list of them is
+    built from it, so that a new method cannot be known to one layer and not another."""
+    import ast
+    names = {"norm", "value", "agc", "adaptive"}
+    lists = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                named = {e.value for e in node.elts if isinstance(e, ast.Constant)} & names
+                if len(named) >= 2:
+                    lists.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert [entry.split(":")[0] for entry in lists] == ["analyse/clipping.py"], lists

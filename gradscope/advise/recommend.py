@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..analyse import histogram as hist
+from ..analyse.clipping import PER_STEP
 from ..analyse.evaluate import Finding
 from .guards import Skip, replay_skips
 from .judge import TrialSet, two_figures
@@ -31,7 +32,7 @@ VALUE_MIN_COSINE = 0.99  # value clipping only where it barely turns the gradien
 # that held them would no longer call it an outlier. Skipping it would throw data away; the clipping the
 # trials chose, with those steps in them, handles it.
 FREQUENT_OUTLIERS = 1 / 36
-METHOD_ORDER = ("norm", "agc", "value")  # ties between remedies go to the one that keeps the direction
+METHOD_ORDER = PER_STEP  # ties between remedies go to the one that keeps the direction (analyse/clipping.py)
 
 
 @dataclasses.dataclass(frozen=True)

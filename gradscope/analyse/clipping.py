@@ -1,5 +1,5 @@
-"""The user's own clipping as plain data: how the run clips (:class:`ClipSpec`), what it did over the
-run (:class:`ClipRecord`), and the figures read off that record (the clip rate over windows, the norm
+"""The user's own clipping as plain data: how the run clips (:class:`LoopClipping`), what it did over the
+run (:class:`ClippingSummary`), and the figures read off that record (the clip rate over windows, the norm
 levels at the start and lately). Filled on the training side by ``gradscope.collect.clipping``; read by
 the statistics, the report and its presentation. No torch here.
 """
@@ -11,13 +11,24 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+# The clipping methods, named here once, as timm and Lightning name them. By the global norm, which keeps
+# the gradient's direction, then the two that cut parts of it: per unit against the weight's norm (AGC)
+# and by element value, whose effect on a step needs sums over the gradient. PER_STEP is also the order
+# the advice prefers them in on a tie (the direction kept first).
+NORM = "norm"
+BY_PART = ("agc", "value")
+PER_STEP = (NORM,) + BY_PART  # each step's effect follows from the Monitor's figures
+ADAPTIVE = "adaptive"  # ZClip's threshold, moved by the run: the Clipper applies it, a Monitor sees it through it
+METHODS = PER_STEP + (ADAPTIVE,)  # the ways a run can clip
+NONE = "none"  # the advice to leave the gradients alone
+
 LONG_WINDOW = 100  # steps: "a long window", or the whole run where it is shorter
 LEVEL_SHARE = 0.1  # the start and the recent norm level are each read over this share of the run
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipSpec:
-    """How the run clips: ``method`` (``norm``, ``value``, ``agc`` or ``adaptive``) and ``threshold``;
+class LoopClipping:
+    """How the run's own loop clips: ``method`` (one of ``METHODS``) and ``threshold``;
     ``source`` says who told the Monitor (``Monitor(clip=...)``, Lightning's ``gradient_clip_val``, ...);
     ``reference_norm``, where given, is the global norm the threshold was chosen against, else the run's
     own first 10% of steps serve; ``eps`` is AGC's floor on a weight's norm."""
@@ -31,14 +42,14 @@ class ClipSpec:
     @property
     def per_step(self) -> bool:
         """Whether each step's effect follows from the Monitor's figures (adaptive needs the Clipper's own)."""
-        return self.method in ("norm", "value", "agc")
+        return self.method in PER_STEP
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipRecord:
-    """What the clipping did over the run, as plain data (see :class:`ClipTally`)."""
+class ClippingSummary:
+    """What the clipping did over the run, as plain data (see :class:`ClippingCounter`)."""
 
-    spec: ClipSpec
+    spec: LoopClipping
     steps: int  # steps judged (finite pre-clip norm)
     clipped: int
     log_scale_sum: float  # sum over clipped steps of log(scale), for their geometric mean scale
@@ -54,7 +65,7 @@ class ClipRecord:
 
 
 
-def rate_windows(record: ClipRecord) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rate_windows(record: ClippingSummary) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The clip rate over the run's blocks: each block's first step, its steps, and its rate."""
     b = record.blocks
     if not len(b):
@@ -62,7 +73,7 @@ def rate_windows(record: ClipRecord) -> Tuple[np.ndarray, np.ndarray, np.ndarray
     return b[:, 0], b[:, 1], b[:, 2] / np.maximum(b[:, 1], 1)
 
 
-def longest_rate(record: ClipRecord) -> Tuple[float, int]:
+def longest_rate(record: ClippingSummary) -> Tuple[float, int]:
     """The highest clip rate over any run of consecutive blocks spanning ``LONG_WINDOW`` steps or more (the
     whole run where it is shorter), and that span's steps."""
     b = record.blocks
@@ -83,7 +94,7 @@ def longest_rate(record: ClipRecord) -> Tuple[float, int]:
     return best, span
 
 
-def levels(record: ClipRecord) -> Tuple[float, float]:
+def levels(record: ClippingSummary) -> Tuple[float, float]:
     """The geometric mean pre-clip norm over the run's first and its last ``LEVEL_SHARE`` (whole blocks,
     at least one each): where the threshold was set, and where the norms are now."""
     b = record.blocks

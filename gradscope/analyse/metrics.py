@@ -114,7 +114,7 @@ _MODEL = {
     "clip_scale_mean": "geometric mean, over the steps it clipped, of post-clip over pre-clip global norm",
     "clip_capped_fraction": "by value: share of gradient elements capped; AGC: share of units capped",
     "clip_cosine_min": "smallest cosine between a step's clipped and unclipped gradient (1 for norm clipping)",
-    "clip_reference_norm": "pre-clip global norm where the threshold was set: ClipSpec.reference_norm where given, "
+    "clip_reference_norm": "pre-clip global norm where the threshold was set: LoopClipping.reference_norm where given, "
                            "else the geometric mean over the run's first 10%",
     "clip_recent_norm": "geometric mean pre-clip global norm over the run's last 10%",
     "clip_norm_drift": "how far the norms moved from the reference: the larger of recent/reference and its inverse",

@@ -6,6 +6,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .clipping import ClippingSummary
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
@@ -121,9 +123,9 @@ class Profile:
     # was not finite: ``steps``, ``global_norm`` (steps,), and ``grad_norm``, ``grad_abs_max``, ``nonfinite``
     # (steps × active layers); None where every step was finite or the Monitor kept none
     before_nonfinite: Optional[Mapping[str, np.ndarray]] = None
-    # what the user's own clipping did over the run (gradscope.analyse.clipping.ClipRecord); None where the
+    # what the user's own clipping did over the run (gradscope.analyse.clipping.ClippingSummary); None where the
     # Monitor was not told how the run clips. The series then hold post_clip_norm and clip_cosine.
-    clip: Optional[Any] = None
+    clip: Optional[ClippingSummary] = None
     # what diagnose's threshold trials showed of unclipped training; None where no trial ran
     trials: Optional[TrialOutcome] = None
     # the optimizer's configuration and state figures; None where the Monitor was not given the optimizer

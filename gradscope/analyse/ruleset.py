@@ -18,13 +18,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import yaml
 
 from ..errors import RuleError
+from .clipping import NONE, PER_STEP
 from .metrics import condition_names, template_names
 
 SEVERITIES = ("info", "warning", "error")
 SCOPES = ("layer", "model")
 OPERATORS = (">", ">=", "<", "<=", "==", "!=")
 RULE_KEYS = {"id", "severity", "scope", "when", "message", "params", "match", "enabled", "description", "remedy"}
-REMEDIES = ("none", "norm", "value", "agc", "skip")  # clipping modes as timm and Lightning name them; skip: the guard
+REMEDIES = (NONE,) + PER_STEP + ("skip",)  # the clipping methods (analyse/clipping.py); skip: the guard
 REMEDY_ALIASES = {"clip": "norm"}  # older rule files: "clip" meant norm clipping
 REQUIRED_KEYS = ("id", "severity", "scope", "when", "message")
 MAX_FILE_BYTES = 1 << 20

@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from . import histogram as hist
-from .clipping import levels, longest_rate
+from .clipping import ClippingSummary, levels, longest_rate
 from .profile import Profile
 
 START_STEPS = 3  # the first steps give the level a run starts at, before it can have blown up
@@ -55,9 +55,9 @@ class ModelStats:
     # the steps up to the first non-finite one, whole: ``steps``, ``global_norm``, ``layers`` (names) and
     # ``grad_norm``, ``grad_abs_max``, ``nonfinite`` (steps × layers); see ``Profile.before_nonfinite``
     before_nonfinite: Optional[Mapping[str, Any]] = None
-    # the user's own clipping: what it did (gradscope.analyse.clipping.ClipRecord), and the post-clip global
+    # the user's own clipping: what it did (gradscope.analyse.clipping.ClippingSummary), and the post-clip global
     # norm and the clipped-unclipped cosine at the series' steps; None / empty where not watched
-    clip: Optional[Any] = None
+    clip: Optional[ClippingSummary] = None
     post_clip_norm: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
     clip_cosine: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0))
     optimizer: Optional[Any] = None  # gradscope.analyse.profile.OptimizerSetup, where the optimizer was known

@@ -12,7 +12,7 @@ what the clipping did follows from the same step's figures:
   the post-clip norm, the share capped and the cosine between the two follow exactly.
 
 The spec and the record are plain data, in :mod:`gradscope.analyse.clipping`; :func:`watch` says what
-the Monitor needs of the clipping, and :class:`ClipTally` keeps, in bounded memory, how often it clipped over the run and over windows of it,
+the Monitor needs of the clipping, and :class:`ClippingCounter` keeps, in bounded memory, how often it clipped over the run and over windows of it,
 the norm level at the start and lately (to tell when the threshold no longer fits), and the spikes it
 clipped. It touches no tensor.
 """
@@ -24,10 +24,9 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from ..analyse.clipping import ClipRecord, ClipSpec
+from ..analyse.clipping import BY_PART, METHODS, ClippingSummary, LoopClipping
 from ..errors import ExperimentError
 
-METHODS = ("norm", "value", "agc", "adaptive")
 TORCH_EPS = 1e-6  # clip_grad_norm_'s: scale = threshold / (norm + 1e-6)
 WINDOW_BLOCKS = 64  # the run's clip rate is kept in at most this many blocks (pairs merge past it)
 FIRST_BLOCK = 8  # steps in a block until blocks merge
@@ -35,15 +34,15 @@ SPIKE_Z = 6.0  # a step is a spike at this z-score of its log norm against the s
 KEEP_SPIKES = 32  # spikes listed by step
 
 
-def parse(clip: Any, source: str = "Monitor") -> Optional[ClipSpec]:
-    """``clip`` as a :class:`ClipSpec`: a number (a norm threshold, as ``max_grad_norm``), a pair
-    ``(method, threshold)``, a :class:`ClipSpec`, or a :class:`~gradscope.Clipper`; None stays None."""
-    if clip is None or isinstance(clip, ClipSpec):
+def parse(clip: Any, source: str = "Monitor") -> Optional[LoopClipping]:
+    """``clip`` as a :class:`LoopClipping`: a number (a norm threshold, as ``max_grad_norm``), a pair
+    ``(method, threshold)``, a :class:`LoopClipping`, or a :class:`~gradscope.Clipper`; None stays None."""
+    if clip is None or isinstance(clip, LoopClipping):
         return clip
     if hasattr(clip, "method") and hasattr(clip, "threshold") and hasattr(clip, "counts"):  # a Clipper
         if clip.method == "none":
-            return None if clip.safety_net is None else ClipSpec("norm", float(clip.safety_net), "Clipper")
-        return ClipSpec(clip.method, None if clip.threshold is None else float(clip.threshold), "Clipper",
+            return None if clip.safety_net is None else LoopClipping("norm", float(clip.safety_net), "Clipper")
+        return LoopClipping(clip.method, None if clip.threshold is None else float(clip.threshold), "Clipper",
                         eps=getattr(clip, "eps", 1e-3))
     if isinstance(clip, (tuple, list)) and len(clip) == 2:
         method, threshold = clip
@@ -56,7 +55,7 @@ def parse(clip: Any, source: str = "Monitor") -> Optional[ClipSpec]:
             and math.isfinite(threshold) and threshold > 0):
         raise ExperimentError(f"clip={clip!r}: the threshold must be a finite number above 0",
                               "pass the threshold your loop clips at, such as clip=1.0")
-    return ClipSpec(method, float(threshold), source)
+    return LoopClipping(method, float(threshold), source)
 
 
 class Watched(NamedTuple):
@@ -64,7 +63,7 @@ class Watched(NamedTuple):
     join the report; None for a plain threshold), the parameters (ids) its AGC leaves alone, and what the
     per-step clip sums count over: every element (value), or every unit AGC clips (0 by norm)."""
 
-    spec: ClipSpec
+    spec: LoopClipping
     clipper: Any
     excluded: frozenset
     capacity: float
@@ -72,7 +71,7 @@ class Watched(NamedTuple):
     @property
     def on_device(self) -> bool:
         """Whether each step adds the clip sums on the device (by value and AGC; by norm nothing)."""
-        return self.spec.method in ("value", "agc")
+        return self.spec.method in BY_PART
 
 
 def watch(clip: Any, model: Any, params: List[Any]) -> Optional[Watched]:
@@ -87,7 +86,7 @@ def watch(clip: Any, model: Any, params: List[Any]) -> Optional[Watched]:
         return Watched(spec, clipper, frozenset(), 0.0)
     skipped: set = set()
     if clipper is not None:
-        names = clipper._excluded(model)
+        names = clipper.excluded(model)
         skipped = {id(p) for name, m in model.named_modules() if name in names for p in m.parameters(recurse=False)}
     return Watched(spec, clipper, frozenset(skipped), float(sum(agc_units(p) for p in params if id(p) not in skipped)))
 
@@ -97,10 +96,10 @@ def agc_units(param: Any) -> int:
     return 1 if param.ndim <= 1 else int(param.shape[0])
 
 
-class ClipTally:
-    """Per-step effects of a :class:`ClipSpec`, tallied in bounded memory."""
+class ClippingCounter:
+    """Per-step effects of a :class:`LoopClipping`, tallied in bounded memory."""
 
-    def __init__(self, spec: ClipSpec, capacity: float = 0.0) -> None:
+    def __init__(self, spec: LoopClipping, capacity: float = 0.0) -> None:
         self.spec = spec
         self.capacity = capacity  # the elements (value) or units (agc) the device's sums count over
         self.steps = self.clipped = 0
@@ -150,11 +149,11 @@ class ClipTally:
             self.blocks = merged
             self.width *= 2
 
-    def record_of(self, guard: Optional[Dict[str, Any]] = None) -> ClipRecord:
+    def record_of(self, guard: Optional[Dict[str, Any]] = None) -> ClippingSummary:
         spikes = list(self.spikes)
         if guard:  # steps the Clipper's guard skipped are spikes it cut whole
             spikes += [int(e["step"]) for e in guard.get("events", []) if e.get("scale", 1.0) == 0.0]
-        return ClipRecord(
+        return ClippingSummary(
             spec=self.spec, steps=self.steps, clipped=self.clipped, log_scale_sum=self.log_scale_sum,
             capped_sum=self.capped_sum, capped_total=self.capped_total,
             cosine_min=self.cosine_min if self.steps else math.nan,
@@ -163,7 +162,7 @@ class ClipTally:
         )
 
 
-def _effect(spec: ClipSpec, norm: float, sums: np.ndarray, capacity: float) -> Dict[str, float]:
+def _effect(spec: LoopClipping, norm: float, sums: np.ndarray, capacity: float) -> Dict[str, float]:
     """The post-clip norm, the scale of the global norm, the cosine between the clipped and the unclipped
     gradient and the share of elements (or units) capped, from the pre-clip norm and the clip sums."""
     if spec.method == "norm":

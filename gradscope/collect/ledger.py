@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .clipping import ClipRecord, ClipTally, Watched
+from .clipping import ClippingSummary, ClippingCounter, Watched
 from .history import RecentSteps, SeriesStore, SpikeTracker
 from ..analyse.profile import SpikeSamples
 
@@ -30,7 +30,7 @@ class Ledger:
         self.last_step = -1  # the optimizer step of the last one (steps observed every N-th are N apart)
         self.series = SeriesStore(history)
         self.failures = Failures(recent, n_groups)
-        self.clip = None if clip is None else ClipTally(clip.spec, clip.capacity)  # what the user's own clipping did
+        self.clip = None if clip is None else ClippingCounter(clip.spec, clip.capacity)  # what the user's own clipping did
         self.layer_spikes = SpikeTracker(n_groups)
         self.global_spikes = SpikeTracker(1)
         self.update_max = np.full(n_groups, np.nan)
@@ -113,7 +113,7 @@ class Ledger:
         self.series.amend(step, "loss", np.array(value))
         self.failures.record_loss(step, value)
 
-    def clip_record(self, guard: Optional[Dict[str, object]] = None) -> Optional[ClipRecord]:
+    def clip_record(self, guard: Optional[Dict[str, object]] = None) -> Optional[ClippingSummary]:
         """What the user's clipping did, with the Clipper's own counts where it clipped; None unwatched."""
         return None if self.clip is None else self.clip.record_of(guard)
 

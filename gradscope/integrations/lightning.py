@@ -15,7 +15,7 @@ import torch
 
 from ..run.clipper import Clipper
 from .. import recorder
-from ..analyse.clipping import ClipSpec
+from ..analyse.clipping import LoopClipping
 from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
@@ -52,7 +52,7 @@ class GradscopeCallback(pl.Callback):
         clip = self.clip
         if clip is None and trainer.gradient_clip_val:  # Lightning clips after on_before_optimizer_step, where the Monitor reads
             algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
-            clip = ClipSpec(algorithm, float(trainer.gradient_clip_val), "Trainer's gradient_clip_val")
+            clip = LoopClipping(algorithm, float(trainer.gradient_clip_val), "Trainer's gradient_clip_val")
         self.monitors = {id(opt): Monitor(pl_module, parameters=_parameters(opt), optimizer=opt, clip=clip,
                                           **self.monitor_options)
                          for opt in trainer.optimizers}

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from .. import recorder
 from ..run.clipper import Clipper
-from ..analyse.clipping import ClipSpec
+from ..analyse.clipping import LoopClipping
 from ..errors import GradscopeError
 from ..monitor import Monitor
 from ..report import Report
@@ -57,7 +57,7 @@ class GradscopeTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         clip = self.clip
         if clip is None and args.max_grad_norm and args.max_grad_norm > 0:
-            clip = ClipSpec("norm", float(args.max_grad_norm), "Trainer's max_grad_norm")
+            clip = LoopClipping("norm", float(args.max_grad_norm), "Trainer's max_grad_norm")
         self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), clip=clip,
                                **self.monitor_options)
         self._model = model

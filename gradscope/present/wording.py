@@ -72,7 +72,7 @@ def guard_words(rec: Recommendation) -> str:
 
 
 def clip_summary(record, metrics: Dict[str, float]) -> str:
-    """What the run's own clipping did, in one line (``record`` a clipping.ClipRecord, ``metrics`` the
+    """What the run's own clipping did, in one line (``record`` a clipping.ClippingSummary, ``metrics`` the
     model metrics): 'norm clipping at 1 (max_grad_norm): acted on 97% of 500 steps, post/pre 0.31x'."""
     spec = record.spec
     at = "" if spec.threshold is None else f" at z {fmt(spec.threshold)}" if spec.method == "adaptive" \

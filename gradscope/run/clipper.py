@@ -16,9 +16,10 @@ from ..errors import GradscopeError
 from .guard_state import GuardState, total_norm
 from .skipping import StepSkipper
 from ..advise.guards import Adaptive, Skip
+from ..analyse import clipping
 from ..report import Report
 
-METHODS = ("norm", "value", "agc", "adaptive", "none")
+METHODS = clipping.METHODS + (clipping.NONE,)  # what a Clipper applies: the ways to clip, or none
 STATE_KEY = "gradscope_clipper"  # the Clipper's state inside an attached optimizer's state dict
 
 
@@ -136,7 +137,7 @@ class Clipper:
         elif self.method == "value":
             clip_value_(model.parameters(), self.threshold)
         elif self.method == "agc":
-            for p in _agc_parameters(model, self._excluded(model)):
+            for p in _agc_parameters(model, self.excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
 
     def _guarded(self, model: nn.Module, loss: Optional[torch.Tensor]) -> None:
@@ -161,7 +162,7 @@ class Clipper:
         if self.method == "value":
             clip_value_(params, self.threshold)
         elif self.method == "agc":
-            for p in _agc_parameters(model, self._excluded(model)):
+            for p in _agc_parameters(model, self.excluded(model)):
                 _clip_unitwise(p, self.threshold, self.eps)
         by_kind: Dict[tuple, List[torch.Tensor]] = {}
         for g in grads:
@@ -222,7 +223,9 @@ class Clipper:
         optimizer.register_load_state_dict_pre_hook(load)
         return self
 
-    def _excluded(self, model: nn.Module) -> Set[str]:
+    def excluded(self, model: nn.Module) -> Set[str]:
+        """The modules of ``model`` whose parameters AGC leaves alone: ``exclude`` where given, else the
+        last Linear (the classifier head, as timm excludes it). A Monitor watching this Clipper reads it."""
         if self.exclude is not None:
             return self.exclude
         last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
