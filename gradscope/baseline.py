@@ -73,7 +73,8 @@ def write_baseline(report: Report, path: Union[str, Path]) -> None:
 
 def load_baseline(path: Union[str, Path]) -> Baseline:
     path = Path(path)
-    hint = f"record one from a report of this model: gradscope.baseline.write_baseline(report, {str(path)!r})"
+    hint = (f"record one from a report of this model: gradscope.baseline.write_baseline(report, {str(path)!r}), "
+            "or point at a JSON report of a known-good run")
     remedy = ("record-baseline", str(path))
     if not path.is_file():
         raise GradscopeError(f"baseline file not found: {path}", hint, remedy=remedy)
@@ -81,8 +82,11 @@ def load_baseline(path: Union[str, Path]) -> Baseline:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise GradscopeError(f"{path}: not a JSON baseline ({exc})", hint, remedy=remedy) from None
+    if isinstance(doc, dict) and "kind" not in doc and "recommendation" in doc:  # a JSON report serves as one
+        return _of_report(Report.from_json(doc), str(path))
     if not isinstance(doc, dict) or doc.get("kind") != BASELINE_KIND:
-        raise GradscopeError(f"{path}: not a gradscope baseline (no kind: {BASELINE_KIND})", hint, remedy=remedy)
+        raise GradscopeError(f"{path}: not a gradscope baseline (no kind: {BASELINE_KIND}) nor a JSON report",
+                             hint, remedy=remedy)
     if doc.get("schema_version") != BASELINE_VERSION:
         raise GradscopeError(f"{path}: baseline schema_version {doc.get('schema_version')!r} is not supported", hint, remedy=remedy)
     def bad(what: str) -> GradscopeError:
@@ -113,6 +117,15 @@ def load_baseline(path: Union[str, Path]) -> Baseline:
     if not isinstance(model, str):
         raise bad("'model' must be the model's name")
     return Baseline(model=model, findings=findings, metrics=metrics, layers=tuple(layers_doc), source=str(path))
+
+
+def _of_report(doc, source: str) -> Baseline:
+    """The baseline a JSON report (a ReportDocument, read by ``Report.from_json``) holds: its findings, the
+    watched metrics and its layers, as ``write_baseline`` would have recorded them from the Report."""
+    metrics = {k: float(v) for k, v in doc.metrics.items()
+               if k in WATCHED and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return Baseline(model=doc.model, findings={(f["rule_id"], f.get("layer")): f["severity"] for f in doc.findings},
+                    metrics=metrics, layers=tuple(doc.layer_names), source=source)
 
 
 def _short(value: Any, most: int = 40) -> str:

@@ -4,17 +4,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from .analyse.evaluate import Finding, worst_severity
+from .errors import GradscopeError
 from .advise.cause import Cause
 from .advise.judge import Trial, TrialSet
 from .advise.reasons import Reason, Reasons
 from .advise.recommend import Recommendation
 from .analyse.ruleset import SEVERITIES, RuleSet
-from .analyse.clipping import rate_windows
+from .analyse.clipping import METHODS, NONE, rate_windows
 from .analyse.stats import CLIP_METRICS, Statistics
 
 SCHEMA_VERSION = 2  # 2: recommendation.trials names its steps by what they count (first_steps, steps_spent)
@@ -160,6 +162,97 @@ class Report:
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
+
+    @staticmethod
+    def from_json(source: Union[str, Path, Mapping[str, Any]]) -> "ReportDocument":
+        """A JSON report read back (``to_json()``, or the CLI's JSON format): a path to it, or the parsed
+        document. The one reader of the format: the Clipper reads its advice here, the baseline a
+        report's findings and metrics. Raises GradscopeError, with what to do, for anything else."""
+        return ReportDocument.read(source)
+
+
+WRITE_JSON_HINT = "write the report as JSON first: Path(FILE).write_text(report.to_json())"
+
+
+class ReportDocument(Mapping):
+    """A gradscope JSON report as read back: the document itself (a read-only mapping of its keys) and its
+    parts as the readers need them, each checked as it is read. ``source`` names where it came from."""
+
+    def __init__(self, doc: Mapping[str, Any], source: str) -> None:
+        self._doc, self.source = doc, source
+
+    @classmethod
+    def read(cls, source: Union[str, Path, Mapping[str, Any]]) -> "ReportDocument":
+        if isinstance(source, ReportDocument):
+            return source
+        if isinstance(source, Mapping):
+            doc, where = source, "the document given"
+        else:
+            path, where = Path(source), str(source)
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise GradscopeError(f"cannot read a gradscope report from {path}: {exc}", WRITE_JSON_HINT,
+                                     remedy=("write-json-report", str(path))) from None
+        if not (isinstance(doc, Mapping) and isinstance(doc.get("recommendation"), Mapping)):
+            raise GradscopeError(f"{where} is not a gradscope JSON report (it has no recommendation)",
+                                 WRITE_JSON_HINT, remedy=("write-json-report", "FILE"))
+        return cls(doc, where)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._doc[key]
+
+    def __iter__(self):
+        return iter(self._doc)
+
+    def __len__(self) -> int:
+        return len(self._doc)
+
+    def _bad(self, what: str) -> GradscopeError:
+        return GradscopeError(f"{self.source}: malformed gradscope report: {what}", WRITE_JSON_HINT,
+                              remedy=("write-json-report", "FILE"))
+
+    @property
+    def recommendation(self) -> Mapping[str, Any]:
+        """The advice: ``method`` (one of the clipping methods, or none), ``threshold``, ``evidence``, ``guard``."""
+        advice = self._doc["recommendation"]
+        if advice.get("method") not in METHODS + (NONE,):
+            raise self._bad(f"recommendation.method is {advice.get('method')!r}, not a known clipping method")
+        return advice
+
+    @property
+    def findings(self) -> List[Mapping[str, Any]]:
+        """The findings, each with a string ``rule_id``, a ``layer`` (a name or None) and a known ``severity``."""
+        found = self._doc.get("findings")
+        if not isinstance(found, list):
+            raise self._bad("'findings' must be a list")
+        for i, f in enumerate(found):
+            if not (isinstance(f, Mapping) and isinstance(f.get("rule_id"), str)
+                    and (f.get("layer") is None or isinstance(f.get("layer"), str)) and f.get("severity") in SEVERITIES):
+                raise self._bad(f"findings[{i}] needs a string rule_id, a string or null layer and a severity")
+        return found
+
+    @property
+    def metrics(self) -> Mapping[str, Any]:
+        """The model-level metrics (``global.summary``): numbers, or None where a metric had no value."""
+        summary = self._doc.get("global", {}).get("summary") if isinstance(self._doc.get("global"), Mapping) else None
+        if not isinstance(summary, Mapping):
+            raise self._bad("'global.summary' must be a mapping of metric names to numbers")
+        return summary
+
+    @property
+    def layer_names(self) -> List[str]:
+        layers = self._doc.get("layers")
+        if not (isinstance(layers, list) and all(isinstance(x, Mapping) and isinstance(x.get("name"), str) for x in layers)):
+            raise self._bad("'layers' must be a list of layers, each with a name")
+        return [x["name"] for x in layers]
+
+    @property
+    def model(self) -> str:
+        model = self._doc.get("model")
+        if not isinstance(model, str):
+            raise self._bad("'model' must be the model's name")
+        return model
 
 
 def trials_dict(trials: TrialSet) -> Dict[str, Any]:

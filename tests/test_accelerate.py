@@ -2,7 +2,6 @@
 the report written on the main process, fail_on, and a partial report when the loop raises."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 accelerate = pytest.importorskip("accelerate")
 
 from gradscope.integrations.accelerate import GradientHealthError, GradscopeAccelerate  # noqa: E402
+from gradscope.report import Report
 
 from models import MLP  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_the_report_is_written_and_fail_on_fails_on_every_process(tmp_path):
     out = tmp_path / "gradscope.json"
     with pytest.raises(GradientHealthError, match="gradient health check failed"):
         train(lr=40.0, accumulation=1, clip=1e9, output=out, fail_on="error")
-    doc = json.loads(out.read_text())
+    doc = Report.from_json(out)
     assert doc["gate"]["exit_code"] == 1 and not doc["partial"] and doc["steps"] == 10
 
 
@@ -80,6 +80,6 @@ def test_a_loop_that_raises_leaves_a_partial_report(tmp_path):
     out = tmp_path / "gradscope.json"
     with pytest.raises(RuntimeError, match="a corrupt batch"):
         train(raise_at=7, output=out)
-    doc = json.loads(out.read_text())
+    doc = Report.from_json(out)
     assert doc["partial"] and doc["steps"] == 3 and "a corrupt batch" in doc["stopped_reason"]
     assert doc["gate"]["exit_code"] == 2

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from gradscope.baseline import load_baseline
 from gradscope.config import load_config
 from gradscope.errors import GradscopeError
+from gradscope.report import Report
 
 from test_cli import GOOD, assert_clean_error, run, target
 from conftest import HANG_S
@@ -62,7 +63,7 @@ def test_outputs_are_replaced_whole_and_leave_no_temporary_files(tmp_path, capsy
     code, _, err = run(["diagnose", target(tmp_path, GOOD), "--steps", "5", "--format", "json",
                         "--output", str(out_file), "--write-baseline", str(baseline)], capsys)
     assert code == 0, err
-    assert json.loads(out_file.read_text())["steps"] == 5
+    assert Report.from_json(out_file)["steps"] == 5
     assert load_baseline(baseline).layers
     assert sorted(p.name for p in out_file.parent.iterdir()) == ["baseline.json", "report.json"]
     umask = os.umask(0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gradscope.cli import main
+from gradscope.report import Report
 from conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def test_explicit_callable_and_json_output_file(tmp_path, capsys):
     code, out, _ = run(["diagnose", f"{path}:build", "--steps", "4", "--format", "json", "--output", str(out_file)],
                        capsys)
     assert code == 0 and out == ""
-    assert json.loads(out_file.read_text())["steps"] == 4
+    assert Report.from_json(out_file)["steps"] == 4
 
 
 def test_module_target(tmp_path, capsys, monkeypatch):

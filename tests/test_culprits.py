@@ -1,7 +1,6 @@
 """The samples behind a spike (gradscope.collect.culprits) and what diagnose does with them."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,6 +10,7 @@ from torch import nn
 import gradscope
 from gradscope.collect import culprits
 from gradscope.cli import main
+from gradscope.report import Report
 
 from models import MLP, mse, regression_batches
 from test_default_rules import corrupted_sample
@@ -107,7 +107,7 @@ def test_diagnose_names_the_corrupted_sample_and_saves_its_batch_beside_the_repo
         "import sys\nsys.path.insert(0, %r)\nfrom test_default_rules import corrupted_sample\n"
         % str(__import__("pathlib").Path(__file__).parent), encoding="utf-8")
     code = main(["diagnose", "target.py:corrupted_sample", "--trials", "0", "--format", "json", "--output", "r.json"])
-    doc = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    doc = Report.from_json(tmp_path / "r.json")
     assert code == 0  # the spike is a warning; the default gate fails on errors
     spike = doc["spikes"][0]
     assert spike["step"] == 20 and spike["samples"][0]["index"] == 5 and spike["samples"][0]["share"] > 0.9

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 from conftest import HANG_S
+from gradscope.report import Report
 
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "dist_target.py"
@@ -44,7 +45,7 @@ def single_process(tmp_path: Path) -> dict:
     out = tmp_path / "single.json"
     subprocess.run([sys.executable, "-m", "gradscope", "diagnose", f"{TARGET}:single", "--steps", "6", "--device",
                     "cpu", "--format", "json", "--output", str(out)], cwd=tmp_path, check=False, timeout=HANG_S)
-    return json.loads(out.read_text())
+    return Report.from_json(out)
 
 
 def assert_same_numbers(doc: dict, reference: dict) -> None:
@@ -64,7 +65,7 @@ def test_distributed_run_equals_single_process(tmp_path, strategy):
     codes, results, output = run_ranks(strategy, tmp_path)
     assert codes == [0, 0], results
     assert results[1][0] == "", "only rank 0 writes"
-    doc = json.loads(output.read_text())
+    doc = Report.from_json(output)
     assert "2 ranks" in doc["measurement"] and "global" in doc["measurement"]
     assert_same_numbers(doc, single_process(tmp_path))
 
@@ -126,7 +127,7 @@ def test_a_rank_killed_in_a_trial_leaves_the_others_a_partial_report_within_the_
     assert codes[0] == 2 and codes[1] == -9, results
     assert "rank 0: the trials' all-reduce failed" in results[0][1] and "Traceback" not in results[0][1]
     assert time.monotonic() - began < 60
-    doc = json.loads(output.read_text())
+    doc = Report.from_json(output)
     assert doc["gate"]["exit_code"] == 2 and doc["gate"]["unfinished"].startswith("rank 0: the trials' all-reduce")
 
 
@@ -134,7 +135,7 @@ def test_a_rank_killed_in_a_trial_leaves_the_others_a_partial_report_within_the_
 def test_trials_under_the_cli_give_every_rank_the_same_exit_code(tmp_path, strategy, extra):
     codes, results, output = run_ranks(f"{strategy}_hot", tmp_path, *extra)
     assert codes == [1, 1], results  # errors: the profile diverges, and so does the trials' unclipped run
-    doc = json.loads(output.read_text())
+    doc = Report.from_json(output)
     trials = doc["recommendation"]["trials"]
     assert trials is not None and doc["recommendation"]["threshold"] == trials["winner"]
 
@@ -153,7 +154,7 @@ def test_a_rank_that_raises_in_a_trial_stops_every_rank_without_a_hang(tmp_path)
     assert "rank 1: " in results[1][1] and "rank one ran out of memory in a trial" in results[1][1]
     assert "rank 0: rank 1 stopped first: " in results[0][1] and "in a trial" in results[0][1]
     assert all("Traceback" not in err for _, err in results)
-    doc = json.loads(output.read_text())  # rank 0's partial report: the profile, and why the run did not finish
+    doc = Report.from_json(output)  # rank 0's partial report: the profile, and why the run did not finish
     assert doc["gate"]["exit_code"] == 2 and "rank 1 stopped first" in doc["gate"]["unfinished"]
     assert doc["steps"] == 6 and doc["recommendation"]["trials"] is None
 
@@ -164,7 +165,7 @@ def test_findings_give_every_rank_the_same_exit_code(tmp_path):
                      "    when: {metric: steps, op: '>', value: 0}\n    message: always\n")
     codes, _, output = run_ranks("ddp", tmp_path, "--rules", str(rules))
     assert codes == [1, 1]
-    assert json.loads(output.read_text())["gate"]["exit_code"] == 1
+    assert Report.from_json(output)["gate"]["exit_code"] == 1
 
 
 def test_a_rank_that_fails_to_build_stops_every_rank_naming_it(tmp_path):
@@ -200,7 +201,7 @@ def test_a_rank_that_dies_under_torchrun_is_named_in_rank_0s_partial_report(tmp_
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0 and "could not be written" not in done.stderr, done.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc = Report.from_json(out)
     assert doc["partial"] is True and doc["steps"] == 5 and doc["ranks"] == 2
     first = f"rank {dying} stopped first: the training loop raised RuntimeError: a corrupt shard on rank {dying}, " \
             "after 5 observed steps"
@@ -225,5 +226,5 @@ def test_the_distributed_pages_torchrun_command_runs_as_written(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    doc = json.loads((tmp_path / args[args.index("--output") + 1]).read_text())
+    doc = Report.from_json(tmp_path / args[args.index("--output") + 1])
     assert doc["ranks"] == 2 and doc["steps"] >= 30 and not doc["partial"]

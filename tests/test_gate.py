@@ -173,3 +173,18 @@ def test_pytest_helper_and_fixture(pytester):
     result.stdout.fnmatch_lines(["*AssertionError: gradscope: exploding_rnn*findings at or above error*",
                                  "*error*global-norm-growing*(model)*", "*advice: clip by norm at*"])
     result.stdout.fnmatch_lines(["*Captured gradscope Sequential*", "*HEALTHY*"])
+
+
+@pytest.mark.parametrize("name", ["explosion", "healthy", "spike"])
+def test_a_json_report_serves_as_the_baseline_it_would_record(name, tmp_path):
+    """``--baseline report.json``: a JSON report of a known-good run is read by the one reader
+    (Report.from_json) into the same baseline write_baseline records from the Report."""
+    from stored import load
+    from gradscope.baseline import load_baseline, write_baseline
+    report = load(name)
+    write_baseline(report, tmp_path / "baseline.json")
+    (tmp_path / "report.json").write_text(report.to_json())
+    recorded, read = load_baseline(tmp_path / "baseline.json"), load_baseline(tmp_path / "report.json")
+    assert (read.model, read.findings, read.layers) == (recorded.model, recorded.findings, recorded.layers)
+    assert read.metrics == pytest.approx(recorded.metrics, rel=1e-5)  # the JSON keeps 6 significant digits
+    assert read.source.endswith("report.json")

@@ -2,7 +2,6 @@
 with the skip-step guard where it says so."""
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from pathlib import Path
@@ -17,13 +16,12 @@ from .guard_state import GuardState, total_norm
 from .skipping import StepSkipper
 from ..advise.guards import Adaptive, Skip
 from ..analyse import clipping
-from ..report import Report
+from ..report import WRITE_JSON_HINT, Report
 
 METHODS = clipping.METHODS + (clipping.NONE,)  # what a Clipper applies: the ways to clip, or none
 STATE_KEY = "gradscope_clipper"  # the Clipper's state inside an attached optimizer's state dict
 
 
-WRITE_JSON_HINT = "write the report as JSON first: Path(FILE).write_text(report.to_json())"
 
 class Clipper:
     """Clip gradients in place, between ``backward()`` and ``optimizer.step()``: ``clipper(model)``.
@@ -87,18 +85,7 @@ class Clipper:
         """The advice of a gradscope JSON report (``Report.to_json()``, or the CLI's JSON format): a path
         to it, or the parsed document.
         A CI job can diagnose once and a training job apply the advice, with no Report object between."""
-        doc = source
-        if not isinstance(source, Mapping):
-            path = Path(source)
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise GradscopeError(f"cannot read a gradscope report from {path}: {exc}", WRITE_JSON_HINT,
-                                     remedy=("write-json-report", str(path))) from None
-        advice = doc.get("recommendation") if isinstance(doc, Mapping) else None
-        if not isinstance(advice, Mapping) or advice.get("method") not in METHODS:
-            raise GradscopeError("not a gradscope JSON report: no recommendation with a known method", WRITE_JSON_HINT,
-                                 remedy=("write-json-report", "FILE"))
+        advice = Report.from_json(source).recommendation
         evidence = advice.get("evidence") if isinstance(advice.get("evidence"), Mapping) else {}
         net = evidence.get("safety_net") if safety_net else None
         guard = advice.get("guard")
