@@ -150,3 +150,13 @@ def test_the_rules_page_lists_every_default_rule():
     page = (ROOT / "docs" / "rules.md").read_text(encoding="utf-8")
     listed = page[page.index("The default set"):page.index("`gradscope rules` describes each.")]
     assert re.findall(r"`([a-z0-9-]+)`", listed) == [r.id for r in load_rules().rules]
+
+
+def test_the_readme_is_a_short_door_with_the_monitor_and_the_clipper_in_code():
+    """The README is for the person who wants to use gradscope: under 250 lines, and its Python shows the
+    Monitor in a loop and the Clipper applying the advice (the contributor's material is docs/development.md)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 250
+    code = "\n".join(BLOCK.findall(text))
+    assert "monitor.observe(" in code and "gradscope.Monitor(" in code
+    assert "gradscope.Clipper." in code and "clipper(model" in code
