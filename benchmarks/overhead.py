@@ -319,7 +319,7 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), pe
 
 def guard_arms(model: torch.nn.Module) -> Dict[str, tuple]:
     """One arm per way of clipping, each over its own copy of the model with its own AdamW: (model,
-    optimizer, hook). The attached arms skip exactly (gradscope.run.skipping): by copying back on the
+    optimizer, hook). The attached arms skip exactly (gradscope.run.clipper.skipping): by copying back on the
     default AdamW, through found_inf on the fused one, which has its own clip_grad_norm_ reference."""
     arms = {}
     for name, fused, make in [

@@ -13,7 +13,7 @@ from torch import nn
 
 import gradscope
 from gradscope import Clipper, Monitor
-from gradscope.run.clipper import _clip_unitwise
+from gradscope.run.clipper.apply import _clip_unitwise
 from gradscope.analyse.clipping import LoopClipping, levels, longest_rate
 from gradscope.collect.clipping import FIRST_BLOCK, WINDOW_BLOCKS, ClippingCounter, parse
 from gradscope.errors import GradscopeError

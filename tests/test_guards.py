@@ -358,7 +358,7 @@ def test_the_device_rule_re_bases_where_the_plain_reference_does():
     rng = np.random.default_rng(0)
     norms = list(1 + 0.05 * rng.standard_normal(300))
     norms = [n * (5 if s >= 100 else 1) * (40 if s in (50, 200) else 1) for s, n in enumerate(norms)]
-    from gradscope.run.guard_state import GuardState
+    from gradscope.run.clipper.guard_state import GuardState
     state = GuardState(Skip(), None, torch.device("cpu"))
     device = [s for s, n in enumerate(norms) if bool(state.decide(torch.tensor(n, dtype=torch.float32), None, None)[1])]
     assert device == _reference_skips(norms)
@@ -369,7 +369,7 @@ def test_the_device_rule_re_bases_where_the_plain_reference_does():
 def test_the_device_rule_and_the_host_replay_agree_on_level_shifts_growth_and_spikes(seed):
     """What a report counts (replay, on the host) is what the Clipper does (on the device), re-bases included."""
     from gradscope.advise.guards import replay
-    from gradscope.run.guard_state import GuardState
+    from gradscope.run.clipper.guard_state import GuardState
     rng = np.random.default_rng(seed)
     steps = np.arange(600)
     level = np.where(steps < 200, 1.0, 4.0) * np.exp(np.maximum(steps - 400, 0) / 80.0)  # a shift, then growth

@@ -17,7 +17,7 @@ and read (one copy) only when asked, by ``counts()``.
   window enter it, with that step's, so the window takes in the new level at once and goes on judging
   (no blind spell). Non-finite steps are always skipped.
   Attached to the optimizer (``Clipper.attach``), a skip leaves the weights and the optimizer's state as
-  they were (``gradscope.run.skipping``); without it the gradient is only zeroed, and the optimizer's own
+  they were (``gradscope.run.clipper.skipping``); without it the gradient is only zeroed, and the optimizer's own
   step (weight decay, the moments' decay) still runs. Outliers that recur often are data, not corruption:
   the advice does not arm the guard where the profile shows them (``recommend.FREQUENT_OUTLIERS``).
 - ``Adaptive``: ZClip (Kumar et al. 2025): an exponential moving mean and variance of the global norm
@@ -28,7 +28,7 @@ Under DDP every rank holds the same averaged gradient and so takes the same deci
 norm of the local shards is summed over ranks by one all-reduce (a collective, not a host sync).
 
 This module holds the settings and the rule replayed on the host over recorded steps (what the advice
-counts); ``gradscope.run.guard_state`` keeps them on the device during training.
+counts); ``gradscope.run.clipper.guard_state`` keeps them on the device during training.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class Replay:
 
 
 def replay(norms: Sequence[float], losses: Optional[Sequence[float]], skip: Skip) -> Replay:
-    """The skip guard's rule on the host, over a recorded run (``gradscope.run.guard_state`` applies the same
+    """The skip guard's rule on the host, over a recorded run (``gradscope.run.clipper.guard_state`` applies the same
     on the device, step by step)."""
     norms = np.asarray(norms, dtype=np.float64)
     series = [norms] if losses is None else [norms, np.asarray(losses, dtype=np.float64)]

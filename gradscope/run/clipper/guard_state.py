@@ -7,9 +7,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..collect import distributed
-from ..errors import GradscopeError
-from ..advise.guards import Adaptive, Skip
+from ...collect import distributed
+from ...errors import GradscopeError
+from ...advise.guards import Adaptive, Skip
 
 EVENTS = 256  # the first this many skipped or clipped steps are kept with their step, norm and z
 REBASES = 32  # the first this many steps where the skip guard re-based are kept

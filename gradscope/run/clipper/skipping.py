@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..collect import distributed
-from ..errors import GradscopeError
+from ...collect import distributed
+from ...errors import GradscopeError
 
 FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)  # they read found_inf
 

@@ -10,13 +10,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 import torch
 from torch import nn
 
-from ..collect import distributed
-from ..errors import GradscopeError
+from ...collect import distributed
+from ...errors import GradscopeError
 from .guard_state import GuardState, total_norm
 from .skipping import StepSkipper
-from ..advise.guards import Adaptive, Skip
-from ..analyse import clipping
-from ..report import WRITE_JSON_HINT, Report
+from ...advise.guards import Adaptive, Skip
+from ...analyse import clipping
+from ...report import WRITE_JSON_HINT, Report
 
 METHODS = clipping.METHODS + (clipping.NONE,)  # what a Clipper applies: the ways to clip, or none
 STATE_KEY = "gradscope_clipper"  # the Clipper's state inside an attached optimizer's state dict
@@ -191,7 +191,7 @@ class Clipper:
         """Carry this Clipper's state in ``optimizer.state_dict()`` (under ``"gradscope_clipper"``), and
         restore it on ``optimizer.load_state_dict()``: a run resumed from its optimizer checkpoint guards
         as the uninterrupted one would. With a skip guard, a step it skips is skipped by the optimizer
-        too: weights, moments, weight decay and step count stay as they were (``gradscope.run.skipping``:
+        too: weights, moments, weight decay and step count stay as they were (``gradscope.run.clipper.skipping``:
         through ``found_inf`` on torch's fused optimizers, by copying back elsewhere). Attach once."""
         if any(s.optimizer is optimizer for s in self._skippers):
             return self
