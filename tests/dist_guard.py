@@ -1,5 +1,6 @@
 """Train with a skip guard alone or as one of the ranks torchrun's environment describes; write the steps
 the guard skipped. Run by test_guards.py: python dist_guard.py OUTPUT.json [ddp|fsdp]"""
+import gc
 import json
 import os
 import sys
@@ -51,6 +52,11 @@ def main(output: str, strategy: str = "ddp") -> None:
         with open(output, "w") as f:
             json.dump({"skipped": skipped, "counts": {k: counts[k] for k in ("steps", "skipped", "clipped")}}, f)
     if world > 1:
+        # Let go of the DDP model (its reducer holds tensors that gloo's threads may still reference) while
+        # the interpreter is whole: torch 2.13 with gloo can abort at exit (SIGABRT, "terminate called
+        # without an active exception") when that happens at interpreter finalization instead.
+        del model, opt, clipper
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
