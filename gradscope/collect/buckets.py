@@ -21,7 +21,7 @@ from . import distributed, segments
 from .sample import Sample
 
 # A non-finite count multiplies gradients by 0 into a temporary: at most this many elements at a time.
-ABS_CHUNK = 1 << 25
+COUNT_CHUNK = 1 << 25
 
 
 class Bucket:
@@ -155,14 +155,14 @@ class Bucket:
 
     def count_nonfinite(self, full: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Every parameter's count of inf and NaN elements, exact (x * 0 is NaN exactly there, and the
-        L0 norm counts it), ABS_CHUNK elements at a time; in parameter order, as 0-d tensors."""
+        L0 norm counts it), COUNT_CHUNK elements at a time; in parameter order, as 0-d tensors."""
         if full is None:
             index, grads = self.gradients()
             zero = torch.zeros((), device=self.device)
             full = self._full(index, grads, zero)
         counts: List[torch.Tensor] = []
         dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        for a, b in _chunks([g.numel() for g in full], ABS_CHUNK):
+        for a, b in _chunks([g.numel() for g in full], COUNT_CHUNK):
             counts += torch._foreach_norm(torch._foreach_mul(full[a:b], 0.0), 0, dtype=dtype)
         return counts
 
