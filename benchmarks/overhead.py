@@ -157,14 +157,7 @@ def pieces(model: nn.Module, monitor: Monitor, repeats: int = 48) -> Dict[str, f
     zero = torch.zeros((), device=device)
 
     def ms(call: Callable[[], object]) -> float:
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            call()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        return call_ms(model, lambda _: call(), None, repeats)
     cpu = device.type == "cpu"
     with torch.no_grad():
         index, grads = bucket.gradients()
@@ -343,7 +336,7 @@ def guard_arms(model: torch.nn.Module) -> Dict[str, tuple]:
 
 
 def call_ms(model: torch.nn.Module, hook, loss: torch.Tensor, repeats: int = 50) -> float:
-    """The clipping call alone, on the gradients the last step left (a guard's window keeps filling)."""
+    """A call alone (a step's hook, given ``loss``), on the gradients the last step left: the median, in ms."""
     device = next(model.parameters()).device
     times = []
     for _ in range(repeats):

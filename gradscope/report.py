@@ -235,7 +235,8 @@ class ReportDocument(Mapping):
     @property
     def metrics(self) -> Mapping[str, Any]:
         """The model-level metrics (``global.summary``): numbers, or None where a metric had no value."""
-        summary = self._doc.get("global", {}).get("summary") if isinstance(self._doc.get("global"), Mapping) else None
+        whole = self._doc.get("global")
+        summary = whole.get("summary") if isinstance(whole, Mapping) else None
         if not isinstance(summary, Mapping):
             raise self._bad("'global.summary' must be a mapping of metric names to numbers")
         return summary
