@@ -47,6 +47,8 @@ ul.findings { list-style: none; padding-left: 0; } ul.findings li { margin: 0.5e
 table { border-collapse: collapse; } td, th { padding: 0.2em 0.8em; text-align: right; }
 th { border-bottom: 1px solid #ccc; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+figure svg { max-width: 100%; height: auto; }
+.scroll { overflow-x: auto; } body { overflow-wrap: anywhere; }
 """
 
 
@@ -107,6 +109,7 @@ def to_html(report: Report) -> str:
     if rec.snippets:
         parts.append("<pre>" + _e("\n".join(f"# {name}\n{code}" for name, code in rec.snippets.items())) + "</pre>")
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            "<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>gradscope: {_e(report.model)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
@@ -284,8 +287,8 @@ def _spikes_table(spikes) -> str:
                           f"(loss {fmt(s.loss)})" for s in spike.samples[:4]) or _e(spike.error or "")
         rows.append(f"<tr><td>{spike.step}</td><td>{_e(spike.why)}</td><td>{fmt(spike.global_norm)}</td>"
                     f"<td>{fmt(spike.z)}</td><td>{spike.batch_size}</td><td>{_e(named)}</td></tr>")
-    return ("<table><tr><th>step</th><th>why</th><th>global norm</th><th>z</th><th>batch</th>"
-            "<th>samples, by share of the batch gradient's squared norm</th></tr>" + "".join(rows) + "</table>")
+    return ("<div class=scroll><table><tr><th>step</th><th>why</th><th>global norm</th><th>z</th><th>batch</th>"
+            "<th>samples, by share of the batch gradient's squared norm</th></tr>" + "".join(rows) + "</table></div>")
 
 
 def _optimizer_table(report: Report, most: int = 12) -> str:
@@ -296,8 +299,8 @@ def _optimizer_table(report: Report, most: int = 12) -> str:
         cells.append(f"<tr><td>{_e(layer.name)}</td><td>{fmt(mm.get('update_rms_median', float('nan')))}</td>"
                      f"<td>{fmt(mm.get('adam_eps_dominated_share', float('nan')))}</td>"
                      f"<td>{fmt(mm.get('adam_outlier_share', float('nan')))}</td></tr>")
-    return ("<table><tr><th>layer</th><th>update RMS</th><th>share with sqrt(v&#770;) &lt; eps</th>"
-            "<th>share of |g| &gt; 6 sqrt(v&#770;)</th></tr>" + "".join(cells) + "</table>")
+    return ("<div class=scroll><table><tr><th>layer</th><th>update RMS</th><th>share with sqrt(v&#770;) &lt; eps</th>"
+            "<th>share of |g| &gt; 6 sqrt(v&#770;)</th></tr>" + "".join(cells) + "</table></div>")
 
 
 def _trials_table(trials: TrialSet) -> str:
@@ -309,7 +312,7 @@ def _trials_table(trials: TrialSet) -> str:
         rows.append(f"<tr><td>{'none' if math.isinf(t.threshold) else fmt(t.threshold)}</td><td>{len(t.losses)}</td>"
                     f"<td>{rungs}</td><td>{t.clip_fraction:.0%}</td><td>{verdict}</td></tr>")
     stopped = f"<p>The trials stopped: {_e(say(trials.stopped))}.</p>" if trials.stopped else ""
-    return "<table>" + "".join(rows) + "</table>" + stopped
+    return "<div class=scroll><table>" + "".join(rows) + "</table></div>" + stopped
 
 
 def _norm_caption(report: Report) -> str:
