@@ -24,12 +24,15 @@ reference, and the clipping call alone on the same gradients.
 With ``--clip`` (``1.0``, ``value:0.01`` or ``agc:0.01``) a fourth arm's Monitor is told of the loop's
 clipping (``Monitor(clip=...)``), to price watching it: its step ratio and observe() alone are printed
 beside the plain observed arm's.
+With ``--sink`` an arm's Monitor streams to a live log (``Monitor(log=sink)``, a function that keeps the
+numbers it is handed, as a logger's queue does), to price the live log beside the same Monitor without one.
 With ``--every N ...`` an arm per N observes every N-th step (``Monitor(every=N)``), for the price of each.
 With ``--peers`` two more arms take what a user would pick instead: Lightning's ``grad_norm`` logged each
 step, and a histogram of every gradient each step (as ``wandb.watch`` makes one).
 Every run ends with observe()'s parts timed alone on the same gradients (the norms, the maxima, the
 sample's copy, its runs, the dot, and the rest), beside observe() on a light step and on the sampled ones.
 Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC] [--every N ...] [--peers]
+     [--sink]
 """
 from __future__ import annotations
 
@@ -258,7 +261,18 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn,
     return time.perf_counter() - start
 
 
-def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), peers: bool = False) -> Dict[str, float]:
+def kept_sink() -> Callable[[Dict[str, float], int], None]:
+    """A live log's destination that keeps the last 1024 steps it was handed, as a logger's queue would."""
+    kept: list = []
+
+    def sink(metrics: Dict[str, float], step: int) -> None:
+        kept.append((step, metrics))
+        del kept[:-1024]
+    return sink
+
+
+def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), peers: bool = False,
+            sink: bool = False) -> Dict[str, float]:
     """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), and with
     ``clip`` a step observed by a Monitor told of that clipping, with ``peers`` a step logging Lightning's
     ``grad_norm`` and one taking a histogram of every gradient, ``pairs`` times in rotating order, after
@@ -276,6 +290,9 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), pe
     for n in every:  # a Monitor observing every n-th step
         sparse_model = copy.deepcopy(plain_model)
         arms[f"every {n}"] = (sparse_model, Monitor(sparse_model, every=n).observe)
+    if sink:  # the same Monitor, streaming each step to a live log
+        logged_model = copy.deepcopy(plain_model)
+        arms["logged"] = (logged_model, Monitor(logged_model, log=kept_sink()).observe)
     if peers:
         for arm, make in (("lightning", lightning_hook), ("histogram", histogram_hook)):
             peer_model = copy.deepcopy(plain_model)
@@ -305,6 +322,8 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), pe
             "pieces": pieces(observed_model, monitor),
             "peers": {k: statistics.median(times[k]) / p for k in ("lightning", "histogram") if k in times},
             "every": {n: statistics.median(times[f"every {n}"]) / p for n in every},
+            **({} if not sink else {"logged_ratio": statistics.median(times["logged"]) / p,
+                                    "logged_pair": statistics.median(b / a for a, b in zip(observed, times["logged"]))}),
             **({} if clip is None else {
                 "watched_ratio": statistics.median(times["watched"]) / p,
                 "watched_observe_ms": observe_ms(watched_model, watcher)[0]})}
@@ -442,6 +461,8 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true",
                         help="also time what a user would pick instead, side by side: Lightning's grad_norm logged "
                              "each step, and a histogram of every gradient each step (as wandb.watch makes)")
+    parser.add_argument("--sink", action="store_true",
+                        help="also time a Monitor streaming to a live log (Monitor(log=sink)), side by side")
     parser.add_argument("--guards", action="store_true", help="time Clipper's skip guard and adaptive clipping "
                                                               "against clip_grad_norm_ instead of the Monitor")
     args = parser.parse_args()
@@ -467,7 +488,7 @@ def main() -> None:
           f"{'floor step':>11}{'floor ms':>10}{'observe ms':>12}{'/floor':>8}{'mean ms':>9}{'/floor':>8}")
     results = []
     for name in models:
-        r = measure(name, pairs, device, clip, args.every, args.peers)
+        r = measure(name, pairs, device, clip, args.every, args.peers, args.sink)
         results.append((name, r))
         print(f"{name:<14}{r['params']:>12,}{r['tensors']:>8}{r['plain_ms']:>10.1f}{r['observed_ms']:>13.1f}"
               f"{r['ratio']:>7.3f}{r['pair_ratio']:>7.3f}{r['mean_ratio']:>7.3f}{r['floor_step_ratio']:>11.3f}"
@@ -487,6 +508,11 @@ def main() -> None:
         print("with Monitor(every=N), side by side in the same run (median step / median plain step): " + "; ".join(
             f"{name} " + ", ".join(f"every {n} {ratio:.3f}" for n, ratio in r["every"].items()) + f" (every 1 {r['ratio']:.3f})"
             for name, r in results))
+    if args.sink:
+        print("with Monitor(log=sink), side by side in the same run (median step / median plain step; pair: median of\n"
+              "each round's logged step over its observed step): " + "; ".join(
+                  f"{name} {r['logged_ratio']:.3f} (without {r['ratio']:.3f}, pair {r['logged_pair']:.3f})"
+                  for name, r in results))
     if args.peers:
         print("\nbeside what a user would pick instead, side by side in the same run (median step / median plain step):")
         print(f"{'model':<14}{'gradscope Monitor':>19}{'Lightning grad_norm':>21}{'histogram each step':>21}"

@@ -13,6 +13,7 @@ _PUBLIC = {
     "Clipper": "run.clipper", "DEFAULT_STEPS": "run.diagnose", "diagnose": "run.diagnose", "GradscopeError": "errors",
     "Experiment": "run.experiment", "Monitor": "monitor", "Report": "report", "RuleSet": "analyse.ruleset",
     "load_rules": "analyse.ruleset", "MonitorOptions": "collect.options", "TrialOptions": "run.options", "ProfileOptions": "run.options", "Skip": "advise.guards",
+    "LiveLog": "live",
 }
 __all__ = sorted(_PUBLIC)
 

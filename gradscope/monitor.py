@@ -16,6 +16,7 @@ from . import recorder
 from .collect.layers import unwrap
 from .collect.observer import Observer
 from .collect.options import MonitorOptions
+from .live import LiveLog
 
 
 class Monitor(Observer):
@@ -59,6 +60,11 @@ class Monitor(Observer):
     ``rules``) when the block ends, whole after a normal end and marked partial, with the reason and the
     last step, when the loop raised, was interrupted, or got SIGTERM (see ``gradscope.recorder``).
 
+    ``log`` (an option) streams each step's figures to a dashboard while the run goes on, and the findings
+    (under ``rules``) as they happen: a function ``sink(metrics, step)``, ``"wandb"``, ``"mlflow"``,
+    ``"tensorboard"``, a ``SummaryWriter``, or a :class:`~gradscope.LiveLog` for its options. They go out
+    at the flush, with no host sync of their own; see ``gradscope.live``.
+
     What it leaves on your model: it registers one gradient hook per parameter for the first backward
     only (to learn the backward order), and removes them at the first ``observe()`` or at ``close()``.
     It never changes weights, gradients, modes or ``requires_grad``. It keeps one copy of the weights
@@ -69,7 +75,13 @@ class Monitor(Observer):
                  optimizer: Optional[torch.optim.Optimizer] = None, clip=None,
                  output: Optional[Union[str, Path]] = None, rules=None, **short) -> None:
         self._flight = recorder.Flight(output, rules)  # a destination that cannot be written fails now
-        super().__init__(model, options, parameters=parameters, optimizer=optimizer, clip=clip, **short)
+        options = MonitorOptions.of(options, short)
+        live = LiveLog.of(options.log)  # a destination gradscope cannot log to fails now too
+        super().__init__(model, options, parameters=parameters, optimizer=optimizer, clip=clip)
+        if live is not None:
+            live.attach([self.layers[i].name for i in self._active], self.recorded, rules,
+                        None if self._watched is None else self._watched.clipper)
+            self._ledger.listener = live
 
     output = property(lambda self: self._flight.output)
     rules = property(lambda self: self._flight.rules)
@@ -80,8 +92,15 @@ class Monitor(Observer):
         (``stopped_reason`` marks it partial: why the run ended early; ``alone``: see ``profile``)."""
         from .pipeline import build_report  # the analysis (rules, scipy) loads when a report is asked for
         # the Profile is read at once and dropped (the statistics copy what they keep): its series as views
-        return build_report(self._profile(alone, copy=False), rules=rules,
-                            model_name=name or type(unwrap(self.model)).__name__, stopped_reason=stopped_reason)
+        report = build_report(self._profile(alone, copy=False), rules=rules,
+                              model_name=name or type(unwrap(self.model)).__name__, stopped_reason=stopped_reason)
+        self._ledger.listener.end(closing=False)  # the live log sends the last step too
+        return report
+
+    def close(self) -> None:
+        """Remove any hook still on the model, free the gradient copies, and end the live log (``log=``)."""
+        super().close()
+        self._ledger.listener.end(closing=True)
 
     def __enter__(self) -> "Monitor":
         self._flight.take_off()
@@ -92,4 +111,8 @@ class Monitor(Observer):
         ``gradscope.recorder``): a failure to write it is one line on stderr, and the run's own exception
         goes on."""
         self._order.remove()
-        self._flight.land(self, exc_type, exc)
+        try:
+            self._flight.land(self, exc_type, exc)
+        finally:
+            self.flush()
+            self._ledger.listener.end(closing=True)

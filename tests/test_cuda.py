@@ -59,15 +59,21 @@ class _Syncs:
         self._catch.__exit__(*exc)
 
 
-@pytest.mark.parametrize("unused, dtype, every", [(False, torch.float32, 1), (True, torch.float32, 1),
-                                                  (False, torch.bfloat16, 1), (False, torch.float32, 3)])
-def test_no_sync_on_a_step_that_does_not_flush(unused, dtype, every):
+@pytest.mark.parametrize("unused, dtype, every, log", [(False, torch.float32, 1, False),
+                                                       (True, torch.float32, 1, False),
+                                                       (False, torch.bfloat16, 1, False),
+                                                       (False, torch.float32, 3, False),
+                                                       (False, torch.float32, 1, True)])
+def test_no_sync_on_a_step_that_does_not_flush(unused, dtype, every, log):
     """Every step but the 16th observed one (the flush) runs with no sync, the steps between observed
-    ones under ``every`` included (the one after a weight copy, the one before an observed step)."""
+    ones under ``every`` included (the one after a weight copy, the one before an observed step), and
+    with a live log (``log=``), which sends at the flush."""
     torch.manual_seed(0)
     model = ManyTensors(unused).to("cuda", dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    monitor = Monitor(model, every=every)  # defaults: flush every 16, histogram and update every 4
+    sent = []
+    # defaults: flush every 16, histogram and update every 4
+    monitor = Monitor(model, every=every, log=(lambda metrics, step: sent.append(step)) if log else None)
     x, y = torch.randn(32, 300, device="cuda", dtype=dtype), torch.randn(32, 1, device="cuda", dtype=dtype)
     syncs = []
     for step in range(15 * every + 1):
@@ -81,6 +87,7 @@ def test_no_sync_on_a_step_that_does_not_flush(unused, dtype, every):
     assert syncs[:-1] == [[]] * (len(syncs) - 1), "\n".join(s for step in syncs for s in step)
     assert syncs[-1], "the 16th observed step flushes: its one copy to the host must be seen (or this check sees nothing)"
     assert result["step"] == 15 * every and np.isfinite(result["global_norm"])
+    assert sent == (list(range(15)) if log else [])  # the 16th step waits for the next flush
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -148,8 +148,10 @@ FLOW_IMPORTS = {
     "present": {"analyse", "advise", "report", "errors", "gradscope", "gradscope.gate", "gradscope.baseline"},
     "run": {"analyse", "advise", "collect", "report", "errors", "gradscope.interrupts", "gradscope.pipeline",
             "gradscope.monitor", "gradscope.recorder"},
+    # the live log: the Monitor's steps (collect) and the report's rules (the pipeline's assess), to a sink
+    "live": {"analyse", "advise", "collect", "report", "errors", "gradscope.pipeline"},
     "integrations": {"analyse", "advise", "collect", "run", "present", "report", "errors", "gradscope.gate",
-                     "gradscope.outputs", "gradscope.monitor", "gradscope.recorder"},
+                     "gradscope.outputs", "gradscope.monitor", "gradscope.recorder", "live", "gradscope.live"},
 }
 # The imports that run against the flow, each inside a function (so it loads only when called), with why.
 AGAINST_THE_FLOW = {
@@ -189,9 +191,10 @@ def test_no_import_runs_back_up_the_flow_at_any_level():
 
 def test_nothing_under_collect_reaches_the_report_side():
     """The hot path hands data on and writes nothing: no module under collect/, at any level, imports
-    present/, advise/, run/, the gate, the pipeline, the outputs, the report, the Monitor or the recorder."""
+    present/, advise/, run/, live/, the gate, the pipeline, the outputs, the report, the Monitor or the
+    recorder."""
     banned = {"present", "advise", "run", "gradscope.gate", "gradscope.pipeline", "gradscope.outputs", "report",
-              "gradscope.monitor", "gradscope.recorder"}
+              "gradscope.monitor", "gradscope.recorder", "live", "gradscope.live"}
     found = [f"{name} -> {target}" for name, targets in _import_graph(anywhere=True).items()
              if _stage(name) == "collect" for target in targets if _stage(target) in banned]
     assert not found, found

@@ -33,9 +33,10 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5, model=None, every: int = 1):
+def train(tmp_path, max_grad_norm: float, accumulation: int = 1, steps: int = 5, model=None, every: int = 1,
+          log=None):
     callback = GradscopeTrainerCallback(output=tmp_path / "report.txt", update_every=1, histogram_sample=1,
-                                        every=every)
+                                        every=every, log=log)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
         max_grad_norm=max_grad_norm, gradient_accumulation_steps=accumulation, logging_steps=1,

@@ -6,7 +6,7 @@ the device, unpacks one :class:`~gradscope.collect.rows.HostRow` per step, and h
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -16,6 +16,43 @@ from ..analyse.profile import SpikeSamples
 
 if TYPE_CHECKING:  # the row is unpacked by rows.py, which needs torch; the ledger does not
     from .rows import HostRow
+
+
+class StepRecord(NamedTuple):
+    """One step as it reached the host, for a listener (the live log, ``gradscope.live``): the optimizer
+    step, each layer's pre-clip norm (in the order of the Monitor's active layers), the global norm, the
+    loss (NaN where none came with the step: it may be noted later), the non-finite elements, the spike
+    score, the user's clipping's post-clip norm and scale (NaN where it is not watched), and whether a
+    GradScaler skipped the step (then only the loss is known). ``loss_given``: the loss came with the step,
+    so a NaN there is the loss's own."""
+
+    step: int
+    grad_norm: np.ndarray
+    global_norm: float
+    loss: float
+    loss_given: bool
+    nonfinite: float
+    spike_z: float
+    post_clip_norm: float = float("nan")
+    clip_scale: float = float("nan")
+    amp_skipped: bool = False
+
+
+class StepListener:
+    """What a Ledger tells a listener, on the host: each step as it is recorded, a loss that arrived after
+    its step, and the end of a flush (every step that was waiting is recorded)."""
+
+    def step(self, record: StepRecord) -> None:
+        """A step was recorded."""
+
+    def loss(self, step: int, value: float) -> None:
+        """The loss of ``step`` arrived after it was recorded."""
+
+    def flushed(self) -> None:
+        """Every step that waited on the device is recorded."""
+
+    def end(self, closing: bool) -> None:
+        """The Monitor made a report (``closing`` False: the run may go on) or was closed."""
 
 
 class Ledger:
@@ -39,6 +76,7 @@ class Ledger:
         self._last_weight_norm: Optional[np.ndarray] = None
         self._last_global_norm = float("nan")
         self.spikes: List[SpikeSamples] = []  # steps taken apart sample by sample (Monitor.take_apart)
+        self.listener = StepListener()  # told of each step on the host (the live log); by default no one
 
     def record(self, step: int, row: "HostRow", nonfinite: np.ndarray, present: np.ndarray,
                zeros: Optional[np.ndarray], measured: bool, loss_given: bool,
@@ -79,10 +117,14 @@ class Ledger:
         self.failures.keep(step, global_norm, grad_norm, row.max_abs, nonfinite)
         self.layer_spikes.update(step, grad_norm)
         z = self.global_spikes.update(step, np.array([global_norm]))[0]
+        effect = None
         if self.clip is not None:
             effect = self.clip.record(step, global_norm, row.clip, z)
             self.series.amend(step, "post_clip_norm", np.array(effect["post_clip_norm"]))
             self.series.amend(step, "clip_cosine", np.array(effect["clip_cosine"]))
+        clipped = () if effect is None else (effect["post_clip_norm"], effect["clip_scale"])
+        self.listener.step(StepRecord(step, grad_norm, global_norm, float(loss), loss_given, float(nonfinite.sum()),
+                                      float(z), *clipped))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
         self.step, self.last_step = self.step + 1, step
         return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
@@ -94,6 +136,8 @@ class Ledger:
             self.record_update(self.last_step, row.update_sq, row.update_base_sq)
         self.failures.amp_skipped.append(step)
         self.step, self.last_step = self.step + 1, step
+        self.listener.step(StepRecord(step, np.full(len(self.numel), np.nan), float("nan"), float(row.loss),
+                                      bool(np.isfinite(row.loss)), 0.0, float("nan"), amp_skipped=True))
         return {"step": step, "global_norm": float("nan"), "loss": float(row.loss), "nonfinite": 0.0,
                 "skipped": 1.0, "measured": 1.0, "spike_z": float("nan")}
 
@@ -112,6 +156,7 @@ class Ledger:
             return
         self.series.amend(step, "loss", np.array(value))
         self.failures.record_loss(step, value)
+        self.listener.loss(step, float(value))
 
     def clip_record(self, guard: Optional[Dict[str, object]] = None) -> Optional[ClippingSummary]:
         """What the user's clipping did, with the Clipper's own counts where it clipped; None unwatched."""

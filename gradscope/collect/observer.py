@@ -208,6 +208,7 @@ class Observer:
                 values = layout.arrays_of_step(arrays[0], gather([name for name, _ in waiting.extras], arrays[1:]))
                 present = waiting.present
             waiting.result._resolve(self._record(waiting, layout.decode(values, present)))
+        self._ledger.listener.flushed()
 
     def _record(self, waiting: Waiting, row: HostRow) -> Dict[str, float]:
         self._ledger.amend_loss(self._ledger.last_step, row.noted)
@@ -302,6 +303,15 @@ class Observer:
                 self._ledger.amend_loss(self._ledger.last_step, noted)
         if "noted" in self._cadence.carried:
             self._ledger.amend_loss(self._ledger.last_step, float(self._cadence.carried.pop("noted")))
+        return self._as_profile(alone, copy)
+
+    def recorded(self) -> Profile:
+        """What the host holds now, as a Profile, changing nothing: no flush, no collective, this rank's
+        histogram sample, and the steps still on the device left out (the live log's findings read it
+        mid-run, at a flush)."""
+        return self._as_profile(alone=True, copy=False)
+
+    def _as_profile(self, alone: bool, copy: bool) -> Profile:
         ctx, clipper = self._figures.ctx, None if self._watched is None else self._watched.clipper
         return Profile(
             layers=tuple(self.layers), active=tuple(self._active), **self._ledger.profile_fields(copy),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ..errors import ExperimentError
 
@@ -34,7 +35,10 @@ class MonitorOptions:
     reads every element). ``histogram_every``: count the histogram every N observed steps. ``history``:
     observed steps kept in the per-step series (older ones are thinned). ``flush_every``: rows waiting
     on the device before one copy moves them to the host. ``nonfinite_window``: steps whose per-layer
-    figures are kept whole up to the first non-finite gradient (0 keeps none).
+    figures are kept whole up to the first non-finite gradient (0 keeps none). ``log``: where the live log
+    goes while the run goes on (a function ``sink(metrics, step)``, ``"wandb"``, ``"mlflow"``,
+    ``"tensorboard"``, a ``SummaryWriter`` or a ``gradscope.LiveLog``; see ``gradscope.live``); the
+    public Monitor reads it, at the edge, and the hot path only tells it of each step on the host.
     """
 
     every: int = 1
@@ -45,6 +49,7 @@ class MonitorOptions:
     history: int = 1024
     flush_every: int = FLUSH_EVERY
     nonfinite_window: int = NONFINITE_WINDOW
+    log: Any = None
 
     def __post_init__(self) -> None:
         for name in AT_LEAST_ONE:

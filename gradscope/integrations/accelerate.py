@@ -37,16 +37,20 @@ class GradscopeAccelerate:
     ``accelerator.clip_grad_norm_`` (or a pair, as ``Monitor``'s), so that the report says what it did.
     ``output`` and ``fail_on`` are as in :class:`~gradscope.integrations.common.ReportSink`;
     ``update_every``, ``histogram_sample`` and ``every`` go to the :class:`~gradscope.Monitor`.
+    ``log`` streams the figures and the findings while the loop runs (see :mod:`gradscope.live`), from the
+    main process: ``"wandb"`` and ``"tensorboard"`` write to the accelerator's tracker of that kind
+    (``Accelerator(log_with=...)``) where it has one, ``"mlflow"`` to the active run.
     """
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, *, optimizer: Any = None, clip=None,
                  rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
                  fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4,
-                 every: int = 1) -> None:
+                 every: int = 1, log=None) -> None:
         self.accelerator = accelerator
         self.sink = ReportSink(rules, output, fail_on)
         self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), clip=clip,
-                               update_every=update_every, histogram_sample=histogram_sample, every=every)
+                               update_every=update_every, histogram_sample=histogram_sample, every=every,
+                               rules=self.sink.rules, log=_tracker(accelerator, log))
         self.report: Optional[Report] = None
         self._losses = Losses(self.monitor.device)  # the micro-batches' losses since the last sync
         self._sigterm: Optional[Any] = None  # the SIGTERM handler armed over, inside ``with``
@@ -91,3 +95,11 @@ class GradscopeAccelerate:
                     self.sink.finish([report], failure=exc)
         finally:
             recorder.disarm(previous)
+
+
+def _tracker(accelerator: Any, log: Any) -> Any:
+    """``"wandb"`` or ``"tensorboard"`` as the accelerator's tracker of that kind, where it has one (its
+    W&B run, its SummaryWriter); anything else as given."""
+    if log in ("wandb", "tensorboard") and any(getattr(t, "name", None) == log for t in accelerator.trackers):
+        return accelerator.get_tracker(log, unwrap=True)
+    return log

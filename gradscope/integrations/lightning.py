@@ -17,6 +17,7 @@ from ..run.clipper import Clipper
 from .. import recorder
 from ..analyse.clipping import LoopClipping
 from ..errors import GradscopeError
+from ..live import LiveLog, MlflowSink, TensorBoardSink, WandbSink
 from ..monitor import Monitor
 from ..report import Report
 from ..analyse.ruleset import RuleSet
@@ -37,12 +38,18 @@ class GradscopeCallback(pl.Callback):
     the findings that it acts on every step, never, or no longer fits): from ``gradient_clip_val`` and
     ``gradient_clip_algorithm``, or from ``clip`` (as ``Monitor``'s: the :class:`~gradscope.Clipper` a
     :class:`ClipperCallback` applies, say).
+
+    ``log`` streams the figures and the findings while the fit runs (see :mod:`gradscope.live`), with the
+    Trainer's global step: ``"wandb"``, ``"mlflow"`` and ``"tensorboard"`` write to the Trainer's
+    ``WandbLogger``, ``MLFlowLogger`` or ``TensorBoardLogger`` where it has one. With several optimizers,
+    the first one's figures are streamed.
     """
 
     def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
                  fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None,
-                 every: int = 1) -> None:
+                 every: int = 1, log=None) -> None:
         self.clip = clip
+        self.live_log = log  # not self.log: Lightning binds its LightningModule.log onto callbacks
         self.sink = ReportSink(rules, output, fail_on)
         self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample, "every": every}
         self.monitors: Dict[int, Monitor] = {}
@@ -53,9 +60,10 @@ class GradscopeCallback(pl.Callback):
         if clip is None and trainer.gradient_clip_val:  # Lightning clips after on_before_optimizer_step, where the Monitor reads
             algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
             clip = LoopClipping(algorithm, float(trainer.gradient_clip_val), "Trainer's gradient_clip_val")
+        live = _live_log(self.live_log, trainer)
         self.monitors = {id(opt): Monitor(pl_module, parameters=_parameters(opt), optimizer=opt, clip=clip,
-                                          **self.monitor_options)
-                         for opt in trainer.optimizers}
+                                          rules=self.sink.rules, log=live if k == 0 else None, **self.monitor_options)
+                         for k, opt in enumerate(trainer.optimizers)}
         self.reports = []
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
@@ -134,6 +142,26 @@ class ClipperCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.clipper.load_state_dict(state_dict.get("clipper", {}))
+
+
+def _live_log(log: Any, trainer: "pl.Trainer") -> Optional[LiveLog]:
+    """``log`` as the fit's LiveLog: a destination's name means the Trainer's own logger of that kind where
+    there is one; the steps count from the Trainer's global step."""
+    if log is None or isinstance(log, LiveLog):
+        return log
+    if isinstance(log, str):
+        from lightning.pytorch import loggers  # each logger imports its library only when used
+        for logger in trainer.loggers:
+            if log == "wandb" and isinstance(logger, loggers.WandbLogger):
+                log = WandbSink(logger.experiment)
+            elif log == "mlflow" and isinstance(logger, loggers.MLFlowLogger):
+                log = MlflowSink(logger.experiment, logger.run_id)
+            elif log == "tensorboard" and isinstance(logger, loggers.TensorBoardLogger):
+                log = TensorBoardSink(logger.experiment)
+            else:
+                continue
+            break
+    return LiveLog(log, start=trainer.global_step)
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:

@@ -11,6 +11,7 @@ Losses come from a forward hook on the model (``output.loss``), averaged over th
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Union
 
@@ -21,6 +22,7 @@ from .. import recorder
 from ..run.clipper import Clipper
 from ..analyse.clipping import LoopClipping
 from ..errors import GradscopeError
+from ..live import LiveLog, TensorBoardSink
 from ..monitor import Monitor
 from ..report import Report
 from ..analyse.ruleset import RuleSet
@@ -39,12 +41,18 @@ class GradscopeTrainerCallback(TrainerCallback):
     The report says what the run's own clipping did (the clip rate over the run, the post-clip norm, and
     the findings that it acts on every step, never, or no longer fits): from ``max_grad_norm`` (1.0
     unless set), or from ``clip`` (as ``Monitor``'s: the Clipper a ``ClipperTrainerCallback`` applies).
+
+    ``log`` streams the figures and the findings while training runs (see :mod:`gradscope.live`), with the
+    Trainer's global step: ``"wandb"`` and ``"mlflow"`` write to the run the Trainer's ``report_to`` made
+    (found when the first figures arrive), and ``"tensorboard"`` beside the Trainer's own TensorBoard
+    logs (see ``_tensorboard_dir``).
     """
 
     def __init__(self, rules: Union[None, str, Path, RuleSet] = None, output: Union[None, str, Path] = None,
                  fail_on: Optional[str] = None, update_every: int = 4, histogram_sample: int = 4, clip=None,
-                 every: int = 1) -> None:
+                 every: int = 1, log=None) -> None:
         self.clip = clip
+        self.live_log = log
         self.sink = ReportSink(rules, output, fail_on)
         self.monitor_options = {"update_every": update_every, "histogram_sample": histogram_sample, "every": every}
         self.monitor: Optional[Monitor] = None
@@ -58,8 +66,12 @@ class GradscopeTrainerCallback(TrainerCallback):
         clip = self.clip
         if clip is None and args.max_grad_norm and args.max_grad_norm > 0:
             clip = LoopClipping("norm", float(args.max_grad_norm), "Trainer's max_grad_norm")
+        log = self.live_log
+        if log is not None and not isinstance(log, LiveLog):
+            log = LiveLog(TensorBoardSink(log_dir=_tensorboard_dir(args)) if log == "tensorboard" else log,
+                          start=state.global_step)
         self.monitor = Monitor(model, optimizer=getattr(optimizer, "optimizer", optimizer), clip=clip,
-                               **self.monitor_options)
+                               rules=self.sink.rules, log=log, **self.monitor_options)
         self._model = model
         self._accumulation = max(int(args.gradient_accumulation_steps), 1)
         self._steps_in_epoch = _length(train_dataloader)
@@ -149,6 +161,14 @@ class ClipperTrainerCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.clipper(model)
+
+
+def _tensorboard_dir(args: Any) -> str:
+    """Where the live log's TensorBoard events go: the Trainer's ``logging_dir`` (transformers 4), else
+    ``TENSORBOARD_LOGGING_DIR`` as the Trainer's TensorBoard callback reads it, else ``runs/gradscope``
+    under ``output_dir``, beside the Trainer's own ``runs/<date>`` (``tensorboard --logdir out/runs`` shows both)."""
+    return (getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+            or os.path.join(args.output_dir, "runs", "gradscope"))
 
 
 def _length(loader: Any) -> Optional[int]:
