@@ -248,6 +248,10 @@ def test_a_run_that_is_not_there_is_one_warning():
 ])
 def test_a_bad_destination_fails_at_once(log, message):
     if log is LiveLog:
+        shared = LiveLog(print)
+        Monitor(MLP(), log=shared)
+        with pytest.raises(GradscopeError, match="this LiveLog already logs a Monitor"):
+            Monitor(MLP(), log=shared)
         with pytest.raises(GradscopeError, match="findings='loud' is not a severity"):
             LiveLog(print, findings="loud")
         with pytest.raises(GradscopeError, match="findings_every=-1"):

@@ -24,6 +24,7 @@ from typing import Any, Callable, List, Optional, Sequence
 from ..analyse.profile import Profile
 from ..collect import distributed
 from ..collect.ledger import StepListener, StepRecord
+from ..errors import GradscopeError
 from .findings import EVERY_S, Event, LiveFindings, check
 from .keys import LAYERS, TOP, Keys
 from .sinks import Rows, Sink, sink_of
@@ -69,6 +70,8 @@ class LiveLog(StepListener):
         recorded so far, for the findings under ``rules`` (a RuleSet, a path, or None for the default);
         ``clipper``: the Clipper whose guard's skips are logged."""
         from ..analyse.ruleset import RuleSet, load_rules  # the rule files load with a live log, not the Monitor
+        if self._keys is not None:
+            raise GradscopeError("this LiveLog already logs a Monitor", "give each Monitor a LiveLog of its own")
         self._keys = Keys(layers, **self.options)
         rule_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
         self._findings = LiveFindings(rule_set, self.findings_level, self.findings_every)
@@ -120,11 +123,15 @@ class LiveLog(StepListener):
     def _send(self, events: List[Event]) -> None:
         rows, self._rows = self._rows, []
         if rows:
-            if self._clipper is not None and self._clipper.skip is not None:  # one copy per flush, not per step
-                rows[-1][0]["guard/skipped"] = float(self._clipper.counts().get("skipped", 0))
-            self._guarded(lambda: self.sink.metrics(rows))
+            self._guarded(lambda: self.sink.metrics(self._with_guard(rows)))
         for event in events:
             self._guarded(lambda: self.sink.event(event))
+
+    def _with_guard(self, rows: Rows) -> Rows:
+        """The Clipper's skips so far on the last row: one copy to the host per flush, not per step."""
+        if self._clipper is not None and self._clipper.skip is not None:
+            rows[-1][0]["guard/skipped"] = float(self._clipper.counts().get("skipped", 0))
+        return rows
 
     def _guarded(self, call: Callable[[], Any], default: Any = None) -> Any:
         """Call into the sink or the rules; a failure is one warning and the end of the live log."""
