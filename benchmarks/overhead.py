@@ -20,7 +20,8 @@ unattached (a skip zeroes the gradient) and attached to the optimizer (a skip is
 tensors copied and put back where skipped), or ``Clipper("adaptive", 2.5)`` (ZClip's threshold), and the
 same attached guard on fused AdamW (a skip through ``found_inf``) against fused AdamW's own
 ``clip_grad_norm_``, in rotating order; it prints each arm's median step time, its ratio to its
-reference, and the clipping call alone on the same gradients.
+reference, and the clipping call alone on the same gradients. ``--guards --compile`` does the same with
+every arm's model ``torch.compile``d (inductor), the clipping eager between backward and the step.
 With ``--clip`` (``1.0``, ``value:0.01`` or ``agc:0.01``) a fourth arm's Monitor is told of the loop's
 clipping (``Monitor(clip=...)``), to price watching it: its step ratio and observe() alone are printed
 beside the plain observed arm's.
@@ -31,7 +32,7 @@ With ``--peers`` two more arms take what a user would pick instead: Lightning's 
 step, and a histogram of every gradient each step (as ``wandb.watch`` makes one).
 Every run ends with observe()'s parts timed alone on the same gradients (the norms, the maxima, the
 sample's copy, its runs, the dot, and the rest), beside observe() on a light step and on the sampled ones.
-Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards] [--clip SPEC] [--every N ...] [--peers]
+Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards [--compile]] [--clip SPEC] [--every N ...] [--peers]
      [--sink]
 """
 from __future__ import annotations
@@ -367,10 +368,14 @@ def call_ms(model: torch.nn.Module, hook, loss: torch.Tensor, repeats: int = 50)
     return statistics.median(times) * 1e3
 
 
-def measure_guards(name: str, pairs: int, device: torch.device) -> Dict[str, Dict[str, float]]:
+def measure_guards(name: str, pairs: int, device: torch.device, compiled: bool = False) -> Dict[str, Dict[str, float]]:
+    """The guard arms side by side; ``compiled``: each arm's model is ``torch.compile``d (inductor), the
+    clipping running eagerly between its backward and the optimizer's step, as in a user's compiled loop."""
     torch.manual_seed(0)
     model, batch, loss_fn = on(device, name)
     runs = guard_arms(model)
+    if compiled:  # the fused arms' reference is the same with or without compile: left out, to save compiling
+        runs = {k: (torch.compile(m), opt, hook) for k, (m, opt, hook) in runs.items() if not k.startswith("fused")}
     times: Dict[str, list] = {k: [] for k in runs}
     names = list(runs)
     for i in range(-3, pairs):  # three warm-up rounds, untimed
@@ -465,6 +470,9 @@ def main() -> None:
                         help="also time a Monitor streaming to a live log (Monitor(log=sink)), side by side")
     parser.add_argument("--guards", action="store_true", help="time Clipper's skip guard and adaptive clipping "
                                                               "against clip_grad_norm_ instead of the Monitor")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --guards: each arm's model torch.compile'd (inductor), to price a guard in a "
+                             "compiled training step")
     args = parser.parse_args()
     device = torch.device(args.device)
     clip = None
@@ -474,10 +482,11 @@ def main() -> None:
     models = args.models or (list(MODELS) if device.type == "cuda" else CPU_MODELS)
     pairs = 4 if args.quick else args.pairs
     if args.guards:
-        print(f"torch {torch.__version__}; {pairs} rounds of each arm in rotating order, AdamW")
+        print(f"torch {torch.__version__}; {pairs} rounds of each arm in rotating order, AdamW"
+              + ("; every model torch.compile'd (inductor), the clipping eager beside it" if args.compile else ""))
         print(f"{'model':<14}{'arm':<26}{'step ms':>9}{'/ clip_grad_norm_':>19}{'call ms':>10}")
         for name in models:
-            for arm, row in measure_guards(name, pairs, device).items():
+            for arm, row in measure_guards(name, pairs, device, args.compile).items():
                 print(f"{name:<14}{arm:<26}{row['step_ms']:>9.2f}{row['ratio']:>19.3f}{row['call_ms']:>10.3f}",
                       flush=True)
         return

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,38 @@ def test_compiled_model_diagnoses_without_graph_breaks(backend):
     assert [l.name for l in report.statistics.layers] == ["hidden.0", "hidden.1", "hidden.2", "out"]
     assert counters["stats"]["unique_graphs"] >= 1  # the forward really ran compiled
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
+def test_a_compiled_models_figures_equal_the_plain_models(backend):
+    """The same model, plain and torch.compile'd, trained side by side from the same weights on the same
+    batches: the Monitor names the same layers and reads the same figures every step. aot_eager runs the
+    eager kernels (the figures agree to the last bits but for backward's summation order); inductor fuses
+    them, so the figures agree to float32's rounding."""
+    torch._dynamo.reset()
+    figures = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        run = torch.compile(model, backend=backend) if compiled else model
+        monitor = gradscope.Monitor(run, update_every=1)
+        batches = regression_batches()
+        for _ in range(8):
+            opt.zero_grad()
+            loss = mse(run, batches())
+            loss.backward()
+            monitor.observe(loss)
+            opt.step()
+        report = monitor.report()
+        monitor.close()
+        layers = report.statistics.active_layers
+        figures.append(({l.name: (l.norm_series, l.metrics["grad_abs_max"]) for l in layers},
+                        report.statistics.model.global_norm, report.statistics.model.loss))
+    (plain_layers, plain_norm, plain_loss), (layers, norm, loss) = figures
+    assert list(layers) == list(plain_layers) == ["hidden.0", "hidden.1", "hidden.2", "out"]
+    np.testing.assert_allclose(norm, plain_norm, rtol=1e-5)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
+    for name, (series, peak) in layers.items():
+        np.testing.assert_allclose(series, plain_layers[name][0], rtol=1e-5, err_msg=name)
+        assert peak == pytest.approx(plain_layers[name][1], rel=1e-5), name
