@@ -114,5 +114,7 @@ class Monitor(Observer):
         try:
             self._flight.land(self, exc_type, exc)
         finally:
-            self.flush()
+            if exc_type is None:
+                self.flush()  # the steps still on the device reach the live log too
+            # after a failure the device is left alone (it may be what failed): the steps on the host go
             self._ledger.listener.end(closing=True)

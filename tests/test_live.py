@@ -259,3 +259,13 @@ def test_a_bad_destination_fails_at_once(log, message):
         return
     with pytest.raises(GradscopeError, match=message):
         Monitor(MLP(), log=log)
+
+
+def test_a_loop_that_raises_still_sends_what_reached_the_host_and_its_error_goes_on():
+    torch.manual_seed(0)
+    model, sink = MLP(), Collect()
+    with pytest.raises(RuntimeError, match="a corrupt batch"):
+        with Monitor(model, log=sink, flush_every=4) as monitor:
+            run(monitor, model, 10)
+            raise RuntimeError("a corrupt batch")
+    assert sink.steps() == list(range(8))  # two flushes reached the host; the device's last two are left alone

@@ -21,6 +21,7 @@ warning, and the live log stops; training goes on, and the report is unaffected.
 """
 from __future__ import annotations
 
+import abc
 import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -40,7 +41,7 @@ class SinkMissing(GradscopeError):
     """The run a sink writes to is not there when the first figures arrive."""
 
 
-class Sink:
+class Sink(abc.ABC):
     """A destination: several steps' metrics at once (``rows``: ``(metrics, step)``), a finding as an event,
     and the end of the run."""
 
@@ -49,8 +50,9 @@ class Sink:
     def __repr__(self) -> str:
         return self.name
 
+    @abc.abstractmethod
     def metrics(self, rows: Rows) -> None:
-        raise NotImplementedError
+        """Log ``rows``, each a step's ``{key: value}`` and its optimizer step, in order."""
 
     def event(self, event: Any) -> None:
         """A finding, as the destination shows one; by default none."""
