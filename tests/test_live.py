@@ -256,6 +256,8 @@ def test_a_bad_destination_fails_at_once(log, message):
             LiveLog(print, findings="loud")
         with pytest.raises(GradscopeError, match="findings_every=-1"):
             LiveLog(print, findings_every=-1)
+        with pytest.raises(GradscopeError, match="top=0"):
+            LiveLog(print, top=0)
         return
     with pytest.raises(GradscopeError, match=message):
         Monitor(MLP(), log=log)

@@ -48,6 +48,9 @@ class LiveLog(StepListener):
         self.options = {"every_layer": layers, "top": top}
         self.findings_level, self.findings_every, self.start = findings, findings_every, int(start)
         check(findings, findings_every)  # a bad option fails here, not at the first flush
+        for name, value, least in (("layers", layers, 0), ("top", top, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise GradscopeError(f"{name}={value!r}", f"give a whole number of layers, at least {least}")
         self._keys: Optional[Keys] = None
         self._findings: Optional[LiveFindings] = None
         self._recorded: Callable[[], Profile] = lambda: None
