@@ -272,6 +272,26 @@ def kept_sink() -> Callable[[Dict[str, float], int], None]:
     return sink
 
 
+def rules_ms(model: nn.Module, batch, loss_fn, steps: int = 300, repeats: int = 5) -> float:
+    """What the live log's findings cost when they run (at most every 30 s): the report's rules on the
+    steps a Monitor has recorded, after ``steps`` observations of one gradient; the median, in ms."""
+    from gradscope.analyse.ruleset import load_rules
+    from gradscope.pipeline import assess
+    monitor = Monitor(model)
+    loss = loss_fn(model, batch())
+    loss.backward()
+    for _ in range(steps):
+        monitor.observe(loss)
+    monitor.flush()
+    rules, times = load_rules(None), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        assess(monitor.recorded(), rules)
+        times.append(time.perf_counter() - start)
+    monitor.close()
+    return statistics.median(times) * 1e3
+
+
 def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), peers: bool = False,
             sink: bool = False) -> Dict[str, float]:
     """Alternate a plain step, an observed step and a floor step (the floor as the step's hook), and with
@@ -324,7 +344,8 @@ def measure(name: str, pairs: int, device: torch.device, clip=None, every=(), pe
             "peers": {k: statistics.median(times[k]) / p for k in ("lightning", "histogram") if k in times},
             "every": {n: statistics.median(times[f"every {n}"]) / p for n in every},
             **({} if not sink else {"logged_ratio": statistics.median(times["logged"]) / p,
-                                    "logged_pair": statistics.median(b / a for a, b in zip(observed, times["logged"]))}),
+                                    "logged_pair": statistics.median(b / a for a, b in zip(observed, times["logged"])),
+                                    "rules_ms": rules_ms(arms["logged"][0], batch, loss_fn)}),
             **({} if clip is None else {
                 "watched_ratio": statistics.median(times["watched"]) / p,
                 "watched_observe_ms": observe_ms(watched_model, watcher)[0]})}
@@ -522,6 +543,8 @@ def main() -> None:
               "each round's logged step over its observed step): " + "; ".join(
                   f"{name} {r['logged_ratio']:.3f} (without {r['ratio']:.3f}, pair {r['logged_pair']:.3f})"
                   for name, r in results))
+        print("its findings, the report's rules on 300 recorded steps (run at a flush, at most every 30 s): " + "; ".join(
+            f"{name} {r['rules_ms']:.1f} ms" for name, r in results))
     if args.peers:
         print("\nbeside what a user would pick instead, side by side in the same run (median step / median plain step):")
         print(f"{'model':<14}{'gradscope Monitor':>19}{'Lightning grad_norm':>21}{'histogram each step':>21}"

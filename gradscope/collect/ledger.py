@@ -123,11 +123,12 @@ class Ledger:
             self.series.amend(step, "post_clip_norm", np.array(effect["post_clip_norm"]))
             self.series.amend(step, "clip_cosine", np.array(effect["clip_cosine"]))
         clipped = () if effect is None else (effect["post_clip_norm"], effect["clip_scale"])
-        self.listener.step(StepRecord(step, grad_norm, global_norm, float(loss), loss_given, float(nonfinite.sum()),
+        nonfinite_total = float(nonfinite.sum())
+        self.listener.step(StepRecord(step, grad_norm, global_norm, float(loss), loss_given, nonfinite_total,
                                       float(z), *clipped))
         self._last_weight_norm, self._last_global_norm = weight_norm, global_norm
         self.step, self.last_step = self.step + 1, step
-        return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": float(nonfinite.sum()),
+        return {"step": step, "global_norm": global_norm, "loss": float(loss), "nonfinite": nonfinite_total,
                 "skipped": 0.0, "measured": 1.0, "spike_z": float(z)}
 
     def record_skip(self, step: int, row: "HostRow", measured: bool) -> Dict[str, float]:
