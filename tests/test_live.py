@@ -4,12 +4,10 @@ test_live_sinks.py."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import gradscope
 from gradscope import LiveLog, Monitor
