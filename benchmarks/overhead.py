@@ -7,8 +7,10 @@ the same machine state. Prints the median step time of each and the ratios to pl
 step's is the least an exact per-step norm can cost), and observe() alone against the floor, timed
 on the same gradients in the same run.
 Models: an MLP (8 tensors), a small transformer, a deep narrow model with 801 tensors, and a 12-layer
-Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU) does the same under
-DistributedDataParallel and times gradscope's per-step collective on its own.
+Hugging Face GPT-2 built from its config. A 2-process DDP case (gloo, CPU; ``--ddp-only`` runs it
+alone) trains the MLP under DistributedDataParallel in rotating arms: plain, observed, the same Monitor
+waiting for its step's collective at once (as it did before the collective was left in flight until
+the flush), Lightning's ``grad_norm`` logged, and a plain step plus gradscope's per-step collective alone.
 With ``--device cuda`` the same runs on a GPU (each timed step, observe() and the floor end in a device
 sync, so device time is counted), with GPT-2 small at its real size (124M parameters) added and no DDP,
 and it counts the CUDA kernels one observe() launches (torch.profiler, over 16 calls); on the CPU it
@@ -33,7 +35,7 @@ step, and a histogram of every gradient each step (as ``wandb.watch`` makes one)
 Every run ends with observe()'s parts timed alone on the same gradients (the norms, the maxima, the
 sample's copy, its runs, the dot, and the rest), beside observe() on a light step and on the sampled ones.
 Run: python benchmarks/overhead.py [--quick] [--device cuda] [--guards [--compile]] [--clip SPEC] [--every N ...] [--peers]
-     [--sink]
+     [--sink] [--no-ddp | --ddp-only]
 """
 from __future__ import annotations
 
@@ -415,7 +417,9 @@ def measure_guards(name: str, pairs: int, device: torch.device, compiled: bool =
 
 
 def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
-    """One rank of the DDP case: plain DDP steps alternate with observed ones; the collective is timed alone."""
+    """One rank of the DDP case: the arms' steps in rotating order (the same order on every rank, as their
+    collectives must match): plain DDP, observed by a Monitor, the same Monitor waiting for its step's
+    collective at once, Lightning's ``grad_norm`` logged, and a plain step plus the collective alone."""
     import os
 
     import torch.distributed as dist
@@ -426,32 +430,36 @@ def _ddp_worker(rank: int, world: int, port: int, pairs: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model, batch, loss_fn = mlp()
-    plain_model = nn.parallel.DistributedDataParallel(model)
-    observed_model = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
-    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
-    observed_opt = torch.optim.AdamW(observed_model.parameters(), lr=1e-4)
-    monitor = Monitor(observed_model)
+    models = {k: nn.parallel.DistributedDataParallel(copy.deepcopy(model)) for k in DDP_ARMS}
+    monitor, waited = Monitor(models["observed"]), Monitor(models["observed, collective waited"])
     ctx = distributed.context()
     width, tensors = monitor._figures.layout.reduced_width, len(monitor._figures.layout.groups)  # the per-step collective's parts
 
-    def collective() -> float:
-        start = time.perf_counter()
-        distributed.reduce_step(torch.zeros(width), torch.zeros(tensors), ctx)
-        return time.perf_counter() - start
-    for _ in range(3):
-        timed_step(plain_model, plain_opt, batch, loss_fn)
-        timed_step(observed_model, observed_opt, batch, loss_fn, monitor.observe)
-    plain, observed, reduce = [], [], []
-    for _ in range(pairs):
-        plain.append(timed_step(plain_model, plain_opt, batch, loss_fn))
-        observed.append(timed_step(observed_model, observed_opt, batch, loss_fn, monitor.observe))
-        reduce.append(collective())
+    def wait_at_once(loss: torch.Tensor) -> None:  # what the Monitor paid when each step waited for its collective
+        waited.observe(loss)
+        if waited._queue.waiting:
+            waited._queue.waiting[-1].tensors.result()
+
+    hooks = {"plain": None, "observed": monitor.observe, "observed, collective waited": wait_at_once,
+             "lightning grad_norm": lightning_hook(models["lightning grad_norm"]),
+             "collective alone": lambda loss: distributed.Gathered(torch.zeros(width), torch.zeros(tensors), ctx).result()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    times: Dict[str, list] = {k: [] for k in DDP_ARMS}
+    n = len(DDP_ARMS)
+    for i in range(-3, pairs):  # three warm-up rounds, untimed
+        for k in DDP_ARMS[i % n:] + DDP_ARMS[:i % n]:
+            took = timed_step(models[k], opts[k], batch, loss_fn, hooks[k])
+            if i >= 0:
+                times[k].append(took)
     if rank == 0:
-        queue.put({"params": sum(p.numel() for p in model.parameters()), "plain_ms": statistics.median(plain) * 1e3,
-                   "observed_ms": statistics.median(observed) * 1e3,
-                   "collective_ms": statistics.median(reduce) * 1e3})
+        queue.put({"params": sum(p.numel() for p in model.parameters()),
+                   **{k: statistics.median(v) * 1e3 for k, v in times.items()},
+                   "pair": statistics.median(b / a for a, b in zip(times["plain"], times["observed"]))})
     dist.barrier()
     dist.destroy_process_group()
+
+
+DDP_ARMS = ["plain", "observed", "observed, collective waited", "lightning grad_norm", "collective alone"]
 
 
 def measure_ddp(pairs: int, world: int = 2) -> Dict[str, float]:
@@ -464,10 +472,16 @@ def measure_ddp(pairs: int, world: int = 2) -> Dict[str, float]:
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_ddp_worker, args=(world, port, pairs, queue), nprocs=world, join=True)
-    r = queue.get()
-    r["ratio"] = r["observed_ms"] / r["plain_ms"]
-    r["collective_ratio"] = (r["plain_ms"] + r["collective_ms"]) / r["plain_ms"]
-    return r
+    return queue.get()
+
+
+def print_ddp(pairs: int) -> None:
+    r = measure_ddp(pairs)
+    print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank), {pairs} rounds in rotating "
+          f"order, rank 0's median step (ms) and its ratio to plain:")
+    for k in DDP_ARMS:
+        print(f"  {k:<30}{r[k]:>8.1f}{r[k] / r['plain']:>8.3f}")
+    print(f"  observed over plain, the median of per-round pairs: {r['pair']:.3f}")
 
 
 def main() -> None:
@@ -478,6 +492,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", choices=list(MODELS),
                         help=f"default: {' '.join(CPU_MODELS)} (on cuda: all of {' '.join(MODELS)})")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case")
+    parser.add_argument("--ddp-only", action="store_true", help="run the 2-process DDP case alone")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda there is no DDP case")
     parser.add_argument("--clip", default=None,
                         help="also time a Monitor told of the loop's clipping: a norm threshold (1.0), value:0.01 "
@@ -502,6 +517,10 @@ def main() -> None:
         clip = (method, float(value)) if method else float(value)
     models = args.models or (list(MODELS) if device.type == "cuda" else CPU_MODELS)
     pairs = 4 if args.quick else args.pairs
+    if args.ddp_only:
+        print(f"torch {torch.__version__}")
+        print_ddp(pairs)
+        return
     if args.guards:
         print(f"torch {torch.__version__}; {pairs} rounds of each arm in rotating order, AdamW"
               + ("; every model torch.compile'd (inductor), the clipping eager beside it" if args.compile else ""))
@@ -576,10 +595,7 @@ def main() -> None:
     print("no histogram: a step that counts no |g| histogram (its weights and the flush included); floor:\n"
           "one _foreach_norm over every gradient, a stack and a host copy")
     if not args.no_ddp and device.type == "cpu":
-        r = measure_ddp(pairs)
-        print(f"\n2-process DDP on gloo, mlp ({r['params']:,} params, 1 thread per rank): plain "
-              f"{r['plain_ms']:.1f} ms, observed {r['observed_ms']:.1f} ms, ratio {r['ratio']:.3f}; "
-              f"the per-step collective alone {r['collective_ms']:.2f} ms, ratio {r['collective_ratio']:.4f}")
+        print_ddp(pairs)
 
 
 if __name__ == "__main__":

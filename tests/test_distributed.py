@@ -228,3 +228,19 @@ def test_the_distributed_pages_torchrun_command_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     doc = Report.from_json(tmp_path / args[args.index("--output") + 1])
     assert doc["ranks"] == 2 and doc["steps"] >= 30 and not doc["partial"]
+
+
+def test_a_steps_collective_is_left_in_flight_until_its_figures_are_read(tmp_path):
+    # Rank 1 comes to each observe() half a second late: rank 0's observe() does not wait for it, and
+    # the figures read later are the whole ones. A collective that never ends (rank 1 left) costs rank
+    # 0's report alone that one step, after a bounded wait, and no more.
+    out = tmp_path / "inflight.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(HERE / "dist_inflight.py"), str(out)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert max(doc["observe_s"]) < 0.25, doc["observe_s"]  # rank 1 came 0.5 s late each time
+    assert doc["norms"] == pytest.approx(doc["local"], rel=1e-5)
+    assert doc["steps_alone"] == 4 and doc["settle_s"] < 10

@@ -47,14 +47,40 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def reduce_step(sums: torch.Tensor, maxes: torch.Tensor, ctx: Context) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One all_gather of both vectors; then SUM the first over ranks and take the MAX of the second."""
-    packed = torch.cat([sums, maxes.to(sums.dtype)])
-    gathered = [torch.empty_like(packed) for _ in range(ctx.world)]
-    dist.all_gather(gathered, packed)
-    stacked = torch.stack(gathered)
-    n = sums.numel()
-    return stacked[:, :n].sum(dim=0), stacked[:, n:].amax(dim=0)
+class Gathered:
+    """One step's collective in flight: every rank's packed vector (``sums``, then ``maxes``), gathered by
+    one ``all_gather`` that nothing waits for until the step's figures are read (at the Monitor's flush).
+    The training loop goes on while the ranks exchange them, as it does while DDP's own buckets reduce.
+    """
+
+    def __init__(self, sums: torch.Tensor, maxes: torch.Tensor, ctx: Context) -> None:
+        packed = torch.cat([sums, maxes.to(sums.dtype)])
+        self._n = sums.numel()
+        self._gathered = [torch.empty_like(packed) for _ in range(ctx.world)]
+        self._work = dist.all_gather(self._gathered, packed, async_op=True)
+        self._result: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def settled(self, wait_s: float) -> bool:
+        """Whether the exchange ended well, waiting at most ``wait_s`` for it (for a rank that may have
+        lost its peers: a collective still in flight may never end)."""
+        if self._result is not None:
+            return True
+        try:
+            if not self._work.wait(timedelta(seconds=max(wait_s, 0.001))):  # 0 would mean no limit
+                return False
+            self.result()
+        except Exception:  # noqa: BLE001 - the exchange failed or timed out: the step is not whole
+            return False
+        return True
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the exchange; then the first vector SUMmed over ranks and the MAX of the second."""
+        if self._result is None:
+            self._work.wait()
+            stacked = torch.stack(self._gathered)
+            self._result = stacked[:, :self._n].sum(dim=0), stacked[:, self._n:].amax(dim=0)
+            self._gathered = []
+        return self._result
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -76,10 +76,11 @@ class StepFigures:
         for b in self.buckets:
             b.sample.flip()
 
-    def reduce(self, row: torch.Tensor, extras: Extras, present: np.ndarray) -> List[torch.Tensor]:
-        """The step's one collective: SUM of squares, sums and counts, MAX of extremes."""
+    def reduce(self, row: torch.Tensor, extras: Extras, present: np.ndarray) -> distributed.Gathered:
+        """The step's one collective, started and not waited for: SUM of squares, sums and counts, MAX of
+        extremes."""
         summed, maxed = self.layout.for_reduce(row, extras, self._present_on_device(present))
-        return list(distributed.reduce_step(summed, maxed, self.ctx))
+        return distributed.Gathered(summed, maxed, self.ctx)
 
     def _present_on_device(self, present: np.ndarray) -> torch.Tensor:
         """Which groups had a gradient, as a device vector; made once while every group has one."""

@@ -283,17 +283,17 @@ class Observer:
         """Everything measured so far, as plain data.
 
         ``alone``: take no collective, for a rank whose peers may be dead (after a failure under several
-        ranks). The steps recorded are whole, as each was reduced over the ranks when it was observed; the
-        histograms are this rank's sample, the last step's update is left out, and on an accelerator the
-        steps still waiting on the device are dropped (their collective may never have completed).
+        ranks). The steps recorded are whole, as each was reduced over the ranks; the histograms are this
+        rank's sample, the last step's update is left out, and of the steps still waiting, those whose
+        collective has not ended well are dropped (it may never end), and on an accelerator all of them.
         """
         return self._profile(alone, copy=True)
 
     def _profile(self, alone: bool, copy: bool) -> Profile:
         """``profile()``; ``copy=False`` gives the series as views of the store (for report(), which reads
         them at once: the statistics copy what they keep)."""
-        if alone and self.device.type != "cpu":
-            self._queue.clear()
+        if alone:
+            self._queue.settle(self.device)
         self.flush()
         if not alone:
             self._record_last_update()

@@ -13,12 +13,14 @@ gradient) are summed over ranks, the maxima maxed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+import time
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .buckets import Bucket
+from .distributed import Gathered
 
 # The extras a step on the sampled cadence may carry, each one vector per bucket:
 # sums, weight_sq, update_sq and update_base_sq (per tensor, squared norms: the weights', the update's and
@@ -217,7 +219,8 @@ class Waiting(NamedTuple):
     """A step whose row is still on the device, with what the host knew when it was observed."""
 
     step: int  # the optimizer step
-    tensors: List[torch.Tensor]  # the step's vector and its extras (under a process group: summed and maxed)
+    tensors: Union[List[torch.Tensor], Gathered]  # the step's vector and its extras; under a process group,
+    # its collective in flight (the summed part and the maxima, once it ends)
     extras: List[Tuple[str, int]]  # the extras' names and lengths, in order
     present: Optional[np.ndarray]  # the layers that had a gradient (None under a process group: reduced with the row)
     measured: bool  # whether the row carries the update of the last step recorded
@@ -263,13 +266,27 @@ class RowQueue:
         leaves the queue as it is handed out, so that a count of steps (recorded + waiting) holds."""
         if not self.waiting:
             return
-        arrays = self._copy([t for w in self.waiting for t in w.tensors])
+        tensors = [_tensors(w) for w in self.waiting]  # a step's collective is waited for here
+        arrays = self._copy([t for ts in tensors for t in ts])
         at = 0
-        while self.waiting:
+        for ts in tensors:
             step = self.waiting.pop(0)
-            yield step, arrays[at:at + len(step.tensors)]
-            at += len(step.tensors)
+            yield step, arrays[at:at + len(ts)]
+            at += len(ts)
 
-    def clear(self) -> None:
-        """Drop the waiting steps (a rank alone after a failure: their collectives may never complete)."""
-        self.waiting.clear()
+    def settle(self, device: torch.device, wait_s: float = 2.0) -> None:
+        """For a rank alone after a failure: keep the waiting steps whose collectives ended well, waiting
+        at most ``wait_s`` in all for those in flight, and drop the rest, from the first that did not (a
+        peer may be gone); on an accelerator drop them all, since the device itself may be what failed."""
+        kept = 0
+        if device.type == "cpu":
+            deadline = time.monotonic() + wait_s
+            for w in self.waiting:
+                if isinstance(w.tensors, Gathered) and not w.tensors.settled(deadline - time.monotonic()):
+                    break
+                kept += 1
+        del self.waiting[kept:]
+
+
+def _tensors(step: Waiting) -> List[torch.Tensor]:
+    return list(step.tensors.result()) if isinstance(step.tensors, Gathered) else step.tensors
