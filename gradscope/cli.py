@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--html", metavar="FILE", help="also write the HTML report to FILE (needs gradscope[html])")
     w.add_argument("--every", type=_bounded(int, lambda v: v >= 1, "a whole number of at least 1"), default=1,
                    metavar="N", help="observe every N-th optimizer step (default 1)")
+    w.add_argument("--log", choices=("wandb", "mlflow", "tensorboard"),
+                   help="stream the first watched model's figures and findings while the script runs: to the "
+                        "script's own W&B or MLflow run, or to TensorBoard (runs/)")
     w.add_argument("--debug", action="store_true", help="show tracebacks for gradscope's own errors")
     w.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script, run as python SCRIPT ARGS would")
     m = sub.add_parser("metrics", help="list the metrics rules can test")
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WATCH_VALUED = ("-m", "--rules", "--fail-on", "--format", "--output", "--html", "--every")
+WATCH_VALUED = ("-m", "--rules", "--fail-on", "--format", "--output", "--html", "--every", "--log")
 
 
 def split_watch(argv: List[str]) -> Tuple[List[str], List[str]]:
@@ -291,7 +294,11 @@ def _watch(args: argparse.Namespace, err: Console) -> int:
     if args.html:
         outputs.check(args.html, "--html")
         html_available()
-    watcher = watch.Watcher(rules, every=args.every)
+    log = None
+    if args.log:  # a library that is not installed fails now, before the script runs
+        from .live import LiveLog
+        log = LiveLog(args.log)
+    watcher = watch.Watcher(rules, every=args.every, log=log)
     watcher.start()
     try:
         ending = watch.run(args.module or args.script, args.script_args, module=bool(args.module))

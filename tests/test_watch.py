@@ -254,3 +254,55 @@ def test_two_optimizers_over_two_models_give_one_report_each(tmp_path):
     assert len(docs) == 2 and all(doc["steps"] == 5 for doc in docs)  # every 2nd of 10 steps
     assert [[layer["name"] for layer in doc["layers"]] for doc in docs] == [["0", "2"], ["0", "2"]]
     assert {doc["layers"][0]["params"] for doc in docs} == {8 * 16 + 16, 4 * 16 + 16}
+
+
+def tensorboard_scalars(folder: Path) -> dict:
+    from tensorboard.backend.event_processing import event_accumulator
+    (run,) = folder.iterdir()
+    acc = event_accumulator.EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return ({tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]},
+            acc.Tags()["tensors"])
+
+
+def assert_streamed(logged: dict, doc: dict) -> None:
+    """Every step's global norm as the report has it, and every layer's key, at every observed step."""
+    norms = dict(zip(doc["global"]["steps"], doc["global"]["norm"]))
+    got = logged["grad_norm/global"]
+    assert sorted(got) == sorted(norms)
+    for step, norm in norms.items():
+        if norm is not None and norm == norm:
+            assert got[step] == pytest.approx(norm, rel=1e-4), step
+    for layer in doc["layers"]:
+        assert len(logged[f"grad_norm/{layer['name']}"]) == len(norms)
+
+
+def test_watch_streams_the_scripts_figures_and_findings_to_tensorboard(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    proc = watch(tmp_path, "--log", "tensorboard", "--format", "json", "--output", "r.json", "train.py", "--steps", "40")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    scalars, texts = tensorboard_scalars(tmp_path / "runs")
+    assert_streamed(scalars, doc)
+    assert "gradscope/findings/nonfinite-gradients/text_summary" in texts  # the explosion, as it happened
+
+
+def test_watch_streams_to_the_scripts_own_mlflow_run(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store, no server or database
+    script = SCRIPT.replace("torch.manual_seed(0)", "import mlflow\nmlflow.start_run()\ntorch.manual_seed(0)")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    proc = watch(tmp_path, "--log", "mlflow", "--format", "json", "--output", "r.json", "train.py", "--steps", "24",
+                 "--lr", "0.001", script=script, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs(["0"])  # the script's own run, in the default experiment
+    keys = ["grad_norm/global"] + [f"grad_norm/{layer['name']}" for layer in doc["layers"]]
+    assert_streamed({k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in keys}, doc)
+
+
+def test_watch_log_names_a_destination_it_knows(tmp_path):
+    proc = watch(tmp_path, "--log", "neptune", "train.py")
+    assert proc.returncode == 2 and "invalid choice: 'neptune'" in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -14,6 +14,8 @@ The script runs as ``python SCRIPT ARGS`` (or ``python -m MODULE ARGS``) would r
 - **The model**, found once per optimizer at its first step: the root modules that hold its parameters
   (those that no other module holding them contains), so that layers carry the model's own names. One
   Monitor per optimizer and root module; each gives one report section.
+- **Live**, with ``--log``: the first Monitor made streams its figures and findings as a Monitor given
+  ``log=`` does (see :mod:`gradscope.live`): to the script's own W&B or MLflow run, or to TensorBoard.
 
 Nothing here trains: no trial can run, so the advice is an estimate from the watched run, and says so.
 """
@@ -58,8 +60,9 @@ class Watched:
 class Watcher:
     """Hooks torch for the length of a script: ``start()`` before it runs, ``stop()`` after."""
 
-    def __init__(self, rules: Any = None, every: int = 1, clip_observed: bool = True) -> None:
+    def __init__(self, rules: Any = None, every: int = 1, clip_observed: bool = True, log: Any = None) -> None:
         self.rules, self.every = rules, every
+        self._log = log  # the live log, for the first Monitor made (one log has one key space)
         self.watched: List[Watched] = []
         self.built: Optional[List[Any]] = None  # the reports, built before the script destroyed its process group
         self._by_optimizer: Dict[int, List[Watched]] = {}
@@ -192,7 +195,8 @@ class Watcher:
 
     def _monitor(self, root: nn.Module, params: List[nn.Parameter], optimizer: torch.optim.Optimizer,
                  clip: Optional[float]) -> Monitor:
-        monitor = Monitor(root, parameters=params, optimizer=optimizer, every=self.every, clip=clip)
+        log, self._log = self._log, None
+        monitor = Monitor(root, parameters=params, optimizer=optimizer, every=self.every, clip=clip, log=log)
         monitor.measurement = AT_CLIP if clip is not None else AT_STEP
         return monitor
 
