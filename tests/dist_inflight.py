@@ -13,29 +13,21 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gradscope  # noqa: E402
-from models import MLP, mse, regression_batches  # noqa: E402
+from models import ddp_regression, mse  # noqa: E402
 
 LATE_S = 0.5  # how late rank 1 comes to each observe()
 STEPS = 4
 
 
 def main(output: str) -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = DistributedDataParallel(MLP())
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    batches = regression_batches(seed=rank)
+    rank, model, opt, batches = ddp_regression()
     monitor = gradscope.Monitor(model, flush_every=16)
     waits, local = [], []
     for step in range(STEPS):

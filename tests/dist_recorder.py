@@ -5,26 +5,18 @@ Usage: python -m torch.distributed.run --nproc-per-node 2 tests/dist_recorder.py
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gradscope  # noqa: E402
-from models import MLP, mse, regression_batches  # noqa: E402
+from models import ddp_regression, mse  # noqa: E402
 
 
 def main(output: str, dying: int, at: int) -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = DistributedDataParallel(MLP())
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    batches = regression_batches(seed=rank)
+    rank, model, opt, batches = ddp_regression()
     with gradscope.Monitor(model, output=output) as monitor:
         for step in range(40):
             if rank == dying and step == at:

@@ -34,6 +34,19 @@ def regression_batches(n: int = 16, d_in: int = 8, seed: int = 0, scale: float =
     return batch
 
 
+def ddp_regression():
+    """Under torchrun: join the gloo group; this rank, the MLP under DDP, its SGD and this rank's batches."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    torch.manual_seed(0)
+    model = DistributedDataParallel(MLP())
+    return (dist.get_rank(), model, torch.optim.SGD(model.parameters(), lr=1e-2),
+            regression_batches(seed=dist.get_rank()))
+
+
 def mse(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
